@@ -1,0 +1,279 @@
+"""The only module that touches asyncio, asyncpg or trio-asyncio. Everything it exports is trio-flavoured.
+
+One `aio_as_trio` crossing per operation that matters: connecting (with its set-up queries) is one,
+and a whole tick (describing new metrics, the combined batch, the isolation re-runs and the solo
+metrics) is one. asyncpg errors are translated here into reaper's vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import asyncpg
+import attrs
+import trio
+import trio_asyncio
+from trio_asyncio import aio_as_trio
+
+from reaper.errors import SourceUnavailable
+
+APPLICATION_NAME = "reaper"
+CLOSE_GRACE_SECONDS = 2.0
+
+
+@asynccontextmanager
+async def open_loop() -> AsyncIterator[None]:
+    """The process's one asyncio loop, opened outermost around the whole task tree."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+@attrs.frozen
+class ServerInfo:
+    version_num: int
+    version: str
+    in_recovery: bool
+    database: str
+    system_identifier: str | None
+    extensions: frozenset[str]
+    is_local: bool
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+@attrs.frozen
+class SoloQuery:
+    sql: str
+    statement_timeout_seconds: float | None = None
+
+
+@attrs.frozen
+class TickRequest:
+    """What one tick asks of the server: batch metrics share one statement; solo ones run alone."""
+
+    batch: Mapping[str, str]
+    solo: Mapping[str, SoloQuery] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class TickOutcome:
+    rows: dict[str, list[dict[str, Any]]]
+    errors: dict[str, str]
+    in_recovery: bool | None
+    statements: int  # statements executed for this tick (1 when the batch went through whole)
+    isolated: bool  # the combined statement failed and its metrics were re-run one by one
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Errors that mean the connection (not the query) is broken."""
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | OSError
+                  | asyncio.TimeoutError | ConnectionError | EOFError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        # 08: connection exception; 57P0x: admin/crash shutdown, cannot connect now; 28: auth; 3D000: no db
+        return state.startswith(("08", "57P0", "28")) or state == "3D000"
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an operator: no traceback, no password."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None)
+        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        return f"{message} (SQLSTATE {state})" if state else message
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text or exc.__class__.__name__
+
+
+def _combined_statement(names: Sequence[str], batch: Mapping[str, str]) -> str:
+    parts = ["pg_is_in_recovery()"]
+    parts += [f"(select array_agg(t) from ({batch[n].strip()}) t) as m{i}" for i, n in enumerate(names)]
+    return "select " + ",\n  ".join(parts)
+
+
+class SourceConnection:
+    """One connection to a monitored server, with its server facts and a column-name cache."""
+
+    def __init__(self, conn: Any, server: ServerInfo) -> None:
+        self._conn = conn
+        self.server = server
+        self.columns: dict[str, tuple[str, ...]] = {}  # sql text -> column names
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn.is_closed() else "open"
+        return f"<SourceConnection {state} pg{self.server.major} {self.server.database}>"
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._conn.is_closed())
+
+    async def run_tick(self, request: TickRequest) -> TickOutcome:
+        """Run a whole tick in one crossing. Raises SourceUnavailable when the connection breaks."""
+        try:
+            return await aio_as_trio(self._run_tick)(request)
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            if is_connection_error(e):
+                raise SourceUnavailable(describe_error(e)) from e
+            raise
+
+    async def _run_tick(self, request: TickRequest) -> TickOutcome:
+        conn = self._conn
+        rows: dict[str, list[dict[str, Any]]] = {}
+        errors: dict[str, str] = {}
+        statements = 0
+        in_recovery: bool | None = None
+        for name, sql in {**request.batch, **{n: q.sql for n, q in request.solo.items()}}.items():
+            if sql not in self.columns:
+                try:
+                    prepared = await conn.prepare(sql)
+                    self.columns[sql] = tuple(a.name for a in prepared.get_attributes())
+                except asyncpg.PostgresError as e:
+                    if is_connection_error(e):
+                        raise
+                    errors[name] = describe_error(e)
+        names = sorted(n for n in request.batch if n not in errors)
+        isolated = False
+        try:
+            record = await conn.fetchrow(_combined_statement(names, request.batch))
+            statements += 1
+            in_recovery = bool(record[0])
+            for i, name in enumerate(names):
+                cols = self.columns[request.batch[name]]
+                rows[name] = [dict(zip(cols, r, strict=False)) for r in (record[i + 1] or ())]
+        except asyncpg.PostgresError as e:
+            if is_connection_error(e):
+                raise
+            isolated = True
+            statements += 1
+            for name in names:
+                try:
+                    rows[name] = [dict(r.items()) for r in await conn.fetch(request.batch[name])]
+                except asyncpg.PostgresError as e2:
+                    if is_connection_error(e2):
+                        raise
+                    errors[name] = describe_error(e2)
+                statements += 1
+        for name, query in request.solo.items():
+            if name in errors:
+                continue
+            try:
+                rows[name] = await self._run_solo(query)
+            except asyncpg.PostgresError as e:
+                if is_connection_error(e):
+                    raise
+                errors[name] = describe_error(e)
+            statements += 1
+        return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=statements,
+                           isolated=isolated)
+
+    async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
+        conn = self._conn
+        if query.statement_timeout_seconds is None:
+            return [dict(r.items()) for r in await conn.fetch(query.sql)]
+        async with conn.transaction(readonly=True):
+            await conn.execute("select set_config('statement_timeout', $1, true)",
+                               str(int(query.statement_timeout_seconds * 1000)))
+            return [dict(r.items()) for r in await conn.fetch(query.sql)]
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        """One query, rows as dicts (for set-up and tools, not for ticks)."""
+        try:
+            records = await aio_as_trio(self._conn.fetch)(sql, *args)
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            if is_connection_error(e):
+                raise SourceUnavailable(describe_error(e)) from e
+            raise
+        return [dict(r.items()) for r in records]
+
+    def terminate(self) -> None:
+        """Drop the connection at once (synchronous; always safe)."""
+        self._conn.terminate()
+
+    async def close(self) -> None:
+        """Close politely within a shielded, bounded scope; terminate if that does not finish."""
+        with trio.move_on_after(CLOSE_GRACE_SECONDS, shield=True):
+            try:
+                await aio_as_trio(self._conn.close)()
+                return
+            except Exception:
+                pass
+        if not self._conn.is_closed():
+            self._conn.terminate()
+
+
+async def _read_password_file(path: str) -> str:
+    text = await (await trio.Path(path).expanduser()).read_text()
+    return text.strip()
+
+
+async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
+                                 password_file: str | None = None,
+                                 application_name: str = APPLICATION_NAME) -> SourceConnection:
+    """Connect (read-only, our application_name, a server-side statement_timeout) and read server facts.
+
+    The caller applies the connect deadline with a trio cancel scope.
+    """
+    kwargs: dict[str, Any] = {
+        "server_settings": {
+            "application_name": application_name,
+            "default_transaction_read_only": "on",
+            "statement_timeout": str(int(statement_timeout_seconds * 1000)),
+            "jit": "off",
+        },
+        "statement_cache_size": 200,
+    }
+    if password_file:
+        try:
+            kwargs["password"] = await _read_password_file(password_file)
+        except OSError as e:
+            raise SourceUnavailable(f"cannot read password_file {password_file}: {describe_error(e)}") from e
+    try:
+        return await aio_as_trio(_connect)(dsn, kwargs)
+    except trio.Cancelled:
+        raise
+    except Exception as e:
+        if is_connection_error(e) or isinstance(e, asyncpg.PostgresError | ValueError):
+            raise SourceUnavailable(describe_error(e)) from e
+        raise
+
+
+async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
+    conn = await asyncpg.connect(dsn, **kwargs)
+    try:
+        row = await conn.fetchrow(
+            "select current_setting('server_version_num')::int as num, current_setting('server_version') as v,"
+            " pg_is_in_recovery() as rec, current_database() as db,"
+            " inet_server_addr() is null as via_socket,"
+            " array(select extname::text from pg_extension) as exts")
+        sysid = None
+        with suppress(asyncpg.InsufficientPrivilegeError):
+            sysid = str(await conn.fetchval("select system_identifier from pg_control_system()"))
+        host = _host_of(conn)
+        server = ServerInfo(
+            version_num=row["num"], version=row["v"], in_recovery=row["rec"], database=row["db"],
+            system_identifier=sysid, extensions=frozenset(row["exts"]),
+            is_local=bool(row["via_socket"]) or host in ("127.0.0.1", "::1", "localhost"),
+        )
+    except BaseException:
+        conn.terminate()
+        raise
+    return SourceConnection(conn, server)
+
+
+def _host_of(conn: Any) -> str | None:
+    addr = conn._addr  # asyncpg keeps the address it connected to
+    if isinstance(addr, tuple):
+        return str(addr[0])
+    return None

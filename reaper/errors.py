@@ -1,0 +1,39 @@
+"""The error vocabulary that drives supervision.
+
+- ConfigError: the configuration is wrong; carries one line per problem.
+- SourceUnavailable: the source cannot be reached right now; retried forever with backoff.
+- MetricError: one metric failed; skipped and counted, never kills the source.
+- SinkError: a sink could not write; the batch is kept and retried.
+Anything else is a bug: the supervisor restarts the task within a limit.
+"""
+
+from __future__ import annotations
+
+
+class ReaperError(Exception):
+    """Base of every expected reaper error."""
+
+
+class ConfigError(ReaperError):
+    """An invalid configuration. `problems` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class SourceUnavailable(ReaperError):
+    """The source cannot be reached or refuses us (network, auth, timeout, shutdown)."""
+
+
+class MetricError(ReaperError):
+    """A single metric's query failed; the others are unaffected."""
+
+    def __init__(self, metric: str, message: str) -> None:
+        self.metric = metric
+        self.message = message
+        super().__init__(f"{metric}: {message}")
+
+
+class SinkError(ReaperError):
+    """A sink could not write a batch."""

@@ -1,0 +1,118 @@
+"""Metric definitions and presets: the shipped files under presets/, overlaid by a config's own.
+
+Pure: reads the definition files once and answers questions about them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+
+from reaper.config import (
+    Config,
+    Definitions,
+    MetricDef,
+    PresetDef,
+    SourceConfig,
+    read_toml,
+    structure_definitions,
+)
+from reaper.errors import ConfigError
+
+# Metrics collected by reaper's own code rather than by SQL.
+SPECIAL_METRICS = frozenset({
+    "instance_up", "change_events", "server_log_event_counts",
+    "cpu_load", "psutil_cpu", "psutil_mem", "psutil_disk", "psutil_disk_io_total",
+})
+DEFAULT_PRESET = "basic"
+
+
+def presets_dir() -> Path:
+    """Where the shipped definitions live: inside the wheel, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "presets", here.parent / "presets"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError([f"{here}: the shipped presets/ directory is missing (broken installation)"])
+
+
+@functools.cache
+def load_shipped_definitions() -> Definitions:
+    return load_definition_dir(presets_dir())
+
+
+def load_definition_dir(directory: Path) -> Definitions:
+    """Load every *.toml under a directory; a name defined twice is an error."""
+    metrics: dict[str, MetricDef] = {}
+    presets: dict[str, PresetDef] = {}
+    origins: dict[str, Path] = {}
+    problems: list[str] = []
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            data = read_toml(path)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        extra = sorted(set(data) - {"metrics", "presets"})
+        problems.extend(f"{path}: {key}: unknown key (expected metrics, presets)" for key in extra)
+        defs, found = structure_definitions(data, str(path))
+        problems.extend(found)
+        for key in [f"metrics.{n}" for n in defs.metrics] + [f"presets.{n}" for n in defs.presets]:
+            if key in origins:
+                problems.append(f"{path}: {key}: already defined in {origins[key]}")
+            origins[key] = path
+        metrics.update(defs.metrics)
+        presets.update(defs.presets)
+    for name, preset in presets.items():
+        for metric in preset.metrics:
+            if metric not in metrics:
+                problems.append(f"{origins['presets.' + name]}: presets.{name}.metrics.{metric}: unknown metric")
+    if problems:
+        raise ConfigError(problems)
+    return Definitions(metrics=metrics, presets=presets)
+
+
+@attrs.frozen
+class Catalog:
+    """Every metric and preset a config can use: the shipped ones overlaid by the config's own."""
+
+    metrics: Mapping[str, MetricDef]
+    presets: Mapping[str, PresetDef]
+
+    @classmethod
+    def for_config(cls, config: Config | None = None) -> Catalog:
+        shipped = load_shipped_definitions()
+        if config is None:
+            return cls(metrics=shipped.metrics, presets=shipped.presets)
+        return cls(metrics={**shipped.metrics, **config.metrics}, presets={**shipped.presets, **config.presets})
+
+    def intervals(self, source: SourceConfig, *, standby: bool) -> dict[str, int]:
+        """Metric -> interval seconds for a source in the given role; disabled ones (0) left out.
+
+        The primary set is the preset (default `basic` when neither a preset nor metrics are given)
+        overlaid by the source's own `metrics`. In recovery the standby set is used when the source
+        defines one; otherwise the primary set. Metrics whose node_status excludes the role are dropped.
+        """
+        if standby and (source.standby_preset or source.standby_metrics):
+            preset, overlay = source.standby_preset, source.standby_metrics
+        else:
+            preset, overlay = source.preset, source.metrics
+            if preset is None and not overlay:
+                preset = DEFAULT_PRESET
+        merged: dict[str, int] = {}
+        if preset is not None:
+            merged.update(self.presets[preset].metrics)
+        merged.update(overlay)
+        role = "standby" if standby else "primary"
+        result = {}
+        for name, seconds in merged.items():
+            metric = self.metrics.get(name)
+            if seconds <= 0 or metric is None:
+                continue
+            if metric.node_status is not None and metric.node_status != role:
+                continue
+            result[name] = seconds
+        return result

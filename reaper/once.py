@@ -1,0 +1,97 @@
+"""`reaper once`: connect, collect every active metric one time, print the rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from reaper import db
+from reaper.config import Config
+from reaper.measurement import Measurement
+from reaper.metrics import Catalog
+from reaper.source import SourceReaper
+
+
+@attrs.define
+class OnceResult:
+    measurements: list[Measurement] = attrs.field(factory=list)
+    problems: list[str] = attrs.field(factory=list)  # printed by the command
+    failures: int = 0  # errors the source loop already logged
+
+
+class _ProblemCollector(logging.Handler):
+    """Turns the source loop's warnings and errors into the command's problem list."""
+
+    def __init__(self, result: OnceResult) -> None:
+        super().__init__(logging.ERROR)
+        self.result = result
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.result.failures += 1
+
+
+async def collect_once(config: Config, sources: Sequence[str] | None,
+                       metrics: Sequence[str] | None) -> OnceResult:
+    result = OnceResult()
+    catalog = Catalog.for_config(config)
+    chosen = [s for s in config.sources if (s.name in sources if sources else s.enabled)]
+    for name in sources or ():
+        if name not in {s.name for s in config.sources}:
+            result.problems.append(f"unknown source {name!r}")
+    for name in metrics or ():
+        if name not in catalog.metrics:
+            result.problems.append(f"unknown metric {name!r}")
+    handler = _ProblemCollector(result)
+    logging.getLogger("reaper.source").addHandler(handler)
+    try:
+        async with db.open_loop(), trio.open_nursery() as nursery:
+            for source in chosen:
+                nursery.start_soon(_collect_source, source, catalog, metrics, result)
+    finally:
+        logging.getLogger("reaper.source").removeHandler(handler)
+    result.measurements.sort(key=lambda m: (m.source, m.metric))
+    return result
+
+
+async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] | None,
+                          result: OnceResult) -> None:
+    reaper = SourceReaper(source, catalog, result.measurements.append)
+    try:
+        if not await reaper._ensure_connected():
+            return
+        due = [m for m in metrics if m in catalog.metrics] if metrics else sorted(reaper.active_intervals())
+        await reaper.tick(due)
+    finally:
+        if reaper.conn is not None:
+            await reaper.conn.close()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "∅"
+    if isinstance(value, dt.datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, decimal.Decimal | float):
+        return f"{value:.6g}" if isinstance(value, float) else str(value)
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def print_measurements(measurements: Sequence[Measurement], console: Console | None = None) -> None:
+    console = console or Console()
+    for m in measurements:
+        columns = list(dict.fromkeys(k for row in m.rows for k in row))
+        table = Table(title=f"{m.source} / {m.metric} ({len(m.rows)} rows)", title_justify="left")
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in m.rows:
+            table.add_row(*(_cell(row.get(col)) for col in columns))
+        console.print(table)

@@ -1,0 +1,89 @@
+"""jsonfile sink: one JSON object per line, in pgwatch's format.
+
+    {"metric": ..., "dbname": ..., "custom_tags": {...}, "data": [{row}, ...]}
+
+Values keep their meaning: integers and decimals stay numbers (NaN and infinities become null),
+timestamps become ISO 8601 strings, intervals become seconds, bytes become hex.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import ipaddress
+import math
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import trio
+
+from reaper.config import JsonFileSinkConfig
+from reaper.measurement import Measurement
+
+_INT64 = 2**63
+
+
+def json_default(value: Any) -> Any:
+    """orjson's fallback for the types asyncpg returns that JSON has no direct form for."""
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return None
+        if value == value.to_integral_value():
+            as_int = int(value)
+            return as_int if -_INT64 <= as_int < _INT64 else float(value)
+        return float(value)
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, int):  # beyond 64 bits
+        return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Network
+                  | ipaddress.IPv6Network | ipaddress.IPv4Interface | ipaddress.IPv6Interface):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def encode_measurement(m: Measurement) -> bytes:
+    doc = {"metric": m.table, "dbname": m.source, "custom_tags": dict(m.tags), "data": list(m.rows)}
+    return orjson.dumps(doc, default=json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+
+
+class JsonFileSink:
+    def __init__(self, config: JsonFileSinkConfig) -> None:
+        self.config = config
+        self.label = config.label
+        self._file: IO[bytes] | None = None
+        self.written = 0
+
+    def __repr__(self) -> str:
+        return f"<JsonFileSink {self.config.path} written={self.written}>"
+
+    async def open(self) -> None:
+        if self.config.path == "-":
+            self._file = sys.stdout.buffer
+            return
+        path = Path(self.config.path)
+        await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+        self._file = await trio.to_thread.run_sync(path.open, "ab")
+
+    async def write(self, batch: list[Measurement]) -> None:
+        data = b"".join(encode_measurement(m) for m in batch)
+        await trio.to_thread.run_sync(self._write, data)
+        self.written += len(batch)
+
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None, "write before open"
+        self._file.write(data)
+        self._file.flush()
+
+    async def aclose(self) -> None:
+        f, self._file = self._file, None
+        if f is not None and f is not sys.stdout.buffer:
+            await trio.to_thread.run_sync(f.close)

@@ -1,0 +1,331 @@
+"""The per-source reaper loop and its supervisor.
+
+One trio task per monitored source. It wakes at the GCD tick, picks the metrics due, sends every
+due SQL metric to the server in ONE combined statement (one asyncpg call, one trio-asyncio
+crossing), and hands the rows to the fan-out. A failing metric is isolated and run alone
+("degraded") until it succeeds again. An unreachable server is retried with capped exponential
+backoff, logged once per state change; instance_up keeps reporting 0 meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from reaper import db
+from reaper.config import MetricDef, SourceConfig
+from reaper.errors import SourceUnavailable
+from reaper.measurement import Measurement
+from reaper.metrics import SPECIAL_METRICS, Catalog
+from reaper.schedule import Schedule
+
+log = logging.getLogger("reaper.source")
+
+Connector = Callable[[SourceConfig], Awaitable[Any]]
+Emit = Callable[[Measurement], None]
+QUERY_GRACE_SECONDS = 5.0
+OS_METRICS = frozenset({"cpu_load"})
+
+
+async def connect_source(config: SourceConfig) -> db.SourceConnection:
+    return await db.open_source_connection(
+        config.dsn, statement_timeout_seconds=config.query_timeout_seconds,
+        password_file=config.password_file)
+
+
+@attrs.define(eq=False)
+class SourceState:
+    """What an operator (status, demo, self-metrics) can see of a source."""
+
+    name: str
+    status: str = "starting"  # starting | up | down
+    ticks: int = 0
+    measurements: int = 0
+    rows: int = 0
+    metric_errors: int = 0
+    last_tick_wall: float | None = None
+    next_tick: float | None = None  # trio clock
+    last_error: str | None = None
+    in_recovery: bool | None = None
+    server_version: str | None = None
+    degraded: set[str] = attrs.field(factory=set)
+    lateness: deque[float] = attrs.field(factory=lambda: deque(maxlen=1000))
+    statements_last_tick: int = 0
+    last_fetch: dict[str, float] = attrs.field(factory=dict)  # metric -> trio time it last completed
+
+
+class SourceReaper:
+    """Collects one source. `run()` is its whole life; `update()` changes what it collects in place."""
+
+    def __init__(self, config: SourceConfig, catalog: Catalog, emit: Emit, *,
+                 connector: Connector = connect_source, wall_ns: Callable[[], int] = time.time_ns,
+                 max_backoff: float = 60.0) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.emit = emit
+        self.connector = connector
+        self.wall_ns = wall_ns
+        self.max_backoff = max_backoff
+        self.state = SourceState(config.name)
+        self.conn: Any = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._down_since: float | None = None
+        self._warned: set[tuple[str, str]] = set()
+        self._changed = trio.Event()
+
+    def __repr__(self) -> str:
+        s = self.state
+        nxt = "" if s.next_tick is None else f" next_tick={max(0.0, s.next_tick - trio.current_time()):.1f}s"
+        return f"<Source {s.name} {s.status} degraded={len(s.degraded)}{nxt}>"
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def update(self, config: SourceConfig, catalog: Catalog) -> None:
+        """Apply a new preset/metrics/tags without reconnecting; takes effect at the next tick."""
+        self.config, self.catalog = config, catalog
+        self._changed.set()
+
+    def active_intervals(self) -> dict[str, int]:
+        standby = bool(self.state.in_recovery)
+        return self.catalog.intervals(self.config, standby=standby)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sched = Schedule.starting(trio.current_time(), self.config.name, self.active_intervals())
+        task_status.started()
+        try:
+            while True:
+                sched.set_intervals(self.active_intervals())
+                k, when = sched.next_tick(trio.current_time())
+                self.state.next_tick = when
+                with trio.move_on_at(when):
+                    await self._changed.wait()
+                if self._changed.is_set():  # config changed: re-read intervals before sleeping on
+                    self._changed = trio.Event()
+                    continue
+                due = sched.take(k)
+                self.state.lateness.append(trio.current_time() - when)
+                await self.tick(due)
+        finally:
+            if self.conn is not None:
+                conn, self.conn = self.conn, None
+                await conn.close()
+
+    async def tick(self, due: list[str]) -> None:
+        """Collect the due metrics once."""
+        st = self.state
+        st.ticks += 1
+        st.last_tick_wall = time.time()
+        wall_ns = self.wall_ns()
+        metrics = {name: self.catalog.metrics[name] for name in due if name in self.catalog.metrics}
+        if (self.conn is None or self.conn.is_closed) and not await self._ensure_connected():
+            self._emit_instance_up(metrics, 0, wall_ns)
+            return
+        batch: dict[str, str] = {}
+        solo: dict[str, db.SoloQuery] = {}
+        local: dict[str, MetricDef] = {}
+        for name, metric in metrics.items():
+            sql = self._route(metric)
+            if sql is None:
+                if name in OS_METRICS and self._os_metric_allowed(metric):
+                    local[name] = metric
+                continue
+            if name in st.degraded or metric.statement_timeout_seconds is not None:
+                solo[name] = db.SoloQuery(sql, metric.statement_timeout_seconds)
+            else:
+                batch[name] = sql
+        try:
+            with trio.fail_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
+                outcome = await self.conn.run_tick(db.TickRequest(batch=batch, solo=solo))
+        except (SourceUnavailable, trio.TooSlowError) as e:
+            reason = "query timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            self._drop_connection()
+            self._mark_down(reason)
+            self._emit_instance_up(metrics, 0, wall_ns)
+            return
+        st.statements_last_tick = outcome.statements
+        now = trio.current_time()
+        if outcome.in_recovery is not None and outcome.in_recovery != st.in_recovery:
+            if st.in_recovery is not None:
+                log.warning("source %s: server is now %s; switching to the %s metric set", st.name,
+                            "in recovery" if outcome.in_recovery else "a primary",
+                            "standby" if outcome.in_recovery else "primary")
+            st.in_recovery = outcome.in_recovery
+            self._changed.set()
+        for name, rows in outcome.rows.items():
+            self._deliver(metrics[name], rows, wall_ns)
+            st.last_fetch[name] = now
+            if name in st.degraded:
+                st.degraded.discard(name)
+                log.warning("source %s: metric %s: recovered; back in the batch", st.name, name)
+        for name, message in outcome.errors.items():
+            st.metric_errors += 1
+            st.last_fetch[name] = now
+            if name not in st.degraded:
+                st.degraded.add(name)
+                log.error("source %s: metric %s: failed: %s; isolated (it runs alone until it succeeds, "
+                          "the other metrics are unaffected)", st.name, name, message)
+            else:
+                log.debug("source %s: metric %s: still failing: %s", st.name, name, message)
+        for name, metric in local.items():
+            self._deliver(metric, collect_os_metric(name, wall_ns), wall_ns)
+            st.last_fetch[name] = now
+        self._emit_instance_up(metrics, 1, wall_ns)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _route(self, metric: MetricDef) -> str | None:
+        """The SQL to run for a due metric on this server, or None (special, unsupported, skipped)."""
+        if metric.name in SPECIAL_METRICS or metric.special:
+            if metric.name not in OS_METRICS and metric.name != "instance_up":
+                self._warn_once(metric.name, "special", "is not collected by this version of reaper yet; skipped")
+            return None
+        server = self.conn.server
+        sql = metric.sql_for(server.major)
+        if sql is None:
+            self._warn_once(metric.name, "version",
+                            f"has no SQL for PostgreSQL {server.major} (versions: "
+                            f"{', '.join(map(str, sorted(metric.sql)))}); skipped")
+            return None
+        if metric.requires_extension and metric.requires_extension not in server.extensions:
+            self._warn_once(metric.name, "extension",
+                            f"needs the extension {metric.requires_extension}, which is not installed in "
+                            f"database {server.database}; skipped")
+            return None
+        return sql
+
+    def _os_metric_allowed(self, metric: MetricDef) -> bool:
+        if self.conn.server.is_local:
+            return True
+        self._warn_once(metric.name, "remote",
+                        "is an OS metric and reaper is not on the server's host; skipped")
+        return False
+
+    def _warn_once(self, metric: str, why: str, text: str) -> None:
+        if (metric, why) not in self._warned:
+            self._warned.add((metric, why))
+            log.warning("source %s: metric %s %s", self.state.name, metric, text)
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def _deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int) -> None:
+        if not rows:
+            return
+        m = Measurement.from_rows(source=self.config.name, metric=metric.name, table=metric.table,
+                                  rows=rows, tags=self.config.tags, wall_ns=wall_ns)
+        self.state.measurements += 1
+        self.state.rows += len(rows)
+        self.emit(m)
+
+    def _emit_instance_up(self, metrics: Mapping[str, MetricDef], up: int, wall_ns: int) -> None:
+        metric = metrics.get("instance_up")
+        if metric is not None:
+            self._deliver(metric, [{"epoch_ns": wall_ns, "instance_up": up}], wall_ns)
+            self.state.last_fetch["instance_up"] = trio.current_time()
+
+    # -- connection state ----------------------------------------------------------------------
+
+    async def _ensure_connected(self) -> bool:
+        now = trio.current_time()
+        if self.state.status == "down" and now < self._retry_at:
+            return False
+        try:
+            with trio.fail_after(self.config.connect_timeout_seconds):
+                self.conn = await self.connector(self.config)
+        except (SourceUnavailable, trio.TooSlowError) as e:
+            reason = (f"connect timed out after {self.config.connect_timeout_seconds:g}s"
+                      if isinstance(e, trio.TooSlowError) else str(e))
+            self._mark_down(reason)
+            return False
+        server = self.conn.server
+        st = self.state
+        if st.status == "down" and self._down_since is not None:
+            log.warning("source %s: up again after %.1fs (PostgreSQL %s)", st.name, now - self._down_since,
+                        server.version)
+        else:
+            log.info("source %s: connected (PostgreSQL %s, database %s%s)", st.name, server.version,
+                     server.database, ", in recovery" if server.in_recovery else "")
+        st.status, st.last_error, st.server_version = "up", None, server.version
+        if st.in_recovery is not None and st.in_recovery != server.in_recovery:
+            self._changed.set()
+        st.in_recovery = server.in_recovery
+        self._backoff, self._down_since = 0.0, None
+        return True
+
+    def _mark_down(self, reason: str) -> None:
+        st = self.state
+        now = trio.current_time()
+        self._backoff = min(self.max_backoff, max(1.0, self._backoff * 2))
+        self._retry_at = now + self._backoff
+        if st.status != "down":
+            self._down_since = now
+            log.error("source %s: down: %s (%s); retrying with backoff up to %gs", st.name, reason,
+                      self.config.redacted_dsn, self.max_backoff)
+        st.status, st.last_error = "down", reason
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            self.conn.terminate()
+            self.conn = None
+
+
+def collect_os_metric(name: str, wall_ns: int) -> list[dict[str, Any]]:
+    if name == "cpu_load":
+        one, five, fifteen = os.getloadavg()
+        return [{"epoch_ns": wall_ns, "load_1min": one, "load_5min": five, "load_15min": fifteen}]
+    return []
+
+
+# -- supervision -------------------------------------------------------------------------------
+
+RESTART_LIMIT = 5
+RESTART_WINDOW_SECONDS = 300.0
+
+
+class TooManyRestarts(Exception):
+    """A source task kept crashing with unexpected errors: a bug, so the daemon exits non-zero."""
+
+
+async def supervise(reaper: SourceReaper, *, restart_limit: int = RESTART_LIMIT,
+                    window: float = RESTART_WINDOW_SECONDS,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a source, restarting it after an unexpected error with backoff, within an intensity limit.
+
+    Expected failures (an unreachable server, a failing metric) never reach here: the source loop
+    handles them. Anything that does is a bug; after `restart_limit` crashes within `window`
+    seconds the error propagates and stops the daemon with the cause.
+    """
+    crashes: deque[float] = deque()
+    delay = 1.0
+    started = False
+    while True:
+        try:
+            if started:
+                await reaper.run()
+            else:
+                await reaper.run(task_status=task_status)
+                started = True
+            return
+        except Exception as e:
+            started = True
+            now = trio.current_time()
+            crashes.append(now)
+            while crashes and crashes[0] < now - window:
+                crashes.popleft()
+            if len(crashes) > restart_limit:
+                raise TooManyRestarts(
+                    f"source {reaper.config.name}: crashed {len(crashes)} times in {window:g}s; last error: {e!r}"
+                ) from e
+            log.exception("source %s: unexpected error (a bug); restarting in %.0fs", reaper.config.name, delay)
+            reaper.state.status = "restarting"
+            await trio.sleep(delay)
+            delay = min(delay * 2, 60.0)

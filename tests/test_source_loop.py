@@ -1,0 +1,183 @@
+"""The per-source loop under trio's MockClock with a scripted fake database.
+
+Timing here is exact: the autojump clock makes virtual time advance only when every task sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import trio
+import trio.testing
+from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
+
+from reaper.measurement import Measurement
+from reaper.source import SourceReaper, TooManyRestarts, supervise
+
+
+def make(conf=None, cat=None, connector=None, **kwargs):
+    got: list[Measurement] = []
+    connector = connector or FakeConnector()
+    reaper = SourceReaper(conf or source(metrics={"a": 10, "b": 20}),
+                          cat or catalog(sql_metric("a"), sql_metric("b")),
+                          got.append, connector=connector, wall_ns=lambda: 42, **kwargs)
+    return reaper, got, connector
+
+
+async def run_for(seconds: float, *reapers: SourceReaper) -> None:
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as n:
+            for r in reapers:
+                await n.start(r.run)
+
+
+def relative(requests, origin):
+    return [(round(t - origin, 6), sorted(r.batch), sorted(r.solo)) for t, r in requests]
+
+
+async def test_due_metrics_go_out_as_one_batch_per_tick(autojump_clock) -> None:
+    reaper, got, connector = make()
+    start = trio.current_time()
+    await run_for(45, reaper)
+    reqs = connector.conn.requests
+    origin = reqs[0][0]
+    assert 0 <= origin - start < 10  # the phase is inside the first tick
+    assert relative(reqs, origin) == [
+        (0, ["a", "b"], []), (10, ["a"], []), (20, ["a", "b"], []), (30, ["a"], []),
+    ][: len(reqs)]
+    assert len(reqs) >= 4 - (origin - start > 5)
+    assert [m.metric for m in got[:2]] == ["a", "b"]
+    assert all(lat == 0 for lat in reaper.state.lateness)
+
+
+async def test_failing_metric_is_isolated_and_others_arrive_in_the_same_tick(autojump_clock, caplog) -> None:
+    reaper, got, connector = make(source(metrics={"a": 10, "bad": 10}), catalog(sql_metric("a"), sql_metric("bad")))
+    connector.conn.failing = {"bad"}
+    await run_for(35, reaper)
+    reqs = connector.conn.requests
+    # first tick: both in the batch; bad fails, a is delivered on that very tick
+    assert sorted(reqs[0][1].batch) == ["a", "bad"]
+    # afterwards bad runs alone (solo), outside the batch
+    assert all(sorted(r.batch) == ["a"] and list(r.solo) == ["bad"] for _, r in reqs[1:])
+    assert [m.metric for m in got] == ["a"] * len(reqs)
+    assert reaper.state.degraded == {"bad"}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1  # reported once, naming source and metric
+    assert "source src" in errors[0].getMessage() and "metric bad" in errors[0].getMessage()
+
+
+async def test_degraded_metric_rejoins_the_batch_after_it_succeeds(autojump_clock) -> None:
+    reaper, _got, connector = make(source(metrics={"a": 10, "bad": 10}), catalog(sql_metric("a"), sql_metric("bad")))
+    connector.conn.failing = {"bad"}
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        while len(connector.conn.requests) < 2:
+            await trio.sleep(1)
+        connector.conn.failing = set()
+        while len(connector.conn.requests) < 4:
+            await trio.sleep(1)
+        n.cancel_scope.cancel()
+    reqs = [(sorted(r.batch), sorted(r.solo)) for _, r in connector.conn.requests]
+    assert reqs[:4] == [(["a", "bad"], []), (["a"], ["bad"]), (["a"], ["bad"]), (["a", "bad"], [])]
+    assert reaper.state.degraded == set()
+
+
+async def test_unreachable_source_backs_off_and_logs_each_state_change_once(autojump_clock, caplog) -> None:
+    connector = FakeConnector(down=True)
+    reaper, got, _ = make(source(metrics={"a": 1, "instance_up": 1}), connector=connector, max_backoff=8)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        await trio.sleep(40)
+        connector.down = False
+        await trio.sleep(10)
+        n.cancel_scope.cancel()
+    first = connector.attempts[0]
+    gaps = [round(b - a) for a, b in zip(connector.attempts, connector.attempts[1:], strict=False)]
+    assert gaps[:5] == [1, 2, 4, 8, 8]  # capped exponential backoff, on the 1 s tick grid
+    assert connector.attempts[-1] - first <= 40 + 8  # back within one backoff period of the server's return
+    downs = [r for r in caplog.records if "down:" in r.getMessage()]
+    ups = [r for r in caplog.records if "up again" in r.getMessage()]
+    assert len(downs) == 1 and len(ups) == 1
+    up_values = [m.rows[0]["instance_up"] for m in got if m.metric == "instance_up"]
+    assert up_values[:30] == [0] * 30  # instance_up keeps reporting while the server is down
+    assert up_values[-1] == 1
+    assert any(m.metric == "a" for m in got)
+
+
+async def test_hanging_source_does_not_delay_another(autojump_clock) -> None:
+    hanging, _, _hang_conn = make(source("hang", metrics={"a": 1}, connect_timeout_seconds=5),
+                                 connector=FakeConnector(hang=True))
+    healthy, _got, conn = make(source("ok", metrics={"a": 1}))
+    await run_for(30, hanging, healthy)
+    assert hanging.state.status == "down"
+    assert "timed out" in (hanging.state.last_error or "")
+    assert len(conn.conn.requests) >= 29
+    assert max(healthy.state.lateness) == 0
+
+
+async def test_slow_query_beyond_its_deadline_drops_the_connection(autojump_clock, caplog) -> None:
+    reaper, got, connector = make(source(metrics={"a": 10}, query_timeout_seconds=3), catalog(sql_metric("a")))
+    connector.conn.latency = 100
+    await run_for(40, reaper)
+    first_request = connector.conn.requests[0][0]
+    # the tick's deadline is the query timeout plus a grace of 5 s; then the connection is dropped,
+    # and the next connect attempt comes at the next tick after a 1 s backoff
+    assert connector.attempts[1] - first_request == pytest.approx(10.0)
+    assert any("query timed out" in r.getMessage() for r in caplog.records)
+    assert got == []
+
+
+async def test_recovery_switches_to_the_standby_metric_set(autojump_clock, caplog) -> None:
+    cat = catalog(sql_metric("a"), sql_metric("p_only", node_status="primary"),
+                  sql_metric("s_only", node_status="standby"))
+    reaper, _got, connector = make(source(metrics={"a": 10, "p_only": 10, "s_only": 10}), cat)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        while len(connector.conn.requests) < 2:
+            await trio.sleep(1)
+        connector.conn.in_recovery = True
+        while len(connector.conn.requests) < 5:
+            await trio.sleep(1)
+        n.cancel_scope.cancel()
+    batches = [sorted(r.batch) for _, r in connector.conn.requests]
+    assert batches[0] == ["a", "p_only"]
+    assert batches[-1] == ["a", "s_only"]
+    assert any("switching to the standby metric set" in r.getMessage() for r in caplog.records)
+
+
+async def test_update_applies_new_intervals_without_reconnecting(autojump_clock) -> None:
+    reaper, _got, connector = make(source(metrics={"a": 10}), catalog(sql_metric("a"), sql_metric("b")))
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        await trio.sleep(25)
+        reaper.update(source(metrics={"a": 10, "b": 5}), reaper.catalog)
+        await trio.sleep(20)
+        n.cancel_scope.cancel()
+    assert len(connector.attempts) == 1
+    assert any("b" in r.batch for _, r in connector.conn.requests)
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_supervisor_restarts_a_crashing_source_then_gives_up(autojump_clock) -> None:
+    reaper, _, _ = make()
+    runs = []
+
+    async def crash(*, task_status=trio.TASK_STATUS_IGNORED):
+        runs.append(trio.current_time())
+        task_status.started()
+        raise Boom("bug")
+
+    reaper.run = crash  # type: ignore[method-assign]
+    with pytest.raises(TooManyRestarts, match="crashed 4 times"):
+        await supervise(reaper, restart_limit=3, window=300)
+    gaps = [round(b - a) for a, b in itertools.pairwise(runs)]
+    assert gaps == [1, 2, 4]
+
+
+def test_fake_connection_is_a_plain_object() -> None:
+    assert not FakeConnection().is_closed
