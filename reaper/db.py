@@ -197,6 +197,17 @@ class SourceConnection:
             raise
         return [dict(r.items()) for r in records]
 
+    async def execute(self, sql: str) -> None:
+        """Run statements without results (tools and the demo's workload; never on a monitored source)."""
+        try:
+            await aio_as_trio(self._conn.execute)(sql)
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            if is_connection_error(e):
+                raise SourceUnavailable(describe_error(e)) from e
+            raise
+
     def terminate(self) -> None:
         """Drop the connection at once (synchronous; always safe)."""
         self._conn.terminate()
@@ -220,7 +231,8 @@ async def _read_password_file(path: str) -> str:
 
 async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
                                  password_file: str | None = None,
-                                 application_name: str = APPLICATION_NAME) -> SourceConnection:
+                                 application_name: str = APPLICATION_NAME,
+                                 read_only: bool = True) -> SourceConnection:
     """Connect (read-only, our application_name, a server-side statement_timeout) and read server facts.
 
     The caller applies the connect deadline with a trio cancel scope.
@@ -228,7 +240,7 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
     kwargs: dict[str, Any] = {
         "server_settings": {
             "application_name": application_name,
-            "default_transaction_read_only": "on",
+            "default_transaction_read_only": "on" if read_only else "off",
             "statement_timeout": str(int(statement_timeout_seconds * 1000)),
             "jit": "off",
         },

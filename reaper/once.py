@@ -86,12 +86,27 @@ def _cell(value: Any) -> str:
 
 
 def print_measurements(measurements: Sequence[Measurement], console: Console | None = None) -> None:
+    """One table per measurement; a metric too wide for the terminal is shown expanded (a column of
+    names and one of values per row), like psql's \\x."""
     console = console or Console()
     for m in measurements:
         columns = list(dict.fromkeys(k for row in m.rows for k in row))
-        table = Table(title=f"{m.source} / {m.metric} ({len(m.rows)} rows)", title_justify="left")
-        for col in columns:
-            table.add_column(col, overflow="fold")
-        for row in m.rows:
-            table.add_row(*(_cell(row.get(col)) for col in columns))
-        console.print(table)
+        cells = [[_cell(row.get(col)) for col in columns] for row in m.rows]
+        widths = [max([len(col), *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
+        title = f"{m.source} / {m.metric} ({len(m.rows)} rows)"
+        if sum(w + 3 for w in widths) + 1 <= console.width:
+            table = Table(title=title, title_justify="left")
+            for col in columns:
+                table.add_column(col, no_wrap=True)
+            for row_cells in cells:
+                table.add_row(*row_cells)
+            console.print(table)
+            continue
+        console.print(f"[bold]{title}[/bold]")
+        for n, row_cells in enumerate(cells, 1):
+            table = Table(title=f"row {n}", title_justify="left", show_header=False)
+            table.add_column("column", style="bold")
+            table.add_column("value", overflow="fold")
+            for col, value in zip(columns, row_cells, strict=True):
+                table.add_row(col, value)
+            console.print(table)

@@ -18,6 +18,7 @@ import attrs
 
 MIN_TICK = 1
 IDLE_TICK = 60  # how often a source with no active metric still wakes up
+PHASE_SPREAD = 5.0  # sources start within this many seconds of each other (and stay spread by it)
 
 
 def tick_seconds(intervals: Mapping[str, int]) -> int:
@@ -29,8 +30,10 @@ def tick_seconds(intervals: Mapping[str, int]) -> int:
 
 
 def phase_seconds(name: str, tick: int) -> float:
-    """A stable offset in [0, tick) from the source's name, so a fleet does not fire at once."""
-    return (zlib.crc32(name.encode()) % (tick * 1000)) / 1000.0
+    """A stable offset in [0, min(tick, PHASE_SPREAD)) from the source's name, so a fleet does not
+    fire in the same instant, while a source's first tick still comes within seconds of its start."""
+    spread_ms = int(min(tick, PHASE_SPREAD) * 1000)
+    return (zlib.crc32(name.encode()) % spread_ms) / 1000.0
 
 
 @attrs.define

@@ -59,6 +59,8 @@ class SourceState:
     lateness: deque[float] = attrs.field(factory=lambda: deque(maxlen=1000))
     statements_last_tick: int = 0
     last_fetch: dict[str, float] = attrs.field(factory=dict)  # metric -> trio time it last completed
+    metric_rows: dict[str, int] = attrs.field(factory=dict)  # metric -> rows in its last measurement
+    metric_measurements: dict[str, int] = attrs.field(factory=dict)  # metric -> measurements delivered
 
 
 class SourceReaper:
@@ -222,8 +224,11 @@ class SourceReaper:
             return
         m = Measurement.from_rows(source=self.config.name, metric=metric.name, table=metric.table,
                                   rows=rows, tags=self.config.tags, wall_ns=wall_ns)
-        self.state.measurements += 1
-        self.state.rows += len(rows)
+        st = self.state
+        st.measurements += 1
+        st.rows += len(rows)
+        st.metric_rows[metric.name] = len(rows)
+        st.metric_measurements[metric.name] = st.metric_measurements.get(metric.name, 0) + 1
         self.emit(m)
 
     def _emit_instance_up(self, metrics: Mapping[str, MetricDef], up: int, wall_ns: int) -> None:

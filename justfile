@@ -1,0 +1,25 @@
+# reaper's everyday commands. `just --list` shows them.
+
+python := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } else { "python3" }
+
+# run the whole test suite (starts its own PostgreSQL servers)
+test *ARGS:
+    {{python}} -m pytest {{ARGS}}
+
+# ruff and mypy
+lint:
+    {{python}} -m ruff check reaper tests
+    {{python}} -m mypy
+
+# run the daemon with a config file
+run CONFIG="conf/reaper.toml":
+    {{python}} -m reaper.cli run --config {{CONFIG}}
+
+# watch reaper collect from a throwaway PostgreSQL
+demo *ARGS:
+    {{python}} -m reaper.cli demo {{ARGS}}
+
+# set up a development virtualenv
+venv:
+    python3 -m venv .venv
+    .venv/bin/pip install -e '.[test,demo]'

@@ -1,0 +1,177 @@
+"""The command line, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reaper.metrics import Catalog
+
+REAPER = [sys.executable, "-m", "reaper.cli"]
+
+
+def reaper(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*REAPER, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_check_reports_each_mistake_on_its_own_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("""
+[[sources]]
+name = "a"
+dsn = "postgresql://u@127.0.0.1/app"
+preset = "no_such_preset"
+
+[[sources]]
+name = "b"
+dsn = "postgresql://u@127.0.0.1/app"
+metrics = { locks = "sixty" }
+
+[[sinks]]
+type = "jsonfile"
+pth = "out.ndjson"
+""")
+    proc = reaper("check", "--config", str(config))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 4, proc.stderr  # the misspelled key is both unknown and leaves path missing
+    assert f"{config}: sources[0].preset: unknown preset 'no_such_preset'" in lines[0] or any(
+        line.startswith(f"{config}: sources[0].preset: unknown preset") for line in lines)
+    assert any(line.startswith(f"{config}: sources[1].metrics.locks: expected a whole number") for line in lines)
+    assert any(line == f"{config}: sinks[0].pth: unknown key" for line in lines)
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_check_three_mistakes_three_lines(tmp_path: Path) -> None:
+    config = tmp_path / "three.toml"
+    config.write_text("""
+[[sources]]
+name = "a"
+dsn = "mysql://nope"
+
+[[sources]]
+name = "a"
+dsn = "postgresql://u@h/app"
+metrics = { no_such_metric = 60 }
+
+[[sinks]]
+type = "jsonfile"
+path = "x.ndjson"
+""")
+    proc = reaper("check", "--config", str(config))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"{config}: sources[0].dsn: expected a URI starting with postgresql://",
+        f"{config}: sources[1].name: duplicate source name 'a' (also sources[0])",
+        f"{config}: sources[1].metrics.no_such_metric: unknown metric",
+    ]
+
+
+def test_check_accepts_the_shipped_example_and_says_so_in_one_line() -> None:
+    example = Path(__file__).parent.parent / "conf" / "reaper.toml"
+    proc = reaper("check", "--config", str(example), env={"REPORTING_PASSWORD": "x"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == [f"{example}: ok: 2 sources (1 enabled), 1 sinks, "
+                                                f"1 own metrics, 1 own presets"]
+
+
+def test_check_names_a_missing_environment_variable(tmp_path: Path) -> None:
+    config = tmp_path / "env.toml"
+    config.write_text('[[sources]]\nname = "a"\ndsn = "postgresql://u:${NOT_SET_ANYWHERE_X}@h/db"\n'
+                      '[[sinks]]\ntype = "jsonfile"\npath = "-"\n')
+    proc = reaper("check", "--config", str(config))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"{config}: sources[0].dsn: environment variable NOT_SET_ANYWHERE_X is not set"
+
+
+def test_check_reports_unreadable_toml_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text("[[sources]\nname = 1\n")
+    proc = reaper("check", "--config", str(config))
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"{config}: invalid TOML")
+    missing = reaper("check", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 1 and missing.stderr.strip() == f"{tmp_path / 'nope.toml'}: file not found"
+
+
+@pytest.mark.parametrize("verb", ["run", "check", "once", "metrics", "demo"])
+def test_every_verb_has_help(verb: str) -> None:
+    proc = reaper(verb, "--help")
+    assert proc.returncode == 0
+    assert "usage: reaper" in proc.stdout and len(proc.stdout.splitlines()) > 4
+
+
+def test_metrics_list_and_show() -> None:
+    listing = reaper("metrics", "list")
+    assert listing.returncode == 0
+    catalog = Catalog.for_config()
+    for name in ("db_stats", "wal", "bgwriter", "checkpointer", "basic", "standard", "minimal"):
+        assert name in listing.stdout
+    assert f"{len(catalog.metrics)} metrics" in listing.stdout
+    show = reaper("metrics", "show", "bgwriter", "--pg-version", "15")
+    assert show.returncode == 0
+    assert "pg_stat_bgwriter" in show.stdout
+    unknown = reaper("metrics", "show", "no_such_metric")
+    assert unknown.returncode == 1 and "unknown metric" in unknown.stderr
+
+
+def write_config(tmp_path: Path, dsn: str, out: Path, **source: str) -> Path:
+    extra = "".join(f"{k} = {v}\n" for k, v in source.items())
+    config = tmp_path / "reaper.toml"
+    config.write_text(f'[[sources]]\nname = "main"\ndsn = "{dsn}"\n{extra}\n'
+                      f'[[sinks]]\ntype = "jsonfile"\npath = "{out}"\n')
+    return config
+
+
+def read_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.mark.pg
+def test_run_writes_every_basic_metric_on_the_first_tick_and_stops_cleanly(pg15, fresh_db, monitor_role,
+                                                                           tmp_path: Path) -> None:
+    role, password = monitor_role
+    out = tmp_path / "out" / "m.ndjson"
+    config = write_config(tmp_path, pg15.dsn(user=role, dbname=fresh_db, password=password), out,
+                          preset='"basic"', tags='{ env = "test" }')
+    proc = subprocess.Popen([*REAPER, "run", "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        basic = set(Catalog.for_config().presets["basic"].metrics)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and {d["metric"] for d in read_lines(out)} < basic:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    docs = read_lines(out)
+    assert {d["metric"] for d in docs} >= basic, stderr
+    for doc in docs:
+        assert doc["dbname"] == "main" and doc["custom_tags"] == {"env": "test"}
+        assert doc["data"] and all("epoch_ns" in row for row in doc["data"])
+    assert "stopped" in stderr
+    assert password not in stderr + stdout
+
+
+@pytest.mark.pg
+def test_once_prints_rows_for_one_metric(pg15, fresh_db, tmp_path: Path) -> None:
+    config = write_config(tmp_path, pg15.dsn(dbname=fresh_db), tmp_path / "unused.ndjson")
+    proc = reaper("once", "--config", str(config), "--metric", "db_stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "main / db_stats (1 rows)" in proc.stdout
+    assert "xact_commit" in proc.stdout
