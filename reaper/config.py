@@ -11,7 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NewType
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -21,6 +21,8 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from reaper.errors import ConfigError
 
 NodeStatus = Literal["primary", "standby"]
+SourceKind = Literal["postgres", "pgbouncer", "pgpool"]
+NameList = NewType("NameList", tuple[str, ...])  # in TOML: one name, or a list of names
 
 
 @attrs.frozen
@@ -34,9 +36,11 @@ class MetricDef:
     storage_name: str | None = None
     instance_level: bool = False
     statement_timeout_seconds: float | None = None
-    requires_extension: str | None = None
+    requires_extension: NameList = NameList(())
     special: bool = False
     init_sql: str | None = None
+    columns: tuple[str, ...] = ()
+    source_kinds: tuple[SourceKind, ...] = ("postgres",)
     name: str = ""
 
     @property
@@ -160,6 +164,14 @@ def _make_converter() -> cattrs.Converter:
             result[int(key)] = structure_str(sql, str)
         return result
 
+    def structure_names(value: Any, _type: Any) -> NameList:
+        if isinstance(value, str):
+            return NameList((value,))
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return NameList(tuple(value))
+        raise TypeError(f"expected a name or a list of names, got {value!r}")
+
+    conv.register_structure_hook(NameList, structure_names)
     conv.register_structure_hook(float, structure_float)
     conv.register_structure_hook(int, structure_int)
     conv.register_structure_hook(str, structure_str)
@@ -212,7 +224,12 @@ def _format_cattrs_errors(exc: BaseException, path: str = "") -> list[str]:
         for sub in exc.exceptions:
             lines.extend(_format_cattrs_errors(sub, path))
     else:
-        lines.append(f"{path}: {str(exc) or exc.__class__.__name__}")
+        message = str(exc) or exc.__class__.__name__
+        literal = re.fullmatch(r"(.*) not in literal typing\.Literal\[(.*)\]", message)
+        if literal:
+            choices = ", ".join(c.strip().strip("'") for c in literal.group(2).split(","))
+            message = f"{literal.group(1)!r} is not one of: {choices}"
+        lines.append(f"{path}: {message}")
     return lines
 
 
@@ -319,7 +336,8 @@ def check_metric(metric: MetricDef) -> list[str]:
             problems.append(f"{where}.sql.{version}: empty SQL")
         elif text.endswith(";"):
             problems.append(f"{where}.sql.{version}: remove the trailing semicolon (one SELECT/WITH query)")
-        elif not re.match(r"(?is)^(\s|--[^\n]*\n|/\*.*?\*/)*(select|with)\b", sql):
+        elif "postgres" in metric.source_kinds and not re.match(
+                r"(?is)^(\s|--[^\n]*\n|/\*.*?\*/)*(select|with)\b", sql):
             problems.append(f"{where}.sql.{version}: must be one SELECT or WITH query")
     if metric.statement_timeout_seconds is not None and metric.statement_timeout_seconds <= 0:
         problems.append(f"{where}.statement_timeout_seconds: must be more than 0")

@@ -42,7 +42,7 @@ def print_metric(catalog: Catalog, name: str, pg_version: int | None, console: C
         ("node status", m.node_status or "primary and standby"),
         ("instance level", "yes" if m.instance_level else "no"),
         ("statement timeout", f"{m.statement_timeout_seconds:g}s" if m.statement_timeout_seconds else "default"),
-        ("requires extension", m.requires_extension or "none"),
+        ("requires extension", ", ".join(m.requires_extension) or "none"),
         ("presets", ", ".join(presets_using(catalog, name)) or "none"),
     ]
     for key, value in facts:

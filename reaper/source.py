@@ -198,9 +198,10 @@ class SourceReaper:
                             f"has no SQL for PostgreSQL {server.major} (versions: "
                             f"{', '.join(map(str, sorted(metric.sql)))}); skipped")
             return None
-        if metric.requires_extension and metric.requires_extension not in server.extensions:
+        missing = [e for e in metric.requires_extension if e not in server.extensions]
+        if missing:
             self._warn_once(metric.name, "extension",
-                            f"needs the extension {metric.requires_extension}, which is not installed in "
+                            f"needs the extension {', '.join(missing)}, which is not installed in "
                             f"database {server.database}; skipped")
             return None
         return sql
