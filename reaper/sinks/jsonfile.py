@@ -71,7 +71,7 @@ class JsonFileSink:
             return
         path = Path(self.config.path)
         await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
-        self._file = await trio.to_thread.run_sync(path.open, "ab")
+        self._file = await trio.to_thread.run_sync(lambda: path.open("ab", buffering=0))
 
     async def write(self, batch: list[Measurement]) -> None:
         data = b"".join(encode_measurement(m) for m in batch)
@@ -79,9 +79,21 @@ class JsonFileSink:
         self.written += len(batch)
 
     def _write(self, data: bytes) -> None:
-        assert self._file is not None, "write before open"
-        self._file.write(data)
-        self._file.flush()
+        f = self._file
+        assert f is not None, "write before open"
+        start = f.tell() if f.seekable() else None
+        try:
+            view = memoryview(data)
+            while view:  # an unbuffered file may take a write in parts
+                written = f.write(view)
+                view = view[written or 0:]
+            f.flush()
+        except OSError:
+            # a partial batch (disk full) is cut off again, so the retry does not duplicate lines
+            if start is not None:
+                f.truncate(start)
+                f.seek(start)
+            raise
 
     async def aclose(self) -> None:
         f, self._file = self._file, None

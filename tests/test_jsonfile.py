@@ -1,0 +1,101 @@
+"""The jsonfile sink, the sink task and the fan-out, with real files and real trio channels."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import logging
+from pathlib import Path
+
+import trio
+
+from reaper.config import JsonFileSinkConfig
+from reaper.measurement import Measurement
+from reaper.sinks import FanOut, run_sink, write_with_retry
+from reaper.sinks.jsonfile import JsonFileSink, encode_measurement
+
+
+def measurement(metric: str = "m", **row) -> Measurement:
+    return Measurement(source="src", metric=metric, table=metric, epoch_ns=1, rows=({"epoch_ns": 1, **row},),
+                       tags={"env": "test"})
+
+
+def test_values_serialise_as_numbers_and_specials_as_null() -> None:
+    m = measurement(
+        i=2**62, d=decimal.Decimal("3000"), frac=decimal.Decimal("1.25"), nan=decimal.Decimal("NaN"),
+        fnan=float("nan"), finf=float("inf"), huge=decimal.Decimal("1e30"),
+        ts=dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC), span=dt.timedelta(seconds=90.5),
+        raw=b"\xde\xad", text="x", none=None, flag=True,
+    )
+    doc = json.loads(encode_measurement(m))
+    assert doc == {"metric": "m", "dbname": "src", "custom_tags": {"env": "test"}, "data": [{
+        "epoch_ns": 1, "i": 2**62, "d": 3000, "frac": 1.25, "nan": None, "fnan": None, "finf": None,
+        "huge": 1e30, "ts": "2024-01-02T03:04:05+00:00", "span": 90.5, "raw": "dead", "text": "x",
+        "none": None, "flag": True,
+    }]}
+    assert isinstance(doc["data"][0]["d"], int)
+
+
+def test_storage_name_is_the_metric_written() -> None:
+    m = Measurement(source="s", metric="db_size_approx", table="db_size", epoch_ns=1, rows=({"epoch_ns": 1},))
+    assert json.loads(encode_measurement(m))["metric"] == "db_size"
+
+
+async def test_sink_task_writes_everything_queued_before_the_channel_closes(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "out.ndjson"
+    sink = JsonFileSink(JsonFileSinkConfig(path=str(path)))
+    send, receive = trio.open_memory_channel[Measurement](1000)
+    async with trio.open_nursery() as n:
+        await n.start(run_sink, sink, receive)
+        async with send:
+            for i in range(700):
+                await send.send(measurement(v=i))
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["data"][0]["v"] for line in lines] == list(range(700))
+
+
+async def test_fanout_never_blocks_and_counts_what_a_full_sink_cannot_take(tmp_path: Path, caplog) -> None:
+    fast_send, fast_receive = trio.open_memory_channel[Measurement](100)
+    slow_send, slow_receive = trio.open_memory_channel[Measurement](3)
+    fanout = FanOut()
+    fast = fanout.add("fast", fast_send)
+    slow = fanout.add("slow", slow_send)
+    with caplog.at_level(logging.WARNING):
+        for i in range(10):
+            fanout.send(measurement(v=i))
+    assert (fast.sent, fast.dropped) == (10, 0)
+    assert (slow.sent, slow.dropped) == (3, 7)
+    assert slow.queued == 3
+    full = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(full) == 1 and "slow" in full[0].getMessage()  # logged once per episode
+    slow_receive.receive_nowait()
+    fanout.send(measurement(v=99))
+    assert any("caught up" in r.getMessage() and "7 measurements dropped" in r.getMessage()
+               for r in caplog.records)
+    fanout.close()
+    assert len([m async for m in fast_receive]) == 11
+
+
+async def test_write_failure_keeps_the_batch_and_retries(tmp_path: Path, caplog) -> None:
+    sink = JsonFileSink(JsonFileSinkConfig(path=str(tmp_path / "out.ndjson")))
+    await sink.open()
+    real_file = sink._file
+    broken = open(tmp_path / "x", "wb")  # noqa: SIM115, ASYNC230 - closed at once: every write to it fails
+    broken.close()
+    sink._file = broken
+
+    def failures() -> int:
+        return len([r for r in caplog.records if "write failed" in r.getMessage()])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(write_with_retry, sink, [measurement(v=1)])
+            while not failures():
+                await trio.sleep(0.01)
+            assert sink.written == 0
+            sink._file = real_file  # the disk "recovers"; the kept batch is written by the next retry
+    await sink.aclose()
+    assert json.loads((tmp_path / "out.ndjson").read_text())["data"][0]["v"] == 1
+    assert failures() == 1  # one line per failure episode, not one per retry
+    assert any("writing again" in r.getMessage() for r in caplog.records)
