@@ -13,30 +13,59 @@ then the sinks' channels are closed and the sinks drain until `shutdown_grace_se
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import attrs
 import trio
 
-from reaper import db
-from reaper.config import Config, JsonFileSinkConfig, SinkConfig, SourceConfig, load_config
+from reaper import __version__, db
+from reaper.config import (
+    Config,
+    JsonFileSinkConfig,
+    PostgresSinkConfig,
+    SinkConfig,
+    SourceConfig,
+    default_state_dir,
+    load_config,
+)
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
 from reaper.metrics import Catalog
 from reaper.sinks import FanOut, Sink, run_sink
 from reaper.sinks.jsonfile import JsonFileSink
+from reaper.sinks.spill import SpillQueue
 from reaper.source import Connector, SourceReaper, connect_source, supervise
+from reaper.status import DaemonStatus, SinkStatus, SourceStatus, percentile
 
 log = logging.getLogger("reaper.app")
+
+
+def count_tasks() -> int:
+    """Live trio tasks in this run (from the root task down)."""
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    return walk(root) if root is not None else 0
 
 
 def build_sink(config: SinkConfig) -> Sink:
     if isinstance(config, JsonFileSinkConfig):
         return JsonFileSink(config)
-    raise ConfigError([f"sink type {config.type!r} is not supported"])  # pragma: no cover
+    if isinstance(config, PostgresSinkConfig):
+        from reaper.sinks.postgres import PostgresSink
+
+        return PostgresSink(config)
+    from reaper.sinks.prometheus import PrometheusSink
+
+    return PrometheusSink(config)
 
 
 @attrs.define(eq=False)
@@ -61,9 +90,31 @@ class Daemon:
         self._sources_nursery: trio.Nursery | None = None
         self.reloads = 0
         self.reload_failures = 0
+        self.started_wall = time.time()
 
     def __repr__(self) -> str:
         return f"<Daemon sources={len(self.sources)} sinks={len(self.sinks)}>"
+
+    def status(self) -> DaemonStatus:
+        now = trio.current_time()
+        sources = []
+        for name, running in sorted(self.sources.items()):
+            st = running.reaper.state
+            lat = sorted(st.lateness)
+            sources.append(SourceStatus(
+                name=name, status=st.status, ticks=st.ticks, measurements=st.measurements, rows=st.rows,
+                metric_errors=st.metric_errors, degraded=tuple(sorted(st.degraded)),
+                statements_last_tick=st.statements_last_tick, in_recovery=st.in_recovery,
+                server_version=st.server_version, last_error=st.last_error, last_tick_wall=st.last_tick_wall,
+                next_tick_in=None if st.next_tick is None else max(0.0, st.next_tick - now),
+                lateness_p50=percentile(lat, 0.5), lateness_p99=percentile(lat, 0.99),
+                lateness_max=lat[-1] if lat else 0.0))
+        sinks = [SinkStatus(label=o.label, queued=o.queued, sent=o.sent, dropped=o.dropped, spilled=o.spilled,
+                            spill_bytes=o.spill_bytes) for o in self.fanout.outlets]
+        return DaemonStatus(pid=os.getpid(), version=__version__, started_wall=self.started_wall,
+                            updated_wall=time.time(), config_path=self.config.path, reloads=self.reloads,
+                            reload_failures=self.reload_failures, tasks=count_tasks(),
+                            sources=tuple(sources), sinks=tuple(sinks))
 
     def emit(self, measurement: Measurement) -> None:
         self.fanout.send(measurement)
@@ -78,8 +129,8 @@ class Daemon:
         async with trio.open_nursery() as sinks_nursery:
             for sink in self.sinks:
                 send, receive = trio.open_memory_channel[Measurement](capacity)
-                self.fanout.add(sink.label, send)
-                await sinks_nursery.start(run_sink, sink, receive)
+                outlet = self.fanout.add(sink.label, send, self._open_spill(sink))
+                await sinks_nursery.start(run_sink, sink, receive, outlet)
             try:
                 async with trio.open_nursery() as sources_nursery:
                     self._sources_nursery = sources_nursery
@@ -98,6 +149,23 @@ class Daemon:
         if sinks_nursery.cancel_scope.cancelled_caught:
             log.error("shutdown: sinks did not drain within %gs; %d measurements not written", grace,
                       sum(o.queued for o in self.fanout.outlets))
+
+    def _open_spill(self, sink: Sink) -> SpillQueue | None:
+        """The sink's on-disk spill queue under state_dir, or None (logged) when it cannot be had."""
+        if not getattr(sink, "spillable", True):
+            return None
+        collector = self.config.collector
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", sink.label).strip("_")[:80]
+        digest = hashlib.sha1(sink.label.encode()).hexdigest()[:8]
+        directory = Path(collector.state_dir or default_state_dir()) / "spill" / f"{slug}-{digest}"
+        spill = SpillQueue(directory, collector.spill_max_bytes)
+        try:
+            spill.open()
+        except OSError as e:
+            log.error("sink %s: no spill queue (%s): if it falls behind, its measurements are dropped "
+                      "(counted)", sink.label, e)
+            return None
+        return spill
 
     # -- sources -------------------------------------------------------------------------------
 

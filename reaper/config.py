@@ -67,7 +67,7 @@ class PresetDef:
 class SourceConfig:
     name: str
     dsn: str
-    kind: Literal["postgres"] = "postgres"
+    kind: Literal["postgres", "postgres-discovery", "pgbouncer", "pgpool", "patroni"] = "postgres"
     preset: str | None = None
     metrics: dict[str, int] = attrs.field(factory=dict)
     standby_preset: str | None = None
@@ -75,6 +75,9 @@ class SourceConfig:
     tags: dict[str, str] = attrs.field(factory=dict)
     enabled: bool = True
     group: str = "default"
+    include_pattern: str | None = None  # discovery kinds: databases to monitor (regex)
+    exclude_pattern: str | None = None  # discovery kinds: databases to leave out (regex)
+    only_if_primary: bool = False  # patroni: skip members that are not the primary
     password_file: str | None = None
     connect_timeout_seconds: float = 5.0
     query_timeout_seconds: float = 30.0
@@ -94,14 +97,57 @@ class JsonFileSinkConfig:
     path: str
     type: Literal["jsonfile"] = "jsonfile"
     name: str = ""
+    max_bytes: int | None = None  # rotate when the file would grow past this size
+    backups: int = 5  # rotated files kept: path.1 (newest) .. path.N
 
     @property
     def label(self) -> str:
         return self.name or f"jsonfile:{self.path}"
 
 
-SinkConfig = JsonFileSinkConfig
-SINK_TYPES: dict[str, type[Any]] = {"jsonfile": JsonFileSinkConfig}
+@attrs.frozen
+class PostgresSinkConfig:
+    """pgwatch-compatible storage: one table per metric, time partitions, the admin schema."""
+
+    dsn: str
+    type: Literal["postgres"] = "postgres"
+    name: str = ""
+    password_file: str | None = None
+    batching_delay_seconds: float = 0.95  # flush at least this often
+    batch_size: int = 256  # ... or as soon as this many measurements are waiting
+    partition_interval: str = "1 day"  # width of the time partitions: "1 hour" .. "1 week"
+    retention_days: int = 14  # partitions older than this are dropped; 0 keeps everything
+    maintenance_interval_seconds: float = 43200.0  # how often retention and upkeep run
+    connect_timeout_seconds: float = 10.0
+    write_timeout_seconds: float = 60.0
+
+    @property
+    def label(self) -> str:
+        return self.name or f"postgres:{redact_dsn(self.dsn)}"
+
+
+@attrs.frozen
+class PrometheusSinkConfig:
+    """An HTTP endpoint for Prometheus to scrape: the latest sample of every series."""
+
+    listen: str = "127.0.0.1:9187"
+    type: Literal["prometheus"] = "prometheus"
+    name: str = ""
+    namespace: str = "pgwatch"
+    timestamps: bool = False  # attach each sample's own time (pgwatch does; it makes long intervals go stale)
+    stale_after_seconds: float = 900.0  # a series not refreshed for this long is dropped from the endpoint
+
+    @property
+    def label(self) -> str:
+        return self.name or f"prometheus:{self.listen}"
+
+
+SinkConfig = JsonFileSinkConfig | PostgresSinkConfig | PrometheusSinkConfig
+SINK_TYPES: dict[str, type[Any]] = {
+    "jsonfile": JsonFileSinkConfig,
+    "postgres": PostgresSinkConfig,
+    "prometheus": PrometheusSinkConfig,
+}
 
 
 @attrs.frozen
@@ -109,7 +155,18 @@ class CollectorConfig:
     queue_capacity: int = 10_000
     shutdown_grace_seconds: float = 10.0
     max_backoff_seconds: float = 60.0
-    state_dir: str | None = None
+    state_dir: str | None = None  # status file and spill queues; default: see default_state_dir()
+    spill_max_bytes: int = 1024**3  # per sink: the on-disk queue a slow or dead sink fills
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
+    """$STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/reaper for root, else ~/.local/state/reaper."""
+    env = os.environ if environ is None else environ
+    if env.get("STATE_DIRECTORY"):
+        return env["STATE_DIRECTORY"].split(":")[0]
+    if os.geteuid() == 0:
+        return "/var/lib/reaper"
+    return str(Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "reaper")
 
 
 @attrs.frozen

@@ -1,0 +1,60 @@
+"""What the running daemon reports about itself: the status file, `reaper status`, self-metrics."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+import attrs
+
+
+@attrs.frozen
+class SourceStatus:
+    name: str
+    status: str  # starting | up | down | restarting
+    ticks: int
+    measurements: int
+    rows: int
+    metric_errors: int
+    degraded: tuple[str, ...]
+    statements_last_tick: int
+    in_recovery: bool | None
+    server_version: str | None
+    last_error: str | None
+    last_tick_wall: float | None  # unix time
+    next_tick_in: float | None  # seconds
+    lateness_p50: float  # seconds between a tick's scheduled and actual start
+    lateness_p99: float
+    lateness_max: float
+
+
+@attrs.frozen
+class SinkStatus:
+    label: str
+    queued: int  # in its memory channel
+    sent: int  # handed to its channel
+    dropped: int  # lost: the spill was full or unavailable
+    spilled: int  # written to the on-disk spill queue
+    spill_bytes: int  # now on disk
+
+
+@attrs.frozen
+class DaemonStatus:
+    pid: int
+    version: str
+    started_wall: float
+    updated_wall: float
+    config_path: str
+    reloads: int
+    reload_failures: int
+    tasks: int  # trio tasks alive (long-lived ones dominate)
+    sources: tuple[SourceStatus, ...]
+    sinks: tuple[SinkStatus, ...]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return float(values[0])
+    return float(statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, int(q * 100) - 1))])
