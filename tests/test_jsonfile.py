@@ -99,3 +99,19 @@ async def test_write_failure_keeps_the_batch_and_retries(tmp_path: Path, caplog)
     assert json.loads((tmp_path / "out.ndjson").read_text())["data"][0]["v"] == 1
     assert failures() == 1  # one line per failure episode, not one per retry
     assert any("writing again" in r.getMessage() for r in caplog.records)
+
+
+async def test_rotation_by_size_keeps_the_configured_backups(tmp_path: Path) -> None:
+    path = tmp_path / "out.ndjson"
+    sink = JsonFileSink(JsonFileSinkConfig(path=str(path), max_bytes=1000, backups=2))
+    await sink.open()
+    for i in range(60):
+        await sink.write([measurement(v=i)])
+    await sink.aclose()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["out.ndjson", "out.ndjson.1", "out.ndjson.2"]
+    assert all(p.stat().st_size <= 1000 for p in tmp_path.iterdir())
+    values = [json.loads(line)["data"][0]["v"]
+              for name in ("out.ndjson.2", "out.ndjson.1", "out.ndjson")
+              for line in (tmp_path / name).read_text().splitlines()]
+    assert values == list(range(60 - len(values), 60))  # newest kept, in order, none duplicated

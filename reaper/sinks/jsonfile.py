@@ -78,7 +78,31 @@ class JsonFileSink:
         await trio.to_thread.run_sync(self._write, data)
         self.written += len(batch)
 
+    def _rotate_if_needed(self, incoming: int) -> None:
+        """Size-based rotation: path -> path.1 -> ... -> path.<backups> (the oldest is removed)."""
+        limit = self.config.max_bytes
+        f = self._file
+        if not limit or f is None or not f.seekable():
+            return
+        size = f.seek(0, 2)
+        if size == 0 or size + incoming <= limit:
+            return
+        f.close()
+        path = Path(self.config.path)
+        backups = max(0, self.config.backups)
+        if backups == 0:
+            path.unlink(missing_ok=True)
+        else:
+            Path(f"{path}.{backups}").unlink(missing_ok=True)
+            for n in range(backups - 1, 0, -1):
+                older = Path(f"{path}.{n}")
+                if older.exists():
+                    older.rename(f"{path}.{n + 1}")
+            path.rename(f"{path}.1")
+        self._file = path.open("ab", buffering=0)
+
     def _write(self, data: bytes) -> None:
+        self._rotate_if_needed(len(data))
         f = self._file
         assert f is not None, "write before open"
         start = f.tell() if f.seekable() else None
