@@ -81,7 +81,7 @@ async def test_write_failure_keeps_the_batch_and_retries(tmp_path: Path, caplog)
     sink = JsonFileSink(JsonFileSinkConfig(path=str(tmp_path / "out.ndjson")))
     await sink.open()
     real_file = sink._file
-    broken = open(tmp_path / "x", "wb")  # noqa: SIM115, ASYNC230 - closed at once: every write to it fails
+    broken = open(tmp_path / "x", "wb")  # noqa: SIM115 - closed at once: every write to it fails
     broken.close()
     sink._file = broken
 

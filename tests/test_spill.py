@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import trio
+import trio.lowlevel
 
 from reaper.config import JsonFileSinkConfig
 from reaper.measurement import Measurement
@@ -105,13 +106,13 @@ async def test_a_failing_sink_spills_in_order_and_replays_everything(tmp_path: P
             await n.start(run_sink, sink, receive, outlet)
             for i in range(10):
                 fanout.send(m(i))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             while sink.written < 10:
                 await trio.sleep(0.01)
             sink.down = True
             for i in range(10, 60):  # the sink is down: nothing is lost, order is kept
                 fanout.send(m(i))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             while not outlet.spilling:
                 await trio.sleep(0.01)
             assert outlet.dropped == 0
