@@ -13,13 +13,14 @@ then the sinks' channels are closed and the sinks drain until `shutdown_grace_se
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -37,12 +38,12 @@ from reaper.config import (
 )
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.sinks import FanOut, Sink, run_sink
+from reaper.metrics import Catalog, load_shipped_definitions
+from reaper.sinks import FanOut, Outlet, Sink, run_sink
 from reaper.sinks.jsonfile import JsonFileSink
 from reaper.sinks.spill import SpillQueue
-from reaper.source import Connector, SourceReaper, connect_source, supervise
-from reaper.status import DaemonStatus, SinkStatus, SourceStatus, percentile
+from reaper.source import Connector, FleetControls, SourceReaper, connect_source, supervise
+from reaper.status import STATUS_FILE, DaemonStatus, SinkStatus, SourceStatus, percentile, write_status_file
 
 log = logging.getLogger("reaper.app")
 
@@ -56,7 +57,7 @@ def count_tasks() -> int:
     return walk(root) if root is not None else 0
 
 
-def build_sink(config: SinkConfig) -> Sink:
+def build_sink(config: SinkConfig, daemon: Daemon | None = None) -> Sink:
     if isinstance(config, JsonFileSinkConfig):
         return JsonFileSink(config)
     if isinstance(config, PostgresSinkConfig):
@@ -65,7 +66,10 @@ def build_sink(config: SinkConfig) -> Sink:
         return PostgresSink(config)
     from reaper.sinks.prometheus import PrometheusSink
 
-    return PrometheusSink(config)
+    if daemon is None:
+        return PrometheusSink(config)
+    return PrometheusSink(config, catalog=lambda: daemon.catalog, sources=lambda: daemon.config.sources,
+                          status=daemon.status)
 
 
 @attrs.define(eq=False)
@@ -75,25 +79,52 @@ class RunningSource:
     done: trio.Event
 
 
+@attrs.define(eq=False)
+class RunningSink:
+    config: SinkConfig | None  # None for sinks given in code (the demo's, tests')
+    sink: Sink
+    outlet: Outlet
+    scope: trio.CancelScope
+    done: trio.Event
+
+
+STATUS_EVERY_SECONDS = 5.0
+PAUSE_CHECK_SECONDS = 2.0
+
+
 class Daemon:
     """Owns the fan-out, the sinks and the sources of one running configuration."""
 
     def __init__(self, config: Config, *, connector: Connector = connect_source,
-                 extra_sinks: list[Sink] | None = None) -> None:
+                 extra_sinks: list[Sink] | None = None, groups: Sequence[str] | None = None) -> None:
         self.config = config
         self.catalog = Catalog.for_config(config)
         self.connector = connector
+        self.groups = frozenset(groups or ())
+        self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb)
         self.fanout = FanOut()
-        self.sinks: list[Sink] = [build_sink(s) for s in config.sinks] + list(extra_sinks or [])
+        self._extra_sinks = list(extra_sinks or [])
+        self.sinks: dict[str, RunningSink] = {}
         self.sources: dict[str, RunningSource] = {}
         self._stop = trio.Event()
         self._sources_nursery: trio.Nursery | None = None
+        self._sinks_nursery: trio.Nursery | None = None
         self.reloads = 0
         self.reload_failures = 0
         self.started_wall = time.time()
 
     def __repr__(self) -> str:
-        return f"<Daemon sources={len(self.sources)} sinks={len(self.sinks)}>"
+        paused = " paused" if self.controls.paused else ""
+        return f"<Daemon sources={len(self.sources)} sinks={len(self.sinks)}{paused}>"
+
+    def wanted_sources(self, config: Config) -> dict[str, SourceConfig]:
+        """The sources this process runs: enabled, and in one of --group's groups when given."""
+        return {s.name: s for s in config.sources
+                if s.enabled and (not self.groups or s.group in self.groups)}
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config.collector.state_dir or default_state_dir())
 
     def status(self) -> DaemonStatus:
         now = trio.current_time()
@@ -124,19 +155,20 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until request_stop(); assumes db.open_loop() is already open."""
-        capacity = self.config.collector.queue_capacity
         grace = self.config.collector.shutdown_grace_seconds
         async with trio.open_nursery() as sinks_nursery:
-            for sink in self.sinks:
-                send, receive = trio.open_memory_channel[Measurement](capacity)
-                outlet = self.fanout.add(sink.label, send, self._open_spill(sink))
-                await sinks_nursery.start(run_sink, sink, receive, outlet)
+            self._sinks_nursery = sinks_nursery
+            for sink_config in self.config.sinks:
+                await self._start_sink(build_sink(sink_config, self), sink_config)
+            for sink in self._extra_sinks:
+                await self._start_sink(sink, None)
             try:
                 async with trio.open_nursery() as sources_nursery:
                     self._sources_nursery = sources_nursery
-                    for source in self.config.sources:
-                        if source.enabled:
-                            await self.start_source(source)
+                    for source in self.wanted_sources(self.config).values():
+                        await self.start_source(source)
+                    sources_nursery.start_soon(self._watch_pause_file)
+                    sources_nursery.start_soon(self._write_status_periodically)
                     log.info("collecting: %d sources, %d sinks", len(self.sources), len(self.sinks))
                     task_status.started()
                     await self._stop.wait()
@@ -147,8 +179,74 @@ class Daemon:
                 self.fanout.close()
                 sinks_nursery.cancel_scope.deadline = trio.current_time() + grace
         if sinks_nursery.cancel_scope.cancelled_caught:
-            log.error("shutdown: sinks did not drain within %gs; %d measurements not written", grace,
-                      sum(o.queued for o in self.fanout.outlets))
+            log.error("shutdown: sinks did not finish within %gs; what they had not written is in their spill "
+                      "queues for the next start", grace)
+        self.write_status()
+
+    # -- sinks ---------------------------------------------------------------------------------
+
+    async def _start_sink(self, sink: Sink, config: SinkConfig | None, outlet: Outlet | None = None,
+                          receive: trio.MemoryReceiveChannel[Measurement] | None = None) -> None:
+        assert self._sinks_nursery is not None
+        if outlet is None or receive is None:
+            send, receive = trio.open_memory_channel[Measurement](self.config.collector.queue_capacity)
+            outlet = self.fanout.add(sink.label, send)
+        if outlet.spill is None:
+            outlet.spill = self._open_spill(sink)
+            outlet.spilling = bool(outlet.spill is not None and len(outlet.spill))
+        running = RunningSink(config, sink, outlet, trio.CancelScope(), trio.Event())
+        self.sinks[sink.label] = running
+        await self._sinks_nursery.start(self._sink_task, running, receive)
+
+    async def _sink_task(self, running: RunningSink, receive: trio.MemoryReceiveChannel[Measurement], *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with running.scope:
+                await run_sink(running.sink, receive, running.outlet, task_status=task_status)
+        finally:
+            running.done.set()
+
+    async def _stop_sink(self, label: str, *, replace_with: Outlet | None = None) -> None:
+        """Close a sink's channel and let it drain (bounded by the shutdown grace), then forget it.
+
+        With `replace_with`, the new outlet takes the old one's place in the fan-out first, so the
+        measurements that arrive meanwhile wait in its channel for the replacement sink."""
+        running = self.sinks.pop(label)
+        outlets = self.fanout.outlets
+        index = outlets.index(running.outlet)
+        if replace_with is None:
+            del outlets[index]
+        else:
+            outlets[index] = replace_with
+        running.outlet.channel.close()
+        with trio.move_on_after(self.config.collector.shutdown_grace_seconds):
+            await running.done.wait()
+        if not running.done.is_set():
+            log.warning("sink %s: did not drain in time; the rest stays in its spill queue", label)
+            running.scope.cancel()
+            await running.done.wait()
+
+    async def _apply_sinks(self, new: Config) -> tuple[int, int, int]:
+        """Rebuild changed sinks after their channel drained; start added ones; stop removed ones."""
+        wanted = {c.label: c for c in new.sinks}
+        added = removed = rebuilt = 0
+        for label, running in list(self.sinks.items()):
+            if running.config is None:
+                continue
+            if label not in wanted:
+                await self._stop_sink(label)
+                removed += 1
+            elif wanted[label] != running.config:
+                send, receive = trio.open_memory_channel[Measurement](new.collector.queue_capacity)
+                outlet = Outlet(label, send)
+                await self._stop_sink(label, replace_with=outlet)
+                await self._start_sink(build_sink(wanted[label], self), wanted[label], outlet, receive)
+                rebuilt += 1
+        for label, sink_config in wanted.items():
+            if label not in self.sinks:
+                await self._start_sink(build_sink(sink_config, self), sink_config)
+                added += 1
+        return added, removed, rebuilt
 
     def _open_spill(self, sink: Sink) -> SpillQueue | None:
         """The sink's on-disk spill queue under state_dir, or None (logged) when it cannot be had."""
@@ -172,7 +270,7 @@ class Daemon:
     async def start_source(self, config: SourceConfig) -> None:
         assert self._sources_nursery is not None
         reaper = SourceReaper(config, self.catalog, self.emit, connector=self.connector,
-                              max_backoff=self.config.collector.max_backoff_seconds)
+                              max_backoff=self.config.collector.max_backoff_seconds, controls=self.controls)
         running = RunningSource(reaper, trio.CancelScope(), trio.Event())
         self.sources[config.name] = running
         await self._sources_nursery.start(self._source_task, running)
@@ -194,7 +292,8 @@ class Daemon:
     # -- reload --------------------------------------------------------------------------------
 
     async def reload(self, path: str | Path) -> bool:
-        """Apply a new config file: only a fully valid one; unchanged sources are untouched."""
+        """Apply a new config file: only a fully valid one; unchanged sources and sinks are untouched."""
+        load_shipped_definitions.cache_clear()  # metric and preset files are re-read too
         try:
             new = load_config(path)
         except ConfigError as e:
@@ -202,19 +301,20 @@ class Daemon:
             log.error("reload: %s is invalid; keeping the running configuration:", path)
             for line in e.problems:
                 log.error("reload: %s", line)
+            self.write_status()
             return False
         self.reloads += 1
-        if new.sinks != self.config.sinks or new.collector != self.config.collector:
-            log.warning("reload: sink and [collector] changes take effect after a restart")
         catalog = Catalog.for_config(new)
-        old_sources = {s.name: s for s in self.config.sources if s.enabled}
-        new_sources = {s.name: s for s in new.sources if s.enabled}
+        old_sources = self.wanted_sources(self.config)
+        new_sources = self.wanted_sources(new)
         added = removed = restarted = updated = unchanged = 0
         for name in list(self.sources):
             if name not in new_sources:
                 await self.stop_source(name, "reload: removed")
                 removed += 1
+        sinks_added, sinks_removed, sinks_rebuilt = await self._apply_sinks(new)
         self.config, self.catalog = new, catalog
+        self.controls.min_db_size_mb = new.collector.min_db_size_mb
         for name, source in new_sources.items():
             old = old_sources.get(name)
             if name not in self.sources:
@@ -229,9 +329,41 @@ class Daemon:
                 updated += 1
             else:
                 unchanged += 1
-        log.info("reload: applied %s: %d added, %d removed, %d restarted, %d updated, %d unchanged",
-                 path, added, removed, restarted, updated, unchanged)
+        log.info("reload: applied %s: sources %d added, %d removed, %d restarted, %d updated, %d unchanged; "
+                 "sinks %d added, %d removed, %d rebuilt", path, added, removed, restarted, updated, unchanged,
+                 sinks_added, sinks_removed, sinks_rebuilt)
+        self.write_status()
         return True
+
+    # -- pause file and status file --------------------------------------------------------------
+
+    async def _watch_pause_file(self) -> None:
+        """While [collector] pause_file exists, no source queries its server (checked every 2 s)."""
+        while True:
+            path = self.config.collector.pause_file
+            paused = path is not None and await trio.Path(path).exists()
+            if paused != self.controls.paused:
+                self.controls.paused = paused
+                if paused:
+                    log.warning("pause file %s exists: every source stops querying and closes its connection "
+                                "until it is removed", path)
+                else:
+                    log.warning("pause file removed: collection resumes")
+            await trio.sleep(PAUSE_CHECK_SECONDS)
+
+    async def _write_status_periodically(self) -> None:
+        while True:
+            self.write_status()
+            await trio.sleep(STATUS_EVERY_SECONDS)
+
+    def write_status(self) -> None:
+        """The status file under state_dir (for `reaper status`, `reaper reload`, the benchmarks)."""
+        try:
+            write_status_file(self.state_dir / STATUS_FILE, self.status())
+        except OSError as e:
+            if not getattr(self, "_status_warned", False):
+                self._status_warned = True
+                log.warning("cannot write the status file in %s: %s", self.state_dir, e)
 
 
 async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path: str | None,
@@ -253,13 +385,32 @@ async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path
             force_exit(1)
 
 
-async def run_daemon(config: Config, *, config_path: str | None,
-                     force_exit: Callable[[int], None]) -> None:
+async def run_daemon(config: Config, *, config_path: str | None, force_exit: Callable[[int], None],
+                     groups: Sequence[str] | None = None, pidfile: str | None = None) -> None:
     """The daemon: signal handling installed first, then the asyncio loop, then the task tree."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals, _pidfile(pidfile):
         async with db.open_loop():
-            daemon = Daemon(config)
+            daemon = Daemon(config, groups=groups)
             async with trio.open_nursery() as root:
                 root.start_soon(watch_signals, signals, daemon, config_path, force_exit)
                 await daemon.run()
                 root.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def _pidfile(path: str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    pid = str(os.getpid())
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(pid + "\n")
+    os.replace(tmp, target)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if target.read_text().strip() == pid:
+                target.unlink()

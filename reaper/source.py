@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,6 +33,16 @@ Connector = Callable[[SourceConfig], Awaitable[Any]]
 Emit = Callable[[Measurement], None]
 QUERY_GRACE_SECONDS = 5.0
 OS_METRICS = frozenset({"cpu_load"})
+SIZE_CHECK_SECONDS = 600.0
+DB_SIZE_SQL = "select (sum(relpages)::int8 * current_setting('block_size')::int8) as bytes from pg_class"
+
+
+@attrs.define(eq=False)
+class FleetControls:
+    """Daemon-wide switches every source obeys (emergency pause, minimum database size)."""
+
+    paused: bool = False
+    min_db_size_mb: int = 0
 
 
 async def connect_source(config: SourceConfig) -> db.SourceConnection:
@@ -68,7 +79,11 @@ class SourceReaper:
 
     def __init__(self, config: SourceConfig, catalog: Catalog, emit: Emit, *,
                  connector: Connector = connect_source, wall_ns: Callable[[], int] = time.time_ns,
-                 max_backoff: float = 60.0) -> None:
+                 max_backoff: float = 60.0, controls: FleetControls | None = None) -> None:
+        self.controls = controls or FleetControls()
+        self._skip_reason: str | None = None  # why the source is connected but not collected
+        self._size_checked_at: float | None = None
+        self._too_small = False
         self.config = config
         self.catalog = catalog
         self.emit = emit
@@ -129,9 +144,17 @@ class SourceReaper:
         st.last_tick_wall = time.time()
         wall_ns = self.wall_ns()
         metrics = {name: self.catalog.metrics[name] for name in due if name in self.catalog.metrics}
+        if self.controls.paused:
+            if self.conn is not None:  # an emergency pause closes connections too
+                conn, self.conn = self.conn, None
+                await conn.close()
+            st.status = "paused"
+            return
         if (self.conn is None or self.conn.is_closed) and not await self._ensure_connected():
             self._emit_instance_up(metrics, 0, wall_ns)
             return
+        if not await self._should_collect():
+            metrics = {}  # the tick only probes the recovery state (to notice a promotion)
         batch: dict[str, str] = {}
         solo: dict[str, db.SoloQuery] = {}
         local: dict[str, MetricDef] = {}
@@ -182,6 +205,36 @@ class SourceReaper:
             self._deliver(metric, collect_os_metric(name, wall_ns), wall_ns)
             st.last_fetch[name] = now
         self._emit_instance_up(metrics, 1, wall_ns)
+
+    async def _should_collect(self) -> bool:
+        """Fleet rules: only_if_primary and min_db_size_mb. Logged once per change of verdict."""
+        reason = None
+        if self.config.only_if_primary and self.state.in_recovery:
+            reason = "the server is in recovery and only_if_primary is set"
+        elif self.controls.min_db_size_mb > 0:
+            now = trio.current_time()
+            if self._size_checked_at is None or now - self._size_checked_at >= SIZE_CHECK_SECONDS:
+                self._size_checked_at = now
+                try:
+                    with trio.fail_after(self.config.query_timeout_seconds):
+                        rows = await self.conn.fetch(DB_SIZE_SQL)
+                    size_mb = int(rows[0]["bytes"] or 0) / 1024 / 1024
+                    self._too_small = size_mb < self.controls.min_db_size_mb
+                except (SourceUnavailable, trio.TooSlowError):
+                    pass  # the next tick's batch reports the connection state
+            if self._too_small:
+                reason = f"the database is smaller than min_db_size_mb ({self.controls.min_db_size_mb} MB)"
+        if reason != self._skip_reason:
+            if reason:
+                log.warning("source %s: not collecting: %s", self.state.name, reason)
+            elif self._skip_reason:
+                log.warning("source %s: collecting again", self.state.name)
+            self._skip_reason = reason
+        if reason:
+            self.state.status = "skipped"
+        elif self.state.status == "skipped":
+            self.state.status = "up"
+        return reason is None
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -244,6 +297,8 @@ class SourceReaper:
         now = trio.current_time()
         if self.state.status == "down" and now < self._retry_at:
             return False
+        if self.state.status == "paused":
+            log.info("source %s: resuming after the pause", self.state.name)
         try:
             with trio.fail_after(self.config.connect_timeout_seconds):
                 self.conn = await self.connector(self.config)
@@ -295,6 +350,8 @@ def collect_os_metric(name: str, wall_ns: int) -> list[dict[str, Any]]:
 
 RESTART_LIMIT = 5
 RESTART_WINDOW_SECONDS = 300.0
+HEALTHY_AFTER_SECONDS = 120.0  # a run this long resets the restart backoff
+RESTART_BACKOFF_MAX = 60.0
 
 
 class TooManyRestarts(Exception):
@@ -302,18 +359,21 @@ class TooManyRestarts(Exception):
 
 
 async def supervise(reaper: SourceReaper, *, restart_limit: int = RESTART_LIMIT,
-                    window: float = RESTART_WINDOW_SECONDS,
+                    window: float = RESTART_WINDOW_SECONDS, jitter: Callable[[], float] | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a source, restarting it after an unexpected error with backoff, within an intensity limit.
+    """Run a source, restarting it after an unexpected error with capped, jittered exponential backoff
+    (reset once a run has stayed healthy), within an intensity limit.
 
     Expected failures (an unreachable server, a failing metric) never reach here: the source loop
     handles them. Anything that does is a bug; after `restart_limit` crashes within `window`
     seconds the error propagates and stops the daemon with the cause.
     """
+    jitter = jitter or (lambda: random.uniform(0.5, 1.0))
     crashes: deque[float] = deque()
     delay = 1.0
     started = False
     while True:
+        began = trio.current_time()
         try:
             if started:
                 await reaper.run()
@@ -324,6 +384,8 @@ async def supervise(reaper: SourceReaper, *, restart_limit: int = RESTART_LIMIT,
         except Exception as e:
             started = True
             now = trio.current_time()
+            if now - began >= HEALTHY_AFTER_SECONDS:
+                delay = 1.0
             crashes.append(now)
             while crashes and crashes[0] < now - window:
                 crashes.popleft()
@@ -331,7 +393,8 @@ async def supervise(reaper: SourceReaper, *, restart_limit: int = RESTART_LIMIT,
                 raise TooManyRestarts(
                     f"source {reaper.config.name}: crashed {len(crashes)} times in {window:g}s; last error: {e!r}"
                 ) from e
-            log.exception("source %s: unexpected error (a bug); restarting in %.0fs", reaper.config.name, delay)
+            wait = delay * jitter()
+            log.exception("source %s: unexpected error (a bug); restarting in %.1fs", reaper.config.name, wait)
             reaper.state.status = "restarting"
-            await trio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            await trio.sleep(wait)
+            delay = min(delay * 2, RESTART_BACKOFF_MAX)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
+import cattrs
+import orjson
+
+STATUS_FILE = "status.json"
+_converter = cattrs.Converter()
 
 
 @attrs.frozen
@@ -58,3 +65,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     if len(values) == 1:
         return float(values[0])
     return float(statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, int(q * 100) - 1))])
+
+
+def write_status_file(path: Path, status: DaemonStatus) -> None:
+    """Replace the status file atomically (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(_converter.unstructure(status), option=orjson.OPT_INDENT_2))
+    os.replace(tmp, path)
+
+
+def read_status_file(path: Path) -> DaemonStatus:
+    return _converter.structure(orjson.loads(path.read_bytes()), DaemonStatus)

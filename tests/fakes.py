@@ -44,6 +44,8 @@ class FakeConnection:
     requests: list[tuple[float, db.TickRequest]] = attrs.field(factory=list)
     closed: bool = False
     broken: bool = False
+    db_size_bytes: int = 100 * 1024 * 1024
+    fetches: list[str] = attrs.field(factory=list)
 
     @property
     def server(self) -> db.ServerInfo:
@@ -71,6 +73,10 @@ class FakeConnection:
         return db.TickOutcome(rows=rows, errors=errors, in_recovery=self.in_recovery,
                               statements=1 + (len(request.batch) if isolated else 0) + len(request.solo),
                               isolated=isolated)
+
+    async def fetch(self, sql: str) -> list[dict[str, Any]]:
+        self.fetches.append(sql)
+        return [{"bytes": self.db_size_bytes}]
 
     def terminate(self) -> None:
         self.closed = True

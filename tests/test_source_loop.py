@@ -14,7 +14,7 @@ import trio.testing
 from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
 
 from reaper.measurement import Measurement
-from reaper.source import SourceReaper, TooManyRestarts, supervise
+from reaper.source import FleetControls, SourceReaper, TooManyRestarts, supervise
 
 
 def make(conf=None, cat=None, connector=None, **kwargs):
@@ -158,6 +158,51 @@ async def test_update_applies_new_intervals_without_reconnecting(autojump_clock)
     assert any("b" in r.batch for _, r in connector.conn.requests)
 
 
+async def test_pause_stops_queries_and_closes_the_connection_until_lifted(autojump_clock) -> None:
+    controls = FleetControls()
+    reaper, got, connector = make(source(metrics={"a": 1}), catalog(sql_metric("a")), controls=controls)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        await trio.sleep(5)
+        controls.paused = True
+        await trio.sleep(1)
+        paused_at = len(connector.conn.requests)
+        assert connector.conn.closed and reaper.state.status == "paused"
+        await trio.sleep(20)
+        assert len(connector.conn.requests) == paused_at  # not one query while paused
+        controls.paused = False
+        await trio.sleep(3)
+        n.cancel_scope.cancel()
+    assert len(connector.conn.requests) > paused_at
+    assert len(connector.attempts) == 2  # reconnected once after the pause
+
+
+async def test_only_if_primary_probes_but_does_not_collect_on_a_standby(autojump_clock, caplog) -> None:
+    reaper, got, connector = make(source(metrics={"a": 1}, only_if_primary=True), catalog(sql_metric("a")))
+    connector.conn.in_recovery = True
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        await trio.sleep(10)
+        assert got == [] and reaper.state.status == "skipped"
+        assert all(not r.batch and not r.solo for _, r in connector.conn.requests)  # probes only
+        connector.conn.in_recovery = False  # promoted
+        await trio.sleep(3)
+        n.cancel_scope.cancel()
+    assert [m.metric for m in got][:1] == ["a"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "not collecting" in m]) == 1
+    assert len([m for m in messages if "collecting again" in m]) == 1
+
+
+async def test_min_db_size_skips_small_databases(autojump_clock) -> None:
+    controls = FleetControls(min_db_size_mb=500)
+    reaper, got, connector = make(source(metrics={"a": 1}), catalog(sql_metric("a")), controls=controls)
+    connector.conn.db_size_bytes = 10 * 1024 * 1024
+    await run_for(30, reaper)
+    assert got == [] and reaper.state.status == "skipped"
+    assert len(connector.conn.fetches) == 1  # the size is checked once per SIZE_CHECK_SECONDS, not per tick
+
+
 class Boom(Exception):
     pass
 
@@ -173,9 +218,31 @@ async def test_supervisor_restarts_a_crashing_source_then_gives_up(autojump_cloc
 
     reaper.run = crash  # type: ignore[method-assign]
     with pytest.raises(TooManyRestarts, match="crashed 4 times"):
-        await supervise(reaper, restart_limit=3, window=300)
-    gaps = [round(b - a) for a, b in itertools.pairwise(runs)]
+        await supervise(reaper, restart_limit=3, window=300, jitter=lambda: 1.0)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(runs)]
     assert gaps == [1, 2, 4]
+
+
+async def test_supervisor_backoff_is_jittered_capped_and_reset_after_a_healthy_run(autojump_clock) -> None:
+    reaper, _, _ = make()
+    runs = []
+    lengths = iter([0, 0, 0, 0, 0, 0, 0, 200, 0, 0])
+
+    async def crash(*, task_status=trio.TASK_STATUS_IGNORED):
+        runs.append(trio.current_time())
+        task_status.started()
+        await trio.sleep(next(lengths))
+        if len(runs) == 10:
+            return
+        raise Boom("bug")
+
+    reaper.run = crash  # type: ignore[method-assign]
+    await supervise(reaper, restart_limit=100, window=10_000, jitter=lambda: 0.5)
+    starts = [round(b - a, 6) for a, b in itertools.pairwise(runs)]
+    # waits 0.5, 1, 2, 4, 8, 16, 30 (capped at 60 * 0.5); then a 200 s healthy run resets the backoff
+    assert starts[:7] == [0.5, 1, 2, 4, 8, 16, 30]
+    assert starts[7] == 200 + 0.5
+    assert starts[8] == 1
 
 
 def test_fake_connection_is_a_plain_object() -> None:

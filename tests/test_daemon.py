@@ -1,0 +1,226 @@
+"""The real daemon (`reaper run` as a process) signalled with real SIGHUP/SIGTERM, against PostgreSQL 15."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from reaper.pgserver import quote_ident
+from reaper.status import STATUS_FILE, read_status_file
+
+pytestmark = pytest.mark.pg
+REAPER = [sys.executable, "-m", "reaper.cli"]
+PING = "select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, 1 as v"
+
+
+def wait_until(predicate: Callable[[], bool], limit: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Daemon:
+    """A `reaper run` process with its config, state dir, output file and log."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.config = tmp / "reaper.toml"
+        self.state = tmp / "state"
+        self.out = tmp / "out.ndjson"
+        self.log = tmp / "reaper.log"
+        self.pidfile = tmp / "reaper.pid"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, sources: list[tuple[str, str, int]], extra: str = "") -> None:
+        text = [f'[collector]\nstate_dir = "{self.state}"\nshutdown_grace_seconds = 10\n',
+                f'[[sinks]]\ntype = "jsonfile"\npath = "{self.out}"\n',
+                f'[metrics.ping]\ndescription = "ping"\ngauges = ["*"]\n[metrics.ping.sql]\n14 = "{PING}"\n']
+        for name, dsn, interval in sources:
+            text.append(f'[[sources]]\nname = "{name}"\ndsn = "{dsn}"\nmetrics = {{ ping = {interval} }}\n'
+                        f'connect_timeout_seconds = 2\n')
+        self.config.write_text("\n".join(text) + extra)
+
+    def start(self) -> None:
+        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([*REAPER, "run", "--config", str(self.config), "--pidfile",
+                                          str(self.pidfile)], stdout=subprocess.DEVNULL, stderr=log)
+        wait_until(lambda: self.status() is not None, what="the daemon's status file")
+
+    def status(self):
+        try:
+            return read_status_file(self.state / STATUS_FILE)
+        except (OSError, ValueError):
+            return None
+
+    def fresh_status(self):
+        """A status written after this call began (the daemon rewrites it every 5 s)."""
+        since = time.time()
+        wait_until(lambda: (st := self.status()) is not None and st.updated_wall > since + 0.1, limit=15,
+                   what="a fresh status file")
+        return self.status()
+
+    def lines(self) -> list[dict]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.endswith("}")]
+
+    def times(self, source: str) -> list[float]:
+        return [d["data"][0]["epoch_ns"] / 1e9 for d in self.lines() if d["dbname"] == source]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def reload(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*REAPER, "reload", "--pidfile", str(self.pidfile), "--state-dir", str(self.state)],
+                              capture_output=True, text=True, timeout=60)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+@pytest.fixture
+def three_dbs(pg15) -> Iterator[list[str]]:
+    names = [f"t_reload_{i}_{os.getpid()}_{time.monotonic_ns() % 10**6}" for i in range(3)]
+    for n in names:
+        pg15.psql(f"create database {quote_ident(n)}")
+    yield names
+    for n in names:
+        pg15.psql(f"drop database if exists {quote_ident(n)} with (force)")
+
+
+def reaper_connections(pg15, datname: str) -> int:
+    return int(pg15.psql(f"select count(*) from pg_stat_activity where application_name = 'reaper' "
+                         f"and datname = '{datname}'"))
+
+
+def max_gap(times: list[float]) -> float:
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+def test_reload_removes_updates_and_keeps_sources_without_gaps(pg15, three_dbs, daemon: Daemon) -> None:
+    a, b, c = three_dbs
+    daemon.write_config([("a", pg15.dsn(dbname=a), 1), ("b", pg15.dsn(dbname=b), 1), ("c", pg15.dsn(dbname=c), 1)])
+    daemon.start()
+    wait_until(lambda: all(len(daemon.times(s)) >= 3 for s in "abc"), what="three sources collecting")
+    assert reaper_connections(pg15, a) == 1
+    # a removed, b's interval changed (1 s -> 2 s), c unchanged
+    daemon.write_config([("b", pg15.dsn(dbname=b), 2), ("c", pg15.dsn(dbname=c), 1)])
+    reloaded_at = time.time()
+    answer = daemon.reload()
+    assert answer.returncode == 0, answer.stderr
+    assert "reload applied" in answer.stdout
+    wait_until(lambda: len([t for t in daemon.times("b") if t > reloaded_at]) >= 3, what="b after the reload")
+    assert daemon.stop() == 0
+    assert reaper_connections(pg15, a) == 0  # the removed source's connection is gone
+    assert not [t for t in daemon.times("a") if t > reloaded_at + 1]
+    around = reloaded_at - 3
+    c_times = [t for t in daemon.times("c") if t > around]
+    b_times = [t for t in daemon.times("b") if t > around]
+    assert max_gap(c_times) < 1.5  # unchanged: no missed tick
+    assert max_gap(b_times) < 2.5  # updated in place: no gap longer than its (new) interval
+    after = [t for t in daemon.times("b") if t > reloaded_at + 2.5]
+    assert all(1.5 < g < 2.5 for g in (y - x for x, y in zip(after, after[1:], strict=False)))
+    log = daemon.log_text()
+    assert "1 removed" in log and "1 updated" in log and "1 unchanged" in log
+    assert log.count("source b: connected") == 1  # updated without a reconnect
+
+
+def test_invalid_config_on_sighup_keeps_collecting_and_reports_each_problem(pg15, fresh_db, daemon) -> None:
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)])
+    daemon.start()
+    wait_until(lambda: len(daemon.times("a")) >= 2, what="collection")
+    daemon.config.write_text(daemon.config.read_text() + '\n[[sources]]\nname = "a"\ndsn = "nope"\n'
+                             'metrics = { no_such = 1 }\n')
+    answer = daemon.reload()
+    assert answer.returncode == 1 and "rejected" in answer.stderr
+    seen = len(daemon.times("a"))
+    wait_until(lambda: len(daemon.times("a")) >= seen + 2, what="collection after the rejected reload")
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    problems = [line for line in log.splitlines() if "reload: " in line and str(daemon.config) + ":" in line]
+    assert len(problems) == 3, log  # duplicate name, bad dsn, unknown metric: one line each
+    assert "Traceback" not in log
+
+
+def test_a_burst_of_sighups_leaves_the_process_healthy(pg15, fresh_db, daemon: Daemon) -> None:
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1), ("b", pg15.dsn(dbname=fresh_db), 1)])
+    daemon.start()
+    wait_until(lambda: len(daemon.times("a")) >= 2 and len(daemon.times("b")) >= 2, what="collection")
+    tasks_before = daemon.fresh_status().tasks
+    for _ in range(50):
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.02)
+    reloads = lambda: daemon.status().reloads  # noqa: E731
+    wait_until(lambda: reloads() >= 1, what="a reload")
+    status = daemon.fresh_status()  # written by the periodic writer after the burst was handled
+    assert 1 <= status.reloads <= 50 and status.reload_failures == 0
+    assert status.tasks == tasks_before
+    assert reaper_connections(pg15, fresh_db) == 2
+    seen = len(daemon.times("a"))
+    wait_until(lambda: len(daemon.times("a")) >= seen + 2, what="collection after the burst")
+    assert daemon.stop() == 0
+
+
+def test_one_blackholed_source_among_five_does_not_delay_the_others(pg15, fresh_db, daemon: Daemon) -> None:
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    try:
+        sources = [(f"s{i}", pg15.dsn(dbname=fresh_db), 1) for i in range(4)]
+        sources.append(("hole", f"postgresql://x@127.0.0.1:{hole.getsockname()[1]}/db", 1))
+        daemon.write_config(sources)
+        daemon.start()
+        wait_until(lambda: all(len(daemon.times(f"s{i}")) >= 6 for i in range(4)), what="four sources collecting")
+        status = daemon.status()
+    finally:
+        daemon.stop()
+        hole.close()
+    by_name = {s.name: s for s in status.sources}
+    assert by_name["hole"].status == "down" and "timed out" in (by_name["hole"].last_error or "")
+    for i in range(4):
+        assert by_name[f"s{i}"].lateness_max < 1.0
+
+
+def test_sigterm_stops_within_the_grace_and_loses_nothing_collected(pg15, fresh_db, daemon: Daemon) -> None:
+    daemon.write_config([(f"s{i}", pg15.dsn(dbname=fresh_db), 1) for i in range(3)])
+    daemon.start()
+    wait_until(lambda: len(daemon.lines()) >= 9, what="collection")
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 10
+    final = daemon.status()
+    collected = sum(s.measurements for s in final.sources)
+    assert collected == len(daemon.lines())
+    assert all(k.dropped == 0 and k.queued == 0 for k in final.sinks)
