@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from reaper import __version__, db
+from reaper.cache import InstanceCache
 from reaper.config import (
     Config,
     JsonFileSinkConfig,
@@ -102,6 +103,8 @@ class Daemon:
         self.connector = connector
         self.groups = frozenset(groups or ())
         self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb)
+        max_age = config.collector.instance_cache_max_seconds
+        self.instance_cache = InstanceCache(max_age) if max_age > 0 else None
         self.fanout = FanOut()
         self._extra_sinks = list(extra_sinks or [])
         self.sinks: dict[str, RunningSink] = {}
@@ -270,7 +273,8 @@ class Daemon:
     async def start_source(self, config: SourceConfig) -> None:
         assert self._sources_nursery is not None
         reaper = SourceReaper(config, self.catalog, self.emit, connector=self.connector,
-                              max_backoff=self.config.collector.max_backoff_seconds, controls=self.controls)
+                              max_backoff=self.config.collector.max_backoff_seconds, controls=self.controls,
+                              instance_cache=self.instance_cache)
         running = RunningSource(reaper, trio.CancelScope(), trio.Event())
         self.sources[config.name] = running
         await self._sources_nursery.start(self._source_task, running)

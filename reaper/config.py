@@ -77,7 +77,7 @@ class SourceConfig:
     group: str = "default"
     include_pattern: str | None = None  # discovery kinds: databases to monitor (regex)
     exclude_pattern: str | None = None  # discovery kinds: databases to leave out (regex)
-    only_if_primary: bool = False  # patroni: skip members that are not the primary
+    only_if_primary: bool = False  # collect only while the server is a primary (not in recovery)
     password_file: str | None = None
     connect_timeout_seconds: float = 5.0
     query_timeout_seconds: float = 30.0
@@ -159,6 +159,7 @@ class CollectorConfig:
     spill_max_bytes: int = 1024**3  # per sink: the on-disk queue a slow or dead sink fills
     pause_file: str | None = None  # while this file exists, no source queries its server
     min_db_size_mb: int = 0  # sources whose database is smaller than this are not collected
+    instance_cache_max_seconds: float = 30.0  # instance-level metrics shared between sources; 0 disables
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> str:

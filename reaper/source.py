@@ -10,7 +10,6 @@ backoff, logged once per state change; instance_up keeps reporting 0 meanwhile.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -21,18 +20,19 @@ import attrs
 import trio
 
 from reaper import db
+from reaper.cache import InstanceCache
 from reaper.config import MetricDef, SourceConfig
-from reaper.errors import SourceUnavailable
+from reaper.errors import MetricError, SourceUnavailable
 from reaper.measurement import Measurement
 from reaper.metrics import SPECIAL_METRICS, Catalog
 from reaper.schedule import Schedule
+from reaper.special import SpecialContext, SpecialSpec, special_spec
 
 log = logging.getLogger("reaper.source")
 
 Connector = Callable[[SourceConfig], Awaitable[Any]]
 Emit = Callable[[Measurement], None]
 QUERY_GRACE_SECONDS = 5.0
-OS_METRICS = frozenset({"cpu_load"})
 SIZE_CHECK_SECONDS = 600.0
 DB_SIZE_SQL = "select (sum(relpages)::int8 * current_setting('block_size')::int8) as bytes from pg_class"
 
@@ -79,8 +79,11 @@ class SourceReaper:
 
     def __init__(self, config: SourceConfig, catalog: Catalog, emit: Emit, *,
                  connector: Connector = connect_source, wall_ns: Callable[[], int] = time.time_ns,
-                 max_backoff: float = 60.0, controls: FleetControls | None = None) -> None:
+                 max_backoff: float = 60.0, controls: FleetControls | None = None,
+                 instance_cache: InstanceCache | None = None) -> None:
         self.controls = controls or FleetControls()
+        self.instance_cache = instance_cache
+        self._special_state: dict[str, dict[str, Any]] = {}  # per special metric, kept across updates
         self._skip_reason: str | None = None  # why the source is connected but not collected
         self._size_checked_at: float | None = None
         self._too_small = False
@@ -157,12 +160,24 @@ class SourceReaper:
             metrics = {}  # the tick only probes the recovery state (to notice a promotion)
         batch: dict[str, str] = {}
         solo: dict[str, db.SoloQuery] = {}
-        local: dict[str, MetricDef] = {}
+        specials: dict[str, tuple[MetricDef, SpecialSpec]] = {}
+        now = trio.current_time()
+        intervals = self.active_intervals() if self.instance_cache is not None else {}
         for name, metric in metrics.items():
+            if name == "instance_up":
+                continue
+            if metric.special or name in SPECIAL_METRICS:
+                spec = self._special(metric)
+                if spec is not None:
+                    specials[name] = (metric, spec)
+                continue
+            cached = self._cached(metric, now, intervals.get(name, 0))
+            if cached is not None:
+                self._deliver(metric, cached, wall_ns, shared=True)
+                st.last_fetch[name] = now
+                continue
             sql = self._route(metric)
             if sql is None:
-                if name in OS_METRICS and self._os_metric_allowed(metric):
-                    local[name] = metric
                 continue
             if name in st.degraded or metric.statement_timeout_seconds is not None:
                 solo[name] = db.SoloQuery(sql, metric.statement_timeout_seconds)
@@ -188,23 +203,45 @@ class SourceReaper:
             self._changed.set()
         for name, rows in outcome.rows.items():
             self._deliver(metrics[name], rows, wall_ns)
+            self._remember(metrics[name], now, rows)
             st.last_fetch[name] = now
             if name in st.degraded:
                 st.degraded.discard(name)
                 log.warning("source %s: metric %s: recovered; back in the batch", st.name, name)
         for name, message in outcome.errors.items():
-            st.metric_errors += 1
             st.last_fetch[name] = now
-            if name not in st.degraded:
-                st.degraded.add(name)
-                log.error("source %s: metric %s: failed: %s; isolated (it runs alone until it succeeds, "
-                          "the other metrics are unaffected)", st.name, name, message)
-            else:
-                log.debug("source %s: metric %s: still failing: %s", st.name, name, message)
-        for name, metric in local.items():
-            self._deliver(metric, collect_os_metric(name, wall_ns), wall_ns)
-            st.last_fetch[name] = now
+            self._metric_failed(name, message)
+        for metric, spec in specials.values():
+            await self._run_special(metric, spec, wall_ns)
         self._emit_instance_up(metrics, 1, wall_ns)
+
+    def _metric_failed(self, name: str, message: str) -> None:
+        st = self.state
+        st.metric_errors += 1
+        if name not in st.degraded:
+            st.degraded.add(name)
+            log.error("source %s: metric %s: failed: %s; isolated (it runs alone until it succeeds, "
+                      "the other metrics are unaffected)", st.name, name, message)
+        else:
+            log.debug("source %s: metric %s: still failing: %s", st.name, name, message)
+
+    async def _run_special(self, metric: MetricDef, spec: SpecialSpec, wall_ns: int) -> None:
+        st = self.state
+        ctx = SpecialContext(source=self.config, server=self.conn.server, conn=self.conn, metric=metric,
+                             wall_ns=wall_ns, state=self._special_state.setdefault(metric.name, {}))
+        try:
+            with trio.fail_after(spec.deadline_seconds):
+                result = await spec.handler(ctx)
+        except (MetricError, SourceUnavailable, trio.TooSlowError, OSError) as e:
+            reason = f"timed out after {spec.deadline_seconds:g}s" if isinstance(e, trio.TooSlowError) else str(e)
+            self._metric_failed(metric.name, reason)
+            return
+        st.last_fetch[metric.name] = trio.current_time()
+        if metric.name in st.degraded:
+            st.degraded.discard(metric.name)
+            log.warning("source %s: metric %s: recovered", st.name, metric.name)
+        for table, rows in result:
+            self._deliver(metric, rows, wall_ns, table=table)
 
     async def _should_collect(self) -> bool:
         """Fleet rules: only_if_primary and min_db_size_mb. Logged once per change of verdict."""
@@ -239,11 +276,7 @@ class SourceReaper:
     # -- routing -------------------------------------------------------------------------------
 
     def _route(self, metric: MetricDef) -> str | None:
-        """The SQL to run for a due metric on this server, or None (special, unsupported, skipped)."""
-        if metric.name in SPECIAL_METRICS or metric.special:
-            if metric.name not in OS_METRICS and metric.name != "instance_up":
-                self._warn_once(metric.name, "special", "is not collected by this version of reaper yet; skipped")
-            return None
+        """The SQL to run for a due metric on this server, or None (unsupported here: warned once)."""
         server = self.conn.server
         sql = metric.sql_for(server.major)
         if sql is None:
@@ -259,12 +292,35 @@ class SourceReaper:
             return None
         return sql
 
-    def _os_metric_allowed(self, metric: MetricDef) -> bool:
-        if self.conn.server.is_local:
-            return True
-        self._warn_once(metric.name, "remote",
-                        "is an OS metric and reaper is not on the server's host; skipped")
-        return False
+    def _special(self, metric: MetricDef) -> SpecialSpec | None:
+        spec = special_spec(metric.name)
+        if spec is None:
+            self._warn_once(metric.name, "special", "is not collected by this version of reaper; skipped")
+            return None
+        if spec.local_only and not self.conn.server.is_local:
+            self._warn_once(metric.name, "remote", "needs reaper on the server's host (it reads the host's own "
+                                                   "data); skipped")
+            return None
+        return spec
+
+    def _cache_key(self, metric: MetricDef) -> tuple[str, str, str] | None:
+        server = self.conn.server
+        if self.instance_cache is None or not metric.instance_level or not server.system_identifier:
+            return None
+        return (server.system_identifier, server.address, metric.name)
+
+    def _cached(self, metric: MetricDef, now: float, interval: float) -> list[dict[str, Any]] | None:
+        """Rows another source of the same instance fetched less than one interval ago (and within the
+        cache's max age): as fresh as fetching them ourselves."""
+        key = self._cache_key(metric)
+        if key is None or self.instance_cache is None:
+            return None
+        return self.instance_cache.get(key, now, max_age=interval)
+
+    def _remember(self, metric: MetricDef, now: float, rows: list[dict[str, Any]]) -> None:
+        key = self._cache_key(metric)
+        if key is not None and self.instance_cache is not None:
+            self.instance_cache.put(key, now, rows)
 
     def _warn_once(self, metric: str, why: str, text: str) -> None:
         if (metric, why) not in self._warned:
@@ -273,10 +329,23 @@ class SourceReaper:
 
     # -- delivery ------------------------------------------------------------------------------
 
-    def _deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int) -> None:
+    def _deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
+                 shared: bool = False) -> None:
+        """Hand rows to the sinks, each row tagged like pgwatch's with real_dbname and sys_id.
+
+        `shared` rows (from the instance cache) are copied first: they are another source's too.
+        """
         if not rows:
             return
-        m = Measurement.from_rows(source=self.config.name, metric=metric.name, table=metric.table,
+        server = self.conn.server if self.conn is not None else None
+        if server is not None:
+            extra = {"real_dbname": server.database, "sys_id": server.system_identifier}
+            if shared:
+                rows = [{**row, **extra} for row in rows]
+            else:
+                for row in rows:
+                    row.update(extra)
+        m = Measurement.from_rows(source=self.config.name, metric=metric.name, table=table or metric.table,
                                   rows=rows, tags=self.config.tags, wall_ns=wall_ns)
         st = self.state
         st.measurements += 1
@@ -337,13 +406,6 @@ class SourceReaper:
         if self.conn is not None:
             self.conn.terminate()
             self.conn = None
-
-
-def collect_os_metric(name: str, wall_ns: int) -> list[dict[str, Any]]:
-    if name == "cpu_load":
-        one, five, fifteen = os.getloadavg()
-        return [{"epoch_ns": wall_ns, "load_1min": one, "load_5min": five, "load_15min": fifteen}]
-    return []
 
 
 # -- supervision -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import datetime as dt
 import decimal
 import logging
 import socket
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -185,3 +186,28 @@ async def test_server_restart_is_survived_and_logged_once_each_way(role, caplog,
     assert not any(password in m for m in messages)
     ups = [m.rows[0]["instance_up"] for m in got if m.metric == "instance_up"]
     assert 0 in ups and ups[0] == 1 and ups[-1] == 1
+
+
+async def test_two_sources_on_one_instance_share_one_fetch_of_an_instance_level_metric(pg15, fresh_db,
+                                                                                       role) -> None:
+    from reaper.cache import InstanceCache
+
+    marker = f"inst_{uuid.uuid4().hex[:8]}"
+    shared = MetricDef(name="shared", description="x", instance_level=True,
+                       sql={14: f"select {EPOCH}, 1 as {marker}"})
+    cat = catalog(shared, metric("own", "1 as v"))
+    cache = InstanceCache(max_age=30)
+    got: list[Measurement] = []
+    reapers = [SourceReaper(SourceConfig(name=n, dsn=dsn_for(pg15, role, fresh_db), metrics={"shared": 2, "own": 2}),
+                            cat, got.append, instance_cache=cache) for n in ("one", "two")]
+    async with db.open_loop(), trio.open_nursery() as n:
+        for r in reapers:
+            await n.start(r.run)
+        await wait_for(lambda: all(r.state.ticks >= 3 for r in reapers))
+        n.cancel_scope.cancel()
+    fetched = int(pg15.psql(f"select coalesce(sum(calls), 0) from pg_stat_statements where query like '%{marker}%'"))
+    deliveries = [m for m in got if m.metric == "shared"]
+    assert cache.hits >= 2
+    assert fetched == len(deliveries) - cache.hits  # every delivery was a fetch or a cache hit, none both
+    assert {m.source for m in deliveries} == {"one", "two"}
+    assert all(m.rows[0]["real_dbname"] == fresh_db for m in got)

@@ -40,6 +40,7 @@ class ServerInfo:
     system_identifier: str | None
     extensions: frozenset[str]
     is_local: bool
+    address: str = ""  # host:port (or the unix socket) this connection reached
 
     @property
     def major(self) -> int:
@@ -273,10 +274,12 @@ async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
         with suppress(asyncpg.InsufficientPrivilegeError):
             sysid = str(await conn.fetchval("select system_identifier from pg_control_system()"))
         host = _host_of(conn)
+        addr = conn._addr
         server = ServerInfo(
             version_num=row["num"], version=row["v"], in_recovery=row["rec"], database=row["db"],
             system_identifier=sysid, extensions=frozenset(row["exts"]),
             is_local=bool(row["via_socket"]) or host in ("127.0.0.1", "::1", "localhost"),
+            address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr),
         )
     except BaseException:
         conn.terminate()
