@@ -102,7 +102,8 @@ class Daemon:
         self.catalog = Catalog.for_config(config)
         self.connector = connector
         self.groups = frozenset(groups or ())
-        self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb)
+        self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb,
+                                      create_extensions=config.collector.create_extensions)
         max_age = config.collector.instance_cache_max_seconds
         self.instance_cache = InstanceCache(max_age) if max_age > 0 else None
         self.fanout = FanOut()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from reaper import __version__
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--group", "-g", action="append", metavar="NAME",
                      help="run only the sources of this group (repeatable): shard a fleet across processes")
     run.add_argument("--pidfile", metavar="FILE", help="write the process id here (removed at exit)")
+    run.add_argument("--create-extensions", metavar="NAME[,NAME]",
+                     help="opt-in: CREATE EXTENSION these where missing, on primaries, once per connection "
+                          "(needs a role allowed to; overrides [collector] create_extensions)")
 
     status = verbs.add_parser("status", help="show what the running daemon is doing",
                               description="Print the running daemon's sources (up/down, last and next tick, "
@@ -206,6 +210,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reaper.app import run_daemon
 
     config = _load(args.config)
+    if args.create_extensions:
+        names = tuple(n.strip() for n in args.create_extensions.split(",") if n.strip())
+        config = attrs.evolve(config, collector=attrs.evolve(config.collector, create_extensions=names))
     logging.getLogger("reaper").info("reaper %s starting with %s (pid %d)", __version__, args.config, os.getpid())
     trio.run(lambda: run_daemon(config, config_path=args.config, force_exit=os._exit, groups=args.group,
                                 pidfile=args.pidfile))

@@ -160,6 +160,7 @@ class CollectorConfig:
     pause_file: str | None = None  # while this file exists, no source queries its server
     min_db_size_mb: int = 0  # sources whose database is smaller than this are not collected
     instance_cache_max_seconds: float = 30.0  # instance-level metrics shared between sources; 0 disables
+    create_extensions: tuple[str, ...] = ()  # opt-in: CREATE EXTENSION these on primaries where missing
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> str:

@@ -43,6 +43,7 @@ class FleetControls:
 
     paused: bool = False
     min_db_size_mb: int = 0
+    create_extensions: tuple[str, ...] = ()
 
 
 async def connect_source(config: SourceConfig) -> db.SourceConnection:
@@ -84,6 +85,8 @@ class SourceReaper:
         self.controls = controls or FleetControls()
         self.instance_cache = instance_cache
         self._special_state: dict[str, dict[str, Any]] = {}  # per special metric, kept across updates
+        self._last_uptime: float | None = None
+        self._extensions_tried = False
         self._skip_reason: str | None = None  # why the source is connected but not collected
         self._size_checked_at: float | None = None
         self._too_small = False
@@ -202,6 +205,8 @@ class SourceReaper:
             st.in_recovery = outcome.in_recovery
             self._changed.set()
         for name, rows in outcome.rows.items():
+            if name == "db_stats" and rows:
+                self._detect_restart(rows[0], wall_ns)
             self._deliver(metrics[name], rows, wall_ns)
             self._remember(metrics[name], now, rows)
             st.last_fetch[name] = now
@@ -214,6 +219,19 @@ class SourceReaper:
         for metric, spec in specials.values():
             await self._run_special(metric, spec, wall_ns)
         self._emit_instance_up(metrics, 1, wall_ns)
+
+    def _detect_restart(self, row: dict[str, Any], wall_ns: int) -> None:
+        """A postmaster uptime that went backwards means the server restarted (or failed over)."""
+        uptime = row.get("postmaster_uptime_s")
+        if not isinstance(uptime, int | float):
+            return
+        last, self._last_uptime = self._last_uptime, float(uptime)
+        if last is not None and uptime < last:
+            log.warning("source %s: server restart (or failover) detected: uptime %ss, was %ss", self.state.name,
+                        uptime, last)
+            marker = MetricDef(name="object_changes", description="restarts and failovers")
+            self._deliver(marker, [{"epoch_ns": wall_ns, "details": "Detected server restart (or failover)"}],
+                          wall_ns)
 
     def _metric_failed(self, name: str, message: str) -> None:
         st = self.state
@@ -385,11 +403,30 @@ class SourceReaper:
             log.info("source %s: connected (PostgreSQL %s, database %s%s)", st.name, server.version,
                      server.database, ", in recovery" if server.in_recovery else "")
         st.status, st.last_error, st.server_version = "up", None, server.version
+        await self._create_extensions()
         if st.in_recovery is not None and st.in_recovery != server.in_recovery:
             self._changed.set()
         st.in_recovery = server.in_recovery
         self._backoff, self._down_since = 0.0, None
         return True
+
+    async def _create_extensions(self) -> None:
+        """Opt-in ([collector] create_extensions): create the listed extensions on a primary, once."""
+        wanted = [e for e in self.controls.create_extensions if e not in self.conn.server.extensions]
+        if not wanted or self.conn.server.in_recovery or self._extensions_tried:
+            return
+        self._extensions_tried = True
+        try:
+            with trio.fail_after(self.config.query_timeout_seconds):
+                result = await self.conn.create_extensions(wanted)
+        except (SourceUnavailable, trio.TooSlowError) as e:
+            log.warning("source %s: could not create extensions %s: %s", self.state.name, ", ".join(wanted), e)
+            return
+        for name, error in result.items():
+            if error is None:
+                log.info("source %s: created extension %s", self.state.name, name)
+            else:
+                log.warning("source %s: could not create extension %s: %s", self.state.name, name, error)
 
     def _mark_down(self, reason: str) -> None:
         st = self.state

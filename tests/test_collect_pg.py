@@ -211,3 +211,14 @@ async def test_two_sources_on_one_instance_share_one_fetch_of_an_instance_level_
     assert fetched == len(deliveries) - cache.hits  # every delivery was a fetch or a cache hit, none both
     assert {m.source for m in deliveries} == {"one", "two"}
     assert all(m.rows[0]["real_dbname"] == fresh_db for m in got)
+
+
+async def test_listed_extensions_are_created_on_a_primary_when_asked(pg15, fresh_db) -> None:
+    from reaper.source import FleetControls
+
+    src = SourceConfig(name="ext", dsn=pg15.dsn(dbname=fresh_db), metrics={"v": 1})
+    reaper = SourceReaper(src, catalog(metric("v", "1 as v")), lambda m: None,
+                          controls=FleetControls(create_extensions=("pgstattuple", "no_such_extension")))
+    await run_until(reaper, lambda: reaper.state.ticks >= 1)
+    assert pg15.psql("select count(*) from pg_extension where extname = 'pgstattuple'", dbname=fresh_db) == "1"
+    assert "pgstattuple" in reaper.conn.server.extensions if reaper.conn else True

@@ -247,3 +247,23 @@ async def test_supervisor_backoff_is_jittered_capped_and_reset_after_a_healthy_r
 
 def test_fake_connection_is_a_plain_object() -> None:
     assert not FakeConnection().is_closed
+
+
+class UptimeConnection(FakeConnection):
+    uptimes = iter([100, 110, 5, 15])
+
+    async def run_tick(self, request):
+        outcome = await super().run_tick(request)
+        for row in outcome.rows.get("db_stats", []):
+            row["postmaster_uptime_s"] = next(self.uptimes)
+        return outcome
+
+
+async def test_uptime_going_backwards_is_reported_as_a_restart(autojump_clock, caplog) -> None:
+    connector = FakeConnector(conn=UptimeConnection())
+    reaper, got, _ = make(source(metrics={"db_stats": 10}), catalog(sql_metric("db_stats")), connector=connector)
+    await run_for(40, reaper)
+    changes = [m for m in got if m.table == "object_changes"]
+    assert len(changes) == 1 and changes[0].rows[0]["details"] == "Detected server restart (or failover)"
+    assert [m.table for m in got].index("object_changes") == 2  # right before the db_stats row that showed it
+    assert sum("restart (or failover) detected" in r.getMessage() for r in caplog.records) == 1

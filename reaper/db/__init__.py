@@ -198,6 +198,27 @@ class SourceConnection:
             raise
         return [dict(r.items()) for r in records]
 
+    async def create_extensions(self, names: Sequence[str]) -> dict[str, str | None]:
+        """CREATE EXTENSION IF NOT EXISTS each name, in its own read-write transaction (the session is
+        read-only by default). Returns name -> None on success, or the error. One crossing."""
+        return await aio_as_trio(self._create_extensions)(list(names))
+
+    async def _create_extensions(self, names: list[str]) -> dict[str, str | None]:
+        result: dict[str, str | None] = {}
+        for name in names:
+            try:
+                async with self._conn.transaction():
+                    await self._conn.execute("set transaction read write")
+                    await self._conn.execute(f'create extension if not exists "{name}"')
+                result[name] = None
+            except asyncpg.PostgresError as e:
+                if is_connection_error(e):
+                    raise SourceUnavailable(describe_error(e)) from e
+                result[name] = describe_error(e)
+        exts = await self._conn.fetchval("select array(select extname::text from pg_extension)")
+        self.server = attrs.evolve(self.server, extensions=frozenset(exts))
+        return result
+
     async def execute(self, sql: str) -> None:
         """Run statements without results (tools and the demo's workload; never on a monitored source)."""
         try:
