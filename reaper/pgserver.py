@@ -467,6 +467,36 @@ class PgServer:
             raise
         return server
 
+    @classmethod
+    def create_replica(cls, primary: PgServer) -> PgServer:
+        """A streaming replica of `primary` (pg_basebackup -R), started on its own free port."""
+        base = primary.run_dir.parent
+        run_dir = Path(tempfile.mkdtemp(prefix=f"pg{primary.major}-replica-", dir=base))
+        (run_dir / _OWNER_FILE).write_text(f"{os.getpid()}\n{primary.bindir}\n")
+        os.chmod(run_dir, 0o755)
+        server = cls(run_dir=run_dir, major=primary.major, bindir=primary.bindir, port=0)
+        with _live_lock:
+            _live_servers.add(server)
+        try:
+            if _is_root():
+                uid, gid = _server_user_ids()
+                os.chown(run_dir, uid, gid)
+                os.chown(run_dir / _OWNER_FILE, uid, gid)
+            _run(_as_server_user([str(primary.bindir / "pg_basebackup"), "-h", str(primary.socket_dir),
+                                  "-p", str(primary.port), "-U", "postgres", "-D", str(server.datadir),
+                                  "-R", "-X", "stream", "--no-sync"]),
+                 what="pg_basebackup", timeout=180, cwd=run_dir)
+            server._settings = dict(primary._settings)
+            server._start_on_free_port()
+        except BaseException:
+            server.cleanup()
+            raise
+        return server
+
+    def promote(self) -> None:
+        """End recovery: the replica becomes a primary (waits until it is)."""
+        self._pg_ctl("-w", "-t", str(START_TIMEOUT), "promote", timeout=START_TIMEOUT + 30)
+
     def _initdb(self, settings: Mapping[str, str]) -> None:
         if _is_root():
             uid, gid = _server_user_ids()

@@ -161,6 +161,9 @@ class SourceReaper:
             return
         if not await self._should_collect():
             metrics = {}  # the tick only probes the recovery state (to notice a promotion)
+        elif st.in_recovery is not None:
+            active = self.active_intervals()  # the role may have changed since this tick's set was chosen
+            metrics = {name: m for name, m in metrics.items() if name in active}
         batch: dict[str, str] = {}
         solo: dict[str, db.SoloQuery] = {}
         specials: dict[str, tuple[MetricDef, SpecialSpec]] = {}
@@ -204,7 +207,10 @@ class SourceReaper:
                             "standby" if outcome.in_recovery else "primary")
             st.in_recovery = outcome.in_recovery
             self._changed.set()
+        role = None if outcome.in_recovery is None else ("standby" if outcome.in_recovery else "primary")
         for name, rows in outcome.rows.items():
+            if role is not None and metrics[name].node_status not in (None, role):
+                continue  # the role changed under this tick: its rows would describe the wrong role
             if name == "db_stats" and rows:
                 self._detect_restart(rows[0], wall_ns)
             self._deliver(metrics[name], rows, wall_ns)
@@ -404,8 +410,8 @@ class SourceReaper:
                      server.database, ", in recovery" if server.in_recovery else "")
         st.status, st.last_error, st.server_version = "up", None, server.version
         await self._create_extensions()
-        if st.in_recovery is not None and st.in_recovery != server.in_recovery:
-            self._changed.set()
+        if st.in_recovery != server.in_recovery:
+            self._changed.set()  # the metric set follows the role: re-read the intervals at once
         st.in_recovery = server.in_recovery
         self._backoff, self._down_since = 0.0, None
         return True
