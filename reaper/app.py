@@ -37,7 +37,8 @@ from reaper.config import (
     default_state_dir,
     load_config,
 )
-from reaper.errors import ConfigError
+from reaper.errors import ConfigError, SourceUnavailable
+from reaper.kinds import is_discovery, resolve
 from reaper.measurement import Measurement
 from reaper.metrics import Catalog, load_shipped_definitions
 from reaper.sinks import FanOut, Outlet, Sink, run_sink
@@ -78,6 +79,20 @@ class RunningSource:
     reaper: SourceReaper
     scope: trio.CancelScope
     done: trio.Event
+    parent: str | None = None  # the discovery source that found it
+
+
+@attrs.define(eq=False)
+class RunningParent:
+    """A discovery source (postgres-discovery, patroni): it collects nothing itself; it keeps the
+    list of concrete sources it stands for, refreshed every discovery_interval_seconds and on reload."""
+
+    config: SourceConfig
+    scope: trio.CancelScope
+    done: trio.Event
+    children: dict[str, SourceConfig] = attrs.field(factory=dict)  # the last list that could be had
+    wake: trio.Event = attrs.field(factory=trio.Event)
+    error: str | None = None
 
 
 @attrs.define(eq=False)
@@ -110,6 +125,7 @@ class Daemon:
         self._extra_sinks = list(extra_sinks or [])
         self.sinks: dict[str, RunningSink] = {}
         self.sources: dict[str, RunningSource] = {}
+        self.parents: dict[str, RunningParent] = {}
         self._stop = trio.Event()
         self._sources_nursery: trio.Nursery | None = None
         self._sinks_nursery: trio.Nursery | None = None
@@ -271,12 +287,17 @@ class Daemon:
 
     # -- sources -------------------------------------------------------------------------------
 
-    async def start_source(self, config: SourceConfig) -> None:
+    async def start_source(self, config: SourceConfig, parent: str | None = None) -> None:
         assert self._sources_nursery is not None
+        if is_discovery(config):
+            running_parent = RunningParent(config, trio.CancelScope(), trio.Event())
+            self.parents[config.name] = running_parent
+            await self._sources_nursery.start(self._parent_task, running_parent)
+            return
         reaper = SourceReaper(config, self.catalog, self.emit, connector=self.connector,
                               max_backoff=self.config.collector.max_backoff_seconds, controls=self.controls,
                               instance_cache=self.instance_cache)
-        running = RunningSource(reaper, trio.CancelScope(), trio.Event())
+        running = RunningSource(reaper, trio.CancelScope(), trio.Event(), parent)
         self.sources[config.name] = running
         await self._sources_nursery.start(self._source_task, running)
 
@@ -289,10 +310,75 @@ class Daemon:
             running.done.set()
 
     async def stop_source(self, name: str, reason: str) -> None:
+        """Stop a source (a discovery source: with every source it found); its connection is closed
+        before this returns."""
+        if name in self.parents:
+            parent = self.parents.pop(name)
+            parent.scope.cancel()
+            await parent.done.wait()
+            for child in list(parent.children):
+                if child in self.sources:
+                    await self.stop_source(child, reason)
+            return
         running = self.sources.pop(name)
         log.info("source %s: stopping (%s)", name, reason)
         running.scope.cancel()
         await running.done.wait()
+
+    async def _update_source(self, name: str, old: SourceConfig | None, new: SourceConfig,
+                             catalog: Catalog, parent: str | None = None) -> str:
+        """Apply a changed config to a running concrete source: 'restarted', 'updated' or 'unchanged'."""
+        if old is not None and old.connection_settings() != new.connection_settings():
+            await self.stop_source(name, "connection settings changed")
+            await self.start_source(new, parent)
+            return "restarted"
+        if old != new or self.sources[name].reaper.catalog != catalog:
+            self.sources[name].reaper.update(new, catalog)
+            return "updated"
+        return "unchanged"
+
+    async def _parent_task(self, parent: RunningParent, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with parent.scope:
+                task_status.started()
+                while True:
+                    try:
+                        found = await resolve(parent.config)
+                    except SourceUnavailable as e:
+                        if parent.error is None:
+                            log.error("source %s: discovery failed: %s; keeping the last known %d sources",
+                                      parent.config.name, e, len(parent.children))
+                        parent.error = str(e)
+                    else:
+                        if parent.error is not None:
+                            log.warning("source %s: discovery works again", parent.config.name)
+                        parent.error = None
+                        await self._apply_children(parent, {c.name: c for c in found})
+                    with trio.move_on_after(parent.config.discovery_interval_seconds):
+                        await parent.wake.wait()
+                    parent.wake = trio.Event()
+        finally:
+            parent.done.set()
+
+    async def _apply_children(self, parent: RunningParent, found: dict[str, SourceConfig]) -> None:
+        name = parent.config.name
+        gone = [c for c in parent.children if c not in found]
+        new = [c for c in found if c not in parent.children]
+        for child in gone:
+            if child in self.sources:
+                await self.stop_source(child, f"no longer found by {name}")
+        for child, config in found.items():
+            if child in self.sources and self.sources[child].parent == name:
+                await self._update_source(child, parent.children.get(child), config, self.catalog, name)
+            elif child in self.sources or child in self.parents:
+                log.error("source %s: found %s, but a source of that name exists already; skipped", name, child)
+                continue
+            else:
+                await self.start_source(config, name)
+        parent.children = {c: cfg for c, cfg in found.items() if self.sources.get(c) and self.sources[c].parent == name}
+        if gone or new:
+            log.info("source %s: %d sources (%d new, %d gone)", name, len(parent.children), len(new), len(gone))
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -313,7 +399,8 @@ class Daemon:
         old_sources = self.wanted_sources(self.config)
         new_sources = self.wanted_sources(new)
         added = removed = restarted = updated = unchanged = 0
-        for name in list(self.sources):
+        top_level = [n for n, r in self.sources.items() if r.parent is None] + list(self.parents)
+        for name in top_level:
             if name not in new_sources:
                 await self.stop_source(name, "reload: removed")
                 removed += 1
@@ -322,18 +409,26 @@ class Daemon:
         self.controls.min_db_size_mb = new.collector.min_db_size_mb
         for name, source in new_sources.items():
             old = old_sources.get(name)
-            if name not in self.sources:
-                await self.start_source(source)
-                added += 1
-            elif old is not None and old.connection_settings() != source.connection_settings():
-                await self.stop_source(name, "reload: connection settings changed")
+            if name in self.parents and is_discovery(source):
+                parent = self.parents[name]
+                if parent.config != source:
+                    updated += 1
+                else:
+                    unchanged += 1
+                parent.config = source
+                parent.wake.set()  # discovery runs again at once (its children are updated from it)
+            elif name in self.parents or (name in self.sources and is_discovery(source)):
+                await self.stop_source(name, "reload: kind changed")
                 await self.start_source(source)
                 restarted += 1
-            elif old != source or self.sources[name].reaper.catalog != catalog:
-                self.sources[name].reaper.update(source, catalog)
-                updated += 1
+            elif name not in self.sources:
+                await self.start_source(source)
+                added += 1
             else:
-                unchanged += 1
+                outcome = await self._update_source(name, old, source, catalog)
+                restarted += outcome == "restarted"
+                updated += outcome == "updated"
+                unchanged += outcome == "unchanged"
         log.info("reload: applied %s: sources %d added, %d removed, %d restarted, %d updated, %d unchanged; "
                  "sinks %d added, %d removed, %d rebuilt", path, added, removed, restarted, updated, unchanged,
                  sinks_added, sinks_removed, sinks_rebuilt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     mshow.add_argument("--pg-version", type=int, metavar="N",
                        help="PostgreSQL major version to choose the SQL for (default: show every version)")
     mshow.add_argument("--config", "-c", metavar="FILE", help="include this config's own metrics")
+    minit = mverbs.add_parser("print-init", help="print the SQL a DBA runs once for metrics or presets",
+                              description="Print the `create extension if not exists` statements and the helper "
+                                          "DDL (init_sql) that the named metrics, or every metric of the named "
+                                          "presets, need, to pipe into psql on each monitored database as a "
+                                          "superuser (reaper never runs them itself).")
+    minit.add_argument("names", nargs="+", metavar="NAME", help="a metric or a preset")
+    minit.add_argument("--config", "-c", metavar="FILE", help="include this config's own metrics and presets")
     mdocs = mverbs.add_parser("docs", help="write the metric reference (Markdown) with the version matrix",
                               description="Render the shipped metrics and presets as Markdown (docs/metrics.md): "
                                           "columns with their kind, version keys, presets, flags and the version "
@@ -257,10 +265,54 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.metrics_verb == "list":
         print_metric_list(catalog)
         return EXIT_OK
+    if args.metrics_verb == "print-init":
+        return cmd_metrics_print_init(catalog, args.names)
     if args.name not in catalog.metrics:
         print(f"unknown metric {args.name!r}; `reaper metrics list` shows them all", file=sys.stderr)
         return EXIT_FAILURE
     return print_metric(catalog, args.name, args.pg_version)
+
+
+_CREATE_EXTENSION = re.compile(r"create\s+extension\s+(?:if\s+not\s+exists\s+)?\"?([\w-]+)\"?", re.IGNORECASE)
+
+
+def cmd_metrics_print_init(catalog: Any, names: Sequence[str]) -> int:
+    """Extensions first (each once), then every init_sql that does more than create those."""
+    from reaper.pgserver import quote_ident
+
+    unknown = [n for n in names if n not in catalog.metrics and n not in catalog.presets]
+    for name in unknown:
+        print(f"unknown metric or preset {name!r}; `reaper metrics list` shows them all", file=sys.stderr)
+    if unknown:
+        return EXIT_FAILURE
+    chosen: list[str] = []
+    for name in names:
+        for metric in [name] if name in catalog.metrics else sorted(catalog.presets[name].metrics):
+            if metric in catalog.metrics and metric not in chosen:
+                chosen.append(metric)
+    extensions: list[str] = []
+    blocks: list[str] = []
+    inits: set[str] = set()
+    for metric in chosen:
+        definition = catalog.metrics[metric]
+        needed = list(definition.requires_extension)
+        init = (definition.init_sql or "").strip()
+        statements = [s.strip() for s in init.split(";") if s.strip()]
+        matches = [_CREATE_EXTENSION.fullmatch(s) for s in statements]
+        if all(matches):  # nothing but extensions: they join the list
+            needed += [m.group(1) for m in matches if m]
+        elif init not in inits:
+            inits.add(init)
+            blocks.append(f"-- {metric}\n{init}" + ("" if init.endswith(";") else ";"))
+        extensions += [e for i, e in enumerate(needed) if e not in extensions and e not in needed[:i]]
+    print(f"-- reaper metrics print-init {' '.join(names)}: run once per monitored database, as a superuser")
+    for ext in extensions:
+        print(f"create extension if not exists {ext if re.fullmatch(r'[a-z_][a-z0-9_]*', ext) else quote_ident(ext)};")
+    for block in blocks:
+        print(block)
+    if not extensions and not blocks:
+        print("-- nothing to create: these metrics need no extension and no helper")
+    return EXIT_OK
 
 
 def cmd_import_pgwatch(args: argparse.Namespace) -> int:

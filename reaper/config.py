@@ -77,6 +77,7 @@ class SourceConfig:
     group: str = "default"
     include_pattern: str | None = None  # discovery kinds: databases to monitor (regex)
     exclude_pattern: str | None = None  # discovery kinds: databases to leave out (regex)
+    discovery_interval_seconds: float = 120.0  # discovery kinds: how often the list is refreshed
     only_if_primary: bool = False  # collect only while the server is a primary (not in recovery)
     password_file: str | None = None
     connect_timeout_seconds: float = 5.0
@@ -418,7 +419,8 @@ def _check_intervals(where: str, intervals: Mapping[str, int], known: Mapping[st
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                 require_sinks: bool = True) -> Config:
     """Load and fully validate a config file. Raises ConfigError listing every problem."""
-    from reaper.metrics import load_shipped_definitions  # late: metrics imports this module
+    from reaper.kinds import check_source  # late: these import this module
+    from reaper.metrics import load_shipped_definitions
 
     path = Path(path)
     env = os.environ if environ is None else environ
@@ -486,8 +488,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         dsn, missing = expand_env(src.dsn, env)
         for var in missing:
             problems.append(f"{origin}: {where}.dsn: environment variable {var} is not set")
-        if not re.match(r"^postgres(ql)?://", dsn):
-            problems.append(f"{origin}: {where}.dsn: expected a URI starting with postgresql://")
+        problems.extend(f"{origin}: {where}.{p}" for p in check_source(attrs.evolve(src, dsn=dsn)))
         for key, preset_name in (("preset", src.preset), ("standby_preset", src.standby_preset)):
             if preset_name is not None and preset_name not in all_presets:
                 problems.append(f"{origin}: {where}.{key}: unknown preset {preset_name!r} "

@@ -35,5 +35,10 @@ class MetricError(ReaperError):
         super().__init__(f"{metric}: {message}")
 
 
+class MetricUnavailable(MetricError):
+    """A metric that cannot be collected for this source at all (e.g. an OS metric when reaper is not on
+    the server's host): skipped with one warning, not counted as a failure."""
+
+
 class SinkError(ReaperError):
     """A sink could not write a batch."""

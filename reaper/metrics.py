@@ -25,7 +25,7 @@ from reaper.errors import ConfigError
 # Metrics collected by reaper's own code rather than by SQL.
 SPECIAL_METRICS = frozenset({
     "instance_up", "change_events", "server_log_event_counts",
-    "cpu_load", "psutil_cpu", "psutil_mem", "psutil_disk", "psutil_disk_io_total",
+    "cpu_load", "psutil_cpu", "psutil_mem", "psutil_disk", "psutil_disk_io_total", "vmstat",
 })
 DEFAULT_PRESET = "basic"
 
@@ -107,10 +107,11 @@ class Catalog:
             merged.update(self.presets[preset].metrics)
         merged.update(overlay)
         role = "standby" if standby else "primary"
+        kind = source.kind if source.kind in ("pgbouncer", "pgpool") else "postgres"
         result = {}
         for name, seconds in merged.items():
             metric = self.metrics.get(name)
-            if seconds <= 0 or metric is None:
+            if seconds <= 0 or metric is None or (kind not in metric.source_kinds and name != "instance_up"):
                 continue
             if metric.node_status is not None and metric.node_status != role:
                 continue

@@ -817,8 +817,9 @@ def _convert_source(i: int, raw: Any, origin: str, report: _Report, shipped_metr
             re.compile(pattern)
         except re.error:
             note(key, "not a regular expression Python understands (PostgreSQL's may still accept it); kept")
-        if not discovery and not kind_from_env:
-            note(key, f"pgwatch uses it only for discovery kinds, not for {out['kind']!r}; kept")
+        if not discovery:
+            note(key, f"pgwatch uses it only for discovery kinds, not for {out['kind']!r}; dropped")
+            continue
         out[key] = pattern
 
     only = raw.get("only_if_master")
@@ -833,13 +834,20 @@ def _convert_source(i: int, raw: Any, origin: str, report: _Report, shipped_metr
 
     if loadable:
         try:
-            converter.structure(out, SourceConfig)
+            source = converter.structure(out, SourceConfig)
         except Exception as e:  # cattrs groups; should not happen for what is built above
             from reaper.config import _format_cattrs_errors
 
             for line in _format_cattrs_errors(e, where):
                 note("", f"reaper would reject it ({line}); written commented out")
             loadable = False
+        else:
+            from reaper.kinds import check_source
+
+            problems = [] if "${" in source.dsn else check_source(source)
+            for problem in problems:
+                note("", f"reaper would reject it ({problem}); written commented out")
+            loadable = not problems
     return out, loadable
 
 
@@ -859,11 +867,13 @@ def _convert_dsn(conn_str: str, note: Callable[[str], None]) -> tuple[str, bool]
         value = f"{scheme.lower()}://{rest}"
         _warn_password(value, note)
         return value, True
+    if value.lower().startswith("etcd://"):
+        return value, True  # patroni's DCS; whether the kind fits is checked with the rest of the source
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
         scheme = value.split("://", 1)[0]
-        dcs = " (reading a DCS such as etcd is not supported yet)" if scheme in ("etcd", "consul", "zookeeper") else ""
-        note(f"the address is {scheme}://...: reaper connects only to postgresql:// URIs{dcs}; the source is "
-             "written commented out")
+        dcs = " (of Patroni's DCSs only etcd is supported)" if scheme in ("consul", "zookeeper") else ""
+        note(f"the address is {scheme}://...: reaper connects only to postgresql:// URIs and reads Patroni "
+             f"members from etcd://{dcs}; the source is written commented out")
         return _redact_userinfo(value), False
     try:
         pairs = parse_keyword_dsn(value)

@@ -22,7 +22,7 @@ import trio
 from reaper import db
 from reaper.cache import InstanceCache
 from reaper.config import MetricDef, SourceConfig
-from reaper.errors import MetricError, SourceUnavailable
+from reaper.errors import MetricError, MetricUnavailable, SourceUnavailable
 from reaper.measurement import Measurement
 from reaper.metrics import SPECIAL_METRICS, Catalog
 from reaper.schedule import Schedule
@@ -33,6 +33,7 @@ log = logging.getLogger("reaper.source")
 Connector = Callable[[SourceConfig], Awaitable[Any]]
 Emit = Callable[[Measurement], None]
 QUERY_GRACE_SECONDS = 5.0
+POOLER_KINDS = frozenset({"pgbouncer", "pgpool"})
 SIZE_CHECK_SECONDS = 600.0
 DB_SIZE_SQL = "select (sum(relpages)::int8 * current_setting('block_size')::int8) as bytes from pg_class"
 
@@ -46,7 +47,15 @@ class FleetControls:
     create_extensions: tuple[str, ...] = ()
 
 
-async def connect_source(config: SourceConfig) -> db.SourceConnection:
+async def connect_source(config: SourceConfig) -> Any:
+    """A connection fit for the source's kind: PostgreSQL (one combined statement per tick), or a
+    pooler's admin console (PgBouncer, Pgpool-II: the simple query protocol, one command per metric)."""
+    if config.kind == "pgbouncer" or config.kind == "pgpool":
+        from reaper.db.simple import open_simple_connection
+
+        return await open_simple_connection(config.dsn, kind=config.kind,
+                                            statement_timeout_seconds=config.query_timeout_seconds,
+                                            password_file=config.password_file)
     return await db.open_source_connection(
         config.dsn, statement_timeout_seconds=config.query_timeout_seconds,
         password_file=config.password_file)
@@ -239,13 +248,17 @@ class SourceReaper:
             self._deliver(marker, [{"epoch_ns": wall_ns, "details": "Detected server restart (or failover)"}],
                           wall_ns)
 
-    def _metric_failed(self, name: str, message: str) -> None:
+    def _metric_failed(self, name: str, message: str, *, special: bool = False) -> None:
         st = self.state
         st.metric_errors += 1
         if name not in st.degraded:
             st.degraded.add(name)
-            log.error("source %s: metric %s: failed: %s; isolated (it runs alone until it succeeds, "
-                      "the other metrics are unaffected)", st.name, name, message)
+            if special:
+                log.error("source %s: metric %s: failed: %s (reported once until it works again; the other "
+                          "metrics are unaffected)", st.name, name, message)
+            else:
+                log.error("source %s: metric %s: failed: %s; isolated (it runs alone until it succeeds, "
+                          "the other metrics are unaffected)", st.name, name, message)
         else:
             log.debug("source %s: metric %s: still failing: %s", st.name, name, message)
 
@@ -256,9 +269,15 @@ class SourceReaper:
         try:
             with trio.fail_after(spec.deadline_seconds):
                 result = await spec.handler(ctx)
+        except MetricUnavailable as e:
+            self._warn_once(metric.name, "unavailable", f"cannot be collected here: {e.message}; skipped")
+            return
         except (MetricError, SourceUnavailable, trio.TooSlowError, OSError) as e:
-            reason = f"timed out after {spec.deadline_seconds:g}s" if isinstance(e, trio.TooSlowError) else str(e)
-            self._metric_failed(metric.name, reason)
+            if isinstance(e, trio.TooSlowError):
+                reason = f"timed out after {spec.deadline_seconds:g}s"
+            else:
+                reason = e.message if isinstance(e, MetricError) else str(e)
+            self._metric_failed(metric.name, reason, special=True)
             return
         st.last_fetch[metric.name] = trio.current_time()
         if metric.name in st.degraded:
@@ -272,7 +291,7 @@ class SourceReaper:
         reason = None
         if self.config.only_if_primary and self.state.in_recovery:
             reason = "the server is in recovery and only_if_primary is set"
-        elif self.controls.min_db_size_mb > 0:
+        elif self.controls.min_db_size_mb > 0 and self.config.kind not in POOLER_KINDS:
             now = trio.current_time()
             if self._size_checked_at is None or now - self._size_checked_at >= SIZE_CHECK_SECONDS:
                 self._size_checked_at = now
@@ -321,11 +340,7 @@ class SourceReaper:
         if spec is None:
             self._warn_once(metric.name, "special", "is not collected by this version of reaper; skipped")
             return None
-        if spec.local_only and not self.conn.server.is_local:
-            self._warn_once(metric.name, "remote", "needs reaper on the server's host (it reads the host's own "
-                                                   "data); skipped")
-            return None
-        return spec
+        return spec  # whether it can run here (e.g. on the server's host) is the handler's to say
 
     def _cache_key(self, metric: MetricDef) -> tuple[str, str, str] | None:
         server = self.conn.server
@@ -403,10 +418,10 @@ class SourceReaper:
         server = self.conn.server
         st = self.state
         if st.status == "down" and self._down_since is not None:
-            log.warning("source %s: up again after %.1fs (PostgreSQL %s)", st.name, now - self._down_since,
-                        server.version)
+            log.warning("source %s: up again after %.1fs (%s)", st.name, now - self._down_since,
+                        self._product(server))
         else:
-            log.info("source %s: connected (PostgreSQL %s, database %s%s)", st.name, server.version,
+            log.info("source %s: connected (%s, database %s%s)", st.name, self._product(server),
                      server.database, ", in recovery" if server.in_recovery else "")
         st.status, st.last_error, st.server_version = "up", None, server.version
         await self._create_extensions()
@@ -416,8 +431,13 @@ class SourceReaper:
         self._backoff, self._down_since = 0.0, None
         return True
 
+    def _product(self, server: Any) -> str:
+        return server.version if self.config.kind in POOLER_KINDS else f"PostgreSQL {server.version}"
+
     async def _create_extensions(self) -> None:
         """Opt-in ([collector] create_extensions): create the listed extensions on a primary, once."""
+        if self.config.kind in POOLER_KINDS:
+            return
         wanted = [e for e in self.controls.create_extensions if e not in self.conn.server.extensions]
         if not wanted or self.conn.server.in_recovery or self._extensions_tried:
             return

@@ -70,10 +70,11 @@ def test_sources_every_field_mapped(sources_run: tuple[subprocess.CompletedProce
     }
     assert by_name["bouncer"]["kind"] == "pgbouncer" and by_name["bouncer"]["preset"] == "pgbouncer"
     assert by_name["pool"]["kind"] == "pgpool" and by_name["pool"]["enabled"] is False
-    assert by_name["patroni-pg"] == {
-        "name": "patroni-pg", "dsn": "postgresql://monitor@10.0.0.5:5432/postgres", "kind": "patroni",
-        "preset": "basic", "only_if_primary": True,
+    assert by_name["patroni-etcd"] == {
+        "name": "patroni-etcd", "dsn": "etcd://10.0.0.9:2379,10.0.0.10:2379/service/batman", "kind": "patroni",
+        **{k: v for k, v in by_name["patroni-etcd"].items() if k not in ("name", "dsn", "kind")},
     }
+    assert "patroni-pg" not in by_name  # a patroni source must name etcd, not a PostgreSQL server
     # is_enabled: true is reaper's default; only false is written
     assert "enabled" not in by_name["prod-main"]
 
@@ -88,7 +89,7 @@ def test_sources_dsn_conversion(sources_run: tuple[subprocess.CompletedProcess[s
     # $VAR -> ${VAR}, which reaper expands in a dsn
     env_source = by_name["${REAPER_T_NAME}"]
     assert env_source == {"name": "${REAPER_T_NAME}", "dsn": "${REAPER_T_DSN}", "kind": "postgres",
-                          "group": "${REAPER_T_GROUP}", "include_pattern": "${REAPER_T_INCLUDE}"}
+                          "group": "${REAPER_T_GROUP}"}  # a pattern means nothing to a plain postgres source
 
 
 def test_sources_intervals_and_duplicates(sources_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
@@ -113,8 +114,8 @@ def test_sources_report_every_change(sources_run: tuple[subprocess.CompletedProc
         "sources[4].conn_str: libpq key=value string written as a postgresql:// URI",
         "sources[5].is_superuser: not used by reaper; dropped",
         "sources[5].host_config: not supported by reaper",
+        "sources[5]: reaper would reject it (dsn: expected etcd://",
         "sources[6].kind: 'patroni-namespace-discovery' written as 'patroni'",
-        "sources[6].conn_str: the address is etcd://...: reaper connects only to postgresql:// URIs",
         "sources[7].name: pgwatch reads it from $REAPER_T_NAME; reaper expands ${VAR} only in a dsn",
         "sources[7].kind: pgwatch reads it from $REAPER_T_KIND; reaper needs it written out",
         "sources[7].conn_str: pgwatch reads it from $REAPER_T_DSN: written as dsn = \"${REAPER_T_DSN}\"",
@@ -123,6 +124,7 @@ def test_sources_report_every_change(sources_run: tuple[subprocess.CompletedProc
         "dropped",
         "sources[7].preset_metrics_standby: pgwatch reads it from ${REAPER_T_STANDBY}",
         "sources[7].include_pattern: pgwatch reads it from $REAPER_T_INCLUDE",
+        "sources[7].include_pattern: pgwatch uses it only for discovery kinds, not for 'postgres'; dropped",
         "sources[8].kind: 'prometheus': pgwatch's prometheus kind scrapes an exporter, which reaper does not do; "
         "the source is written commented out",
         "sources[8].conn_str: the address is http://...",
@@ -148,10 +150,10 @@ def test_sources_header_and_commented_out(sources_run: tuple[subprocess.Complete
     assert text.startswith(f"# Imported from pgwatch's sources file {SOURCES}\n")
     assert "#   sources[10].colour: unknown field (pgwatch ignores it too); dropped\n" in text
     # what reaper cannot load is kept, as comments
-    for name in ("patroni-etcd", "node-exporter", "legacy"):
+    for name in ("patroni-pg", "node-exporter", "legacy"):
         assert name not in by_name
         assert f'# name = "{name}"' in text
-    assert '# dsn = "etcd://10.0.0.9:2379,10.0.0.10:2379/service/batman"' in text
+    assert '# dsn = "postgresql://monitor@10.0.0.5:5432/postgres"' in text
     assert '# kind = "prometheus"' in text
     sinks = tomllib.loads(text)["sinks"]
     assert sinks == [{"type": "jsonfile", "path": "measurements.ndjson"}]
@@ -163,7 +165,7 @@ def test_sources_output_passes_check(tmp_path: Path) -> None:
     proc = reaper("import-pgwatch", "sources", str(SOURCES), "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
-        f"{out}: written: 9 sources, 1 placeholder sink, 3 sources commented out; 28 notes above")
+        f"{out}: written: 9 sources, 1 placeholder sink, 3 sources commented out; 29 notes above")
     check(out, env=ENV)
     # without the variable the dsn comes from, `reaper check` says so
     environ = {k: v for k, v in os.environ.items() if k != "REAPER_T_DSN"}

@@ -43,7 +43,7 @@ class SpecialSpec:
 
 _REGISTRY: dict[str, SpecialSpec] = {}
 # Modules that register handlers when imported (each calls `register`).
-HANDLER_MODULES = ("reaper.special.osmetrics",)
+HANDLER_MODULES = ("reaper.special.osmetrics", "reaper.special.changes", "reaper.special.serverlog")
 
 
 def register(name: str, handler: Handler, *, local_only: bool = False, deadline_seconds: float = 60.0) -> None:

@@ -1,0 +1,87 @@
+"""Listing an instance's databases, for `postgres-discovery` sources. Trio-flavoured, like reaper.db.
+
+One short-lived asyncpg connection per listing (read-only, our application_name, a server-side
+statement_timeout), one query, closed again: a refresh every couple of minutes does not justify a
+connection kept open. Every failure becomes SourceUnavailable, so the caller keeps its last list.
+
+The patterns are PostgreSQL regular expressions (POSIX ARE, `~`), evaluated by the server, exactly as
+pgwatch's `include_pattern` / `exclude_pattern`: a pgwatch source carries over with the same
+meaning. Unanchored, case-sensitive (`(?i)` or `^...$` work as in PostgreSQL). An empty or blank
+pattern means "no filter".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import trio
+from trio_asyncio import aio_as_trio
+
+from reaper.db import APPLICATION_NAME, _read_password_file, describe_error
+from reaper.errors import SourceUnavailable
+
+# Every database that takes connections, is not a template, and that the role may CONNECT to.
+# has_database_privilege by oid: a name would be looked up as given, fine too, but the oid cannot
+# be misread whatever the database is called.
+LIST_DATABASES_SQL = """select datname::text as datname
+from pg_database
+where not datistemplate
+  and datallowconn
+  and has_database_privilege(oid, 'CONNECT')
+  and ($1::text is null or datname ~ $1::text)
+  and ($2::text is null or datname !~ $2::text)
+order by datname"""
+
+INVALID_REGEX_SQLSTATE = "2201B"
+CLOSE_TIMEOUT_SECONDS = 2.0
+
+
+def _pattern(value: str | None) -> str | None:
+    return value if value is not None and value.strip() else None
+
+
+async def list_databases(dsn: str, *, include_pattern: str | None = None, exclude_pattern: str | None = None,
+                         password_file: str | None = None, statement_timeout_seconds: float = 30.0) -> list[str]:
+    """The names of the databases a discovery source should monitor, sorted.
+
+    The caller bounds the whole call with a trio cancel scope (connect + query). Raises
+    SourceUnavailable for every failure: unreachable, refused, a bad dsn, an invalid pattern.
+    """
+    kwargs: dict[str, Any] = {
+        "server_settings": {
+            "application_name": APPLICATION_NAME,
+            "default_transaction_read_only": "on",
+            "statement_timeout": str(int(statement_timeout_seconds * 1000)),
+        },
+        "statement_cache_size": 0,
+    }
+    if password_file:
+        try:
+            kwargs["password"] = await _read_password_file(password_file)
+        except OSError as e:
+            raise SourceUnavailable(f"cannot read password_file {password_file}: {describe_error(e)}") from e
+    try:
+        return await aio_as_trio(_list)(dsn, kwargs, _pattern(include_pattern), _pattern(exclude_pattern))
+    except trio.Cancelled:
+        raise
+    except asyncpg.PostgresError as e:
+        if getattr(e, "sqlstate", None) == INVALID_REGEX_SQLSTATE:
+            raise SourceUnavailable(f"include_pattern/exclude_pattern: {describe_error(e)}") from e
+        raise SourceUnavailable(f"listing databases failed: {describe_error(e)}") from e
+    except (OSError, ValueError, asyncpg.InterfaceError, TimeoutError, ConnectionError, EOFError) as e:
+        raise SourceUnavailable(f"listing databases failed: {describe_error(e)}") from e
+
+
+async def _list(dsn: str, kwargs: dict[str, Any], include: str | None, exclude: str | None) -> list[str]:
+    conn = await asyncpg.connect(dsn, **kwargs)
+    try:
+        rows = await conn.fetch(LIST_DATABASES_SQL, include, exclude)
+    except BaseException:
+        conn.terminate()
+        raise
+    try:
+        await conn.close(timeout=CLOSE_TIMEOUT_SECONDS)  # a polite Terminate: no "unexpected EOF" in the server log
+    except Exception:
+        conn.terminate()
+    return [str(r["datname"]) for r in rows]
