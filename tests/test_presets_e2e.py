@@ -45,7 +45,8 @@ def server_with_role(major: int, settings: dict[str, str] | None = None) -> tupl
     create_extensions(server, "postgres", ["pg_stat_statements", "pg_buffercache", "pgstattuple"])
     password = uuid.uuid4().hex
     server.psql(f"create role mon login password '{password}' in role pg_monitor;"
-                "create table t (id int primary key, v text); insert into t select g, 'x' from generate_series(1, 100) g;"
+                "create table t (id int primary key, v text);"
+                "insert into t select g, 'x' from generate_series(1, 100) g;"
                 "create sequence s; select nextval('s'); analyze t;"
                 "create function f(i int) returns int language plpgsql as 'begin return i + 1; end';"
                 "select f(1);")
