@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -126,7 +127,7 @@ def reaper_connections(pg15, datname: str) -> int:
 
 
 def max_gap(times: list[float]) -> float:
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def test_reload_removes_updates_and_keeps_sources_without_gaps(pg15, three_dbs, daemon: Daemon) -> None:
@@ -151,7 +152,7 @@ def test_reload_removes_updates_and_keeps_sources_without_gaps(pg15, three_dbs, 
     assert max_gap(c_times) < 1.5  # unchanged: no missed tick
     assert max_gap(b_times) < 2.5  # updated in place: no gap longer than its (new) interval
     after = [t for t in daemon.times("b") if t > reloaded_at + 2.5]
-    assert all(1.5 < g < 2.5 for g in (y - x for x, y in zip(after, after[1:], strict=False)))
+    assert all(1.5 < g < 2.5 for g in (y - x for x, y in itertools.pairwise(after)))
     log = daemon.log_text()
     assert "1 removed" in log and "1 updated" in log and "1 unchanged" in log
     assert log.count("source b: connected") == 1  # updated without a reconnect

@@ -11,7 +11,8 @@ blocked on it). Then, per version and as the monitoring role, it runs the SQL th
 - each metric alone (`conn.fetch(sql)`), and alone but embedded the way the batch embeds it,
 
 and checks: no error, the returned column names are the declared `columns` (for an older version key:
-a subset in the same order: `columns` lists every column any version returns), at least one row unless the metric is in CAN_BE_EMPTY (with the reason),
+a subset in the same order: `columns` lists every column any version returns), at least one row
+unless the metric is in CAN_BE_EMPTY (with the reason),
 native types (no json), and an epoch_ns that is an int8 near now.
 
 A metric with no SQL for a version passes only when its description says why (it names a PostgreSQL

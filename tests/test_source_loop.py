@@ -160,7 +160,7 @@ async def test_update_applies_new_intervals_without_reconnecting(autojump_clock)
 
 async def test_pause_stops_queries_and_closes_the_connection_until_lifted(autojump_clock) -> None:
     controls = FleetControls()
-    reaper, got, connector = make(source(metrics={"a": 1}), catalog(sql_metric("a")), controls=controls)
+    reaper, _got, connector = make(source(metrics={"a": 1}), catalog(sql_metric("a")), controls=controls)
     async with trio.open_nursery() as n:
         await n.start(reaper.run)
         await trio.sleep(5)

@@ -34,11 +34,11 @@ def pair() -> Iterator[tuple[PgServer, PgServer]]:
 
 
 async def test_a_replica_gets_the_standby_set_and_switches_when_promoted(pair, caplog) -> None:
-    primary, replica = pair
+    _primary, replica = pair
     assert replica.psql("select pg_is_in_recovery()") == "t"
     cat = Catalog(metrics={m.name: m for m in (
-        metric("everywhere"), metric("primary_only", node_status="primary"), metric("standby_only", node_status="standby"),
-        metric("standby_extra"),
+        metric("everywhere"), metric("primary_only", node_status="primary"),
+        metric("standby_only", node_status="standby"), metric("standby_extra"),
         MetricDef(name="instance_up", description="up", special=True))}, presets={})
     src = SourceConfig(name="rep", dsn=replica.dsn(),
                        metrics={"everywhere": 1, "primary_only": 1, "standby_only": 1},
