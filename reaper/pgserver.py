@@ -379,13 +379,9 @@ def _port_in_use_failure(log_text: str) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from reaper.operate import pid_alive
+
+    return pid_alive(pid)
 
 
 _live_servers: weakref.WeakSet[PgServer] = weakref.WeakSet()

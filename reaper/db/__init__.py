@@ -8,7 +8,7 @@ metrics) is one. asyncpg errors are translated here into reaper's vocabulary.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -118,14 +118,8 @@ class SourceConnection:
 
     async def run_tick(self, request: TickRequest) -> TickOutcome:
         """Run a whole tick in one crossing. Raises SourceUnavailable when the connection breaks."""
-        try:
-            return await aio_as_trio(self._run_tick)(request)
-        except trio.Cancelled:
-            raise
-        except Exception as e:
-            if is_connection_error(e):
-                raise SourceUnavailable(describe_error(e)) from e
-            raise
+        result: TickOutcome = await crossing(self._run_tick, request)
+        return result
 
     async def _run_tick(self, request: TickRequest) -> TickOutcome:
         conn = self._conn
@@ -188,20 +182,14 @@ class SourceConnection:
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         """One query, rows as dicts (for set-up and tools, not for ticks)."""
-        try:
-            records = await aio_as_trio(self._conn.fetch)(sql, *args)
-        except trio.Cancelled:
-            raise
-        except Exception as e:
-            if is_connection_error(e):
-                raise SourceUnavailable(describe_error(e)) from e
-            raise
+        records = await crossing(self._conn.fetch, sql, *args)
         return [dict(r.items()) for r in records]
 
     async def create_extensions(self, names: Sequence[str]) -> dict[str, str | None]:
         """CREATE EXTENSION IF NOT EXISTS each name, in its own read-write transaction (the session is
         read-only by default). Returns name -> None on success, or the error. One crossing."""
-        return await aio_as_trio(self._create_extensions)(list(names))
+        result: dict[str, str | None] = await crossing(self._create_extensions, list(names))
+        return result
 
     async def _create_extensions(self, names: list[str]) -> dict[str, str | None]:
         result: dict[str, str | None] = {}
@@ -221,14 +209,7 @@ class SourceConnection:
 
     async def execute(self, sql: str) -> None:
         """Run statements without results (tools and the demo's workload; never on a monitored source)."""
-        try:
-            await aio_as_trio(self._conn.execute)(sql)
-        except trio.Cancelled:
-            raise
-        except Exception as e:
-            if is_connection_error(e):
-                raise SourceUnavailable(describe_error(e)) from e
-            raise
+        await crossing(self._conn.execute, sql)
 
     def terminate(self) -> None:
         """Drop the connection at once (synchronous; always safe)."""
@@ -246,9 +227,44 @@ class SourceConnection:
             self._conn.terminate()
 
 
+async def crossing(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Await an asyncio-side coroutine function from trio (one crossing); a broken connection
+    becomes SourceUnavailable, anything else propagates as it is."""
+    try:
+        return await aio_as_trio(fn)(*args)
+    except trio.Cancelled:
+        raise
+    except Exception as e:
+        if is_connection_error(e):
+            raise SourceUnavailable(describe_error(e)) from e
+        raise
+
+
 async def _read_password_file(path: str) -> str:
     text = await (await trio.Path(path).expanduser()).read_text()
     return text.strip()
+
+
+async def connect_options(*, statement_timeout_seconds: float, password_file: str | None,
+                          application_name: str = APPLICATION_NAME, read_only: bool = True,
+                          statement_cache_size: int = 200) -> dict[str, Any]:
+    """asyncpg.connect keyword arguments for every reaper connection: who we are, read-only by default,
+    a server-side statement_timeout, no JIT for small catalog queries, the password_file's password."""
+    options: dict[str, Any] = {
+        "server_settings": {
+            "application_name": application_name,
+            "default_transaction_read_only": "on" if read_only else "off",
+            "statement_timeout": str(int(statement_timeout_seconds * 1000)),
+            "jit": "off",
+        },
+        "statement_cache_size": statement_cache_size,
+    }
+    if password_file:
+        try:
+            options["password"] = await _read_password_file(password_file)
+        except OSError as e:
+            raise SourceUnavailable(f"cannot read password_file {password_file}: {describe_error(e)}") from e
+    return options
 
 
 async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
@@ -259,20 +275,9 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
 
     The caller applies the connect deadline with a trio cancel scope.
     """
-    kwargs: dict[str, Any] = {
-        "server_settings": {
-            "application_name": application_name,
-            "default_transaction_read_only": "on" if read_only else "off",
-            "statement_timeout": str(int(statement_timeout_seconds * 1000)),
-            "jit": "off",
-        },
-        "statement_cache_size": 200,
-    }
-    if password_file:
-        try:
-            kwargs["password"] = await _read_password_file(password_file)
-        except OSError as e:
-            raise SourceUnavailable(f"cannot read password_file {password_file}: {describe_error(e)}") from e
+    kwargs = await connect_options(statement_timeout_seconds=statement_timeout_seconds,
+                                   password_file=password_file, application_name=application_name,
+                                   read_only=read_only)
     try:
         return await aio_as_trio(_connect)(dsn, kwargs)
     except trio.Cancelled:

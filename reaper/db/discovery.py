@@ -18,7 +18,7 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import APPLICATION_NAME, _read_password_file, describe_error
+from reaper.db import connect_options, describe_error
 from reaper.errors import SourceUnavailable
 
 # Every database that takes connections, is not a template, and that the role may CONNECT to.
@@ -48,19 +48,8 @@ async def list_databases(dsn: str, *, include_pattern: str | None = None, exclud
     The caller bounds the whole call with a trio cancel scope (connect + query). Raises
     SourceUnavailable for every failure: unreachable, refused, a bad dsn, an invalid pattern.
     """
-    kwargs: dict[str, Any] = {
-        "server_settings": {
-            "application_name": APPLICATION_NAME,
-            "default_transaction_read_only": "on",
-            "statement_timeout": str(int(statement_timeout_seconds * 1000)),
-        },
-        "statement_cache_size": 0,
-    }
-    if password_file:
-        try:
-            kwargs["password"] = await _read_password_file(password_file)
-        except OSError as e:
-            raise SourceUnavailable(f"cannot read password_file {password_file}: {describe_error(e)}") from e
+    kwargs = await connect_options(statement_timeout_seconds=statement_timeout_seconds,
+                                   password_file=password_file, statement_cache_size=0)
     try:
         return await aio_as_trio(_list)(dsn, kwargs, _pattern(include_pattern), _pattern(exclude_pattern))
     except trio.Cancelled:
