@@ -106,6 +106,13 @@ class JsonFileSinkConfig:
         return self.name or f"jsonfile:{self.path}"
 
 
+def _check_partition_interval(_instance: Any, _attribute: Any, value: str) -> None:
+    """The width of the storage's time partitions: "1 hour" .. "1 week" (ValueError says what is wrong)."""
+    from reaper.storage_schema import parse_partition_interval
+
+    parse_partition_interval(value)
+
+
 @attrs.frozen
 class PostgresSinkConfig:
     """pgwatch-compatible storage: one table per metric, time partitions, the admin schema."""
@@ -116,7 +123,8 @@ class PostgresSinkConfig:
     password_file: str | None = None
     batching_delay_seconds: float = 0.95  # flush at least this often
     batch_size: int = 256  # ... or as soon as this many measurements are waiting
-    partition_interval: str = "1 day"  # width of the time partitions: "1 hour" .. "1 week"
+    # width of the time partitions: "1 hour" .. "1 week"
+    partition_interval: str = attrs.field(default="1 day", validator=_check_partition_interval)
     retention_days: int = 14  # partitions older than this are dropped; 0 keeps everything
     maintenance_interval_seconds: float = 43200.0  # how often retention and upkeep run
     connect_timeout_seconds: float = 10.0
@@ -503,6 +511,14 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         checked_sources.append(attrs.evolve(src, dsn=dsn))
     sources = tuple(checked_sources)
 
+    for i, sink in enumerate(structured_sinks):
+        if isinstance(sink, PostgresSinkConfig):
+            dsn, missing = expand_env(sink.dsn, env)
+            for var in missing:
+                problems.append(f"{origin}: sinks[{i}].dsn: environment variable {var} is not set")
+            if not re.match(r"^postgres(ql)?://", dsn):
+                problems.append(f"{origin}: sinks[{i}].dsn: expected a URI starting with postgresql://")
+            structured_sinks[i] = attrs.evolve(sink, dsn=dsn)
     labels: dict[str, int] = {}
     for i, sink in enumerate(structured_sinks):
         if isinstance(sink, JsonFileSinkConfig) and not sink.path.strip():

@@ -8,6 +8,7 @@ metrics) is one. asyncpg errors are translated here into reaper's vocabulary.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -20,6 +21,7 @@ from trio_asyncio import aio_as_trio
 
 from reaper.errors import SourceUnavailable
 
+log = logging.getLogger("reaper.db")
 APPLICATION_NAME = "reaper"
 CLOSE_GRACE_SECONDS = 2.0
 
@@ -27,8 +29,36 @@ CLOSE_GRACE_SECONDS = 2.0
 @asynccontextmanager
 async def open_loop() -> AsyncIterator[None]:
     """The process's one asyncio loop, opened outermost around the whole task tree."""
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
+        tolerate_abandoned_connection_futures(loop)
         yield
+
+
+def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep one asyncpg quirk from crashing the daemon.
+
+    When a connection dies in the middle of an operation, asyncpg can leave a future behind that fails
+    with a connection error no one retrieves (e.g. `copy_in` when a shutdown message races the COPY).
+    asyncio reports that to the loop's exception handler, and trio-asyncio turns such a report into an
+    exception of the whole loop. The connection's own caller already got (and handled) the failure, so
+    only that report is logged at debug level; every other report goes on as before.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "reaper_tolerant", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if exc is not None and is_connection_error(exc) and "never retrieved" in str(context.get("message", "")):
+            log.debug("ignored an abandoned asyncpg future of a lost connection: %s", exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.reaper_tolerant = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
 
 
 @attrs.frozen

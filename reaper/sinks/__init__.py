@@ -17,6 +17,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from reaper.errors import SinkError
 from reaper.measurement import Measurement
 from reaper.sinks.spill import SpillQueue
 
@@ -24,7 +25,7 @@ log = logging.getLogger("reaper.sinks")
 
 MAX_WRITE_BATCH = 500
 RETRY_MAX_SECONDS = 30.0
-SINK_ERRORS = (OSError, ValueError, TypeError)
+SINK_ERRORS = (OSError, ValueError, TypeError, SinkError)
 
 
 class Sink(Protocol):
