@@ -50,13 +50,21 @@ from reaper.status import STATUS_FILE, DaemonStatus, SinkStatus, SourceStatus, p
 log = logging.getLogger("reaper.app")
 
 
-def count_tasks() -> int:
-    """Live trio tasks in this run (from the root task down)."""
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+def count_tasks() -> tuple[int, int]:
+    """Live trio tasks in this run: (all of them, those that are trio-asyncio's socket watchers).
+
+    trio-asyncio runs one task per socket asyncio watches (one per database connection); they are
+    the loop's plumbing, not reaper's own tasks."""
+    def walk(task: trio.lowlevel.Task) -> tuple[int, int]:
+        total, io = 1, int(task.name.endswith("._io_task"))
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                t, i = walk(child)
+                total, io = total + t, io + i
+        return total, io
 
     root = trio.lowlevel.current_root_task()
-    return walk(root) if root is not None else 0
+    return walk(root) if root is not None else (0, 0)
 
 
 def build_sink(config: SinkConfig, daemon: Daemon | None = None) -> Sink:
@@ -162,9 +170,10 @@ class Daemon:
                 lateness_max=lat[-1] if lat else 0.0))
         sinks = [SinkStatus(label=o.label, queued=o.queued, sent=o.sent, dropped=o.dropped, spilled=o.spilled,
                             spill_bytes=o.spill_bytes) for o in self.fanout.outlets]
+        tasks, io_tasks = count_tasks()
         return DaemonStatus(pid=os.getpid(), version=__version__, started_wall=self.started_wall,
                             updated_wall=time.time(), config_path=self.config.path, reloads=self.reloads,
-                            reload_failures=self.reload_failures, tasks=count_tasks(),
+                            reload_failures=self.reload_failures, tasks=tasks, io_tasks=io_tasks,
                             sources=tuple(sources), sinks=tuple(sinks))
 
     def emit(self, measurement: Measurement) -> None:

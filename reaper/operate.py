@@ -69,7 +69,8 @@ def show_status(args: argparse.Namespace) -> int:
     state = "running" if alive and age < STALE_AFTER_SECONDS else ("not running" if not alive else "not responding")
     console.print(f"reaper {status.version} pid {status.pid}: [bold]{state}[/bold], up "
                   f"{(status.updated_wall - status.started_wall) / 60:.0f} min, config {status.config_path}, "
-                  f"{status.reloads} reloads ({status.reload_failures} rejected), {status.tasks} tasks; "
+                  f"{status.reloads} reloads ({status.reload_failures} rejected), "
+                  f"{status.tasks - status.io_tasks} tasks (+{status.io_tasks} socket watchers); "
                   f"status written {age:.0f}s ago")
     sources = Table(title=f"{len(status.sources)} sources", title_justify="left")
     for col in ("source", "status", "last tick", "next tick", "ticks", "rows", "errors", "degraded", "lateness p99",

@@ -57,6 +57,7 @@ class DaemonStatus:
     tasks: int  # trio tasks alive (long-lived ones dominate)
     sources: tuple[SourceStatus, ...]
     sinks: tuple[SinkStatus, ...]
+    io_tasks: int = 0  # of `tasks`: trio-asyncio's socket watchers (one per connection), not reaper's own
 
 
 def percentile(values: Sequence[float], q: float) -> float:
