@@ -175,6 +175,7 @@ class SourceReaper:
             metrics = {name: m for name, m in metrics.items() if name in active}
         batch: dict[str, str] = {}
         solo: dict[str, db.SoloQuery] = {}
+        timed: dict[str, db.SoloQuery] = {}
         specials: dict[str, tuple[MetricDef, SpecialSpec]] = {}
         now = trio.current_time()
         intervals = self.active_intervals() if self.instance_cache is not None else {}
@@ -194,13 +195,19 @@ class SourceReaper:
             sql = self._route(metric)
             if sql is None:
                 continue
-            if name in st.degraded or metric.statement_timeout_seconds is not None:
+            if name in st.degraded:
                 solo[name] = db.SoloQuery(sql, metric.statement_timeout_seconds)
+            elif metric.statement_timeout_seconds is not None:
+                timed[name] = db.SoloQuery(sql, metric.statement_timeout_seconds)
             else:
                 batch[name] = sql
         try:
-            with trio.fail_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
-                outcome = await self.conn.run_tick(db.TickRequest(batch=batch, solo=solo))
+            # the statements run one after the other, each bounded server-side by its own timeout
+            default = self.config.query_timeout_seconds
+            deadline = (default + sum({q.statement_timeout_seconds or default for q in timed.values()})
+                        + sum(q.statement_timeout_seconds or default for q in solo.values()))
+            with trio.fail_after(deadline + QUERY_GRACE_SECONDS):
+                outcome = await self.conn.run_tick(db.TickRequest(batch=batch, solo=solo, timed=timed))
         except (SourceUnavailable, trio.TooSlowError) as e:
             reason = "query timed out" if isinstance(e, trio.TooSlowError) else str(e)
             self._drop_connection()

@@ -63,7 +63,7 @@ class FakeConnection:
             raise SourceUnavailable("connection reset")
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
-        names = list(request.batch) + list(request.solo)
+        names = list(request.batch) + list(request.solo) + list(request.timed)
         for name in names:
             if name in self.failing:
                 errors[name] = "division by zero"

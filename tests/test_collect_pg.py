@@ -230,3 +230,19 @@ async def test_listed_extensions_are_created_on_a_primary_when_asked(pg15, fresh
     await run_until(reaper, tick_done)
     assert pg15.psql("select count(*) from pg_extension where extname = 'pgstattuple'", dbname=fresh_db) == "1"
     assert "pgstattuple" in extensions[0]  # the server facts know it now: metrics needing it run
+
+
+async def test_metrics_with_their_own_timeout_time_out_alone(pg15, fresh_db, role) -> None:
+    slow = MetricDef(name="slow", description="x", statement_timeout_seconds=0.5,
+                     sql={14: f"select {EPOCH}, pg_sleep(2) is null as slept"})
+    patient = MetricDef(name="patient", description="x", statement_timeout_seconds=5,
+                        sql={14: f"select {EPOCH}, 1 as ok"})
+    cat = catalog(slow, patient, metric("fast", "1 as v"))
+    src = SourceConfig(name="timed", dsn=dsn_for(pg15, role, fresh_db), metrics={"slow": 1, "patient": 1, "fast": 1})
+    got: list[Measurement] = []
+    reaper = SourceReaper(src, cat, got.append)
+    await run_until(reaper, lambda: len([m for m in got if m.metric == "patient"]) >= 2)
+    delivered = [m.metric for m in got]
+    assert "slow" not in delivered  # timed out (0.5 s) every tick, costing nobody else
+    assert delivered.count("fast") >= 2 and delivered.count("patient") >= 2
+    assert "slow" in reaper.state.degraded  # runs alone (under its own timeout) until it succeeds

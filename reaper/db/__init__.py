@@ -85,10 +85,16 @@ class SoloQuery:
 
 @attrs.frozen
 class TickRequest:
-    """What one tick asks of the server: batch metrics share one statement; solo ones run alone."""
+    """What one tick asks of the server.
+
+    `batch` metrics share one combined statement. `timed` metrics (those with their own
+    statement_timeout_seconds) share one more combined statement per distinct timeout, run in a
+    read-only transaction under that timeout. `solo` metrics (degraded ones) run alone.
+    """
 
     batch: Mapping[str, str]
     solo: Mapping[str, SoloQuery] = attrs.field(factory=dict)
+    timed: Mapping[str, SoloQuery] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -152,42 +158,28 @@ class SourceConnection:
         return result
 
     async def _run_tick(self, request: TickRequest) -> TickOutcome:
-        conn = self._conn
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
-        statements = 0
-        in_recovery: bool | None = None
-        for name, sql in {**request.batch, **{n: q.sql for n, q in request.solo.items()}}.items():
+        every = {**request.batch, **{n: q.sql for n, q in (*request.solo.items(), *request.timed.items())}}
+        for name, sql in every.items():
             if sql not in self.columns:
                 try:
-                    prepared = await conn.prepare(sql)
+                    prepared = await self._conn.prepare(sql)
                     self.columns[sql] = tuple(a.name for a in prepared.get_attributes())
                 except asyncpg.PostgresError as e:
                     if is_connection_error(e):
                         raise
                     errors[name] = describe_error(e)
-        names = sorted(n for n in request.batch if n not in errors)
-        isolated = False
-        try:
-            record = await conn.fetchrow(_combined_statement(names, request.batch))
-            statements += 1
-            in_recovery = bool(record[0])
-            for i, name in enumerate(names):
-                cols = self.columns[request.batch[name]]
-                rows[name] = [dict(zip(cols, r, strict=False)) for r in (record[i + 1] or ())]
-        except asyncpg.PostgresError as e:
-            if is_connection_error(e):
-                raise
-            isolated = True
-            statements += 1
-            for name in names:
-                try:
-                    rows[name] = [dict(r.items()) for r in await conn.fetch(request.batch[name])]
-                except asyncpg.PostgresError as e2:
-                    if is_connection_error(e2):
-                        raise
-                    errors[name] = describe_error(e2)
-                statements += 1
+        batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors}
+        in_recovery, statements, isolated = await self._run_combined(batch, None, rows, errors)
+        groups: dict[float, dict[str, SoloQuery]] = {}  # one combined statement per distinct timeout
+        for name, query in request.timed.items():
+            if name not in errors:
+                groups.setdefault(query.statement_timeout_seconds or 0.0, {})[name] = query
+        for limit, group in sorted(groups.items()):
+            _, count, group_isolated = await self._run_combined(group, limit, rows, errors)
+            statements += count
+            isolated = isolated or group_isolated
         for name, query in request.solo.items():
             if name in errors:
                 continue
@@ -197,9 +189,44 @@ class SourceConnection:
                 if is_connection_error(e):
                     raise
                 errors[name] = describe_error(e)
-            statements += 1
+            statements += 1 if query.statement_timeout_seconds is None else 4
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=statements,
                            isolated=isolated)
+
+    async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
+                            rows: dict[str, list[dict[str, Any]]], errors: dict[str, str]
+                            ) -> tuple[bool | None, int, bool]:
+        """One combined statement for `queries` (also reporting pg_is_in_recovery()); when it fails,
+        each query alone, so the good ones are kept. Returns (in recovery, statements, isolated)."""
+        conn = self._conn
+        names = sorted(queries)
+        sqls = {n: queries[n].sql for n in names}
+        try:
+            if limit is None:
+                record = await conn.fetchrow(_combined_statement(names, sqls))
+                statements = 1
+            else:  # a server-side statement_timeout for this statement alone: SET LOCAL in a transaction
+                async with conn.transaction(readonly=True):
+                    await conn.execute("select set_config('statement_timeout', $1, true)", str(int(limit * 1000)))
+                    record = await conn.fetchrow(_combined_statement(names, sqls))
+                statements = 4  # begin, set_config, the statement, commit
+        except asyncpg.PostgresError as e:
+            if is_connection_error(e):
+                raise
+            statements = 1 if limit is None else 4
+            for name in names:
+                try:
+                    rows[name] = await self._run_solo(SoloQuery(sqls[name], queries[name].statement_timeout_seconds))
+                except asyncpg.PostgresError as e2:
+                    if is_connection_error(e2):
+                        raise
+                    errors[name] = describe_error(e2)
+                statements += 1
+            return None, statements, True
+        for i, name in enumerate(names):
+            cols = self.columns[sqls[name]]
+            rows[name] = [dict(zip(cols, r, strict=False)) for r in (record[i + 1] or ())]
+        return bool(record[0]), statements, False
 
     async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
         conn = self._conn

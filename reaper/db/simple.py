@@ -169,7 +169,7 @@ class SimpleConnection:
     async def _run_tick(self, request: TickRequest) -> TickOutcome:
         commands: dict[str, tuple[str, float]] = {
             name: (sql, self.statement_timeout_seconds) for name, sql in request.batch.items()}
-        for name, query in request.solo.items():
+        for name, query in (*request.solo.items(), *request.timed.items()):
             commands[name] = (query.sql, query.statement_timeout_seconds or self.statement_timeout_seconds)
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
