@@ -23,7 +23,7 @@ from reaper.status import STATUS_FILE, read_status_file
 pytestmark = pytest.mark.pg
 REAPER = [sys.executable, "-m", "reaper.cli"]
 PING = "select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, 1 as v"
-OUTAGE_SECONDS = 30
+OUTAGE_SECONDS = 60  # the acceptance: storage down for a minute
 
 
 def wait_until(predicate: Callable[[], bool], limit: float = 60.0, what: str = "condition") -> None:
