@@ -41,6 +41,7 @@ from reaper.errors import ConfigError, SourceUnavailable
 from reaper.kinds import is_discovery, resolve
 from reaper.measurement import Measurement
 from reaper.metrics import Catalog, load_shipped_definitions
+from reaper.schedule import PHASE_SPREAD
 from reaper.sinks import FanOut, Outlet, Sink, run_sink
 from reaper.sinks.jsonfile import JsonFileSink
 from reaper.sinks.spill import SpillQueue
@@ -185,6 +186,8 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until request_stop(); assumes db.open_loop() is already open."""
         grace = self.config.collector.shutdown_grace_seconds
+        # a large fleet's ticks are spread wider (50 ms per source, at least PHASE_SPREAD, at most a tick)
+        self.controls.phase_spread = max(PHASE_SPREAD, 0.05 * len(self.wanted_sources(self.config)))
         async with trio.open_nursery() as sinks_nursery:
             self._sinks_nursery = sinks_nursery
             for sink_config in self.config.sinks:
@@ -463,7 +466,8 @@ class Daemon:
     async def _write_status_periodically(self) -> None:
         while True:
             self.write_status()
-            await trio.sleep(STATUS_EVERY_SECONDS)
+            # building it costs per source: a large fleet writes it less often (every 10 s at 1000)
+            await trio.sleep(max(STATUS_EVERY_SECONDS, len(self.sources) / 100))
 
     def write_status(self) -> None:
         """The status file under state_dir (for `reaper status`, `reaper reload`, the benchmarks)."""

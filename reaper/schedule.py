@@ -18,7 +18,7 @@ import attrs
 
 MIN_TICK = 1
 IDLE_TICK = 60  # how often a source with no active metric still wakes up
-PHASE_SPREAD = 5.0  # sources start within this many seconds of each other (and stay spread by it)
+PHASE_SPREAD = 5.0  # default: sources start within this many seconds of each other (and stay spread by it)
 
 
 def tick_seconds(intervals: Mapping[str, int]) -> int:
@@ -29,10 +29,10 @@ def tick_seconds(intervals: Mapping[str, int]) -> int:
     return max(MIN_TICK, math.gcd(*active))
 
 
-def phase_seconds(name: str, tick: int) -> float:
-    """A stable offset in [0, min(tick, PHASE_SPREAD)) from the source's name, so a fleet does not
-    fire in the same instant, while a source's first tick still comes within seconds of its start."""
-    spread_ms = int(min(tick, PHASE_SPREAD) * 1000)
+def phase_seconds(name: str, tick: int, spread: float = PHASE_SPREAD) -> float:
+    """A stable offset in [0, min(tick, spread)) from the source's name, so a fleet does not fire in
+    the same instant, while a source's first tick still comes soon after its start."""
+    spread_ms = max(1, int(min(tick, spread) * 1000))
     return (zlib.crc32(name.encode()) % spread_ms) / 1000.0
 
 
@@ -48,9 +48,10 @@ class Schedule:
     k: int = -1  # index of the last tick taken
 
     @classmethod
-    def starting(cls, now: float, name: str, intervals: Mapping[str, int]) -> Schedule:
+    def starting(cls, now: float, name: str, intervals: Mapping[str, int],
+                 spread: float = PHASE_SPREAD) -> Schedule:
         tick = tick_seconds(intervals)
-        sched = cls(origin=now + phase_seconds(name, tick), tick=tick)
+        sched = cls(origin=now + phase_seconds(name, tick, spread), tick=tick)
         sched.set_intervals(intervals)
         return sched
 

@@ -25,7 +25,7 @@ from reaper.config import MetricDef, SourceConfig
 from reaper.errors import MetricError, MetricUnavailable, SourceUnavailable
 from reaper.measurement import Measurement
 from reaper.metrics import SPECIAL_METRICS, Catalog
-from reaper.schedule import Schedule
+from reaper.schedule import PHASE_SPREAD, Schedule
 from reaper.special import SpecialContext, SpecialSpec, special_spec
 
 log = logging.getLogger("reaper.source")
@@ -35,6 +35,7 @@ Emit = Callable[[Measurement], None]
 QUERY_GRACE_SECONDS = 5.0
 POOLER_KINDS = frozenset({"pgbouncer", "pgpool"})
 SIZE_CHECK_SECONDS = 600.0
+MAX_PARALLEL_CONNECTS = 32
 DB_SIZE_SQL = "select (sum(relpages)::int8 * current_setting('block_size')::int8) as bytes from pg_class"
 
 
@@ -45,6 +46,9 @@ class FleetControls:
     paused: bool = False
     min_db_size_mb: int = 0
     create_extensions: tuple[str, ...] = ()
+    phase_spread: float = PHASE_SPREAD  # seconds over which the sources' ticks are spread
+    # at most this many sources connect at the same moment (a fleet's start must not storm the servers)
+    connects: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(MAX_PARALLEL_CONNECTS))
 
 
 async def connect_source(config: SourceConfig) -> Any:
@@ -132,7 +136,8 @@ class SourceReaper:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        sched = Schedule.starting(trio.current_time(), self.config.name, self.active_intervals())
+        sched = Schedule.starting(trio.current_time(), self.config.name, self.active_intervals(),
+                                  self.controls.phase_spread)
         task_status.started()
         try:
             while True:
@@ -415,8 +420,9 @@ class SourceReaper:
         if self.state.status == "paused":
             log.info("source %s: resuming after the pause", self.state.name)
         try:
-            with trio.fail_after(self.config.connect_timeout_seconds):
-                self.conn = await self.connector(self.config)
+            async with self.controls.connects:  # waiting for a turn does not count against the timeout
+                with trio.fail_after(self.config.connect_timeout_seconds):
+                    self.conn = await self.connector(self.config)
         except (SourceUnavailable, trio.TooSlowError) as e:
             reason = (f"connect timed out after {self.config.connect_timeout_seconds:g}s"
                       if isinstance(e, trio.TooSlowError) else str(e))

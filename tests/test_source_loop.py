@@ -267,3 +267,28 @@ async def test_uptime_going_backwards_is_reported_as_a_restart(autojump_clock, c
     assert len(changes) == 1 and changes[0].rows[0]["details"] == "Detected server restart (or failover)"
     assert [m.table for m in got].index("object_changes") == 2  # right before the db_stats row that showed it
     assert sum("restart (or failover) detected" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_fleet_connects_at_most_32_at_a_time_and_spreads_its_ticks(autojump_clock) -> None:
+    controls = FleetControls(phase_spread=50.0)
+    in_flight, most = 0, 0
+
+    class SlowConnector(FakeConnector):
+        async def __call__(self, config):
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await trio.sleep(1)
+                return await super().__call__(config)
+            finally:
+                in_flight -= 1
+
+    reapers = [make(source(f"s{i}", metrics={"a": 60}), catalog(sql_metric("a")), connector=SlowConnector(),
+                    controls=controls)[0] for i in range(300)]
+    await run_for(120, *reapers)
+    assert most <= 32
+    assert all(r.state.status == "up" for r in reapers)  # waiting for a turn is no connect timeout
+    assert all(r.state.ticks >= 1 for r in reapers)
+    starts = sorted(r.connector.attempts[0] for r in reapers)
+    assert starts[-1] - starts[0] > 20  # the first ticks are spread over the phase spread, not one instant
