@@ -15,6 +15,10 @@ lint:
     {{python}} -m ruff check reaper tests
     {{python}} -m mypy
 
+# measure reaper's cost (seed, fleet100, fleet1000, sink) next to postgres_exporter; rewrites docs/benchmarks.md
+bench SCENARIO *ARGS:
+    {{python}} bench/run.py {{SCENARIO}} {{ARGS}}
+
 # run the daemon with a config file
 run CONFIG="conf/reaper.toml":
     {{python}} -m reaper.cli run --config {{CONFIG}}

@@ -1,0 +1,156 @@
+"""Measuring processes from outside: a 1 s sampler (psutil), peak RSS, the allocation-counting shim."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("bench.measure")
+
+HERE = Path(__file__).resolve().parent
+
+
+class Sampler:
+    """Every `period` seconds: RSS, CPU seconds (utime+stime) and threads of each named process."""
+
+    def __init__(self, period: float = 1.0) -> None:
+        self.period = period
+        self.procs: dict[str, psutil.Process] = {}
+        self.samples: dict[str, list[dict[str, float]]] = {}
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
+        self._lock = threading.Lock()
+
+    def add(self, name: str, pid: int) -> None:
+        with self._lock:
+            self.procs[name] = psutil.Process(pid)
+            self.samples.setdefault(name, [])
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self._thread.start()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def sample_once(self) -> None:
+        t = self.now()
+        with self._lock:
+            items = list(self.procs.items())
+        for name, proc in items:
+            try:
+                with proc.oneshot():
+                    cpu = proc.cpu_times()
+                    rss = proc.memory_info().rss
+                    threads = proc.num_threads()
+            except psutil.Error:
+                continue
+            self.samples[name].append({"t": t, "rss": float(rss), "cpu": cpu.user + cpu.system,
+                                       "threads": float(threads)})
+
+    def _loop(self) -> None:
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            self.sample_once()
+            nxt += self.period
+            self._stop.wait(max(0.0, nxt - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def peak_rss(pid: int) -> int | None:
+    """VmHWM: the kernel's own peak resident set (catches peaks between samples)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def at(samples: list[dict[str, float]], t: float, key: str) -> float:
+    """The value of the last sample taken at or before t (the first sample when none)."""
+    best = samples[0]
+    for s in samples:
+        if s["t"] <= t:
+            best = s
+        else:
+            break
+    return best[key]
+
+
+def window(samples: list[dict[str, float]], t_from: float, t_to: float) -> list[dict[str, float]]:
+    return [s for s in samples if t_from <= s["t"] <= t_to]
+
+
+def cpu_percent_series(samples: list[dict[str, float]], smooth: float = 5.0) -> list[tuple[float, float]]:
+    """(t, % of one core) over a trailing window of `smooth` seconds."""
+    out = []
+    j = 0
+    for i, s in enumerate(samples):
+        while samples[j]["t"] < s["t"] - smooth and j < i:
+            j += 1
+        if i > j:
+            dt = s["t"] - samples[j]["t"]
+            out.append((s["t"], 100.0 * (s["cpu"] - samples[j]["cpu"]) / dt if dt > 0 else 0.0))
+    return out
+
+
+def process_cpu(pids: list[int]) -> float:
+    """Summed utime+stime of processes (e.g. server backends); vanished ones count 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+# -- allocation counting ------------------------------------------------------------------------
+
+def build_alloc_shim(workdir: Path) -> Path | None:
+    """Compile bench/allocshim.c (needs a C compiler); None when that is not possible."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = workdir / "allocshim.so"
+    proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(HERE / "allocshim.c")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.warning("allocation shim did not build: %s", proc.stderr.strip()[:300])
+        return None
+    return out
+
+
+def read_alloc(path: Path) -> list[tuple[int, int, int]]:
+    """The shim's dumps so far: (bytes, calls, realloc_full) each."""
+    try:
+        lines = path.read_text().split("\n")
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3:
+            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return out
+
+
+def summarize_samples(samples: list[dict[str, float]]) -> dict[str, Any]:
+    if not samples:
+        return {}
+    return {"rss_max": max(s["rss"] for s in samples), "cpu_end": samples[-1]["cpu"], "n": len(samples)}

@@ -1,0 +1,388 @@
+"""docs/benchmarks.md and docs/bench/<scenario>.png, rendered from every scenario's results.
+
+Each scenario's section carries its own results as a JSON comment, so rerunning one scenario
+rewrites its section (and the summaries) and keeps the other scenarios' as they were measured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+ORDER = ["seed", "fleet100", "fleet1000", "sink"]
+NOTES_DIR = Path(__file__).resolve().parent / "notes"
+DATA_RE = re.compile(r"<!-- bench-data (\{.*?\}) -->", re.S)
+MB = 1e6
+
+# pgwatch's published numbers (theirs; not re-measured here).
+PGWATCH_SEED = {  # PR #1316 (batch redesign): 6 sources x debug preset, before -> after
+    "goroutines": (435, 28), "peak_rss_mb": (100, 35), "cpu_pct": (1.84, 0.03), "alloc_mb_min": (389, 45),
+}
+PGWATCH_SIZING = {"cpu_pct": 20.0, "rss_mb": 50.0}  # sizing guide: 100 databases on exhaustive, one vCPU
+
+
+def chart_path(report: Path, scenario: str) -> Path:
+    return report.parent / "bench" / f"{scenario}.png"
+
+
+def load(report: Path) -> dict[str, dict[str, Any]]:
+    try:
+        text = report.read_text()
+    except OSError:
+        return {}
+    found = {}
+    for m in DATA_RE.finditer(text):
+        try:
+            data = json.loads(m.group(1))
+        except ValueError:
+            continue
+        found[data["scenario"]] = data
+    return found
+
+
+def update(report: Path, result: dict[str, Any]) -> None:
+    results = load(report)
+    samples = result.pop("samples", None)
+    results[result["scenario"]] = result
+    if samples:
+        chart(chart_path(report, result["scenario"]), result, samples)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(render(results))
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+def f(value: Any, digits: int = 1, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.{digits}f}"
+    else:
+        text = f"{value:,}" if isinstance(value, int) else str(value)
+    return f"{text}{unit}"
+
+
+def mb(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value / MB:,.{digits}f} MB"
+
+
+def yes(met: bool | None) -> str:
+    return "-" if met is None else ("**met**" if met else "**not met**")
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, bool | None]]:
+    rows: list[tuple[str, str, str, bool | None]] = []
+    for name in ORDER:
+        r = results.get(name)
+        if not r or "reaper" not in r:
+            continue
+        rp = r["reaper"]
+        st = rp["statements"]
+        total = st.get("per_tick_total")
+        parts = st.get("per_tick", {})
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items()))
+        slow = not_in_window(r)
+        caveat = f"; {len(slow)} metric{'s' if len(slow) > 1 else ''} not due in the window" if slow else ""
+        rows.append(("one statement per source per tick (SQL metrics)", name,
+                     f"{f(total, 2)} per source tick ({detail}{caveat})", None if total is None else total <= 1.05))
+        limit = r["sources"] + 10
+        own = rp.get("tasks_own", rp["tasks"])
+        rows.append((f"long-lived tasks ≤ sources + 10 = {limit}", name,
+                     f"{own} of reaper's own ({rp['tasks']} trio tasks in all, {rp['tasks'] - own} of them "
+                     "trio-asyncio's socket watchers)", own <= limit))
+        peak = r.get("reaper_peak_rss")
+        if name == "seed":
+            rows.append(("RSS ≤ 50 MB", name, f"peak {mb(peak)}, steady {mb(rp['rss_steady'])}",
+                         None if peak is None else peak <= 50 * MB))
+            rows.append(("CPU ≤ 0.3 % of one core", name, f"{f(rp['cpu_pct'], 3)} %", rp["cpu_pct"] <= 0.3))
+        if name == "fleet100":
+            rows.append(("CPU ≤ 5 % of one core", name, f"{f(rp['cpu_pct'], 2)} %", rp["cpu_pct"] <= 5.0))
+            rows.append(("RSS ≤ 120 MB", name, f"peak {mb(peak)}, steady {mb(rp['rss_steady'])}",
+                         None if peak is None else peak <= 120 * MB))
+            rows.append(("tick lateness p99 ≤ 100 ms", name, f"{f(rp['lateness_p99_ms'])} ms",
+                         rp["lateness_p99_ms"] <= 100))
+        if name == "fleet1000":
+            rows.append(("RSS ≤ 400 MB", name, f"peak {mb(peak)}, steady {mb(rp['rss_steady'])}",
+                         None if peak is None else peak <= 400 * MB))
+            rows.append(("tick lateness p99 ≤ 1 s", name, f"{f(rp['lateness_p99_ms'])} ms",
+                         rp["lateness_p99_ms"] <= 1000))
+        pe = r.get("peer")
+        if pe and pe.get("cpu_per_series_us") and rp.get("cpu_per_row_us"):
+            rows.append(("per-row CPU < peer's per-series CPU", name,
+                         f"{f(rp['cpu_per_row_us'])} µs/row vs {f(pe['cpu_per_series_us'])} µs/series",
+                         rp["cpu_per_row_us"] < pe["cpu_per_series_us"]))
+    return rows
+
+
+def not_in_window(r: dict[str, Any]) -> list[str]:
+    """Active metrics whose interval is longer than the steady window: they ran at start-up only (or
+    once), so their statements and rows are missing from the per-tick figures."""
+    window = r.get("reaper", {}).get("window_s", 0)
+    return [f"{m} ({i} s)" for m, i in sorted((r.get("intervals") or {}).items(), key=lambda kv: (kv[1], kv[0]))
+            if i > window]
+
+
+# -- the document --------------------------------------------------------------------------------
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    out = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/run.py` (`just bench SCENARIO`); do not edit by hand. Running a scenario rewrites",
+        "its own section and the summaries above them; the other sections stay as they were last measured",
+        "(each says when and on what).",
+        "",
+        "**How it is measured.** The harness starts its own PostgreSQL 15 (loopback only), creates the",
+        "databases (a small pgbench-like schema each, with `pg_stat_statements`, `pg_buffercache`, `pgstattuple`),",
+        "two login roles with only `pg_monitor` (one for reaper, one for the peer), and a light workload",
+        "(pgbench-like transactions plus a few read shapes). It runs a real `reaper run` process with a jsonfile",
+        "sink and, on the same server in the same run, the peer: Debian's `prometheus-postgres-exporter`",
+        "with `--auto-discover-databases`, scraped at reaper's tick (the GCD of its intervals). Both are",
+        "measured from outside every second (psutil: RSS, utime+stime). The **steady window** starts once",
+        "every source has finished its first tick (connection set-up and the first full collection are",
+        "start-up) and the peer has done its first (cold) scrape, at 15 % of the run at the earliest; CPU %,",
+        "rates and per-cycle figures are over that window. Peak RSS is the kernel's high-water mark (VmHWM).",
+        "Statements come from `pg_stat_statements` per role: reaper's connection set-up statements are",
+        "told apart by their text and counted per source; all others in the window are divided by the source",
+        "ticks in it (from the status file, read right before each snapshot). Tasks, ticks, rows and tick",
+        "lateness come from reaper's status file. The allocation rate comes from a second, short run of",
+        "reaper with `PYTHONMALLOC=malloc` under `bench/allocshim.c` (an `LD_PRELOAD` counter of every byte",
+        "asked of malloc/calloc/memalign plus what realloc adds, comparable with Go's allocated-bytes figure),",
+        "over two ticks once every source is up. MB = 10⁶ bytes.",
+        "",
+        "**Running it.** `pip install -e '.[bench]'` (matplotlib, py-spy), then `just bench seed` (about 4 min),",
+        "`just bench fleet100` (4 min; `--duration 400` to include the 300 s metrics, as below), `just bench",
+        "fleet1000` (10-12 min), `just bench sink`. Options: `--duration S`, `--profile` (py-spy over the",
+        "steady window, summarised in the section), `--no-peer`, `--alloc-seconds S` (0 skips the allocation",
+        "probe), `--keep` (keep the run directory under /var/tmp/reaper-bench), `--from-json FILE` (render a",
+        "saved result again). As root it installs `prometheus-postgres-exporter` with apt-get when missing.",
+        "Each section's hand-written findings come from `bench/notes/<scenario>.md`.",
+        "",
+    ]
+    rows = targets(results)
+    if rows:
+        out += ["## Targets (issue 4)", "", "| target | scenario | measured | |", "|---|---|---|---|"]
+        out += [f"| {t} | {s} | {m} | {yes(ok)} |" for t, s, m, ok in rows]
+        out.append("")
+    out += pgwatch_section(results)
+    out += machine_section(results)
+    for name in ORDER:
+        if name in results:
+            out += scenario_section(results[name])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def pgwatch_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    seed, fleet = results.get("seed", {}).get("reaper"), results.get("fleet100", {}).get("reaper")
+    seed_r, fleet_r = results.get("seed", {}), results.get("fleet100", {})
+    alloc = seed_r.get("alloc", {}) if seed_r else {}
+    p = PGWATCH_SEED
+    out = [
+        "## pgwatch's published numbers beside ours",
+        "",
+        "pgwatch's figures are **theirs, as published, not re-measured here**: the batch redesign (PR #1316) for",
+        "6 sources x `debug` (one goroutine per source x metric before, one per source after), and the sizing",
+        "guide for 100 databases on `exhaustive`. Ours are from the `seed` and `fleet100` sections below.",
+        "",
+        "| 6 sources x `debug` | pgwatch before (theirs) | pgwatch batch (theirs) | reaper (measured) |",
+        "|---|---:|---:|---:|",
+        f"| concurrency | {p['goroutines'][0]} goroutines | {p['goroutines'][1]} goroutines | "
+        + (f"{seed['tasks']} trio tasks, {seed['threads']} OS threads |" if seed else "not run |"),
+        f"| peak RSS | {p['peak_rss_mb'][0]} MB | {p['peak_rss_mb'][1]} MB | "
+        + (f"{mb(seed_r.get('reaper_peak_rss'))} (steady {mb(seed['rss_steady'])}) |" if seed else "not run |"),
+        f"| CPU | {p['cpu_pct'][0]} % | {p['cpu_pct'][1]} % | "
+        + (f"{f(seed['cpu_pct'], 3)} % of one core |" if seed else "not run |"),
+        f"| allocated | {p['alloc_mb_min'][0]} MB/min | {p['alloc_mb_min'][1]} MB/min | "
+        + (f"{f(alloc.get('mb_per_min'))} MB/min |" if alloc.get("mb_per_min") is not None
+           else f"{alloc.get('skipped', 'not run')} |"),
+        "",
+        "| 100 databases x `exhaustive` | pgwatch sizing guide (theirs) | reaper (measured) |",
+        "|---|---:|---:|",
+        f"| CPU | < {PGWATCH_SIZING['cpu_pct']:.0f} % of one vCPU | "
+        + (f"{f(fleet['cpu_pct'], 2)} % of one core |" if fleet else "not run |"),
+        f"| memory | < {PGWATCH_SIZING['rss_mb']:.0f} MB | "
+        + (f"peak {mb(fleet_r.get('reaper_peak_rss'))}, steady {mb(fleet['rss_steady'])} |" if fleet
+           else "not run |"),
+        "",
+        "pgwatch does not say how its CPU percentage was taken (of one core or of the machine) nor on what",
+        "hardware; reaper's is utime+stime over wall time, i.e. of one core.",
+        "",
+    ]
+    return out
+
+
+def machine_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    out = ["## Machines", "",
+           "| scenario | measured | CPU | cores | RAM | kernel | Python | PostgreSQL | reaper | peer | load |",
+           "|---|---|---|---:|---:|---|---|---|---|---|---|"]
+    for name in ORDER:
+        m = results.get(name, {}).get("machine")
+        if m:
+            load = f"{m.get('load_before', '?')} → {m.get('load_end', '?')}"
+            out.append(f"| {name} | {m['date']} | {m['cpu']} | {m['cores']} | {m['ram_gib']} GiB | {m['kernel']} | "
+                       f"{m['python']} | {m['postgres']} | {m['reaper']} | {m['peer']} | {load} |")
+    out += ["", "Load is the 1-minute load average before the run and at its end: the benchmark's own processes "
+            "(server, workload, reaper, peer) plus anything else running on the machine.", ""]
+    return out
+
+
+def scenario_section(r: dict[str, Any]) -> list[str]:
+    name = r["scenario"]
+    out = [f"## {name}: {r['title']}", ""]
+    if r.get("skipped"):
+        out += [f"Not run: {r['skipped']}.", ""]
+    elif name == "sink":
+        out += [f"Measured {r['machine']['date']} by `bench/bench_pgsink.py` (its own output follows).", ""]
+        out += [r.get("stdout", ""), ""]
+        if r.get("returncode"):
+            out += [f"It exited with {r['returncode']}:", "", "```", r.get("stderr", ""), "```", ""]
+    else:
+        out += collector_section(r)
+    blob = json.dumps(r, separators=(",", ":"), default=str).replace("--", "\\u002d\\u002d")
+    out += [f"<!-- bench-data {blob} -->", ""]
+    return out
+
+
+def collector_section(r: dict[str, Any]) -> list[str]:
+    rp, pe = r["reaper"], r.get("peer")
+    st = rp["statements"]
+    alloc = r.get("alloc") or {}
+    m = r["machine"]
+    window = rp["window_s"]
+    warn = []
+    if r.get("not_up_at_warm"):
+        warn = [f"**Warning:** {r['not_up_at_warm']} sources were still not up when the steady window began "
+                "(it starts at 60 % of the run at the latest); the window includes their reconnections.", ""]
+    out = [
+        *warn,
+        f"Measured {m['date']}: {r['sources']} sources x `{r['preset']}` ({r['metrics_active']} active metrics "
+        f"per source, tick {r['tick_s']} s) on {r['databases']} databases of one server; "
+        f"{r['duration_s']:.0f} s run, steady window {window:.0f} s (from t = {r['t_warm']:.0f} s). "
+        f"Workload {r['workload']['rate']:.0f} tx/s ({r['workload']['transactions']} transactions)."
+        + (f" Command: `{r['command']}`." if r.get("command") else ""),
+        "",
+        f"![RSS and CPU over time](bench/{r['scenario']}.png)",
+        "",
+    ]
+    peer_head = "peer: postgres_exporter" if pe else "peer"
+    ptick = f"{r['tick_s']} s"
+    rows: list[tuple[str, str, str]] = [
+        ("what runs", f"1 process, {r['sources']} sources, tick {ptick}",
+         f"1 process, all {r['databases'] + 1} databases (auto-discovered), scraped every {ptick}" if pe else "-"),
+        ("RSS steady (median in window)", mb(rp["rss_steady"]), mb(pe["rss_steady"]) if pe else "-"),
+        ("RSS peak (VmHWM)", mb(r.get("reaper_peak_rss")), mb(r.get("peer_peak_rss")) if pe else "-"),
+        ("RSS at 25 % of the run → end", f"{mb(rp['rss_at_25pct'])} → {mb(rp['rss_end'])}", "-"),
+        ("CPU, steady window", f"{f(rp['cpu_pct'], 3)} % of one core ({f(rp['cpu_window_s'], 2)} s)",
+         f"{f(pe['cpu_pct'], 3)} % ({f(pe['cpu_window_s'], 2)} s)" if pe else "-"),
+        ("CPU, whole run after start-up (incl. first full tick)", f"{f(rp['cpu_pct_whole'], 3)} %", "-"),
+        ("CPU, highest 5 s in window", f"{f(rp['cpu_pct_peak_5s'], 1)} %", "-"),
+        ("start-up: status file after / CPU until steady", f"{f(rp['startup_s'])} s / {f(rp['cpu_startup_s'], 2)} s",
+         "-"),
+        ("trio tasks / OS threads (most seen)",
+         f"{rp['tasks']} tasks ({rp['tasks'] - rp['tasks_own']} of them trio-asyncio's socket readers, one per "
+         f"connection) / {rp['threads']} threads" if "tasks_own" in rp else f"{rp['tasks']} / {rp['threads']}", "-"),
+        ("cycles in window", f"{rp['ticks_window']} source ticks ({st.get('combined_in_window')} combined statements)",
+         f"{pe['scrapes_window']} scrapes" if pe else "-"),
+        ("data per cycle", f"{f(rp['rows_per_source_tick'])} rows per source tick"
+         + (f", {f(rp.get('values_per_row'))} values per row" if rp.get("values_per_row") else ""),
+         f"{f(pe['pg_series'], 0)} pg_* series ({f(pe['series'], 0)} in all)" if pe else "-"),
+        ("delivered", f"{f(rp['measurements_per_s'], 2)} measurements/s, {f(rp['rows_per_s'], 1)} rows/s",
+         f"{f(pe['pg_series'] * pe['scrapes_window'] / window, 1)} series/s" if pe and window else "-"),
+        ("CPU per cycle", f"{f(1000 * rp['cpu_window_s'] / rp['ticks_window'], 2)} ms per source tick"
+         if rp["ticks_window"] else "-", f"{f(pe['cpu_per_scrape_ms'], 1)} ms per scrape" if pe else "-"),
+        ("CPU per database connection per cycle", f"{f(1000 * rp['cpu_window_s'] / rp['ticks_window'], 2)} ms "
+         "(a source is one connection)" if rp["ticks_window"] else "-",
+         f"{f(pe['cpu_per_scrape_ms'] / (r['databases'] + 1), 2)} ms ({r['databases'] + 1} databases, one "
+         "connection each)" if pe and pe.get("cpu_per_scrape_ms") else "-"),
+        ("CPU per data point", f"{f(rp['cpu_per_row_us'])} µs per row"
+         + (f" ({f(rp['cpu_per_row_us'] / rp['values_per_row'], 2)} µs per value)"
+            if rp.get("values_per_row") and rp.get("cpu_per_row_us") else ""),
+         f"{f(pe['cpu_per_series_us'])} µs per series" if pe else "-"),
+        ("statements per cycle (pg_stat_statements)", f"{f(st['per_tick_total'], 2)} per source tick",
+         f"{f(pe['statements']['per_scrape'], 1)} per scrape" if pe else "-"),
+        ("set-up statements", f"{f(st['setup_per_source'], 1)} per source over the run; "
+         f"{st.get('connects_in_window', '?')} (re)connects in the window", "-"),
+        ("server execution time per cycle", f"{f(st['exec_ms_per_tick'], 2)} ms per source tick",
+         f"{f(pe['statements']['exec_ms_per_scrape'], 2)} ms per scrape" if pe else "-"),
+        ("server backend CPU per cycle", f"{f(rp['backend_cpu_ms_per_tick'], 2)} ms per source tick",
+         f"{f(pe['backend_cpu_ms_per_scrape'], 1)} ms per scrape" if pe else "-"),
+        ("backends held", f"{rp['backends']}", f"{pe['backends']}" if pe else "-"),
+        ("tick lateness p50 / p99 / max", f"{f(rp['lateness_p50_ms'], 2)} / {f(rp['lateness_p99_ms'], 1)} / "
+         f"{f(rp['lateness_max_ms'], 1)} ms", "-"),
+        ("allocated (second run under the counting shim)",
+         f"{f(alloc['mb_per_min'])} MB/min ({f(alloc['allocs_per_min'] / 1e6, 2)} M allocations/min)"
+         if alloc.get("mb_per_min") is not None else alloc.get("skipped", "not measured"), "-"),
+        ("errors", f"{rp['metric_errors']} metric errors; degraded: {', '.join(rp['degraded']) or 'none'}; "
+         f"sources not up: {rp['down']}",
+         f"{pe['failures']} failed scrapes; HTTP {', '.join(map(str, pe['http_status']))}" if pe else "-"),
+    ]
+    out += [f"| | reaper | {peer_head} |", "|---|---|---|"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    slow = not_in_window(r)
+    if slow:
+        out += ["", f"Not due within the {window:.0f} s window (their cost is missing from the per-tick figures; "
+                f"a longer `--duration` includes them): {', '.join(slow)}."]
+    out += ["", "Reaper's statements in the window, by category (per source tick): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(st["per_tick"].items()))
+            + f"; {st['distinct_combined_statements']} distinct combined statements. Busiest by server time:", "",
+            "| category | calls in window | ms in window | slowest ms | statement |", "|---|---:|---:|---:|---|"]
+    for e in st["top"][:8]:
+        q = e["query"].replace("|", "\\|")
+        out.append(f"| {e['category']} | {e['window_calls']} | {e['window_ms']:.1f} | {f(e.get('max_ms'))} | `{q}` |")
+    out.append("")
+    prof = r.get("profile")
+    if prof:
+        out += [f"py-spy profile of the steady window ({prof['samples']} samples at 200 Hz, idle excluded; "
+                f"{prof.get('threads_pct', '?')} % of them in worker threads): the innermost functions (self) and "
+                "reaper's own functions by the samples they are on the stack of", "",
+                "| function (self) | % | reaper function (on the stack) | % |", "|---|---:|---|---:|"]
+        for (a, pa), (b, pb) in zip(prof["self"], prof["total"], strict=False):
+            out.append(f"| `{a}` | {pa} | `{b}` | {pb} |")
+        out.append("")
+    notes = NOTES_DIR / f"{r['scenario']}.md"
+    if notes.exists():  # hand-written findings (what bounds the numbers), kept next to the harness
+        out += [notes.read_text().strip(), ""]
+    return out
+
+
+# -- the chart -----------------------------------------------------------------------------------
+
+def chart(path: Path, result: dict[str, Any], samples: dict[str, list[tuple[float, int, float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    labels = {"reaper": "reaper", "peer": "postgres_exporter (peer)"}
+    t_end = result.get("t_end", float("inf")) + 1  # leave out the shutdown
+    for name, all_rows in samples.items():
+        rows = [row for row in all_rows if row[0] <= t_end]
+        if not rows:
+            continue
+        t = [r[0] for r in rows]
+        ax1.plot(t, [r[1] / MB for r in rows], label=labels.get(name, name))
+        pct = []
+        j = 0
+        for i, row in enumerate(rows):  # CPU % of one core over a trailing 5 s window
+            while rows[j][0] < row[0] - 5 and j < i:
+                j += 1
+            dt = row[0] - rows[j][0]
+            pct.append(100 * (row[2] - rows[j][2]) / dt if dt > 0 else 0.0)
+        ax2.plot(t, pct, label=labels.get(name, name))
+    for ax in (ax1, ax2):
+        ax.axvline(result.get("t_warm", 0), color="grey", linestyle="--", linewidth=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    ax1.set_ylabel("RSS (MB)")
+    ax2.set_ylabel("CPU (% of one core, 5 s)")
+    ax2.set_xlabel("seconds since reaper started (dashed: steady window starts)")
+    ax1.set_title(f"{result['scenario']}: {result['sources']} sources x {result['preset']}, tick {result['tick_s']} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
