@@ -270,18 +270,24 @@ class SourceConnection:
 
     def terminate(self) -> None:
         """Drop the connection at once (synchronous; always safe)."""
-        self._conn.terminate()
+        if not self._conn.is_closed():
+            self._conn.terminate()
 
     async def close(self) -> None:
         """Close politely within a shielded, bounded scope; terminate if that does not finish."""
-        with trio.move_on_after(CLOSE_GRACE_SECONDS, shield=True):
-            try:
-                await aio_as_trio(self._conn.close)()
-                return
-            except Exception:
-                pass
-        if not self._conn.is_closed():
-            self._conn.terminate()
+        await close_or_terminate(self._conn.close, self.terminate)
+
+
+async def close_or_terminate(close: Callable[[], Awaitable[Any]], terminate: Callable[[], None]) -> None:
+    """Cleanup for every connection: a polite close (asyncio side) within CLOSE_GRACE_SECONDS, shielded
+    from cancellation; the synchronous terminate() when that fails or does not finish."""
+    with trio.move_on_after(CLOSE_GRACE_SECONDS, shield=True):
+        try:
+            await aio_as_trio(close)()
+            return
+        except Exception:
+            pass
+    terminate()
 
 
 async def crossing(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:

@@ -50,11 +50,11 @@ from trio_asyncio import aio_as_trio
 
 from reaper.db import (
     APPLICATION_NAME,
-    CLOSE_GRACE_SECONDS,
     ServerInfo,
     TickOutcome,
     TickRequest,
     _read_password_file,
+    close_or_terminate,
 )
 from reaper.errors import MetricError, SourceUnavailable
 
@@ -254,13 +254,7 @@ class SimpleConnection:
 
     async def close(self) -> None:
         """Close politely within a shielded, bounded scope; terminate if that does not finish."""
-        with trio.move_on_after(CLOSE_GRACE_SECONDS, shield=True):
-            try:
-                await aio_as_trio(self._conn.close)()
-                return
-            except Exception:
-                pass
-        self._drop()
+        await close_or_terminate(self._conn.close, self._drop)
 
 
 async def open_simple_connection(dsn: str, *, kind: PoolerKind, statement_timeout_seconds: float,

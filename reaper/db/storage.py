@@ -39,7 +39,12 @@ import attrs
 import trio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import describe_error, is_connection_error, tolerate_abandoned_connection_futures
+from reaper.db import (
+    close_or_terminate,
+    describe_error,
+    is_connection_error,
+    tolerate_abandoned_connection_futures,
+)
 from reaper.errors import SinkError
 from reaper.storage_schema import (
     BOOTSTRAP_SQL,
@@ -292,13 +297,7 @@ class StorageConnection:
 
     async def close(self) -> None:
         """Close politely within a shielded, bounded scope; terminate if that does not finish."""
-        with trio.move_on_after(CLOSE_GRACE_SECONDS, shield=True):
-            try:
-                await aio_as_trio(self._conn.close)()
-                return
-            except Exception:
-                pass
-        self.terminate()
+        await close_or_terminate(self._conn.close, self.terminate)
 
 
 def _bound(value: dt.datetime | None, unbounded: dt.datetime) -> dt.datetime:
