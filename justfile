@@ -17,6 +17,7 @@ lint:
 
 # measure reaper's cost (seed, fleet100, fleet1000, sink) next to postgres_exporter; rewrites docs/benchmarks.md
 bench SCENARIO *ARGS:
+    {{python}} -c 'import matplotlib' 2>/dev/null || {{python}} -m pip install -q -e '.[bench]'
     {{python}} bench/run.py {{SCENARIO}} {{ARGS}}
 
 # run the daemon with a config file
