@@ -20,7 +20,7 @@ import tomli_w
 import yaml
 
 from reaper import __version__
-from reaper.config import MetricDef, SourceConfig, check_metric, converter
+from reaper.config import MetricDef, SourceConfig, check_metric, converter, read_text
 from reaper.errors import ConfigError
 
 # pgwatch's special metrics: reaper collects them with its own code, never with their SQL.
@@ -119,16 +119,7 @@ def _yaml_files(path: Path) -> list[Path]:
 
 
 def _read_yaml(path: Path, report: _Report) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except PermissionError:
-        raise ConfigError([f"{path}: permission denied"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: not UTF-8 text ({e.reason})"]) from None
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    text = read_text(path, "YAML file")
     loader = _Loader(text)
     loader.duplicates = []
     try:
