@@ -2,7 +2,7 @@
 
     python bench/bench_pgsink.py [--measurements 10000] [--rows 20] [--sources 100] [--batch 500 ...]
 
-Starts its own throwaway server (reaper.pgserver, fsync off as for every throwaway server), then for each
+Starts its own throwaway server (tests/pgserver.py, fsync off as for every throwaway server), then for each
 shape and batch size (measurements per `write`, as the sink task hands them over):
 
 - python:   the sink's own work alone (grouping, fingerprint, JSON encoding of every row), no database;
@@ -24,18 +24,23 @@ import gc
 import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/pgserver.py
+
+from pgserver import PgServer
+
 from reaper import db
-from reaper.config import PostgresSinkConfig
+from reaper.config.schema import PostgresSinkConfig
 from reaper.db.storage import FlushRequest, TableRows, open_storage
 from reaper.measurement import Measurement
-from reaper.pgserver import PgServer
 from reaper.sinks.postgres import PostgresSink, encode_batch
 
 COUNTERS = [

@@ -10,8 +10,7 @@ import time
 from typing import Any
 
 import asyncpg
-
-from reaper.pgserver import PgServer, create_monitoring_role, quote_ident
+from pgserver import PgServer, create_monitoring_role, quote_ident
 
 log = logging.getLogger("bench.lab")
 

@@ -35,6 +35,7 @@ import attrs
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent / "tests"))  # the throwaway-server helper (tests/pgserver.py)
 
 import lab  # noqa: E402
 import measure  # noqa: E402
@@ -339,8 +340,8 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
             log.warning("peer: %s", peer_version)
         result["machine"] = machine_facts(server, peer_version if peer_bin else None)
         write_config(config, sc, server, state_dir, output)
-        from reaper.config import load_config
-        from reaper.metrics import Catalog
+        from reaper.catalog.metrics import Catalog
+        from reaper.config.load import load_config
         from reaper.schedule import tick_seconds
 
         cfg = load_config(config)
@@ -656,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("the charts need matplotlib: pip install -e '.[bench]' (or pass --no-report)")
     if args.from_json:
         return finish(json.loads(Path(args.from_json).read_text()), args)
-    from reaper.pgserver import cleanup_stale
+    from pgserver import cleanup_stale
 
     for leftover in cleanup_stale():  # servers of an earlier run that was killed
         log.info("removed a stale server directory: %s", leftover)
@@ -674,8 +675,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def active_intervals(preset: str) -> dict[str, int]:
-    from reaper.config import SourceConfig
-    from reaper.metrics import Catalog
+    from reaper.catalog.metrics import Catalog
+    from reaper.config.schema import SourceConfig
 
     source = SourceConfig(name="x", dsn="postgresql://x@127.0.0.1/x", preset=preset)
     return Catalog.for_config(None).intervals(source, standby=False)

@@ -22,8 +22,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 import trio_asyncio
-
-from reaper.pgserver import (
+from pgserver import (
     PgServer,
     PgServerError,
     ServerHandle,

@@ -11,9 +11,9 @@ import attrs
 import trio
 
 from reaper import db
-from reaper.config import MetricDef, PresetDef, SourceConfig
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import MetricDef, PresetDef, SourceConfig
 from reaper.errors import SourceUnavailable
-from reaper.metrics import Catalog
 
 
 def sql_metric(name: str, **kwargs: Any) -> MetricDef:

@@ -23,8 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from reaper.pgserver import ServerHandle
+from pgserver import ServerHandle
 
 APT_PACKAGES = ["pgbouncer", "pgpool2", "etcd-server", "etcd-client", "patroni"]
 BASE_DIR = Path("/var/tmp/reaper-kinds")

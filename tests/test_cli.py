@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reaper.metrics import Catalog
+from reaper.catalog.metrics import Catalog
 
 REAPER = [sys.executable, "-m", "reaper.cli"]
 

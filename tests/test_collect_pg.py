@@ -11,13 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from pgserver import PgServer
 
 from reaper import db
-from reaper.config import MetricDef, SourceConfig
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import MetricDef, SourceConfig
+from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.pgserver import PgServer
-from reaper.source import SourceReaper
 
 pytestmark = pytest.mark.pg
 
@@ -190,7 +190,7 @@ async def test_server_restart_is_survived_and_logged_once_each_way(role, caplog,
 
 async def test_two_sources_on_one_instance_share_one_fetch_of_an_instance_level_metric(pg15, fresh_db,
                                                                                        role) -> None:
-    from reaper.cache import InstanceCache
+    from reaper.daemon.cache import InstanceCache
 
     marker = f"inst_{uuid.uuid4().hex[:8]}"
     shared = MetricDef(name="shared", description="x", instance_level=True,
@@ -214,7 +214,7 @@ async def test_two_sources_on_one_instance_share_one_fetch_of_an_instance_level_
 
 
 async def test_listed_extensions_are_created_on_a_primary_when_asked(pg15, fresh_db) -> None:
-    from reaper.source import FleetControls
+    from reaper.daemon.source import FleetControls
 
     src = SourceConfig(name="ext", dsn=pg15.dsn(dbname=fresh_db), metrics={"v": 1})
     reaper = SourceReaper(src, catalog(metric("v", "1 as v")), lambda m: None,

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pgserver import quote_ident
 
-from reaper.pgserver import quote_ident
-from reaper.status import STATUS_FILE, read_status_file
+from reaper.daemon.status import STATUS_FILE, read_status_file
 
 pytestmark = pytest.mark.pg
 REAPER = [sys.executable, "-m", "reaper.cli"]

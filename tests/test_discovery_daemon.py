@@ -6,12 +6,12 @@ import uuid
 
 import pytest
 import trio
+from pgserver import quote_ident
 
 from reaper import db
-from reaper.app import Daemon
-from reaper.config import CollectorConfig, Config, MetricDef, SourceConfig
+from reaper.config.schema import CollectorConfig, Config, MetricDef, SourceConfig
+from reaper.daemon.app import Daemon
 from reaper.measurement import Measurement
-from reaper.pgserver import quote_ident
 
 pytestmark = pytest.mark.pg
 

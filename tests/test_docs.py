@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from reaper.catalog_docs import MATRIX_VERSIONS, load_matrix, render, render_shipped, result_kind, short_result
-from reaper.config import MetricDef, NameList, PresetDef
+from reaper.catalog.docs import MATRIX_VERSIONS, load_matrix, render, render_shipped, result_kind, short_result
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import MetricDef, NameList, PresetDef
 from reaper.errors import ConfigError
-from reaper.metrics import Catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_MD = ROOT / "docs" / "metrics.md"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reaper.pgwatch_import import clean_sql, import_sources, keyword_dsn_to_uri, parse_keyword_dsn
+from reaper.catalog.pgwatch_import import clean_sql, import_sources, keyword_dsn_to_uri, parse_keyword_dsn
 
 REAPER = [sys.executable, "-m", "reaper.cli"]
 DATA = Path(__file__).parent / "data" / "pgwatch"

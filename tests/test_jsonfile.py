@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from reaper.config import JsonFileSinkConfig
+from reaper.config.schema import JsonFileSinkConfig
 from reaper.measurement import Measurement
 from reaper.sinks import FanOut, run_sink, write_with_retry
 from reaper.sinks.jsonfile import JsonFileSink, encode_measurement

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 import trio_asyncio
+from pgserver import ServerHandle, quote_ident, quote_literal
 
 from reaper import db
-from reaper.config import SourceConfig
+from reaper.config.schema import SourceConfig
 from reaper.errors import SourceUnavailable
 from reaper.kinds import check_source, database_child, is_discovery, resolve, with_database
-from reaper.pgserver import ServerHandle, quote_ident, quote_literal
 
 pytestmark = pytest.mark.pg
 

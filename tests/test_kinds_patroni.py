@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import pytest
 import trio_asyncio
 from kinds_programs import Etcd, Program, require_program, start_patroni
+from pgserver import ServerHandle, find_bindir
 
 from reaper import db
-from reaper.config import SourceConfig
+from reaper.config.schema import SourceConfig
 from reaper.errors import SourceUnavailable
 from reaper.kinds import (
     EtcdTarget,
@@ -29,7 +30,6 @@ from reaper.kinds import (
     resolve,
     with_parameters,
 )
-from reaper.pgserver import ServerHandle, find_bindir
 
 
 @pytest.fixture

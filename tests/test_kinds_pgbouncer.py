@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import trio
 from kinds_programs import Program, start_pgbouncer
+from pgserver import ServerHandle
 
 from reaper import db
-from reaper.config import MetricDef, SourceConfig
+from reaper.catalog.metrics import Catalog, load_shipped_definitions
+from reaper.config.schema import MetricDef, SourceConfig
+from reaper.daemon.source import SourceReaper
 from reaper.db.simple import SimpleConnection, open_simple_connection, version_number
 from reaper.errors import MetricError, SourceUnavailable
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog, load_shipped_definitions
-from reaper.pgserver import ServerHandle
-from reaper.source import SourceReaper
 
 pytestmark = pytest.mark.pg
 

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 import trio
 from kinds_programs import Program, start_pgpool
+from pgserver import ServerHandle
 
 from reaper import db
+from reaper.catalog.metrics import load_shipped_definitions
 from reaper.db.simple import open_simple_connection
 from reaper.errors import SourceUnavailable
-from reaper.metrics import load_shipped_definitions
-from reaper.pgserver import ServerHandle
 
 pytestmark = pytest.mark.pg
 

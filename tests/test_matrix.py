@@ -37,12 +37,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-
-from reaper import db
-from reaper.catalog_docs import MATRIX_VERSIONS
-from reaper.config import MetricDef
-from reaper.metrics import load_shipped_definitions
-from reaper.pgserver import (
+from pgserver import (
     PgServer,
     PgServerError,
     cleanup_stale,
@@ -50,6 +45,11 @@ from reaper.pgserver import (
     create_monitoring_role,
     quote_ident,
 )
+
+from reaper import db
+from reaper.catalog.docs import MATRIX_VERSIONS
+from reaper.catalog.metrics import load_shipped_definitions
+from reaper.config.schema import MetricDef
 
 pytestmark = [pytest.mark.matrix, pytest.mark.pg]
 

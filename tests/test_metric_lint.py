@@ -16,8 +16,8 @@ import re
 import attrs
 import pytest
 
-from reaper.config import MetricDef
-from reaper.metrics import SPECIAL_METRICS, load_shipped_definitions
+from reaper.catalog.metrics import SPECIAL_METRICS, load_shipped_definitions
+from reaper.config.schema import MetricDef
 
 DEFS = load_shipped_definitions()
 METRICS = DEFS.metrics

@@ -10,9 +10,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 import trio
-from trio_asyncio import aio_as_trio
-
-from reaper.pgserver import (
+from pgserver import (
     PgServer,
     PgServerError,
     ServerHandle,
@@ -20,6 +18,7 @@ from reaper.pgserver import (
     create_monitoring_role,
     quote_ident,
 )
+from trio_asyncio import aio_as_trio
 
 pytestmark = pytest.mark.pg
 

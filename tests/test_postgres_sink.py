@@ -17,15 +17,16 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from pgserver import PgServer, quote_ident
 
 from reaper import db
-from reaper.config import CollectorConfig, Config, PostgresSinkConfig, SourceConfig, load_config
+from reaper.config.load import load_config
+from reaper.config.schema import CollectorConfig, Config, PostgresSinkConfig, SourceConfig
 from reaper.db.storage import StorageError, init_storage, open_storage
+from reaper.db.storage_schema import CHANGE_TABLES, LATEST_VERSION, partition_start_ns
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
-from reaper.pgserver import PgServer, quote_ident
 from reaper.sinks.postgres import PostgresSink, encode_batch, measurement_key
-from reaper.storage_schema import CHANGE_TABLES, LATEST_VERSION, partition_start_ns
 
 DAY_NS = 86400 * 10**9
 HOUR_NS = 3600 * 10**9
@@ -566,7 +567,7 @@ def storage_db(pg15) -> Iterator[str]:
 
 async def test_daemon_writes_db_stats_to_postgres_storage(pg15, fresh_db, monitor_role, storage_db,
                                                           tmp_path: Path) -> None:
-    from reaper.app import Daemon
+    from reaper.daemon.app import Daemon
 
     role, password = monitor_role
     config = Config(

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from pgserver import PgServer, create_extensions
 
 from reaper import db
-from reaper.config import SourceConfig
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import SourceConfig
+from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.pgserver import PgServer, create_extensions
-from reaper.source import SourceReaper
 
 pytestmark = pytest.mark.pg
 

@@ -28,14 +28,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from reaper import db
-from reaper.app import Daemon
-from reaper.config import PrometheusSinkConfig, SourceConfig, load_config
+from reaper.catalog.metrics import Catalog
+from reaper.config.load import load_config
+from reaper.config.schema import PrometheusSinkConfig, SourceConfig
+from reaper.daemon.app import Daemon
+from reaper.daemon.status import DaemonStatus, SinkStatus, SourceStatus
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
 from reaper.sinks import run_sink
 from reaper.sinks.prometheus import PrometheusSink
-from reaper.status import DaemonStatus, SinkStatus, SourceStatus
 
 CATALOG = Catalog.for_config()
 EPOCH = 1_700_000_000_123_000_000

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pgserver import PgServer
 
-from reaper.pgserver import PgServer
-from reaper.status import STATUS_FILE, read_status_file
+from reaper.daemon.status import STATUS_FILE, read_status_file
 
 pytestmark = pytest.mark.pg
 REAPER = [sys.executable, "-m", "reaper.cli"]

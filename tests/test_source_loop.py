@@ -13,8 +13,8 @@ import trio
 import trio.testing
 from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
 
+from reaper.daemon.source import FleetControls, SourceReaper, TooManyRestarts, supervise
 from reaper.measurement import Measurement
-from reaper.source import FleetControls, SourceReaper, TooManyRestarts, supervise
 
 
 def make(conf=None, cat=None, connector=None, **kwargs):

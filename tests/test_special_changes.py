@@ -11,10 +11,10 @@ import pytest
 import trio
 
 from reaper import db
-from reaper.config import SourceConfig
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import SourceConfig
+from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.source import SourceReaper
 from reaper.special import SpecialContext, special_spec
 from reaper.special.changes import CATEGORIES, compare, hash_queries
 

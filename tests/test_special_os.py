@@ -14,12 +14,12 @@ import pytest
 import trio
 
 from reaper import db
+from reaper.catalog.metrics import Catalog
 from reaper.cli import main
-from reaper.config import SourceConfig
+from reaper.config.schema import SourceConfig
+from reaper.daemon.source import SourceReaper
 from reaper.errors import MetricError
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.source import SourceReaper
 from reaper.special import SpecialContext, special_spec
 from reaper.special import osmetrics as om
 

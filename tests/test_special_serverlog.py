@@ -13,14 +13,14 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from pgserver import PgServer, PgServerError, create_monitoring_role
 
 from reaper import db
-from reaper.config import MetricDef, SourceConfig
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import MetricDef, SourceConfig
+from reaper.daemon.source import SourceReaper
 from reaper.errors import MetricError
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.pgserver import PgServer, PgServerError, create_monitoring_role
-from reaper.source import SourceReaper
 from reaper.special import SpecialContext
 from reaper.special import serverlog as sl
 

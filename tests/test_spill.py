@@ -8,7 +8,7 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from reaper.config import JsonFileSinkConfig
+from reaper.config.schema import JsonFileSinkConfig
 from reaper.measurement import Measurement
 from reaper.sinks import FanOut, run_sink
 from reaper.sinks.jsonfile import JsonFileSink

@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from pgserver import PgServer
 
 from reaper import db
-from reaper.config import MetricDef, SourceConfig
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import MetricDef, SourceConfig
+from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.pgserver import PgServer
-from reaper.source import SourceReaper
 
 pytestmark = pytest.mark.pg
 EPOCH = "(extract(epoch from now()) * 1e9)::int8 as epoch_ns"

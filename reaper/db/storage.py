@@ -45,8 +45,7 @@ from reaper.db import (
     is_connection_error,
     tolerate_abandoned_connection_futures,
 )
-from reaper.errors import SinkError
-from reaper.storage_schema import (
+from reaper.db.storage_schema import (
     BOOTSTRAP_SQL,
     LATEST_VERSION,
     LOCK_CLASS,
@@ -54,6 +53,7 @@ from reaper.storage_schema import (
     MIGRATIONS,
     interval_sql,
 )
+from reaper.errors import SinkError
 
 log = logging.getLogger("reaper.db.storage")
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 import orjson
 import trio
 
-from reaper.config import JsonFileSinkConfig
+from reaper.config.schema import JsonFileSinkConfig
 from reaper.measurement import Measurement
 
 _INT64 = 2**63

@@ -51,7 +51,9 @@ from typing import Any
 import orjson
 import trio
 
-from reaper.config import PostgresSinkConfig, expand_env, redact_dsn
+from reaper.config.load import expand_env
+from reaper.config.redact import redact_dsn
+from reaper.config.schema import PostgresSinkConfig
 from reaper.db.storage import (
     FlushRequest,
     MaintenanceResult,
@@ -61,10 +63,10 @@ from reaper.db.storage import (
     TableRows,
     open_storage,
 )
+from reaper.db.storage_schema import parse_partition_interval
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
 from reaper.sinks.jsonfile import json_default
-from reaper.storage_schema import parse_partition_interval
 
 log = logging.getLogger("reaper.sinks.postgres")
 

@@ -51,11 +51,11 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from reaper.config import MetricDef, PrometheusSinkConfig, SourceConfig
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import MetricDef, PrometheusSinkConfig, SourceConfig
+from reaper.daemon.status import DaemonStatus
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.status import DaemonStatus
 
 log = logging.getLogger("reaper.sinks.prometheus")
 http_log = logging.getLogger("reaper.sinks.prometheus.http")  # hypercorn's errors

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from reaper.config import MetricDef, SourceConfig
+from reaper.config.schema import MetricDef, SourceConfig
 
 Rows = list[dict[str, Any]]
 Result = list[tuple[str, Rows]]

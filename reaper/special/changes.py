@@ -27,8 +27,8 @@ import attrs
 import trio
 
 from reaper import db
+from reaper.catalog.metrics import load_shipped_definitions
 from reaper.errors import MetricError
-from reaper.metrics import load_shipped_definitions
 from reaper.special import Result, Rows, SpecialContext, register
 
 log = logging.getLogger("reaper.special.changes")

@@ -27,28 +27,28 @@ import attrs
 import trio
 
 from reaper import __version__, db
-from reaper.cache import InstanceCache
-from reaper.config import (
+from reaper.catalog.metrics import Catalog, load_shipped_definitions
+from reaper.config.load import load_config
+from reaper.config.schema import (
     Config,
     JsonFileSinkConfig,
     PostgresSinkConfig,
     SinkConfig,
     SourceConfig,
     default_state_dir,
-    load_config,
 )
+from reaper.daemon.cache import InstanceCache
+from reaper.daemon.source import Connector, FleetControls, SourceReaper, connect_source, supervise
+from reaper.daemon.status import STATUS_FILE, DaemonStatus, SinkStatus, SourceStatus, percentile, write_status_file
 from reaper.errors import ConfigError, SourceUnavailable
 from reaper.kinds import is_discovery, resolve
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog, load_shipped_definitions
 from reaper.schedule import PHASE_SPREAD
 from reaper.sinks import FanOut, Outlet, Sink, run_sink
 from reaper.sinks.jsonfile import JsonFileSink
 from reaper.sinks.spill import SpillQueue
-from reaper.source import Connector, FleetControls, SourceReaper, connect_source, supervise
-from reaper.status import STATUS_FILE, DaemonStatus, SinkStatus, SourceStatus, percentile, write_status_file
 
-log = logging.getLogger("reaper.app")
+log = logging.getLogger("reaper.daemon.app")
 
 
 def count_tasks() -> tuple[int, int]:

@@ -12,9 +12,9 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from reaper.config import MetricDef
+from reaper.catalog.metrics import Catalog, presets_dir
+from reaper.config.schema import MetricDef
 from reaper.errors import ConfigError
-from reaper.metrics import Catalog, presets_dir
 
 MATRIX_VERSIONS = (14, 15, 16, 17, 18)
 Matrix = Mapping[str, Mapping[str, str]]

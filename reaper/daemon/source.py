@@ -20,15 +20,15 @@ import attrs
 import trio
 
 from reaper import db
-from reaper.cache import InstanceCache
-from reaper.config import MetricDef, SourceConfig
+from reaper.catalog.metrics import SPECIAL_METRICS, Catalog
+from reaper.config.schema import MetricDef, SourceConfig
+from reaper.daemon.cache import InstanceCache
 from reaper.errors import MetricError, MetricUnavailable, SourceUnavailable
 from reaper.measurement import Measurement
-from reaper.metrics import SPECIAL_METRICS, Catalog
 from reaper.schedule import PHASE_SPREAD, Schedule
 from reaper.special import SpecialContext, SpecialSpec, special_spec
 
-log = logging.getLogger("reaper.source")
+log = logging.getLogger("reaper.daemon.source")
 
 Connector = Callable[[SourceConfig], Awaitable[Any]]
 Emit = Callable[[Measurement], None]

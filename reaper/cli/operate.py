@@ -13,8 +13,9 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from reaper.config import default_state_dir, load_config
-from reaper.status import STATUS_FILE, DaemonStatus, read_status_file
+from reaper.config.load import load_config
+from reaper.config.schema import default_state_dir
+from reaper.daemon.status import STATUS_FILE, DaemonStatus, read_status_file
 
 STALE_AFTER_SECONDS = 20.0
 

@@ -20,7 +20,9 @@ import tomli_w
 import yaml
 
 from reaper import __version__
-from reaper.config import MetricDef, SourceConfig, check_metric, converter, read_text
+from reaper.catalog.definitions import check_metric
+from reaper.config.files import read_text
+from reaper.config.schema import MetricDef, SourceConfig, converter
 from reaper.errors import ConfigError
 
 # pgwatch's special metrics: reaper collects them with its own code, never with their SQL.
@@ -326,7 +328,7 @@ def _header(kind: str, files: list[Path], path: Path, notes: list[str], extra: l
 
 def _shipped() -> tuple[set[str], set[str]]:
     """Names of the metrics and presets reaper ships (empty if the shipped files do not load)."""
-    from reaper.metrics import load_shipped_definitions
+    from reaper.catalog.metrics import load_shipped_definitions
 
     try:
         shipped = load_shipped_definitions()
@@ -341,7 +343,7 @@ def _shipped() -> tuple[set[str], set[str]]:
 
 def import_metrics(path: str | Path) -> ImportResult:
     """Convert a pgwatch metrics.yaml (or a folder of them) to reaper `[metrics.*]`/`[presets.*]` TOML."""
-    from reaper.metrics import SPECIAL_METRICS
+    from reaper.catalog.metrics import SPECIAL_METRICS
 
     path = Path(path)
     report = _Report()
@@ -542,7 +544,7 @@ def _convert_metric(name: str, raw: Any, origin: str, report: _Report,
 
 def _check_metric_table(name: str, table: dict[str, Any]) -> list[str]:
     """What reaper's own loader says about this table (the same checks `reaper check` runs)."""
-    from reaper.config import _format_cattrs_errors
+    from reaper.config.schema import _format_cattrs_errors
 
     try:
         metric = converter.structure(table, MetricDef)
@@ -827,7 +829,7 @@ def _convert_source(i: int, raw: Any, origin: str, report: _Report, shipped_metr
         try:
             source = converter.structure(out, SourceConfig)
         except Exception as e:  # cattrs groups; should not happen for what is built above
-            from reaper.config import _format_cattrs_errors
+            from reaper.config.schema import _format_cattrs_errors
 
             for line in _format_cattrs_errors(e, where):
                 note("", f"reaper would reject it ({line}); written commented out")

@@ -379,7 +379,7 @@ def _port_in_use_failure(log_text: str) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
-    from reaper.operate import pid_alive
+    from reaper.cli.operate import pid_alive
 
     return pid_alive(pid)
 

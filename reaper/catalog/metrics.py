@@ -11,15 +11,9 @@ from pathlib import Path
 
 import attrs
 
-from reaper.config import (
-    Config,
-    Definitions,
-    MetricDef,
-    PresetDef,
-    SourceConfig,
-    read_toml,
-    structure_definitions,
-)
+from reaper.catalog.definitions import structure_definitions
+from reaper.config.files import read_toml
+from reaper.config.schema import Config, Definitions, MetricDef, PresetDef, SourceConfig
 from reaper.errors import ConfigError
 
 # Metrics collected by reaper's own code rather than by SQL.
@@ -32,11 +26,11 @@ DEFAULT_PRESET = "basic"
 
 def presets_dir() -> Path:
     """Where the shipped definitions live: inside the wheel, or at the top of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "presets", here.parent / "presets"):
+    package = Path(__file__).resolve().parent.parent  # reaper/
+    for candidate in (package / "presets", package.parent / "presets"):
         if candidate.is_dir():
             return candidate
-    raise ConfigError([f"{here}: the shipped presets/ directory is missing (broken installation)"])
+    raise ConfigError([f"{package}: the shipped presets/ directory is missing (broken installation)"])
 
 
 @functools.cache

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from reaper.metrics import Catalog
+from reaper.catalog.metrics import Catalog
 
 
 def presets_using(catalog: Catalog, metric: str) -> list[str]:

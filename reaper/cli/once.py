@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from reaper import db
-from reaper.config import Config
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import Config
+from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
-from reaper.metrics import Catalog
-from reaper.source import SourceReaper
 
 
 @attrs.define
@@ -50,13 +50,13 @@ async def collect_once(config: Config, sources: Sequence[str] | None,
         if name not in catalog.metrics:
             result.problems.append(f"unknown metric {name!r}")
     handler = _ProblemCollector(result)
-    logging.getLogger("reaper.source").addHandler(handler)
+    logging.getLogger("reaper.daemon.source").addHandler(handler)
     try:
         async with db.open_loop(), trio.open_nursery() as nursery:
             for source in chosen:
                 nursery.start_soon(_collect_source, source, catalog, metrics, result)
     finally:
-        logging.getLogger("reaper.source").removeHandler(handler)
+        logging.getLogger("reaper.daemon.source").removeHandler(handler)
     result.measurements.sort(key=lambda m: (m.source, m.metric))
     return result
 

@@ -15,7 +15,8 @@ import attrs
 import trio
 
 from reaper import __version__
-from reaper.config import Config, load_config
+from reaper.config.load import load_config
+from reaper.config.schema import Config
 from reaper.errors import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -215,7 +216,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reaper.app import run_daemon
+    from reaper.daemon.app import run_daemon
 
     config = _load(args.config)
     if args.create_extensions:
@@ -229,19 +230,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from reaper.operate import show_status
+    from reaper.cli.operate import show_status
 
     return show_status(args)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from reaper.operate import reload_daemon
+    from reaper.cli.operate import reload_daemon
 
     return reload_daemon(args)
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    from reaper.once import collect_once, print_measurements
+    from reaper.cli.once import collect_once, print_measurements
 
     config = _load(args.config, require_sinks=False)
     result = trio.run(collect_once, config, args.source, args.metric)
@@ -252,8 +253,8 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from reaper.metrics import Catalog
-    from reaper.reference import print_metric, print_metric_list
+    from reaper.catalog.metrics import Catalog
+    from reaper.cli.reference import print_metric, print_metric_list
 
     if args.metrics_verb is None:
         build_parser().parse_args(["metrics", "--help"])
@@ -278,7 +279,7 @@ _CREATE_EXTENSION = re.compile(r"create\s+extension\s+(?:if\s+not\s+exists\s+)?\
 
 def cmd_metrics_print_init(catalog: Any, names: Sequence[str]) -> int:
     """Extensions first (each once), then every init_sql that does more than create those."""
-    from reaper.pgserver import quote_ident
+    from reaper.db.storage_schema import quote_ident
 
     unknown = [n for n in names if n not in catalog.metrics and n not in catalog.presets]
     for name in unknown:
@@ -316,7 +317,7 @@ def cmd_metrics_print_init(catalog: Any, names: Sequence[str]) -> int:
 
 
 def cmd_import_pgwatch(args: argparse.Namespace) -> int:
-    from reaper.pgwatch_import import import_metrics, import_sources
+    from reaper.catalog.pgwatch_import import import_metrics, import_sources
 
     if args.import_what is None:
         build_parser().parse_args(["import-pgwatch", "--help"])
@@ -340,7 +341,7 @@ def cmd_import_pgwatch(args: argparse.Namespace) -> int:
 def cmd_metrics_docs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reaper.catalog_docs import render_shipped
+    from reaper.catalog.docs import render_shipped
 
     text = render_shipped(Path(args.matrix) if args.matrix else None)
     if args.output is None:
@@ -355,9 +356,10 @@ def cmd_metrics_docs(args: argparse.Namespace) -> int:
 
 def cmd_storage(args: argparse.Namespace) -> int:
     from reaper import db
-    from reaper.config import expand_env, redact_dsn
+    from reaper.config.load import expand_env
+    from reaper.config.redact import redact_dsn
     from reaper.db.storage import StorageError, init_storage
-    from reaper.storage_schema import LATEST_VERSION, parse_partition_interval
+    from reaper.db.storage_schema import LATEST_VERSION, parse_partition_interval
 
     if args.storage_verb is None:
         build_parser().parse_args(["storage", "--help"])
@@ -393,7 +395,7 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from reaper.demo import run_demo
+    from reaper.cli.demo import run_demo
 
     return run_demo(duration=args.duration, preset=args.preset, keep=args.keep)
 

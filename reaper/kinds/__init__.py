@@ -61,7 +61,7 @@ import attrs
 import httpx
 import trio
 
-from reaper.config import SourceConfig
+from reaper.config.schema import SourceConfig
 from reaper.db.discovery import list_databases
 from reaper.errors import SourceUnavailable
 

@@ -27,11 +27,11 @@ from rich.table import Table
 from rich.text import Text
 
 from reaper import db
-from reaper.app import Daemon
-from reaper.config import Config, JsonFileSinkConfig, SourceConfig
-from reaper.pgserver import PgServer, PgServerError, bindir_major, find_bindir
+from reaper.cli.demo_server import PgServer, PgServerError, bindir_major, find_bindir
+from reaper.config.schema import Config, JsonFileSinkConfig, SourceConfig
+from reaper.daemon.app import Daemon
 
-log = logging.getLogger("reaper.demo")
+log = logging.getLogger("reaper.cli.demo")
 DEMO_ROOT = Path("/var/tmp/reaper-demo")
 
 WORKLOAD_SETUP = """

@@ -1,0 +1,65 @@
+"""Structuring and checking metric and preset definitions (presets/*.toml, or a config's own tables)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from reaper.config.schema import Definitions, MetricDef, PresetDef, _format_cattrs_errors, converter
+
+
+def structure_definitions(data: Mapping[str, Any], origin: str) -> tuple[Definitions, list[str]]:
+    """Structure `metrics` and `presets` tables; return them and the problems found."""
+    problems: list[str] = []
+    metrics: dict[str, MetricDef] = {}
+    presets: dict[str, PresetDef] = {}
+    raw_metrics = data.get("metrics", {})
+    raw_presets = data.get("presets", {})
+    if not isinstance(raw_metrics, Mapping):
+        problems.append(f"{origin}: metrics: expected a table of metric definitions")
+        raw_metrics = {}
+    if not isinstance(raw_presets, Mapping):
+        problems.append(f"{origin}: presets: expected a table of presets")
+        raw_presets = {}
+    for name, raw in raw_metrics.items():
+        try:
+            metric = converter.structure(raw, MetricDef)
+        except Exception as e:  # cattrs raises groups of validation errors
+            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, f"metrics.{name}"))
+            continue
+        metric = attrs.evolve(metric, name=name)
+        problems.extend(f"{origin}: {line}" for line in check_metric(metric))
+        metrics[name] = metric
+    for name, raw in raw_presets.items():
+        try:
+            presets[name] = converter.structure(raw, PresetDef)
+        except Exception as e:
+            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, f"presets.{name}"))
+    return Definitions(metrics=metrics, presets=presets), problems
+
+
+def check_metric(metric: MetricDef) -> list[str]:
+    """Problems with one metric definition on its own (not its references)."""
+    where = f"metrics.{metric.name}"
+    problems = []
+    if not metric.special and not metric.sql:
+        problems.append(f"{where}.sql: required (a table of minimum major version -> SQL)")
+    if metric.special and metric.sql:
+        problems.append(f"{where}.sql: a special metric is collected by reaper itself and takes no SQL")
+    for version, sql in metric.sql.items():
+        if version < 0:
+            problems.append(f"{where}.sql.{version}: version must be 0 or more")
+        text = sql.strip()
+        if not text:
+            problems.append(f"{where}.sql.{version}: empty SQL")
+        elif text.endswith(";"):
+            problems.append(f"{where}.sql.{version}: remove the trailing semicolon (one SELECT/WITH query)")
+        elif "postgres" in metric.source_kinds and not re.match(
+                r"(?is)^(\s|--[^\n]*\n|/\*.*?\*/)*(select|with)\b", sql):
+            problems.append(f"{where}.sql.{version}: must be one SELECT or WITH query")
+    if metric.statement_timeout_seconds is not None and metric.statement_timeout_seconds <= 0:
+        problems.append(f"{where}.statement_timeout_seconds: must be more than 0")
+    return problems
