@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from reaper.catalog.pgwatch_import import clean_sql, import_sources, keyword_dsn_to_uri, parse_keyword_dsn
+from reaper.catalog.pgwatch.dsn import keyword_dsn_to_uri, parse_keyword_dsn
+from reaper.catalog.pgwatch.sources import import_sources
+from reaper.catalog.sqltext import clean_sql
 
 REAPER = [sys.executable, "-m", "reaper.cli"]
 DATA = Path(__file__).parent / "data" / "pgwatch"

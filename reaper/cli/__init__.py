@@ -16,6 +16,7 @@ import trio
 
 from reaper import __version__
 from reaper.config.load import load_config
+from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
 from reaper.errors import ConfigError
 
@@ -32,6 +33,12 @@ Start with `reaper demo` (a throwaway PostgreSQL, watched live), then write a co
 
 
 class UTCFormatter(logging.Formatter):
+    """One line per event in UTC, with every configured password (and password-shaped text) redacted:
+    the last place a secret could slip into a log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
@@ -204,7 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(path: str, **kwargs: Any) -> Config:
-    return load_config(path, **kwargs)
+    config = load_config(path, **kwargs)
+    for dsn in [s.dsn for s in config.sources] + [getattr(k, "dsn", "") for k in config.sinks]:
+        remember_secrets(dsn)  # from now on, no log line and no error text shows these passwords
+    return config
+
+
+def _format_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", "-f", choices=["table", "plain", "json"], default=None,
+                        help="table (default on a terminal), plain (one tab-separated line per item, the default "
+                             "when piped), json (for scripts)")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -317,7 +333,8 @@ def cmd_metrics_print_init(catalog: Any, names: Sequence[str]) -> int:
 
 
 def cmd_import_pgwatch(args: argparse.Namespace) -> int:
-    from reaper.catalog.pgwatch_import import import_metrics, import_sources
+    from reaper.catalog.pgwatch.metrics import import_metrics
+    from reaper.catalog.pgwatch.sources import import_sources
 
     if args.import_what is None:
         build_parser().parse_args(["import-pgwatch", "--help"])

@@ -1,0 +1,184 @@
+"""What the pgwatch importers share: the result and report, YAML read as pgwatch reads it, value helpers."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import tomli_w
+import yaml
+
+from reaper import __version__
+from reaper.catalog.metrics import load_shipped_definitions
+from reaper.config.files import read_text
+from reaper.errors import ConfigError
+
+ENV_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+@attrs.frozen
+class ImportResult:
+    text: str  # the TOML document
+    notes: tuple[str, ...]  # report lines, `FILE: key.path: what happened`
+    summary: str  # what was written, e.g. "75 metrics, 15 presets, 1 commented out"
+
+
+class Report:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.bare: list[str] = []  # the same without the file name, for the header comment
+
+    def __call__(self, origin: str, where: str, message: str) -> None:
+        text = f"{where}: {message}" if where else message
+        self.lines.append(f"{origin}: {text}")
+        self.bare.append(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML the way pgwatch (yaml.v3) reads it
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans (only true/false, as Go's yaml.v3) and duplicate keys recorded, not lost."""
+
+    duplicates: list[tuple[int, Any]]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    self.duplicates.append((key_node.start_mark.line + 1, key))
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_files(path: Path) -> list[Path]:
+    """A file, or every *.yaml/*.yml under a folder (pgwatch accepts both)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".yaml", ".yml"))
+        if not files:
+            raise ConfigError([f"{path}: no *.yaml or *.yml files in this folder"])
+        return files
+    return [path]
+
+
+def read_yaml(path: Path, report: Report) -> Any:
+    text = read_text(path, "YAML file")
+    loader = _Loader(text)
+    loader.duplicates = []
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(e.problem or e.context or "syntax error").split())
+        raise ConfigError([f"{path}: invalid YAML{where}: {what}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: invalid YAML: {' '.join(str(e).split())}"]) from None
+    finally:
+        loader.dispose()
+    for line, key in loader.duplicates:
+        report(str(path), f"line {line}", f"duplicate key {key!r}: the last one is used "
+                                          "(pgwatch refuses a file with duplicate keys)")
+    return data
+
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def env_field(value: str) -> tuple[str, list[str]]:
+    """pgwatch expands `$VAR`/`${VAR}` in a field whose value starts with `$`: return ours (`${VAR}`)."""
+    if not value.startswith("$"):
+        return value, []
+    names: list[str] = []
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        names.append(name)
+        return "${" + name + "}"
+
+    return ENV_REF.sub(repl, value), names
+
+
+def interval(value: Any, origin: str, where: str, report: Report) -> int | None:
+    """pgwatch intervals are seconds (a float in sources); 0 or less disables. Ours: whole seconds, 0 disables."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (isinstance(value, float) and \
+            not math.isfinite(value)):
+        report(origin, where, f"interval {value!r} is not a number of seconds; dropped")
+        return None
+    if value <= 0:
+        if value < 0:
+            report(origin, where, f"interval {value!r} disables the metric in pgwatch; written as 0 (disabled)")
+        return 0
+    if isinstance(value, float) and not value.is_integer():
+        report(origin, where, f"interval {value!r} is not whole seconds; rounded up to {math.ceil(value)}")
+        return math.ceil(value)
+    return int(value)
+
+
+def as_text(value: Any, origin: str, where: str, report: Report) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool | list | dict):
+        report(origin, where, f"expected text, got {value!r}; dropped")
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def comment_out(toml_text: str) -> str:
+    return "".join(f"# {line}".rstrip() + "\n" for line in toml_text.strip().splitlines())
+
+
+def header(kind: str, files: list[Path], path: Path, notes: list[str], extra: list[str]) -> str:
+    source = str(path) if len(files) == 1 else f"{path} ({len(files)} files)"
+    lines = [f"Imported from pgwatch's {kind} file {source}",
+             f"by `reaper import-pgwatch {kind}` (reaper {__version__}).", *extra]
+    if notes:
+        lines += ["", "Import notes (also printed on stderr when imported):"] + [f"  {n}" for n in notes]
+    return "".join(f"# {line}".rstrip() + "\n" for line in lines) + "\n"
+
+
+def shipped_names() -> tuple[set[str], set[str]]:
+    """Names of the metrics and presets reaper ships (empty if the shipped files do not load)."""
+    try:
+        shipped = load_shipped_definitions()
+    except ConfigError:
+        return set(), set()
+    return set(shipped.metrics), set(shipped.presets)
+
+
+
+def array_table(name: str, table: Mapping[str, Any]) -> str:
+    """One `[[name]]` table; nested mappings written inline (`metrics = { wal = 60 }`), as in conf/reaper.toml."""
+    lines = [f"[[{name}]]"]
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            items = ", ".join(tomli_w.dumps({k: v}).strip() for k, v in value.items())
+            lines.append(f"{key} = {{ {items} }}" if items else f"{key} = {{}}")
+        else:
+            lines.append(tomli_w.dumps({key: value}).strip())
+    return "\n".join(lines) + "\n"
