@@ -19,6 +19,7 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
+from reaper.config.redact import scrub
 from reaper.errors import SourceUnavailable
 
 log = logging.getLogger("reaper.db")
@@ -123,11 +124,11 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None)
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        return f"{message} (SQLSTATE {state})" if state else message
+        return scrub(f"{message} (SQLSTATE {state})" if state else message)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return text or exc.__class__.__name__
+    return scrub(text) or exc.__class__.__name__
 
 
 def _combined_statement(names: Sequence[str], batch: Mapping[str, str]) -> str:

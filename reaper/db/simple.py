@@ -48,6 +48,7 @@ import trio
 from psycopg import AsyncClientCursor
 from trio_asyncio import aio_as_trio
 
+from reaper.config.redact import scrub
 from reaper.db import (
     APPLICATION_NAME,
     ServerInfo,
@@ -91,11 +92,11 @@ def describe_error(exc: BaseException) -> str:
         diag = exc.diag
         message = diag.message_primary or " ".join(str(exc).split()) or exc.__class__.__name__
         state = exc.sqlstate
-        return f"{message} (SQLSTATE {state})" if state else message
+        return scrub(f"{message} (SQLSTATE {state})" if state else message)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = " ".join(str(exc).split())
-    return text or exc.__class__.__name__
+    return scrub(text) or exc.__class__.__name__
 
 
 def version_number(text: str) -> int:
