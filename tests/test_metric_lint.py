@@ -12,135 +12,42 @@ names it.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
-import attrs
 import pytest
 
+from reaper.catalog.definitions import check_metric
 from reaper.catalog.metrics import SPECIAL_METRICS, load_shipped_definitions
+from reaper.catalog.sqllint import write_problems
+from reaper.catalog.sqltext import code_of
+from reaper.config.load import load_config
 from reaper.config.schema import MetricDef
+from reaper.errors import ConfigError
 
 DEFS = load_shipped_definitions()
 METRICS = DEFS.metrics
 PRESETS = DEFS.presets
 SQL_CASES = [(name, version) for name in sorted(METRICS) for version in sorted(METRICS[name].sql)]
 
-# Statements that write, change settings or hold more than they read. As whole words outside
-# comments, string literals and quoted identifiers.
-WRITE_WORDS = ("insert", "update", "delete", "merge", "create", "drop", "alter", "truncate", "grant",
-               "revoke", "copy", "set", "reset", "vacuum", "analyze", "analyse", "cluster", "reindex",
-               "refresh", "lock", "call", "do", "notify", "listen", "prepare", "execute", "discard",
-               "comment", "security", "into")
-WRITE_RE = re.compile(r"\b(" + "|".join(WRITE_WORDS) + r")\b", re.IGNORECASE)
-LOCKING_RE = re.compile(r"\bfor\s+(update|no\s+key\s+update|share|key\s+share)\b", re.IGNORECASE)
-# Functions with side effects on the monitored server (resetting statistics, changing settings,
-# signalling or ending backends, consuming transaction ids, WAL switches, slots, sequences).
-SIDE_EFFECT_FUNCTIONS_RE = re.compile(
-    r"\b(pg_stat_reset\w*|pg_stat_statements_reset|set_config|nextval|setval|pg_terminate_backend|"
-    r"pg_cancel_backend|pg_reload_conf|pg_rotate_logfile|pg_switch_wal|pg_create_\w*slot|"
-    r"pg_drop_replication_slot|pg_replication_slot_advance|pg_advisory_\w*|txid_current|pg_current_xact_id|"
-    r"pg_promote|pg_wal_replay_(pause|resume)|pg_log_backend_memory_contexts|lo_\w+|dblink\w*|"
-    r"pg_file_write|pg_backup_start|pg_backup_stop|pg_start_backup|pg_stop_backup)\s*\(",
-    re.IGNORECASE)
 # Output in JSON instead of native types (the sinks get asyncpg's native values).
 JSON_RE = re.compile(r"::\s*jsonb?\b|\b(to_jsonb?|row_to_json|jsonb?_agg|jsonb?_build_\w+|jsonb?_object\w*)\s*\(",
                      re.IGNORECASE)
 EPOCH_NS_RE = re.compile(r'\bepoch_ns\b|"epoch_ns"')
 FIRST_WORD_RE = re.compile(r"\s*(\w+)")
 IDENT_RE = re.compile(r"[a-z_][a-z0-9_]*")
-DOLLAR_TAG_RE = re.compile(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$")
-
-
-@attrs.frozen
-class Scanned:
-    """SQL with comments, string literals and quoted identifiers blanked out."""
-
-    code: str  # literals -> '', quoted identifiers -> "", comments -> one space
-    dash_comments: int  # `--` comments seen
-    problems: tuple[str, ...]  # unterminated literals or comments
-
-
-def scan_sql(sql: str) -> Scanned:
-    """A small SQL lexer: enough to tell code from comments, literals and quoted identifiers."""
-    out: list[str] = []
-    problems: list[str] = []
-    dash = 0
-    i, n = 0, len(sql)
-    while i < n:
-        c = sql[i]
-        two = sql[i:i + 2]
-        if two == "--":
-            dash += 1
-            end = sql.find("\n", i)
-            i = n if end < 0 else end
-            out.append(" ")
-        elif two == "/*":
-            depth, j = 1, i + 2
-            while j < n and depth:
-                if sql.startswith("/*", j):
-                    depth, j = depth + 1, j + 2
-                elif sql.startswith("*/", j):
-                    depth, j = depth - 1, j + 2
-                else:
-                    j += 1
-            if depth:
-                problems.append("unterminated /* comment")
-            i = j
-            out.append(" ")
-        elif c == "'":
-            escapes = i > 0 and sql[i - 1] in "eE" and (i < 2 or not (sql[i - 2].isalnum() or sql[i - 2] == "_"))
-            j = i + 1
-            while j < n:
-                if escapes and sql[j] == "\\":
-                    j += 2
-                    continue
-                if sql[j] == "'":
-                    if sql.startswith("''", j):
-                        j += 2
-                        continue
-                    break
-                j += 1
-            if j >= n:
-                problems.append("unterminated string literal")
-            i = j + 1
-            out.append("''")
-        elif c == '"':
-            j = i + 1
-            while j < n:
-                if sql[j] == '"':
-                    if sql.startswith('""', j):
-                        j += 2
-                        continue
-                    break
-                j += 1
-            if j >= n:
-                problems.append("unterminated quoted identifier")
-            i = j + 1
-            out.append('""')
-        elif c == "$" and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] in "_$")) and (
-                m := DOLLAR_TAG_RE.match(sql, i)):
-            tag = m.group(0)
-            end = sql.find(tag, m.end())
-            if end < 0:
-                problems.append(f"unterminated {tag} quote")
-                i = n
-            else:
-                i = end + len(tag)
-            out.append("''")
-        else:
-            out.append(c)
-            i += 1
-    return Scanned(code="".join(out), dash_comments=dash, problems=tuple(problems))
 
 
 def sql_problems(metric: MetricDef, sql: str) -> list[str]:
     """Everything wrong with one SQL text of a metric."""
-    scanned = scan_sql(sql)
+    scanned = code_of(sql)
     problems = list(scanned.problems)
-    code = scanned.code
+    code = scanned.text
     postgres = "postgres" in metric.source_kinds
     if ";" in code:
         problems.append("contains ';' (one statement only, and no trailing semicolon)")
-    if scanned.dash_comments:
+    if scanned.line_comments:
         problems.append("has a -- comment (use /* */: the query is embedded in one combined statement)")
     first = FIRST_WORD_RE.match(code)
     first_word = first.group(1).lower() if first else ""
@@ -149,13 +56,7 @@ def sql_problems(metric: MetricDef, sql: str) -> list[str]:
             problems.append(f"must be one SELECT or WITH query, starts with {first_word or 'nothing'!r}")
         if not EPOCH_NS_RE.search(sql):
             problems.append("has no epoch_ns output column")
-        writes = sorted({m.group(1).lower() for m in WRITE_RE.finditer(code)}
-                        | {"for " + " ".join(m.group(1).lower().split()) for m in LOCKING_RE.finditer(code)})
-        if writes:
-            problems.append(f"writes or changes state: {', '.join(writes)} (outside comments and literals)")
-        side_effects = sorted({m.group(1).lower() for m in SIDE_EFFECT_FUNCTIONS_RE.finditer(code)})
-        if side_effects:
-            problems.append(f"calls functions with side effects: {', '.join(side_effects)}")
+        problems.extend(write_problems(sql))  # the same rule `reaper check` applies
         if JSON_RE.search(code):
             problems.append("returns JSON (values must keep native types)")
     elif first_word not in ("show", "select"):
@@ -168,14 +69,14 @@ def sql_problems(metric: MetricDef, sql: str) -> list[str]:
 # the lexer itself
 
 
-def test_scan_sql_blanks_comments_literals_and_identifiers() -> None:
-    s = scan_sql("select 'a;b''c' as x, e'it\\'s;' y, $q$drop;$q$ z, \"odd;\"\"name\" /* c; /* nested */ */ from t")
-    assert ";" not in s.code
-    assert "drop" not in s.code
-    assert s.dash_comments == 0 and not s.problems
-    assert scan_sql("select 1 -- note\nfrom t").dash_comments == 1
-    assert scan_sql("select 'open").problems == ("unterminated string literal",)
-    assert scan_sql("select $1, a$b from t").code == "select $1, a$b from t"  # parameters, not dollar quotes
+def test_code_of_blanks_comments_literals_and_identifiers() -> None:
+    s = code_of("select 'a;b''c' as x, e'it\\'s;' y, $q$drop;$q$ z, \"odd;\"\"name\" /* c; /* nested */ */ from t")
+    assert ";" not in s.text
+    assert "drop" not in s.text
+    assert s.line_comments == 0 and not s.problems
+    assert code_of("select 1 -- note\nfrom t").line_comments == 1
+    assert code_of("select 'open").problems == ("unterminated string literal",)
+    assert code_of("select $1, a$b from t").text == "select $1, a$b from t"  # parameters, not dollar quotes
 
 
 def test_sql_problems_catch_each_rule() -> None:
@@ -319,3 +220,136 @@ def test_preset(name: str) -> None:
     if len(kinds) > 1:
         problems.append(f"mixes metrics of source kinds {sorted(kinds)}")
     assert not problems, f"presets.{name}: " + "; ".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# the read-only rule that `reaper check`, `run` and a reload apply to every metric (issue 12 item 7)
+
+EPOCH = "(extract(epoch from now()) * 1e9)::int8 as epoch_ns"
+SIDE_EFFECT_CALLS = {
+    "set_config": "set_config('default_transaction_read_only', 'off', false)",
+    "pg_terminate_backend": "pg_terminate_backend(123)",
+    "pg_cancel_backend": "pg_cancel_backend(123)",
+    "pg_reload_conf": "pg_reload_conf()",
+    "pg_rotate_logfile": "pg_rotate_logfile()",
+    "nextval": "nextval('s')",
+    "setval": "setval('s', 1)",
+    "dblink": "x from dblink('dbname=x', 'select 1') as t(x int)",
+    "dblink_exec": "dblink_exec('dbname=x', 'insert into t values (1)')",
+    "lo_import": "lo_import('/etc/passwd')",
+    "lo_unlink": "lo_unlink(1)",
+    "pg_advisory_lock": "pg_advisory_lock(1)",
+    "pg_advisory_xact_lock_shared": "pg_advisory_xact_lock_shared(1)",
+    "pg_try_advisory_lock": "pg_try_advisory_lock(1)",
+    "pg_notify": "pg_notify('c', 'p')",
+    "pg_switch_wal": "pg_switch_wal()",
+    "pg_create_physical_replication_slot": "pg_create_physical_replication_slot('s')",
+    "pg_create_restore_point": "pg_create_restore_point('p')",
+    "pg_drop_replication_slot": "pg_drop_replication_slot('s')",
+    "pg_promote": "pg_promote()",
+    "pg_log_backend_memory_contexts": "pg_log_backend_memory_contexts(1)",
+    "pg_stat_reset": "pg_stat_reset()",
+    "pg_stat_reset_shared": "pg_stat_reset_shared('bgwriter')",
+    "pg_stat_statements_reset": "pg_stat_statements_reset()",
+    "txid_current": "txid_current()",
+    "pg_current_xact_id": "pg_current_xact_id()",
+}
+WRITES = {
+    "insert": "with w as (insert into t values (1) returning 1) select {e}",
+    "update": "with w as (update t set x = 1 returning 1) select {e}",
+    "delete": "with d as (delete from victim where id = 1 returning 1) select {e}",
+    "merge": "select {e} from (select 1) s where false union all select 1 from t merge",
+    "copy": "select {e}, x from t copy",
+    "create": "with c as (select 1) select {e} from c create",
+    "drop": "select {e} /* fine */; drop table t",
+    "alter": "select {e}; alter table t add x int",
+    "truncate": "select {e}; truncate t",
+    "grant": "select {e}; grant all on t to public",
+    "lock": "select {e}; lock table t",
+    "call": "select {e}; call p()",
+    "do": "select {e}; do $$begin end$$",
+    "set": "select {e}; set default_transaction_read_only = off",
+    "reset": "select {e}; reset all",
+    "select ... into": "select {e} into t",
+    "for update": "select {e} from t for update",
+    "for share": "select {e} from t for share",
+}
+
+
+def metric(sql: str, **fields: object) -> MetricDef:
+    return MetricDef(name="m", description="x", columns=("epoch_ns",), sql={0: sql}, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("function", sorted(SIDE_EFFECT_CALLS))
+def test_check_metric_rejects_a_function_with_side_effects(function: str) -> None:
+    problems = check_metric(metric(f"select {EPOCH}, {SIDE_EFFECT_CALLS[function]}"))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("metrics.m.sql.0: calls a function with side effects: ")
+    assert function in problems[0]
+
+
+@pytest.mark.parametrize("word", sorted(WRITES))
+def test_check_metric_rejects_a_statement_that_writes(word: str) -> None:
+    problems = check_metric(metric(WRITES[word].format(e=EPOCH)))
+    assert any(p.startswith("metrics.m.sql.0: writes or changes state: ") and word in p for p in problems), problems
+
+
+@pytest.mark.parametrize("sql", [
+    f'select {EPOCH}, n_tup_del as "delete_cnt", \'drop; nextval(1)\' as tag_note /* set_config() */',
+    f"select {EPOCH}, $q$ insert into t $q$ as text, e'it\\'s update' as t2",
+    f"select {EPOCH}, pg_sleep(0), pg_read_file('postgresql.conf', 0, 1), txid_current_snapshot()",
+    f"select {EPOCH}, stats_reset, pg_stat_get_db_stat_reset_time(1), setting from pg_settings, pg_stat_database",
+    f"select {EPOCH}, locktype, mode from pg_locks",
+])
+def test_check_metric_accepts_reads_that_look_like_writes(sql: str) -> None:
+    assert check_metric(metric(sql)) == []
+
+
+def test_check_metric_sees_a_function_called_by_a_quoted_or_qualified_name() -> None:
+    for call in ('pg_catalog."nextval"(\'s\')', "PG_CATALOG.SET_CONFIG('a', 'b', false)", "nextval /* c */ ('s')"):
+        problems = check_metric(metric(f"select {EPOCH}, {call}"))
+        assert len(problems) == 1 and "side effects" in problems[0], (call, problems)
+
+
+def test_check_metric_wants_show_or_select_from_a_pooler_metric() -> None:
+    assert check_metric(metric("show pools", source_kinds=("pgbouncer",))) == []
+    problems = check_metric(metric("reload", source_kinds=("pgbouncer",)))
+    assert problems == ["metrics.m.sql.0: a pgbouncer metric must be one SHOW or SELECT command"]
+
+
+BAD_METRIC_CONFIG = """
+[metrics.term]
+description = "ends other sessions"
+columns = ["epoch_ns", "n"]
+sql = {{ 0 = "select {epoch}, count(pg_terminate_backend(pid)) as n from pg_stat_activity" }}
+
+[[sources]]
+name = "a"
+dsn = "postgresql://u@127.0.0.1/app"
+metrics = {{ term = 60 }}
+
+[[sinks]]
+type = "jsonfile"
+path = "{out}"
+"""
+
+
+def test_load_config_rejects_a_config_metric_with_side_effects(tmp_path: Path) -> None:
+    config = tmp_path / "reaper.toml"
+    config.write_text(BAD_METRIC_CONFIG.format(epoch=EPOCH, out=tmp_path / "out.ndjson"))
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    assert e.value.problems == [f"{config}: metrics.term.sql.0: calls a function with side effects: "
+                                "pg_terminate_backend (metric SQL must only read)"]
+
+
+def test_reaper_check_names_the_metric_and_the_function(tmp_path: Path) -> None:
+    config = tmp_path / "reaper.toml"
+    config.write_text(BAD_METRIC_CONFIG.format(epoch=EPOCH, out=tmp_path / "out.ndjson"))
+    proc = subprocess.run([sys.executable, "-m", "reaper.cli", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "metrics.term" in lines[0] and "pg_terminate_backend" in lines[0]
+    assert "Traceback" not in proc.stderr

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
+from reaper.catalog.sqllint import write_problems
+from reaper.catalog.sqltext import code_of, first_word
 from reaper.config.schema import Definitions, MetricDef, PresetDef, _format_cattrs_errors, converter
 
 
@@ -52,14 +53,25 @@ def check_metric(metric: MetricDef) -> list[str]:
     for version, sql in metric.sql.items():
         if version < 0:
             problems.append(f"{where}.sql.{version}: version must be 0 or more")
+        at = f"{where}.sql.{version}"
         text = sql.strip()
+        code = code_of(sql)
         if not text:
-            problems.append(f"{where}.sql.{version}: empty SQL")
-        elif text.endswith(";"):
-            problems.append(f"{where}.sql.{version}: remove the trailing semicolon (one SELECT/WITH query)")
-        elif "postgres" in metric.source_kinds and not re.match(
-                r"(?is)^(\s|--[^\n]*\n|/\*.*?\*/)*(select|with)\b", sql):
-            problems.append(f"{where}.sql.{version}: must be one SELECT or WITH query")
+            problems.append(f"{at}: empty SQL")
+            continue
+        problems.extend(f"{at}: {problem}" for problem in code.problems)
+        if text.endswith(";"):
+            problems.append(f"{at}: remove the trailing semicolon (one SELECT/WITH query)")
+        elif ";" in code.text:
+            problems.append(f"{at}: more than one statement (a ';' in the middle); one SELECT/WITH query only")
+        first = first_word(sql)
+        if "postgres" in metric.source_kinds:
+            if first not in ("select", "with"):
+                problems.append(f"{at}: must be one SELECT or WITH query")
+            else:  # (a statement that is no query at all is already named by the line above)
+                problems.extend(f"{at}: {problem}" for problem in write_problems(sql))
+        elif first not in ("show", "select"):  # pgbouncer/pgpool admin consoles: RELOAD, KILL, SET... act
+            problems.append(f"{at}: a {'/'.join(metric.source_kinds)} metric must be one SHOW or SELECT command")
     if metric.statement_timeout_seconds is not None and metric.statement_timeout_seconds <= 0:
         problems.append(f"{where}.statement_timeout_seconds: must be more than 0")
     return problems
