@@ -31,7 +31,7 @@ def test_values_serialise_as_numbers_and_specials_as_null() -> None:
     doc = json.loads(encode_measurement(m))
     assert doc == {"metric": "m", "dbname": "src", "custom_tags": {"env": "test"}, "data": [{
         "epoch_ns": 1, "i": 2**62, "d": 3000, "frac": 1.25, "nan": None, "fnan": None, "finf": None,
-        "huge": 1e30, "ts": "2024-01-02T03:04:05+00:00", "span": 90.5, "raw": "dead", "text": "x",
+        "huge": 10**30, "ts": "2024-01-02T03:04:05+00:00", "span": 90.5, "raw": "dead", "text": "x",
         "none": None, "flag": True,
     }]}
     assert isinstance(doc["data"][0]["d"], int)

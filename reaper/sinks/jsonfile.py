@@ -2,57 +2,25 @@
 
     {"metric": ..., "dbname": ..., "custom_tags": {...}, "data": [{row}, ...]}
 
-Values keep their meaning: integers and decimals stay numbers (NaN and infinities become null),
-timestamps become ISO 8601 strings, intervals become seconds, bytes become hex.
+Values are written as pgwatch (Go) writes them: reaper/sinks/encode.py.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import decimal
-import ipaddress
-import math
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import orjson
 import trio
 
 from reaper.config.schema import JsonFileSinkConfig
 from reaper.measurement import Measurement
-
-_INT64 = 2**63
-
-
-def json_default(value: Any) -> Any:
-    """orjson's fallback for the types asyncpg returns that JSON has no direct form for."""
-    if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            return None
-        if value == value.to_integral_value():
-            as_int = int(value)
-            return as_int if -_INT64 <= as_int < _INT64 else float(value)
-        return float(value)
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
-    if isinstance(value, int):  # beyond 64 bits
-        return float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Network
-                  | ipaddress.IPv6Network | ipaddress.IPv4Interface | ipaddress.IPv6Interface):
-        return str(value)
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
+from reaper.sinks.encode import dumps
 
 
 def encode_measurement(m: Measurement) -> bytes:
     doc = {"metric": m.table, "dbname": m.source, "custom_tags": dict(m.tags), "data": list(m.rows)}
-    return orjson.dumps(doc, default=json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+    return dumps(doc) + b"\n"
 
 
 class JsonFileSink:

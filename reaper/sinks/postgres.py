@@ -17,8 +17,8 @@ Rows. Each row of a measurement becomes (time, dbname, data, tag_data) in public
 metric's storage_name or its name): time from the row's own epoch_ns (else the measurement's), dbname =
 the source name, data = every value column including epoch_ns, tag_data = the source's custom tags plus
 the tag_ columns with the prefix stripped and their values as text (null tags left out). Values are
-encoded as the jsonfile sink does (`json_default`): Decimal as a number, NaN and infinities as null,
-timestamps as ISO 8601 text, intervals as seconds.
+encoded as pgwatch (Go) writes them, as every JSON sink does (reaper/sinks/encode.py): `300`, not `300.0`;
+NaN and infinities as null; timestamps as ISO 8601 text; intervals as seconds.
 
 Batching. The caller drains whatever its channel holds into a batch (so batches grow by themselves
 under load). To spare the storage database a commit per tick of every source, a batch smaller than
@@ -48,7 +48,6 @@ import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import orjson
 import trio
 
 from reaper.config.load import expand_env
@@ -66,7 +65,7 @@ from reaper.db.storage import (
 from reaper.db.storage_schema import parse_partition_interval
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
-from reaper.sinks.jsonfile import json_default
+from reaper.sinks.encode import dumps
 
 log = logging.getLogger("reaper.sinks.postgres")
 
@@ -370,21 +369,8 @@ def tag_text(value: Any) -> str:
 
 
 def dumps_json(value: Mapping[str, Any]) -> str:
-    """JSON text for a jsonb column, with the jsonfile sink's value rules (NaN/inf -> null, Decimal -> number)."""
-    try:
-        data = orjson.dumps(value, default=json_default)
-    except orjson.JSONEncodeError:  # integers beyond 64 bits, non-string keys
-        data = orjson.dumps(_sanitize(value), default=json_default, option=orjson.OPT_NON_STR_KEYS)
+    """JSON text for a jsonb column (reaper/sinks/encode.py), with NUL escapes removed (jsonb rejects them)."""
+    data = dumps(value)
     if b"\\u0000" in data:
         data = _NUL_ESCAPE.sub(rb"\1", data)
     return data.decode()
-
-
-def _sanitize(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        return float(value)
-    if isinstance(value, Mapping):
-        return {str(k): _sanitize(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_sanitize(v) for v in value]
-    return value

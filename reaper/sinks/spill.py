@@ -1,17 +1,26 @@
 """The on-disk spill queue of one sink: where its measurements wait while it is slow or down.
 
-A directory of append-only segment files (`<n>.seg`); each record is a 4-byte big-endian length
-and one measurement as JSON (values as the sinks would write them: Decimal -> number, datetime ->
-ISO 8601, NaN -> null). Every append is one `write()` to the kernel, so a SIGKILL loses nothing
-that was appended. The read position (segment, offset) is kept in `head`, replaced atomically
-after each committed batch: after a crash the queue replays from the last commit (at least once).
+A directory of append-only segment files (`<n>.seg`); each record is a 4-byte big-endian length and one
+measurement as JSON (values as the sinks write them: reaper/sinks/encode.py). Every append is one
+`write()` to the kernel, so a SIGKILL loses nothing that was appended. The read position (segment,
+offset) is kept in `head`, replaced atomically after each committed batch: after a crash the queue
+replays from the last commit (at least once).
 
 Bounded by `max_bytes`: when an append would pass it, the oldest segment is deleted and its
 records are counted as dropped.
+
+Faults (issue 12). A full disk: an append that fails is cut back off (no torn record) and the caller counts
+the measurement as dropped; saving the position needs no free space first (drained segments are unlinked
+before it when the disk is full) and never raises. A kill at any instant: the position is saved (temp file,
+fsync, rename) before drained segments are unlinked; at open a position whose segment is gone moves to the
+oldest segment left, and a torn tail record is cut off and counted. The size of the batch being written is
+saved with the position (`take`), so after a kill the same batch is taken again and a sink that fingerprints
+batches (postgres) stores it once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -21,7 +30,7 @@ from typing import Any
 import orjson
 
 from reaper.measurement import Measurement
-from reaper.sinks.jsonfile import json_default
+from reaper.sinks.encode import dumps
 
 log = logging.getLogger("reaper.sinks.spill")
 
@@ -31,7 +40,7 @@ _LEN = struct.Struct(">I")
 
 def encode(m: Measurement) -> bytes:
     doc = {"s": m.source, "m": m.metric, "t": m.table, "e": m.epoch_ns, "r": list(m.rows), "g": dict(m.tags)}
-    return orjson.dumps(doc, default=json_default, option=orjson.OPT_NON_STR_KEYS)
+    return dumps(doc)
 
 
 def decode(data: bytes) -> Measurement:
@@ -41,22 +50,27 @@ def decode(data: bytes) -> Measurement:
 
 
 class SpillQueue:
-    """A FIFO of measurements on disk, bounded in bytes."""
+    """A FIFO of measurements on disk, bounded in bytes. Never raises for a full disk except in `append`
+    (the caller counts that measurement as dropped); `take`/`commit` keep going without free space."""
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.count = 0  # records not yet committed
         self.bytes = 0  # on disk, from the head on
-        self.dropped = 0
+        self.dropped = 0  # records lost: the bound, torn or unreadable records
+        self.generation = 0  # bumped when records are dropped from the front (a taken batch is then stale)
         self._segments: list[int] = []  # segment numbers, oldest first
         self._counts: dict[int, int] = {}  # records per segment from the head on
         self._head = (0, 0)  # (segment, offset) of the next record to read
+        self._inflight: int | None = None  # records of the batch being written (in `head`, for a restart)
+        self._last_seg = 0  # the highest segment number used: new segments are numbered above it
         self._fd: int | None = None  # the tail segment, open for append
         self._tail_size = 0
+        self._head_dirty = False  # the last head could not be saved (disk full): saved again at the next chance
 
     def __repr__(self) -> str:
-        return f"<SpillQueue {self.directory} {self.count} records {self.bytes} bytes>"
+        return f"<SpillQueue {self.directory} {self.count} records {self.bytes} bytes dropped={self.dropped}>"
 
     def __len__(self) -> int:
         return self.count
@@ -64,41 +78,68 @@ class SpillQueue:
     # -- opening and recovery ------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the directory, or recover what a previous run left (dropping a torn last record)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._segments = sorted(int(p.stem) for p in self.directory.glob("*.seg"))
-        head_file = self.directory / "head"
-        if head_file.exists():
-            seg, off = (int(x) for x in head_file.read_text().split())
-            self._head = (seg, off)
-        elif self._segments:
-            self._head = (self._segments[0], 0)
-        for seg in list(self._segments):
-            if seg < self._head[0]:
-                self._path(seg).unlink(missing_ok=True)
-                self._segments.remove(seg)
-        for seg in self._segments:
-            start = self._head[1] if seg == self._head[0] else 0
-            count, size, valid_end = self._scan(seg, start)
-            if valid_end is not None:  # a torn record at the end (killed mid-write): cut it off
-                os.truncate(self._path(seg), valid_end)
-            self._counts[seg] = count
+        """Create the directory, or recover what a previous run left: a head whose segment is gone is moved
+        to the oldest segment left; a torn last record (killed mid-write) is cut off and counted."""
+        self.directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+        (self.directory / "head.tmp").unlink(missing_ok=True)
+        self._segments = sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
+        head = self._read_head()
+        if head is None:
+            head = ((self._segments[0], 0) if self._segments else (0, 0), None)
+        (seg, off), self._inflight = head
+        for old in [s for s in self._segments if s < seg]:  # drained; a kill came before their unlink
+            self._path(old).unlink(missing_ok=True)
+            self._segments.remove(old)
+        if self._segments and self._segments[0] != seg:
+            if seg:
+                log.info("spill %s: segment %d of the saved position is gone; replaying from segment %d",
+                         self.directory.name, seg, self._segments[0])
+            seg, off, self._inflight = self._segments[0], 0, None
+        self._head = (seg, off)
+        self._last_seg = max([seg, *self._segments])
+        for s in self._segments:
+            start = off if s == seg else 0
+            count, size, valid_end, torn = self._scan(s, start)
+            if valid_end is not None:  # a torn record (killed or disk full mid-write): cut off, counted
+                os.truncate(self._path(s), valid_end)
+                self.dropped += torn
+                log.warning("spill %s: a torn record at the end of segment %d was cut off (%d dropped)",
+                            self.directory.name, s, torn)
+            self._counts[s] = count
             self.count += count
             self.bytes += size
         if self.count:
             log.warning("spill %s: %d measurements (%d bytes) from an earlier run will be replayed first",
                         self.directory.name, self.count, self.bytes)
 
-    def _scan(self, seg: int, start: int) -> tuple[int, int, int | None]:
+    def _read_head(self) -> tuple[tuple[int, int], int | None] | None:
+        try:
+            fields = [int(x) for x in (self.directory / "head").read_text().split()]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("spill %s: unreadable head (%s); replaying from the oldest segment", self.directory.name, e)
+            return None
+        if len(fields) not in (2, 3) or min(fields) < 0:
+            log.warning("spill %s: unreadable head %r; replaying from the oldest segment", self.directory.name,
+                        fields)
+            return None
+        return (fields[0], fields[1]), (fields[2] if len(fields) == 3 and fields[2] > 0 else None)
+
+    def _scan(self, seg: int, start: int) -> tuple[int, int, int | None, int]:
+        """(records, bytes, where valid data ends when a torn tail follows it, torn records)."""
         data = self._path(seg).read_bytes()
+        start = min(start, len(data))
         pos, count = start, 0
         while pos + _LEN.size <= len(data):
             (length,) = _LEN.unpack_from(data, pos)
-            if pos + _LEN.size + length > len(data):
-                break
-            pos += _LEN.size + length
+            end = pos + _LEN.size + length
+            if length < 2 or end > len(data) or data[pos + _LEN.size] != 0x7B or data[end - 1] != 0x7D:
+                break  # a record is a JSON object: "{...}"
+            pos = end
             count += 1
-        return count, pos - start, (pos if pos != len(data) else None)
+        torn = 1 if pos != len(data) else 0
+        return count, pos - start, (pos if torn else None), torn
 
     def _path(self, seg: int) -> Path:
         return self.directory / f"{seg:08d}.seg"
@@ -107,7 +148,8 @@ class SpillQueue:
 
     def append(self, m: Measurement) -> None:
         """Append one measurement (one write() to the kernel). Makes room by dropping the oldest
-        segment when the bound would be passed. Raises OSError when the disk refuses."""
+        segment when the bound would be passed. Raises OSError when the disk refuses (ENOSPC): nothing
+        of the record stays on disk, the caller counts it as dropped."""
         payload = encode(m)
         record = _LEN.pack(len(payload)) + payload
         while self.bytes + len(record) > self.max_bytes and len(self._segments) > 1:
@@ -119,8 +161,13 @@ class SpillQueue:
             self._roll()
         assert self._fd is not None
         view = memoryview(record)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):  # shrinking needs no space: no torn record is left behind
+                os.ftruncate(self._fd, self._tail_size)
+            raise
         self._tail_size += len(record)
         tail = self._segments[-1]
         self._counts[tail] = self._counts.get(tail, 0) + 1
@@ -128,57 +175,92 @@ class SpillQueue:
         self.bytes += len(record)
 
     def _roll(self) -> None:
+        seg = self._last_seg + 1
+        fd = os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # may raise: nothing changed
         if self._fd is not None:
             os.close(self._fd)
-        seg = (self._segments[-1] + 1) if self._segments else 1
-        if not self._segments:
-            self._head = (seg, 0)
-            self._write_head()
+        self._fd, self._last_seg = fd, seg
         self._segments.append(seg)
-        self._fd = os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._tail_size = os.fstat(self._fd).st_size
+        self._counts.setdefault(seg, 0)
+        self._tail_size = os.fstat(fd).st_size
+        if len(self._segments) == 1:
+            self._head, self._inflight = (seg, 0), None
+            self._save_head()  # not needed for safety: a head whose segment is gone is moved on at open
 
     def _drop_oldest_segment(self) -> None:
         seg = self._segments.pop(0)
         dropped = self._counts.pop(seg, 0)
         start = self._head[1] if seg == self._head[0] else 0
-        size = self._path(seg).stat().st_size - start
-        self._path(seg).unlink(missing_ok=True)
+        path = self._path(seg)
+        with contextlib.suppress(OSError):
+            self.bytes -= path.stat().st_size - start
+        path.unlink(missing_ok=True)  # first: frees the space the head needs (a gone segment is skipped at open)
         self.count -= dropped
-        self.bytes -= size
         self.dropped += dropped
-        self._head = (self._segments[0], 0)
-        self._write_head()
+        self.generation += 1
+        self._head, self._inflight = (self._segments[0], 0), None
+        self._save_head()
 
     # -- reading -------------------------------------------------------------------------------
 
     def peek(self, limit: int) -> list[Measurement]:
-        """Up to `limit` measurements from the head, oldest first, without removing them."""
-        out: list[Measurement] = []
+        """Up to `limit` measurements from the head, oldest first, without removing them (unreadable
+        records are left out)."""
+        return [m for m in self._read(limit) if m is not None]
+
+    def take(self, limit: int) -> list[Measurement | None]:
+        """The next batch to write: up to `limit` records from the head (None for an unreadable one).
+
+        How many is saved in `head` first, so that after a kill the same batch is taken again: a sink that
+        fingerprints its batches (postgres) then recognises one it had committed, and stores nothing twice.
+        """
+        if self._inflight is not None:
+            limit = min(limit, self._inflight)
+        batch = self._read(limit)
+        if batch and self._inflight != len(batch):
+            self._inflight = len(batch)
+            self._save_head()
+        return batch
+
+    def _read(self, limit: int) -> list[Measurement | None]:
+        out: list[Measurement | None] = []
         seg, off = self._head
         for s in self._segments:
             if s < seg:
                 continue
             with self._path(s).open("rb") as f:
                 f.seek(off if s == seg else 0)
-                while len(out) < limit:
+                for _ in range(min(limit - len(out), self._counts.get(s, 0))):
                     header = f.read(_LEN.size)
                     if len(header) < _LEN.size:
                         break
                     (length,) = _LEN.unpack(header)
-                    out.append(decode(f.read(length)))
+                    try:
+                        out.append(decode(f.read(length)))
+                    except (ValueError, KeyError, TypeError) as e:
+                        log.error("spill %s: an unreadable record in segment %d is skipped: %s",
+                                  self.directory.name, s, e)
+                        out.append(None)
             if len(out) >= limit:
                 break
         return out
 
-    def commit(self, n: int) -> None:
-        """Remove the first n measurements (they were written by the sink)."""
+    def commit(self, n: int, generation: int | None = None) -> None:
+        """Remove the first n records (the sink wrote them, or they were set aside).
+
+        Crash-safe order: the new position is saved (temp file, fsync, rename) before drained segments are
+        unlinked. On a full disk the drained segments are unlinked first, to make room for the position;
+        if even that fails the position is kept in memory and saved at the next commit (a restart meanwhile
+        replays from the last saved one: at least once). With `generation`: a no-op when records were
+        dropped from the front since the batch was taken (the batch is gone already)."""
+        if generation is not None and generation != self.generation:
+            return
         seg, off = self._head
+        drained: list[int] = []
         while n > 0 and self._segments:
-            path = self._path(seg)
-            with path.open("rb") as f:
+            with self._path(seg).open("rb") as f:
                 f.seek(off)
-                while n > 0:
+                while n > 0 and self._counts.get(seg, 0) > 0:
                     header = f.read(_LEN.size)
                     if len(header) < _LEN.size:
                         break
@@ -189,35 +271,71 @@ class SpillQueue:
                     self.count -= 1
                     self._counts[seg] -= 1
                     n -= 1
-            if self._counts.get(seg, 0) == 0 and seg != self._segments[-1]:
-                self._segments.remove(seg)
-                self._counts.pop(seg, None)
-                path.unlink(missing_ok=True)
-                seg, off = self._segments[0], 0
-        self._head = (seg, off)
+            if self._counts.get(seg, 0) > 0 or seg == self._segments[-1]:
+                break
+            drained.append(seg)
+            self._segments.remove(seg)
+            self._counts.pop(seg, None)
+            seg, off = self._segments[0], 0
+        self._head, self._inflight = (seg, off), None
+        if not self._save_head() and drained:
+            self._unlink(drained)
+            drained = []
+            self._save_head()
+        self._unlink(drained)
         if self.count == 0:
-            self._reset()
-        else:
-            self._write_head()
+            self._empty()
 
-    def _reset(self) -> None:
-        """Empty: start over with no segment files."""
+    def _empty(self) -> None:
+        """Nothing left: the tail segment goes too (the saved head points at its end; a head whose segment
+        is gone and has nothing after it means an empty queue)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        for s in self._segments:
-            self._path(s).unlink(missing_ok=True)
+        self._unlink(self._segments)
         self._segments, self._counts = [], {}
         self._tail_size, self.bytes, self.count = 0, 0, 0
-        (self.directory / "head").unlink(missing_ok=True)
-        self._head = (0, 0)
 
-    def _write_head(self) -> None:
+    def _unlink(self, segments: list[int]) -> None:
+        for s in list(segments):
+            with contextlib.suppress(OSError):
+                self._path(s).unlink(missing_ok=True)
+
+    def _save_head(self) -> bool:
+        """Replace `head` durably: temp file, fsync, rename, fsync the directory. False when the disk refuses."""
+        seg, off = self._head
+        text = f"{seg} {off} {self._inflight}\n" if self._inflight else f"{seg} {off}\n"
         tmp = self.directory / "head.tmp"
-        tmp.write_text(f"{self._head[0]} {self._head[1]}\n")
-        os.replace(tmp, self.directory / "head")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.directory / "head")
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not self._head_dirty:
+                log.error("spill %s: cannot save the replay position (%s); kept in memory and saved again at the "
+                          "next commit (a restart meanwhile replays some measurements again)",
+                          self.directory.name, e)
+            self._head_dirty = True
+            return False
+        if self._head_dirty:
+            self._head_dirty = False
+            log.warning("spill %s: the replay position is saved again", self.directory.name)
+        return True
 
     def close(self) -> None:
+        if self._head_dirty:
+            self._save_head()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
