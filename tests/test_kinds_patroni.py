@@ -20,16 +20,9 @@ from pgserver import ServerHandle, find_bindir
 from reaper import db
 from reaper.config.schema import SourceConfig
 from reaper.errors import SourceUnavailable
-from reaper.kinds import (
-    EtcdTarget,
-    PatroniMember,
-    check_source,
-    is_discovery,
-    parse_etcd_dsn,
-    patroni_children,
-    resolve,
-    with_parameters,
-)
+from reaper.kinds import check_source, is_discovery, resolve
+from reaper.kinds.dsn import with_parameters
+from reaper.kinds.patroni import EtcdTarget, PatroniMember, parse_etcd_dsn, patroni_children
 
 
 @pytest.fixture
@@ -177,7 +170,12 @@ def test_parse_etcd_dsn() -> None:
     deep = parse_etcd_dsn("etcd://h/a/b/sc")
     assert (deep.namespace, deep.scope) == ("a/b", "sc")
     assert parse_etcd_dsn("etcd://h/a/b/").prefix == "/a/b/"
-    for bad in ("postgresql://h/x", "etcd:///service", "etcd://h:port/x", "etcd://h1,,h2/x"):
+    # each host on its own (Debian's Python 3.11.2 urlsplit refuses the joined multi-host string)
+    assert parse_etcd_dsn("etcd://[fe80::1],h2:2380").endpoints == ("http://[fe80::1]:2379", "http://h2:2380")
+    assert parse_etcd_dsn("etcd://[::1]:2379?ca_file=/c").endpoints == ("https://[::1]:2379",)
+    assert parse_etcd_dsn("ETCD://h#frag").endpoints == ("http://h:2379",)
+    for bad in ("postgresql://h/x", "etcd:///service", "etcd://h:port/x", "etcd://h1,,h2/x", "etcd://[::1,h2/x",
+                "etcd://::1/x", "etcd:/h/x"):
         with pytest.raises(ValueError):
             parse_etcd_dsn(bad)
     assert check_source(SourceConfig(name="p", dsn="etcd://h:2379/service/x", kind="patroni")) == []
