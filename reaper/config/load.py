@@ -1,6 +1,11 @@
-"""Loading a configuration: reading TOML, `${NAME}` expansion, redaction and `load_config(path)`.
+"""Loading a configuration: reading TOML, environment expansion, file checks and `load_config(path)`.
 
 Every problem is reported as one line `FILE: key.path: what is wrong`, all problems at once.
+
+Environment variables are expanded as pgwatch's sources.yaml does, in every string value of a
+[[sources]] table (name, group, kind, preset, dsn, patterns, tag values, ...) and in a [[sinks]] dsn:
+`$NAME` and `${NAME}` become the variable's value, `$$` a literal `$`; a `$` followed by anything
+else stays as it is. An unset variable is one problem naming the key.
 """
 
 from __future__ import annotations
@@ -9,12 +14,15 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from reaper.catalog.definitions import structure_definitions
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.config.files import read_toml
+from reaper.config.redact import redact_dsn
+from reaper.config.rules import name_problem
 from reaper.config.schema import (
     CollectorConfig,
     Config,
@@ -25,48 +33,168 @@ from reaper.config.schema import (
     SourceConfig,
     _format_cattrs_errors,
     converter,
+    default_state_dir,
     structure_sink,
+    unknown_key,
 )
 from reaper.errors import ConfigError
 from reaper.kinds import check_source
 
 # ---------------------------------------------------------------------------------------------
-# Environment expansion and redaction
+# Environment expansion
 
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VAR_RE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")
 
 
-def expand_env(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
-    """Replace `${NAME}` with the environment's value; return the text and the missing names."""
+def expand_variables(text: str, environ: Mapping[str, str]) -> tuple[str, list[str], bool]:
+    """`$NAME`, `${NAME}` -> value, `$$` -> `$`. Returns the text, the unset names (in order of
+    appearance, as written: `$X` or `${X}`), and whether a `${` lacks its closing `}`."""
     missing: list[str] = []
+    unterminated = False
 
     def repl(m: re.Match[str]) -> str:
-        name = m.group(1)
+        nonlocal unterminated
+        if m.group(1):
+            return "$"
+        if m.group(4):
+            unterminated = True
+            return m.group(0)
+        name = m.group(2) or m.group(3)
         if name not in environ:
-            missing.append(name)
+            missing.append(m.group(0))
             return m.group(0)
         return environ[name]
 
-    return _ENV_RE.sub(repl, text), missing
+    return _VAR_RE.sub(repl, text), missing, unterminated
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """Expand the environment in text (see expand_variables); return it and the unset variables' names."""
+    result, missing, _ = expand_variables(text, environ)
+    return result, [ref.strip("${}") for ref in missing]
+
+
+def _expand_value(value: str, where: str, environ: Mapping[str, str], secret: bool) -> tuple[str, list[str]]:
+    result, missing, unterminated = expand_variables(value, environ)
+    problems = []
+    if unterminated:
+        problems.append(f"{where}: `${{` without a closing `}}` (write $$ for a literal $)")
+    shown = redact_dsn(value) if secret else value
+    for ref in missing:
+        if ref.startswith("${") or ref in shown:  # `$word` inside a password may be a piece of it
+            hint = "" if ref.startswith("${") else " (write $$ for a literal $)"
+            problems.append(f"{where}: environment variable {ref.strip('${}')} is not set{hint}")
+        else:  # inside a password: do not print any part of it
+            problems.append(f"{where}: an environment variable in the password is not set "
+                            f"(write $$ for a literal $ in a password)")
+    return result, problems
+
+
+def expand_table(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
+                 keys: frozenset[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Expand the environment in a table's string values (and in the string values of its sub-tables and
+    lists), only in `keys` when given. Mapping keys (metric names, tag keys) are never expanded."""
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
+        here = f"{where}.{key}"
+        secret = key == "dsn"
+        if keys is not None and key not in keys:
+            out[key] = value
+        elif isinstance(value, str):
+            out[key], found = _expand_value(value, here, environ, secret)
+            problems.extend(found)
+        elif isinstance(value, Mapping):
+            out[key], found = expand_table(value, here, environ)
+            problems.extend(found)
+        elif isinstance(value, list):
+            items = []
+            for i, item in enumerate(value):
+                if isinstance(item, str):
+                    item, found = _expand_value(item, f"{here}[{i}]", environ, secret)
+                    problems.extend(found)
+                items.append(item)
+            out[key] = items
+        else:
+            out[key] = value
+    return out, problems
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+TOP_LEVEL_KEYS = ["collector", "metrics", "presets", "sinks", "sources"]
+_SINK_EXPANDED = frozenset({"dsn", "password_file"})
+
 
 def _check_intervals(where: str, intervals: Mapping[str, int], known: Mapping[str, MetricDef]) -> list[str]:
-    problems = []
-    for metric, seconds in intervals.items():
-        if metric not in known:
-            problems.append(f"{where}.{metric}: unknown metric")
-        if seconds < 0:
-            problems.append(f"{where}.{metric}: interval must be 0 (disabled) or more seconds")
-    return problems
+    """Metrics an interval table names that no definition has (the values' range is the model's rule)."""
+    return [f"{where}.{metric}: unknown metric" for metric in intervals if metric not in known]
+
+
+def _check_file(where: str, path: str | None, what: str) -> list[str]:
+    """A file the daemon will read: it must exist and be a file."""
+    if path is None:
+        return []
+    p = Path(path)
+    if p.is_dir():
+        return [f"{where}: {path} is a directory, expected {what}"]
+    if not p.exists():
+        return [f"{where}: {path}: file not found"]
+    return []
+
+
+def _structure_sources(raw_sources: Any, origin: str, env: Mapping[str, str],
+                       problems: list[str]) -> list[tuple[int, SourceConfig]]:
+    if not isinstance(raw_sources, list):
+        problems.append(f"{origin}: sources: expected [[sources]] tables")
+        return []
+    structured = []
+    for i, raw in enumerate(raw_sources):
+        where = f"sources[{i}]"
+        if not isinstance(raw, Mapping):
+            problems.append(f"{origin}: {where}: expected a table")
+            continue
+        expanded, found = expand_table(raw, where, env)
+        problems.extend(f"{origin}: {p}" for p in found)
+        if found:
+            continue  # the values are not what the operator meant: checking them would only add noise
+        try:
+            structured.append((i, converter.structure(expanded, SourceConfig)))
+        except Exception as e:
+            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, where))
+    return structured
+
+
+def _structure_sinks(raw_sinks: Any, origin: str, env: Mapping[str, str], problems: list[str]) -> list[SinkConfig]:
+    if not isinstance(raw_sinks, list):
+        problems.append(f"{origin}: sinks: expected [[sinks]] tables")
+        return []
+    structured = []
+    for i, raw in enumerate(raw_sinks):
+        where = f"sinks[{i}]"
+        if not isinstance(raw, Mapping):
+            problems.append(f"{origin}: {where}: expected a table")
+            continue
+        expanded, found = expand_table(raw, where, env, keys=_SINK_EXPANDED)
+        problems.extend(f"{origin}: {p}" for p in found)
+        if found:
+            continue
+        try:
+            structured.append(structure_sink(expanded))
+        except Exception as e:
+            if "unknown sink type" in str(e):
+                problems.append(f"{origin}: {where}.type: {e}")
+            else:
+                problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, where))
+    return structured
 
 
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                 require_sinks: bool = True) -> Config:
-    """Load and fully validate a config file. Raises ConfigError listing every problem."""
+    """Load and fully validate a config file. Raises ConfigError listing every problem.
+
+    The result has its environment expanded and `collector.state_dir` filled in (default_state_dir)."""
     path = Path(path)
     env = os.environ if environ is None else environ
     origin = str(path)
@@ -74,6 +202,12 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     problems: list[str] = []
 
     shipped = load_shipped_definitions()
+    for table in ("metrics", "presets"):
+        raw_table = data.get(table)
+        for name in raw_table if isinstance(raw_table, Mapping) else ():
+            problem = name_problem(name, f"a {table[:-1]} name")
+            if problem:
+                problems.append(f"{origin}: {table}.{name!r}: {problem}")
     own, def_problems = structure_definitions(data, origin)
     problems.extend(def_problems)
     all_metrics = {**shipped.metrics, **own.metrics}
@@ -82,58 +216,29 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         problems.extend(f"{origin}: {p}" for p in
                         _check_intervals(f"presets.{name}.metrics", preset.metrics, all_metrics))
 
-    rest = {k: v for k, v in data.items() if k not in ("metrics", "presets")}
-    sources: tuple[SourceConfig, ...] = ()
-    sinks: tuple[SinkConfig, ...] = ()
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            problems.append(f"{origin}: {unknown_key(key, TOP_LEVEL_KEYS)}")
+    structured_sources = _structure_sources(data.get("sources", []), origin, env, problems)
+    structured_sinks = _structure_sinks(data.get("sinks", []), origin, env, problems)
     collector = CollectorConfig()
-    allowed = {"sources", "sinks", "collector"}
-    for key in rest:
-        if key not in allowed:
-            problems.append(f"{origin}: {key}: unknown key (expected sources, sinks, collector, metrics, presets)")
-    raw_sources = rest.get("sources", [])
-    if not isinstance(raw_sources, list):
-        problems.append(f"{origin}: sources: expected [[sources]] tables")
-        raw_sources = []
-    structured_sources = []
-    for i, raw in enumerate(raw_sources):
+    if "collector" in data:
         try:
-            structured_sources.append((i, converter.structure(raw, SourceConfig)))
-        except Exception as e:
-            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, f"sources[{i}]"))
-    raw_sinks = rest.get("sinks", [])
-    if not isinstance(raw_sinks, list):
-        problems.append(f"{origin}: sinks: expected [[sinks]] tables")
-        raw_sinks = []
-    structured_sinks = []
-    for i, raw in enumerate(raw_sinks):
-        try:
-            structured_sinks.append(structure_sink(raw))
-        except (TypeError, ValueError) as e:
-            problems.append(f"{origin}: sinks[{i}].type: {e}" if "sink type" in str(e)
-                            else f"{origin}: sinks[{i}]: {e}")
-        except Exception as e:
-            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, f"sinks[{i}]"))
-    if "collector" in rest:
-        try:
-            collector = converter.structure(rest["collector"], CollectorConfig)
+            collector = converter.structure(data["collector"], CollectorConfig)
         except Exception as e:
             problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, "collector"))
+    if collector.state_dir is None:
+        collector = attrs.evolve(collector, state_dir=default_state_dir(path, env))
 
     seen: dict[str, int] = {}
-    checked_sources = []
     for i, src in structured_sources:
         where = f"sources[{i}]"
-        if not src.name.strip():
-            problems.append(f"{origin}: {where}.name: must not be empty")
-        elif src.name in seen:
+        if src.name in seen:
             problems.append(f"{origin}: {where}.name: duplicate source name {src.name!r} "
                             f"(also sources[{seen[src.name]}])")
         else:
             seen[src.name] = i
-        dsn, missing = expand_env(src.dsn, env)
-        for var in missing:
-            problems.append(f"{origin}: {where}.dsn: environment variable {var} is not set")
-        problems.extend(f"{origin}: {where}.{p}" for p in check_source(attrs.evolve(src, dsn=dsn)))
+        problems.extend(f"{origin}: {where}.{p}" for p in check_source(src))
         for key, preset_name in (("preset", src.preset), ("standby_preset", src.standby_preset)):
             if preset_name is not None and preset_name not in all_presets:
                 problems.append(f"{origin}: {where}.{key}: unknown preset {preset_name!r} "
@@ -141,39 +246,49 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         problems.extend(f"{origin}: {p}" for p in _check_intervals(f"{where}.metrics", src.metrics, all_metrics))
         problems.extend(f"{origin}: {p}" for p in
                         _check_intervals(f"{where}.standby_metrics", src.standby_metrics, all_metrics))
-        if src.connect_timeout_seconds <= 0:
-            problems.append(f"{origin}: {where}.connect_timeout_seconds: must be more than 0")
-        if src.query_timeout_seconds <= 0:
-            problems.append(f"{origin}: {where}.query_timeout_seconds: must be more than 0")
-        checked_sources.append(attrs.evolve(src, dsn=dsn))
-    sources = tuple(checked_sources)
+        problems.extend(f"{origin}: {p}" for p in
+                        _check_file(f"{where}.password_file", src.password_file, "a file holding the password"))
+    sources = tuple(src for _, src in structured_sources)
 
-    for i, sink in enumerate(structured_sinks):
-        if isinstance(sink, PostgresSinkConfig):
-            dsn, missing = expand_env(sink.dsn, env)
-            for var in missing:
-                problems.append(f"{origin}: sinks[{i}].dsn: environment variable {var} is not set")
-            if not re.match(r"^postgres(ql)?://", dsn):
-                problems.append(f"{origin}: sinks[{i}].dsn: expected a URI starting with postgresql://")
-            structured_sinks[i] = attrs.evolve(sink, dsn=dsn)
     labels: dict[str, int] = {}
     for i, sink in enumerate(structured_sinks):
-        if isinstance(sink, JsonFileSinkConfig) and not sink.path.strip():
-            problems.append(f"{origin}: sinks[{i}].path: must not be empty (use \"-\" for stdout)")
+        if isinstance(sink, PostgresSinkConfig):
+            if not re.match(r"^postgres(ql)?://", sink.dsn):
+                problems.append(f"{origin}: sinks[{i}].dsn: expected a URI starting with postgresql://")
+            problems.extend(f"{origin}: {p}" for p in _check_file(
+                f"sinks[{i}].password_file", sink.password_file, "a file holding the password"))
+        if isinstance(sink, JsonFileSinkConfig) and sink.path != "-" and Path(sink.path).is_dir():
+            problems.append(f"{origin}: sinks[{i}].path: {sink.path} is a directory, expected a file to write")
         if sink.label in labels:
             problems.append(f"{origin}: sinks[{i}]: duplicate sink {sink.label!r} (also sinks[{labels[sink.label]}])")
         labels[sink.label] = i
     sinks = tuple(structured_sinks)
     if require_sinks and not sinks and not any("sinks" in p for p in problems):
         problems.append(f"{origin}: sinks: at least one [[sinks]] table is required")
-    if collector.queue_capacity < 1:
-        problems.append(f"{origin}: collector.queue_capacity: must be 1 or more")
-    if collector.shutdown_grace_seconds < 0:
-        problems.append(f"{origin}: collector.shutdown_grace_seconds: must be 0 or more")
-    if collector.max_backoff_seconds < 1:
-        problems.append(f"{origin}: collector.max_backoff_seconds: must be 1 or more")
+    if collector.state_dir is not None and Path(collector.state_dir).exists() \
+            and not Path(collector.state_dir).is_dir():
+        problems.append(f"{origin}: collector.state_dir: {collector.state_dir} exists and is not a directory")
 
     if problems:
         raise ConfigError(problems)
     return Config(sources=sources, sinks=sinks, metrics=own.metrics, presets=own.presets,
                   collector=collector, path=origin)
+
+
+def load_state_dir(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the daemon run with this config keeps its state: `[collector] state_dir`, else the default.
+
+    Reads only that one key: no sources, no environment expansion, no secrets needed (for `reaper
+    status` and `reaper reload`). Raises ConfigError (one line) when the file or the key is unusable."""
+    path = Path(path)
+    env = os.environ if environ is None else environ
+    data = read_toml(path)
+    collector = data.get("collector", {})
+    if not isinstance(collector, Mapping):
+        raise ConfigError([f"{path}: collector: expected a table"])
+    state_dir = collector.get("state_dir")
+    if state_dir is None:
+        return Path(default_state_dir(path, env))
+    if not isinstance(state_dir, str) or not state_dir.strip():
+        raise ConfigError([f"{path}: collector.state_dir: must not be empty (leave the key out for the default)"])
+    return Path(state_dir)

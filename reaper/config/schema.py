@@ -5,8 +5,11 @@ Reading a file, expanding the environment and checking references live in reaper
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import os
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NewType
@@ -15,6 +18,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from reaper.config import rules
 from reaper.config.redact import redact_dsn
 
 NodeStatus = Literal["primary", "standby"]
@@ -32,7 +36,8 @@ class MetricDef:
     node_status: NodeStatus | None = None
     storage_name: str | None = None
     instance_level: bool = False
-    statement_timeout_seconds: float | None = None
+    statement_timeout_seconds: float | None = attrs.field(
+        default=None, validator=rules.seconds(0.001, above=False, optional=True))
     requires_extension: NameList = NameList(())
     special: bool = False
     init_sql: str | None = None
@@ -57,28 +62,30 @@ class MetricDef:
 @attrs.frozen
 class PresetDef:
     description: str = ""
-    metrics: dict[str, int] = attrs.field(factory=dict)
+    metrics: dict[str, int] = attrs.field(factory=dict, validator=rules.intervals)
 
 
 @attrs.frozen
 class SourceConfig:
-    name: str
-    dsn: str
+    name: str = attrs.field(validator=rules.name())
+    dsn: str = attrs.field(validator=rules.dsn_ports)
     kind: Literal["postgres", "postgres-discovery", "pgbouncer", "pgpool", "patroni"] = "postgres"
     preset: str | None = None
-    metrics: dict[str, int] = attrs.field(factory=dict)
+    metrics: dict[str, int] = attrs.field(factory=dict, validator=rules.intervals)
     standby_preset: str | None = None
-    standby_metrics: dict[str, int] = attrs.field(factory=dict)
-    tags: dict[str, str] = attrs.field(factory=dict)
+    standby_metrics: dict[str, int] = attrs.field(factory=dict, validator=rules.intervals)
+    tags: dict[str, str] = attrs.field(factory=dict, validator=rules.tags)
     enabled: bool = True
-    group: str = "default"
+    group: str = attrs.field(default="default", validator=rules.name(what="a group name"))
     include_pattern: str | None = None  # discovery kinds: databases to monitor (regex)
     exclude_pattern: str | None = None  # discovery kinds: databases to leave out (regex)
-    discovery_interval_seconds: float = 120.0  # discovery kinds: how often the list is refreshed
+    # discovery kinds: how often the list is refreshed
+    discovery_interval_seconds: float = attrs.field(default=120.0, validator=rules.seconds(1.0, above=False))
     only_if_primary: bool = False  # collect only while the server is a primary (not in recovery)
-    password_file: str | None = None
-    connect_timeout_seconds: float = 5.0
-    query_timeout_seconds: float = 30.0
+    password_file: str | None = attrs.field(default=None, validator=rules.optional_path)
+    connect_timeout_seconds: float = attrs.field(default=5.0, validator=rules.seconds())
+    # one tick's deadline, and the server-side statement_timeout (whole milliseconds: at least 1 ms)
+    query_timeout_seconds: float = attrs.field(default=30.0, validator=rules.seconds(0.001, above=False))
 
     @property
     def redacted_dsn(self) -> str:
@@ -92,11 +99,13 @@ class SourceConfig:
 
 @attrs.frozen
 class JsonFileSinkConfig:
-    path: str
+    path: str = attrs.field(validator=rules.name(what="a path (\"-\" for stdout)"))
     type: Literal["jsonfile"] = "jsonfile"
     name: str = ""
-    max_bytes: int | None = None  # rotate when the file would grow past this size
-    backups: int = 5  # rotated files kept: path.1 (newest) .. path.N
+    # rotate when the file would grow past this size
+    max_bytes: int | None = attrs.field(default=None, validator=rules.number(1, rules.MAX_BYTES, optional=True))
+    # rotated files kept: path.1 (newest) .. path.N
+    backups: int = attrs.field(default=5, validator=rules.number(0, 1000))
 
     @property
     def label(self) -> str:
@@ -107,25 +116,32 @@ def _check_partition_interval(_instance: Any, _attribute: Any, value: str) -> No
     """The width of the storage's time partitions: "1 hour" .. "1 week" (ValueError says what is wrong)."""
     from reaper.db.storage_schema import parse_partition_interval
 
-    parse_partition_interval(value)
+    try:
+        parse_partition_interval(value)
+    except ValueError as e:
+        raise rules.FieldValueError(str(e).removeprefix("partition_interval ")) from None
 
 
 @attrs.frozen
 class PostgresSinkConfig:
     """pgwatch-compatible storage: one table per metric, time partitions, the admin schema."""
 
-    dsn: str
+    dsn: str = attrs.field(validator=rules.dsn_ports)
     type: Literal["postgres"] = "postgres"
     name: str = ""
-    password_file: str | None = None
-    batching_delay_seconds: float = 0.95  # flush at least this often
-    batch_size: int = 256  # ... or as soon as this many measurements are waiting
+    password_file: str | None = attrs.field(default=None, validator=rules.optional_path)
+    # flush at least this often
+    batching_delay_seconds: float = attrs.field(default=0.95, validator=rules.seconds(0.01, above=False))
+    # ... or as soon as this many measurements are waiting
+    batch_size: int = attrs.field(default=256, validator=rules.number(1, 1_000_000))
     # width of the time partitions: "1 hour" .. "1 week"
     partition_interval: str = attrs.field(default="1 day", validator=_check_partition_interval)
-    retention_days: int = 14  # partitions older than this are dropped; 0 keeps everything
-    maintenance_interval_seconds: float = 43200.0  # how often retention and upkeep run
-    connect_timeout_seconds: float = 10.0
-    write_timeout_seconds: float = 60.0
+    # partitions older than this are dropped; 0 keeps everything
+    retention_days: int = attrs.field(default=14, validator=rules.number(0, 100 * 366))
+    # how often retention and upkeep run
+    maintenance_interval_seconds: float = attrs.field(default=43200.0, validator=rules.seconds(1.0, above=False))
+    connect_timeout_seconds: float = attrs.field(default=10.0, validator=rules.seconds())
+    write_timeout_seconds: float = attrs.field(default=60.0, validator=rules.seconds(0.001, above=False))
 
     @property
     def label(self) -> str:
@@ -136,12 +152,13 @@ class PostgresSinkConfig:
 class PrometheusSinkConfig:
     """An HTTP endpoint for Prometheus to scrape: the latest sample of every series."""
 
-    listen: str = "127.0.0.1:9187"
+    listen: str = attrs.field(default="127.0.0.1:9187", validator=rules.listen)
     type: Literal["prometheus"] = "prometheus"
     name: str = ""
-    namespace: str = "pgwatch"
+    namespace: str = attrs.field(default="pgwatch", validator=rules.prometheus_namespace)
     timestamps: bool = False  # attach each sample's own time (pgwatch does; it makes long intervals go stale)
-    stale_after_seconds: float = 900.0  # a series not refreshed for this long is dropped from the endpoint
+    # a series not refreshed for this long is dropped from the endpoint
+    stale_after_seconds: float = attrs.field(default=900.0, validator=rules.seconds())
 
     @property
     def label(self) -> str:
@@ -158,25 +175,41 @@ SINK_TYPES: dict[str, type[Any]] = {
 
 @attrs.frozen
 class CollectorConfig:
-    queue_capacity: int = 10_000
-    shutdown_grace_seconds: float = 10.0
-    max_backoff_seconds: float = 60.0
-    state_dir: str | None = None  # status file and spill queues; default: see default_state_dir()
-    spill_max_bytes: int = 1024**3  # per sink: the on-disk queue a slow or dead sink fills
-    pause_file: str | None = None  # while this file exists, no source queries its server
-    min_db_size_mb: int = 0  # sources whose database is smaller than this are not collected
-    instance_cache_max_seconds: float = 30.0  # instance-level metrics shared between sources; 0 disables
-    create_extensions: tuple[str, ...] = ()  # opt-in: CREATE EXTENSION these on primaries where missing
+    queue_capacity: int = attrs.field(default=10_000, validator=rules.number(1, 10_000_000))
+    shutdown_grace_seconds: float = attrs.field(default=10.0, validator=rules.seconds(above=False))
+    max_backoff_seconds: float = attrs.field(default=60.0, validator=rules.seconds(1.0, above=False))
+    # status file and spill queues; default: see default_state_dir() (load_config fills it in)
+    state_dir: str | None = attrs.field(default=None, validator=rules.optional_path)
+    # per sink: the on-disk queue a slow or dead sink fills
+    spill_max_bytes: int = attrs.field(default=1024**3, validator=rules.number(0, rules.MAX_BYTES))
+    # while this file exists, no source queries its server
+    pause_file: str | None = attrs.field(default=None, validator=rules.optional_path)
+    # sources whose database is smaller than this are not collected
+    min_db_size_mb: int = attrs.field(default=0, validator=rules.number(0, 2**40))
+    # instance-level metrics shared between sources; 0 disables
+    instance_cache_max_seconds: float = attrs.field(default=30.0, validator=rules.seconds(above=False))
+    # opt-in: CREATE EXTENSION these on primaries where missing
+    create_extensions: tuple[str, ...] = attrs.field(default=(), validator=rules.names(what="an extension name"))
 
 
-def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
-    """$STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/reaper for root, else ~/.local/state/reaper."""
+def default_state_dir(config_path: str | Path | None, environ: Mapping[str, str] | None = None) -> str:
+    """Where a daemon run with this config file keeps its state, when `[collector] state_dir` is not set.
+
+    $STATE_DIRECTORY (systemd's StateDirectory=) wins; otherwise one directory per config file, so two
+    reapers on one host never share a status file or spill queues:
+    `/var/lib/reaper/<config stem>-<8 hex of sha256(absolute config path)>` for root, else the same name
+    under `$XDG_STATE_HOME/reaper` (default ~/.local/state/reaper). With no config file (None), the
+    base directory itself (only for a command given neither a config nor a state dir)."""
     env = os.environ if environ is None else environ
     if env.get("STATE_DIRECTORY"):
         return env["STATE_DIRECTORY"].split(":")[0]
-    if os.geteuid() == 0:
-        return "/var/lib/reaper"
-    return str(Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "reaper")
+    base = Path("/var/lib/reaper") if os.geteuid() == 0 else (
+        Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "reaper")
+    if config_path is None:
+        return str(base)
+    absolute = Path(os.path.abspath(config_path))
+    digest = hashlib.sha256(str(absolute).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return str(base / f"{absolute.stem or 'config'}-{digest}")
 
 
 @attrs.frozen
@@ -238,7 +271,18 @@ def _make_converter() -> cattrs.Converter:
             return NameList(tuple(value))
         raise TypeError(f"expected a name or a list of names, got {value!r}")
 
+    def structure_literal(value: Any, type_: Any) -> Any:
+        choices = typing.get_args(type_)
+        if isinstance(value, bool) or value not in choices:  # bool: True == 1 must not pass for a Literal[1]
+            raise ValueError(f"{value!r} is not one of: {', '.join(str(c) for c in choices)}")
+        return value
+
+    def structure_model(value: Any, cls: type[Any]) -> Any:
+        return _structure_model(conv, value, cls)
+
     conv.register_structure_hook(NameList, structure_names)
+    conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, structure_literal)
+    conv.register_structure_hook_func(lambda t: t in CONFIG_MODELS, structure_model)
     conv.register_structure_hook(float, structure_float)
     conv.register_structure_hook(int, structure_int)
     conv.register_structure_hook(str, structure_str)
@@ -257,6 +301,61 @@ def structure_sink(raw: Any) -> SinkConfig:
         raise ValueError(f"unknown sink type {kind!r} (known: {known})")
     result: SinkConfig = converter.structure(raw, SINK_TYPES[kind])
     return result
+
+
+CONFIG_MODELS: frozenset[type[Any]] = frozenset({
+    MetricDef, PresetDef, SourceConfig, JsonFileSinkConfig, PostgresSinkConfig, PrometheusSinkConfig,
+    CollectorConfig})
+
+
+class StructureProblems(ValueError):
+    """Every problem found in one table, as `key.path: message` lines relative to the table."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("; ".join(lines))
+
+
+def unknown_key(key: str, valid: list[str]) -> str:
+    """`key: unknown key (did you mean X?) (valid keys: ...)`, the line for a key a table does not have."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{key}: unknown key{hint} (valid keys: {', '.join(sorted(valid))})"
+
+
+def _structure_model(conv: cattrs.Converter, raw: Any, cls: type[Any]) -> Any:
+    """Structure one config table, collecting every problem: unknown keys (with a suggestion), missing
+    keys, wrong types, and each field's rule (its attrs validator, run here so all are reported at once)."""
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"expected a table, got {raw!r}")
+    attrs.resolve_types(cls)
+    fields = {f.alias or f.name: f for f in attrs.fields(cls)}
+    lines = [unknown_key(str(key), list(fields)) for key in raw if key not in fields]
+    kwargs: dict[str, Any] = {}
+    for key, field in fields.items():
+        if key not in raw:
+            if field.default is attrs.NOTHING:
+                lines.append(f"{key}: required")
+            continue
+        try:
+            value = conv.structure(raw[key], field.type)
+        except Exception as e:  # cattrs' groups, our TypeErrors and ValueErrors
+            lines.extend(_format_cattrs_errors(e, key))
+            continue
+        if field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except rules.FieldValueError as e:
+                where = key if e.key is None else (f"{key}{e.key}" if e.key.startswith("[") else f"{key}.{e.key}")
+                lines.append(f"{where}: {e.message}")
+                continue
+            except ValueError as e:
+                lines.append(f"{key}: {e}")
+                continue
+        kwargs[key] = value
+    if lines:
+        raise StructureProblems(lines)
+    return cls(**kwargs)
 
 
 converter = _make_converter()
@@ -281,6 +380,12 @@ def _format_cattrs_errors(exc: BaseException, path: str = "") -> list[str]:
             lines.extend(_format_cattrs_errors(sub, sub_path))
         for sub in without:
             lines.extend(_format_cattrs_errors(sub, path))
+    elif isinstance(exc, StructureProblems):
+        for line in exc.lines:
+            if not path:
+                lines.append(line)
+            else:
+                lines.append(f"{path}{line}" if line.startswith("[") else f"{path}.{line}")
     elif isinstance(exc, ForbiddenExtraKeysError):
         for key in sorted(exc.extra_fields):
             where = f"{path}.{key}" if path else key
@@ -292,11 +397,7 @@ def _format_cattrs_errors(exc: BaseException, path: str = "") -> list[str]:
             lines.extend(_format_cattrs_errors(sub, path))
     else:
         message = str(exc) or exc.__class__.__name__
-        literal = re.fullmatch(r"(.*) not in literal typing\.Literal\[(.*)\]", message)
-        if literal:
-            choices = ", ".join(c.strip().strip("'") for c in literal.group(2).split(","))
-            message = f"{literal.group(1)!r} is not one of: {choices}"
-        lines.append(f"{path}: {message}")
+        lines.append(f"{path}: {message}" if path else message)
     return lines
 
 

@@ -1,0 +1,230 @@
+"""`check` refuses every value `run` cannot live with, one line each (issue 12 items 3, 5, 13), gives a
+"did you mean" for unknown keys at every level (issue 13 item 8), expands the environment in every string
+of a source as pgwatch does (issue 13), derives the state dir from the config file (issue 13 items 2, 3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reaper.config.load import expand_variables, load_config, load_state_dir
+from reaper.config.schema import SourceConfig, default_state_dir
+from reaper.errors import ConfigError
+
+SRC = '[[sources]]\nname = "a"\ndsn = "postgresql://u@127.0.0.1:5432/db"\n'
+SINK = '[[sinks]]\ntype = "jsonfile"\npath = "-"\n'
+
+
+def problems_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> list[str]:
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(config, environ=environ or {})
+    prefix = f"{config}: "
+    assert all(line.startswith(prefix) for line in e.value.problems), e.value.problems
+    return [line.removeprefix(prefix) for line in e.value.problems]
+
+
+# (config text, the one line check must print for it): every input of issue 12 item 5
+REFUSED = [
+    (SRC + "query_timeout_seconds = inf\n" + SINK,
+     "sources[0].query_timeout_seconds: must be a finite number, got inf"),
+    (SRC + "query_timeout_seconds = nan\n" + SINK,
+     "sources[0].query_timeout_seconds: must be a finite number, got nan"),
+    (SRC + "query_timeout_seconds = 1e12\n" + SINK,
+     "sources[0].query_timeout_seconds: must be at most 2147483, got 1e+12 "
+     "(PostgreSQL's statement_timeout limit, 2147483647 ms)"),
+    (SRC + "connect_timeout_seconds = nan\n" + SINK,
+     "sources[0].connect_timeout_seconds: must be a finite number, got nan"),
+    (SRC + "discovery_interval_seconds = nan\n" + SINK,
+     "sources[0].discovery_interval_seconds: must be a finite number, got nan"),
+    (SRC + "metrics = { locks = -5 }\n" + SINK,
+     "sources[0].metrics.locks: interval must be 0 (disabled) or 1 .. 31622400 seconds, got -5"),
+    (SRC + 'password_file = "/nonexistent/pw"\n' + SINK, "sources[0].password_file: /nonexistent/pw: file not found"),
+    (SRC + 'password_file = "/tmp"\n' + SINK,
+     "sources[0].password_file: /tmp is a directory, expected a file holding the password"),
+    (SRC + 'group = ""\n' + SINK, "sources[0].group: a group name must not be empty"),
+    ('[[sources]]\nname = "a\\nb"\ndsn = "postgresql://h/db"\n' + SINK,
+     "sources[0].name: name must not contain control characters (found \\n)"),
+    ('[[sources]]\nname = "a\\u0000"\ndsn = "postgresql://h/db"\n' + SINK,
+     "sources[0].name: name must not contain control characters (found \\x00)"),
+    (SRC + 'group = "g\\r"\n' + SINK, "sources[0].group: a group name must not contain control characters (found \\r)"),
+    (SRC + 'tags = { "k\\n" = "v" }\n' + SINK,
+     "sources[0].tags.'k\\n': a tag key must not contain control characters (found \\n)"),
+    ('[[sources]]\nname = "a"\ndsn = "postgresql://u:secret@h:54x2/db"\n' + SINK,
+     "sources[0].dsn: port '54x2' is not a number from 1 to 65535"),
+    (SRC + SINK + "[collector]\nbatching = 1\n",
+     "collector.batching: unknown key (valid keys: create_extensions, instance_cache_max_seconds, "
+     "max_backoff_seconds, min_db_size_mb, pause_file, queue_capacity, shutdown_grace_seconds, "
+     "spill_max_bytes, state_dir)"),
+    (SRC + SINK + '[collector]\nstate_dir = ""\n',
+     "collector.state_dir: must not be empty (leave the key out for the default)"),
+    (SRC + SINK + "[collector]\nshutdown_grace_seconds = nan\n",
+     "collector.shutdown_grace_seconds: must be a finite number, got nan"),
+    (SRC + SINK + "[collector]\nspill_max_bytes = -1\n", "collector.spill_max_bytes: must be 0 or more, got -1"),
+    (SRC + SINK + "[collector]\nmin_db_size_mb = -1\n", "collector.min_db_size_mb: must be 0 or more, got -1"),
+    (SRC + SINK + "[collector]\ninstance_cache_max_seconds = -1\n",
+     "collector.instance_cache_max_seconds: must be 0 or more, got -1"),
+    (SRC + '[[sinks]]\ntype = "jsonfile"\npath = "x"\nmax_bytes = -1\n',
+     "sinks[0].max_bytes: must be 1 or more, got -1"),
+    (SRC + '[[sinks]]\ntype = "jsonfile"\npath = "x"\nbackups = -1\n', "sinks[0].backups: must be 0 or more, got -1"),
+    (SRC + '[[sinks]]\ntype = "jsonfile"\npath = "/tmp"\n',
+     "sinks[0].path: /tmp is a directory, expected a file to write"),
+    (SRC + '[[sinks]]\ntype = "postgres"\ndsn = "postgresql://h/db"\nbatch_size = 0\n',
+     "sinks[0].batch_size: must be 1 or more, got 0"),
+    (SRC + '[[sinks]]\ntype = "postgres"\ndsn = "postgresql://h/db"\nretention_days = -1\n',
+     "sinks[0].retention_days: must be 0 or more, got -1"),
+    (SRC + '[[sinks]]\ntype = "postgres"\ndsn = "postgresql://h/db"\nwrite_timeout_seconds = 0\n',
+     "sinks[0].write_timeout_seconds: must be 0.001 or more, got 0"),
+    (SRC + '[[sinks]]\ntype = "postgres"\ndsn = "postgresql://h/db"\nbatching_delay_seconds = nan\n',
+     "sinks[0].batching_delay_seconds: must be a finite number, got nan"),
+    (SRC + '[[sinks]]\ntype = "postgres"\ndsn = "postgresql://h/db"\nbatch_sise = 5\n',
+     "sinks[0].batch_sise: unknown key; did you mean 'batch_size'? (valid keys: batch_size, batching_delay_seconds, "
+     "connect_timeout_seconds, dsn, maintenance_interval_seconds, name, partition_interval, password_file, "
+     "retention_days, type, write_timeout_seconds)"),
+    (SRC + '[[sinks]]\ntype = "prometheus"\nlisten = "nonsense"\n',
+     "sinks[0].listen: expected host:port (e.g. 127.0.0.1:9187), got 'nonsense'"),
+    (SRC + '[[sinks]]\ntype = "prometheus"\nlisten = "127.0.0.1:99999"\n',
+     "sinks[0].listen: port 99999 is not a number from 0 to 65535"),
+    (SRC + '[[sinks]]\ntype = "prometheus"\nstale_after_seconds = -1\n',
+     "sinks[0].stale_after_seconds: must be more than 0, got -1"),
+    (SRC + '[[sinks]]\ntype = "prometheus"\nnamespace = "reaper"\n',
+     "sinks[0].namespace: 'reaper' would collide with reaper's own reaper_* families; choose another"),
+    (SRC + '[[sinks]]\ntype = "prometheus"\nkind = "x"\n', "sinks[0].kind: unknown key (valid keys: listen, name, "
+     "namespace, stale_after_seconds, timestamps, type)"),
+    (SRC + SINK + '[metrics.""]\nsql = { 14 = "select 1" }\n', "metrics.'': a metric name must not be empty"),
+    (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1" }\nstatement_timeout_seconds = nan\n',
+     "metrics.m.statement_timeout_seconds: must be a finite number, got nan"),
+    (SRC + SINK + '[metrics.m]\nsqll = { 14 = "select 1" }\nspecial = true\n',
+     "metrics.m.sqll: unknown key; did you mean 'sql'? (valid keys: columns, description, gauges, init_sql, "
+     "instance_level, name, node_status, requires_extension, source_kinds, special, sql, statement_timeout_seconds, "
+     "storage_name)"),
+    (SRC + SINK + '[presets.p]\nmetric = { locks = 60 }\n',
+     "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics)"),
+    (SRC + SINK + '[sourcs]\n', "sourcs: unknown key; did you mean 'sources'? (valid keys: collector, metrics, "
+     "presets, sinks, sources)"),
+    (SRC + 'kind = "postgress"\n' + SINK,
+     "sources[0].kind: 'postgress' is not one of: postgres, postgres-discovery, pgbouncer, pgpool, patroni"),
+    (SRC + 'presett = "basic"\n' + SINK,
+     "sources[0].presett: unknown key; did you mean 'preset'? (valid keys: connect_timeout_seconds, "
+     "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, metrics, name, "
+     "only_if_primary, password_file, preset, query_timeout_seconds, standby_metrics, standby_preset, tags)"),
+]
+
+
+@pytest.mark.parametrize(("text", "line"), REFUSED, ids=[line.split(":")[0] + f"#{i}"
+                                                          for i, (_, line) in enumerate(REFUSED)])
+def test_check_refuses_with_one_clear_line(tmp_path: Path, text: str, line: str) -> None:
+    assert problems_of(tmp_path, text) == [line]
+
+
+def test_empty_prometheus_namespace_is_refused(tmp_path: Path) -> None:
+    [line] = problems_of(tmp_path, SRC + '[[sinks]]\ntype = "prometheus"\nnamespace = ""\n')
+    assert line.startswith("sinks[0].namespace: expected a Prometheus name prefix")
+
+
+def test_every_problem_of_one_table_is_reported_at_once(tmp_path: Path) -> None:
+    lines = problems_of(tmp_path, SRC + "query_timeout_seconds = nan\nconnect_timeout_seconds = -1\n"
+                        'group = ""\n' + SINK)
+    assert lines == ["sources[0].group: a group name must not be empty",
+                     "sources[0].connect_timeout_seconds: must be more than 0, got -1",
+                     "sources[0].query_timeout_seconds: must be a finite number, got nan"]
+
+
+def test_a_model_built_in_code_is_checked_too() -> None:
+    with pytest.raises(ValueError, match="must be a finite number"):
+        SourceConfig(name="a", dsn="postgresql://h/db", query_timeout_seconds=float("nan"))
+
+
+def test_a_password_is_never_echoed_in_a_port_or_variable_problem(tmp_path: Path) -> None:
+    lines = problems_of(tmp_path, '[[sources]]\nname = "a"\ndsn = "postgresql://u:pa$sw0rd@h:5432/db"\n' + SINK)
+    assert lines == ["sources[0].dsn: an environment variable in the password is not set "
+                     "(write $$ for a literal $ in a password)"]
+    assert "sw0rd" not in lines[0]
+
+
+# -- pgwatch's variable semantics ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expanded"), [
+    ("$A-${B}", "1-2"), ("$$A", "$A"), ("a$$$A", "a$1"), ("^db_.*$", "^db_.*$"), ("x$", "x$"), ("$1", "$1"),
+    ("${A}${A}", "11"), ("$A_x", "$A_x"),
+])
+def test_expand_variables(text: str, expanded: str) -> None:
+    result, missing, unterminated = expand_variables(text, {"A": "1", "B": "2"})
+    if text == "$A_x":
+        assert missing == ["$A_x"]  # a name runs as far as name characters go, as in a shell
+    else:
+        assert (result, missing, unterminated) == (expanded, [], False)
+
+
+def test_every_string_of_a_source_is_expanded(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[[sources]]\nname = "$NAME"\ndsn = "postgresql://u:${PW}@h:$PORT/db"\nkind = "${KIND}"\n'
+                      'group = "${GROUP}"\npreset = "$PRESET"\ninclude_pattern = "^${PREFIX}_.*$"\n'
+                      'tags = { env = "$ENV", literal = "$$HOME" }\n' + SINK)
+    env = {"NAME": "db1", "PW": "p$w", "PORT": "5433", "KIND": "postgres-discovery", "GROUP": "g1",
+           "PRESET": "basic", "PREFIX": "app", "ENV": "prod"}
+    [src] = load_config(config, environ=env).sources
+    assert (src.name, src.dsn, src.kind, src.group, src.preset, src.include_pattern, src.tags) == (
+        "db1", "postgresql://u:p$w@h:5433/db", "postgres-discovery", "g1", "basic", "^app_.*$",
+        {"env": "prod", "literal": "$HOME"})
+
+
+def test_an_unset_variable_is_one_line_naming_the_field(tmp_path: Path) -> None:
+    lines = problems_of(tmp_path, '[[sources]]\nname = "${NO_NAME}"\ndsn = "postgresql://h/db"\n'
+                        'tags = { env = "$NO_ENV" }\n' + SINK)
+    assert lines == ["sources[0].name: environment variable NO_NAME is not set",
+                     "sources[0].tags.env: environment variable NO_ENV is not set (write $$ for a literal $)"]
+
+
+# -- the state dir ---------------------------------------------------------------------------------
+
+
+def test_default_state_dir_is_per_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "prod.toml"
+    digest = hashlib.sha256(str(config).encode()).hexdigest()[:8]
+    xdg = tmp_path / "xdg"
+    got = default_state_dir(config, {"XDG_STATE_HOME": str(xdg)})
+    if os.geteuid() == 0:
+        assert got == f"/var/lib/reaper/prod-{digest}"
+    else:
+        assert got == f"{xdg}/reaper/prod-{digest}"
+    assert default_state_dir(tmp_path / "other.toml", {}) != default_state_dir(config, {})
+    assert default_state_dir(config, {"STATE_DIRECTORY": "/run/x:/run/y"}) == "/run/x"
+
+
+def test_load_config_fills_in_the_default_state_dir(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(SRC + SINK)
+    env = {"STATE_DIRECTORY": str(tmp_path / "sd")}
+    assert load_config(config, environ=env).collector.state_dir == str(tmp_path / "sd")
+
+
+def test_state_dir_is_found_without_the_sources_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[collector]\nstate_dir = "{tmp_path / "st"}"\n'
+                      '[[sources]]\nname = "a"\ndsn = "postgresql://u:${REAPER_PW_UNSET}@h/db"\n' + SINK)
+    assert load_state_dir(config, environ={}) == tmp_path / "st"
+    config.write_text('[[sources]]\nname = "a"\ndsn = "postgresql://u:${REAPER_PW_UNSET}@h/db"\n' + SINK)
+    assert load_state_dir(config, environ={"STATE_DIRECTORY": "/run/r"}) == Path("/run/r")
+    config.write_text('[collector]\nstate_dir = ""\n')
+    with pytest.raises(ConfigError, match=r"collector\.state_dir: must not be empty"):
+        load_state_dir(config, environ={})
+
+
+def test_run_refuses_a_config_check_refuses_with_the_same_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[collector]\nstate_dir = "{tmp_path / "st"}"\n' + SRC + "query_timeout_seconds = nan\n" + SINK)
+    line = f"{config}: sources[0].query_timeout_seconds: must be a finite number, got nan"
+    for verb in ("check", "run"):
+        proc = subprocess.run([sys.executable, "-m", "reaper.cli", verb, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert line in proc.stderr.splitlines(), proc.stderr
+        assert "Traceback" not in proc.stderr
