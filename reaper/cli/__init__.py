@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "file it rewrites every 5 s in its state_dir.")
     _state_dir_args(status)
     status.add_argument("--json", action="store_true", help="print the raw status file")
+    _format_args(status)
 
     reload = verbs.add_parser("reload", help="make the running daemon re-read its config",
                               description="Send SIGHUP to the daemon whose pid is in --pidfile and report whether "
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only this source (repeatable; default: all enabled sources)")
     once.add_argument("--metric", "-m", action="append", metavar="NAME",
                       help="only this metric (repeatable; any defined metric, even one outside the preset)")
+    _format_args(once)
 
     metrics = verbs.add_parser("metrics", help="list and show metric definitions",
                                description="Inspect the shipped metric definitions and presets "
@@ -117,11 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     mverbs = metrics.add_subparsers(dest="metrics_verb", metavar="ACTION")
     mlist = mverbs.add_parser("list", help="list metrics and presets")
     mlist.add_argument("--config", "-c", metavar="FILE", help="include this config's own metrics and presets")
+    _format_args(mlist)
     mshow = mverbs.add_parser("show", help="show one metric, with the SQL chosen for a server version")
     mshow.add_argument("name", help="the metric's name")
     mshow.add_argument("--pg-version", type=int, metavar="N",
                        help="PostgreSQL major version to choose the SQL for (default: show every version)")
     mshow.add_argument("--config", "-c", metavar="FILE", help="include this config's own metrics")
+    _format_args(mshow)
     minit = mverbs.add_parser("print-init", help="print the SQL a DBA runs once for metrics or presets",
                               description="Print the `create extension if not exists` statements and the helper "
                                           "DDL (init_sql) that the named metrics, or every metric of the named "
@@ -208,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `reaper metrics list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 def _load(path: str, **kwargs: Any) -> Config:
@@ -258,11 +265,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    from reaper.cli.once import collect_once, print_measurements
+    from reaper.cli.once import collect_once, print_result
+    from reaper.cli.output import choose_format
 
     config = _load(args.config, require_sinks=False)
     result = trio.run(collect_once, config, args.source, args.metric)
-    print_measurements(result.measurements)
+    print_result(result, choose_format(args.format))
     for line in result.problems:
         print(line, file=sys.stderr)
     return EXIT_FAILURE if result.problems or result.failures else EXIT_OK
@@ -270,6 +278,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from reaper.catalog.metrics import Catalog
+    from reaper.cli.output import choose_format
     from reaper.cli.reference import print_metric, print_metric_list
 
     if args.metrics_verb is None:
@@ -280,14 +289,14 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     config = _load(args.config, require_sinks=False) if args.config else None
     catalog = Catalog.for_config(config)
     if args.metrics_verb == "list":
-        print_metric_list(catalog)
+        print_metric_list(catalog, fmt=choose_format(args.format))
         return EXIT_OK
     if args.metrics_verb == "print-init":
         return cmd_metrics_print_init(catalog, args.names)
     if args.name not in catalog.metrics:
         print(f"unknown metric {args.name!r}; `reaper metrics list` shows them all", file=sys.stderr)
         return EXIT_FAILURE
-    return print_metric(catalog, args.name, args.pg_version)
+    return print_metric(catalog, args.name, args.pg_version, fmt=choose_format(args.format))
 
 
 _CREATE_EXTENSION = re.compile(r"create\s+extension\s+(?:if\s+not\s+exists\s+)?\"?([\w-]+)\"?", re.IGNORECASE)

@@ -1,4 +1,4 @@
-"""`reaper once`: connect, collect every active metric one time, print the rows."""
+"""`reaper once`: connect, collect every active metric one time, print the rows (or say "0 rows")."""
 
 from __future__ import annotations
 
@@ -15,14 +15,19 @@ from rich.table import Table
 
 from reaper import db
 from reaper.catalog.metrics import Catalog
+from reaper.cli.output import print_json, print_plain
 from reaper.config.schema import Config
 from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
+
+#: What became of one due metric of one source, when it produced no measurement.
+NO_ROWS, FAILED, NOT_COLLECTED = "0 rows", "failed", "not collected"
 
 
 @attrs.define
 class OnceResult:
     measurements: list[Measurement] = attrs.field(factory=list)
+    empty: list[tuple[str, str, str]] = attrs.field(factory=list)  # (source, metric, NO_ROWS | FAILED | ...)
     problems: list[str] = attrs.field(factory=list)  # printed by the command
     failures: int = 0  # errors the source loop already logged
 
@@ -58,6 +63,7 @@ async def collect_once(config: Config, sources: Sequence[str] | None,
     finally:
         logging.getLogger("reaper.daemon.source").removeHandler(handler)
     result.measurements.sort(key=lambda m: (m.source, m.metric))
+    result.empty.sort()
     return result
 
 
@@ -69,6 +75,12 @@ async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] 
             return
         due = [m for m in metrics if m in catalog.metrics] if metrics else sorted(reaper.active_intervals())
         await reaper.tick(due)
+        delivered = {m.metric for m in result.measurements if m.source == source.name}
+        for name in due:
+            if name not in delivered:
+                outcome = (FAILED if name in reaper.state.degraded
+                           else NO_ROWS if name in reaper.state.last_fetch else NOT_COLLECTED)
+                result.empty.append((source.name, name, outcome))
     finally:
         if reaper.conn is not None:
             await reaper.conn.close()
@@ -83,6 +95,31 @@ def _cell(value: Any) -> str:
         return f"{value:.6g}" if isinstance(value, float) else str(value)
     text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def print_result(result: OnceResult, fmt: str = "table", console: Console | None = None) -> None:
+    """The rows, and a line for each due metric that gave none ("0 rows", "failed", "not collected").
+
+    plain: `row<TAB>source<TAB>metric<TAB>column=value<TAB>...` per row, `none<TAB>source<TAB>metric<TAB>0 rows`
+    per empty metric; json: an array of {"source", "metric", "rows": [...]} (rows empty, plus "outcome",
+    for an empty metric)."""
+    if fmt == "json":
+        document: list[dict[str, Any]] = [
+            {"source": m.source, "metric": m.metric, "rows": [dict(r) for r in m.rows]} for m in result.measurements]
+        document += [{"source": s, "metric": n, "rows": [], "outcome": o} for s, n, o in result.empty]
+        print_json(document)
+        return
+    if fmt == "plain":
+        for m in result.measurements:
+            for row in m.rows:
+                print_plain("row", m.source, m.metric, *(f"{k}={'' if v is None else v}" for k, v in row.items()))
+        for s, n, o in result.empty:
+            print_plain("none", s, n, o)
+        return
+    console = console or Console()
+    print_measurements(result.measurements, console)
+    for s, n, o in result.empty:
+        console.print(f"{s} / {n}: {o}")
 
 
 def print_measurements(measurements: Sequence[Measurement], console: Console | None = None) -> None:

@@ -1,33 +1,62 @@
-"""`reaper status` and `reaper reload`: talking to a running daemon through its pid and status files."""
+"""`reaper status` and `reaper reload`: talking to a running daemon through its pid and status files.
+
+Neither needs the sources' secrets: the state dir is read from the config's `[collector]` table alone
+(no environment expansion of DSNs, no validation of sources). `reload` signals a pid only after it has
+verified that the process is the reaper daemon of that state dir (its command line, and the status
+file's pid and start time): a stale pidfile whose pid was reused by another process is refused.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 from rich.console import Console
 from rich.table import Table
 
-from reaper.config.load import load_config
+from reaper.cli.output import choose_format, print_plain
+from reaper.config import load as config_load
+from reaper.config.files import read_toml
 from reaper.config.schema import default_state_dir
 from reaper.daemon.status import STATUS_FILE, DaemonStatus, read_status_file
+from reaper.errors import ConfigError
 
 STALE_AFTER_SECONDS = 20.0
+START_SLACK_SECONDS = 2.0  # clock-tick rounding between /proc's start time and the daemon's own clock
+
+
+def _default_state_dir(config_path: str | None) -> str:
+    # helper F makes the default per config file; older signatures take no path
+    if "config_path" in inspect.signature(default_state_dir).parameters:
+        return default_state_dir(config_path)  # type: ignore[call-arg,arg-type,unused-ignore]
+    return default_state_dir()  # type: ignore[call-arg,unused-ignore]
+
+
+def read_state_dir(config_path: str) -> str:
+    """The state dir a daemon run with this config uses, from `[collector] state_dir` alone."""
+    data = read_toml(Path(config_path))
+    collector = data.get("collector", {})
+    state_dir = collector.get("state_dir") if isinstance(collector, dict) else None
+    if state_dir is not None and not isinstance(state_dir, str):
+        raise ConfigError([f"{config_path}: collector.state_dir: expected a path string"])
+    return state_dir or _default_state_dir(config_path)
 
 
 def state_dir_from(args: argparse.Namespace) -> Path:
     if getattr(args, "state_dir", None):
         return Path(args.state_dir)
     if getattr(args, "config", None):
-        config = load_config(args.config, require_sinks=False)
-        if config.collector.state_dir:
-            return Path(config.collector.state_dir)
-    return Path(default_state_dir())
+        # the config module's own reader (the daemon's rule) once it exists; this module's until then
+        reader: Callable[[str], str | Path] = getattr(config_load, "load_state_dir", read_state_dir)
+        return Path(reader(args.config))
+    return Path(_default_state_dir(None))
 
 
 def pid_alive(pid: int) -> bool:
@@ -43,7 +72,7 @@ def pid_alive(pid: int) -> bool:
 def _read(path: Path) -> DaemonStatus | None:
     try:
         return read_status_file(path)
-    except (OSError, ValueError, orjson.JSONDecodeError):
+    except (OSError, ValueError, TypeError, KeyError, orjson.JSONDecodeError):
         return None
 
 
@@ -60,14 +89,19 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"{path}: no status file: is reaper running with this state_dir? "
               "(use --config or --state-dir)", file=sys.stderr)
         return 1
-    if args.json:
-        print(path.read_text())
-        return 0
     now = time.time()
     age = now - status.updated_wall
     alive = pid_alive(status.pid)
-    console = Console()
     state = "running" if alive and age < STALE_AFTER_SECONDS else ("not running" if not alive else "not responding")
+    code = 0 if state == "running" else 1
+    fmt = "json" if args.json else choose_format(getattr(args, "format", None))
+    if fmt == "json":
+        print(path.read_text().rstrip("\n"))
+        return code
+    if fmt == "plain":
+        _print_status_plain(status, state, now)
+        return code
+    console = Console()
     console.print(f"reaper {status.version} pid {status.pid}: [bold]{state}[/bold], up "
                   f"{(status.updated_wall - status.started_wall) / 60:.0f} min, config {status.config_path}, "
                   f"{status.reloads} reloads ({status.reload_failures} rejected), "
@@ -90,7 +124,67 @@ def show_status(args: argparse.Namespace) -> int:
     for k in status.sinks:
         sinks.add_row(k.label, str(k.queued), str(k.sent), str(k.spilled), f"{k.spill_bytes:,} B", str(k.dropped))
     console.print(sinks)
-    return 0 if state == "running" else 1
+    return code
+
+
+def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
+    """`daemon<TAB>pid<TAB>state<TAB>version<TAB>config<TAB>uptime s<TAB>reloads<TAB>rejected<TAB>status age s`,
+    then `source<TAB>name<TAB>status<TAB>last tick s ago<TAB>next tick in s<TAB>ticks<TAB>rows<TAB>errors
+    <TAB>degraded<TAB>lateness p99 ms<TAB>last error` per source and `sink<TAB>label<TAB>queued<TAB>sent
+    <TAB>spilled<TAB>bytes on disk<TAB>dropped` per sink."""
+    print_plain("daemon", status.pid, state, status.version, status.config_path,
+                round(status.updated_wall - status.started_wall), status.reloads, status.reload_failures,
+                round(now - status.updated_wall))
+    for s in status.sources:
+        print_plain("source", s.name, s.status, None if s.last_tick_wall is None else round(now - s.last_tick_wall),
+                    None if s.next_tick_in is None else round(s.next_tick_in), s.ticks, s.rows, s.metric_errors,
+                    ",".join(s.degraded), round(s.lateness_p99 * 1000), s.last_error)
+    for k in status.sinks:
+        print_plain("sink", k.label, k.queued, k.sent, k.spilled, k.spill_bytes, k.dropped)
+
+
+# -- reload ------------------------------------------------------------------------------------------
+
+
+def process_start_wall(pid: int) -> float | None:
+    """When the process started (unix time), from /proc; None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the parenthesised command name
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def why_not_our_daemon(pid: int, status: DaemonStatus | None, status_path: Path) -> str | None:
+    """None when `pid` is the reaper daemon that writes `status_path`; else why it is not (or cannot be
+    shown to be) one."""
+    argv = process_cmdline(pid)
+    if argv is None:
+        return f"cannot read /proc/{pid}/cmdline"
+    if not any("reaper" in part for part in argv) or "run" not in argv:
+        return f"process {pid} is not a `reaper run` daemon (it is `{' '.join(argv)[:120]}`)"
+    if status is None:
+        return f"no status file at {status_path} to confirm that process {pid} is its daemon"
+    if status.pid != pid:
+        return f"{status_path} belongs to process {status.pid}, not {pid}"
+    started = process_start_wall(pid)
+    if started is None:
+        return f"cannot read the start time of process {pid}"
+    if started > status.started_wall + START_SLACK_SECONDS:
+        return (f"process {pid} started after the daemon of {status_path} did "
+                "(the pid was reused by another process)")
+    return None
 
 
 def reload_daemon(args: argparse.Namespace) -> int:
@@ -99,18 +193,21 @@ def reload_daemon(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"{args.pidfile}: cannot read a pid: {e}", file=sys.stderr)
         return 1
-    if not pid_alive(pid):
+    if pid <= 1 or not pid_alive(pid):
         print(f"{args.pidfile}: process {pid} is not running", file=sys.stderr)
         return 1
     path = state_dir_from(args) / STATUS_FILE
     before = _read(path)
-    if before is None or before.pid != pid:
-        print(f"{path}: no status file of process {pid}: cannot tell whether the reload applies; "
-              "sending SIGHUP anyway", file=sys.stderr)
-    os.kill(pid, signal.SIGHUP)
-    if before is None or before.pid != pid:
+    reason = why_not_our_daemon(pid, before, path)
+    if reason is not None or before is None:
+        print(f"{args.pidfile}: not signalling process {pid}: {reason}", file=sys.stderr)
         return 1
-    deadline = time.monotonic() + args.wait
+    os.kill(pid, signal.SIGHUP)
+    return _await_answer(pid, path, before, args.wait)
+
+
+def _await_answer(pid: int, path: Path, before: DaemonStatus, wait: float) -> int:
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         now = _read(path)
         if now is not None and now.reloads > before.reloads:
@@ -121,5 +218,5 @@ def reload_daemon(args: argparse.Namespace) -> int:
                   f"Run `reaper check --config {now.config_path}` to see every problem.", file=sys.stderr)
             return 1
         time.sleep(0.1)
-    print(f"no answer from pid {pid} within {args.wait:g}s", file=sys.stderr)
+    print(f"no answer from pid {pid} within {wait:g}s", file=sys.stderr)
     return 1
