@@ -9,12 +9,10 @@ file's pid and start time): a stale pidfile whose pid was reused by another proc
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -22,41 +20,20 @@ from rich.console import Console
 from rich.table import Table
 
 from reaper.cli.output import choose_format, print_plain
-from reaper.config import load as config_load
-from reaper.config.files import read_toml
+from reaper.config.load import load_state_dir
 from reaper.config.schema import default_state_dir
 from reaper.daemon.status import STATUS_FILE, DaemonStatus, read_status_file
-from reaper.errors import ConfigError
 
 STALE_AFTER_SECONDS = 20.0
 START_SLACK_SECONDS = 2.0  # clock-tick rounding between /proc's start time and the daemon's own clock
-
-
-def _default_state_dir(config_path: str | None) -> str:
-    # helper F makes the default per config file; older signatures take no path
-    if "config_path" in inspect.signature(default_state_dir).parameters:
-        return default_state_dir(config_path)  # type: ignore[call-arg,arg-type,unused-ignore]
-    return default_state_dir()  # type: ignore[call-arg,unused-ignore]
-
-
-def read_state_dir(config_path: str) -> str:
-    """The state dir a daemon run with this config uses, from `[collector] state_dir` alone."""
-    data = read_toml(Path(config_path))
-    collector = data.get("collector", {})
-    state_dir = collector.get("state_dir") if isinstance(collector, dict) else None
-    if state_dir is not None and not isinstance(state_dir, str):
-        raise ConfigError([f"{config_path}: collector.state_dir: expected a path string"])
-    return state_dir or _default_state_dir(config_path)
 
 
 def state_dir_from(args: argparse.Namespace) -> Path:
     if getattr(args, "state_dir", None):
         return Path(args.state_dir)
     if getattr(args, "config", None):
-        # the config module's own reader (the daemon's rule) once it exists; this module's until then
-        reader: Callable[[str], str | Path] = getattr(config_load, "load_state_dir", read_state_dir)
-        return Path(reader(args.config))
-    return Path(_default_state_dir(None))
+        return load_state_dir(args.config)  # [collector] state_dir alone: no sources, no secrets
+    return Path(default_state_dir(None))
 
 
 def pid_alive(pid: int) -> bool:
