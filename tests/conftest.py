@@ -1,8 +1,12 @@
 """Shared fixtures.
 
-``pg15``      session-wide PostgreSQL 15 (tests/pgserver.py), pg_stat_statements created in ``postgres``;
-              or, with ``REAPER_TEST_DSN=postgresql://...`` set, a handle on that existing server
-              (its user must be a superuser; ``stop()``/``start()`` then skip the test).
+``pg15``      session-wide PostgreSQL 15, pg_stat_statements created in ``postgres``, from the provider
+              tests/containers/provider.py chooses (``REAPER_TEST_PG=local|docker``; the pytest header
+              says which and why): local binaries (tests/pgserver.py) or a Docker container
+              (``stop()``/``start()`` then skip the test); or, with ``REAPER_TEST_DSN=postgresql://...``
+              set, a handle on that existing server (its user must be a superuser; ``stop()``/``start()``
+              then skip the test).
+``pg_provider`` the session's provider choice (``.name`` is "local" or "docker", ``.reason``).
 ``fresh_db``  a new, uniquely named database on ``pg15`` for one test (dropped afterwards), by name.
 ``aio_loop``  a trio-asyncio loop for the test: ``await trio_asyncio.aio_as_trio(asyncpg.connect)(dsn)``.
 
@@ -22,8 +26,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 import trio_asyncio
+from containers.provider import Choice, choose_provider, open_server
 from pgserver import (
-    PgServer,
     PgServerError,
     ServerHandle,
     cleanup_stale,
@@ -99,8 +103,29 @@ class ExternalServer:
         return f"<ExternalServer {self.host}:{self.port}>"
 
 
+_provider_choice: Choice | None = None
+
+
+def _choice() -> Choice:
+    global _provider_choice
+    if _provider_choice is None:
+        _provider_choice = choose_provider()
+    return _provider_choice
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if os.environ.get(EXTERNAL_DSN_ENV):
+        return f"reaper test PostgreSQL: external ({EXTERNAL_DSN_ENV} is set)"
+    return _choice().header()
+
+
 @pytest.fixture(scope="session")
-def pg15() -> Iterator[ServerHandle]:
+def pg_provider() -> Choice:
+    return _choice()
+
+
+@pytest.fixture(scope="session")
+def pg15(pg_provider: Choice) -> Iterator[ServerHandle]:
     external = os.environ.get(EXTERNAL_DSN_ENV)
     if external:
         external_server = ExternalServer(external)
@@ -108,7 +133,7 @@ def pg15() -> Iterator[ServerHandle]:
         yield external_server
         return
     cleanup_stale()  # leftovers of killed runs
-    with PgServer.create(major=15) as server:
+    with open_server(pg_provider, major=15) as server:
         create_extensions(server, "postgres", ["pg_stat_statements"])
         yield server
 
