@@ -3,8 +3,11 @@
 - ConfigError: the configuration is wrong; carries one line per problem.
 - SourceUnavailable: the source cannot be reached right now; retried forever with backoff.
 - MetricError: one metric failed; skipped and counted, never kills the source.
-- SinkError: a sink could not write; the batch is kept and retried.
-Anything else is a bug: the supervisor restarts the task within a limit.
+- SinkError: a sink cannot open or write right now (an outage); the batch is kept (spilled) and retried.
+- SinkRejected: a sink refuses a measurement for its content (a value it cannot encode, a storage
+  data exception such as a NUL byte); the measurement is set aside in `rejected/`, never retried.
+Anything else is a bug: the supervisor restarts the task within a limit (a sink's task logs it with its
+traceback once and sets the measurement aside, as for SinkRejected).
 """
 
 from __future__ import annotations
@@ -41,4 +44,8 @@ class MetricUnavailable(MetricError):
 
 
 class SinkError(ReaperError):
-    """A sink could not write a batch."""
+    """A sink cannot open or write right now (an outage): retried with backoff, measurements spill meanwhile."""
+
+
+class SinkRejected(ReaperError):
+    """A sink refuses what it was given for its content, not for an outage: retrying cannot help."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import errno
 import json
 import logging
 from pathlib import Path
@@ -77,16 +78,27 @@ async def test_fanout_never_blocks_and_counts_what_a_full_sink_cannot_take(tmp_p
     assert len([m async for m in fast_receive]) == 11
 
 
+class FullDisk:
+    """A file whose every write fails as a full disk does (an outage: retried, not set aside)."""
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
 async def test_write_failure_keeps_the_batch_and_retries(tmp_path: Path, caplog) -> None:
     sink = JsonFileSink(JsonFileSinkConfig(path=str(tmp_path / "out.ndjson")))
     await sink.open()
     real_file = sink._file
-    broken = open(tmp_path / "x", "wb")  # noqa: SIM115 - closed at once: every write to it fails
-    broken.close()
-    sink._file = broken
+    sink._file = FullDisk()  # type: ignore[assignment]
 
     def failures() -> int:
-        return len([r for r in caplog.records if "write failed" in r.getMessage()])
+        return len([r for r in caplog.records if "No space left on device; retrying" in r.getMessage()])
 
     with trio.fail_after(10):
         async with trio.open_nursery() as n:

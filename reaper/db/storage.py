@@ -53,7 +53,7 @@ from reaper.db.storage_schema import (
     MIGRATIONS,
     interval_sql,
 )
-from reaper.errors import SinkError
+from reaper.errors import SinkError, SinkRejected
 
 log = logging.getLogger("reaper.db.storage")
 
@@ -134,7 +134,19 @@ class MaintenanceResult:
 _STORAGE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, EOFError)
 
 
-def _translate(exc: BaseException) -> StorageError:
+_CLIENT_DATA_ERROR = asyncpg.exceptions._base.DataError  # asyncpg cannot encode a value (client side)
+
+
+class StorageRejected(SinkRejected):
+    """The storage refuses a batch for what it holds, not for an outage: a data exception (SQLSTATE class 22,
+    e.g. `invalid byte sequence for encoding "UTF8": 0x00`) or a value asyncpg cannot encode. Retrying the
+    same batch cannot succeed; the sink's task sets the refused measurements aside (rejected/)."""
+
+
+def _translate(exc: BaseException) -> StorageError | StorageRejected:
+    if isinstance(exc, _CLIENT_DATA_ERROR) or (isinstance(exc, asyncpg.PostgresError)
+                                               and str(getattr(exc, "sqlstate", "")).startswith("22")):
+        return StorageRejected(describe_error(exc))
     lost = is_connection_error(exc) or isinstance(exc, asyncpg.InternalClientError)
     return StorageError(describe_error(exc), connection_lost=lost)
 
@@ -168,7 +180,7 @@ class StorageConnection:
             raise
         except _STORAGE_ERRORS as e:
             error = _translate(e)
-            if error.connection_lost:
+            if isinstance(error, StorageError) and error.connection_lost:
                 self.terminate()
             raise error from e
 

@@ -14,6 +14,7 @@ from typing import IO
 import trio
 
 from reaper.config.schema import JsonFileSinkConfig
+from reaper.errors import SinkError
 from reaper.measurement import Measurement
 from reaper.sinks.encode import dumps
 
@@ -21,6 +22,16 @@ from reaper.sinks.encode import dumps
 def encode_measurement(m: Measurement) -> bytes:
     doc = {"metric": m.table, "dbname": m.source, "custom_tags": dict(m.tags), "data": list(m.rows)}
     return dumps(doc) + b"\n"
+
+
+def open_output(path: Path) -> IO[bytes]:
+    """Create the parent folders and open the file for appending; SinkError("cannot open PATH: reason") when
+    that fails (the sink's task logs it, retries, and spills meanwhile)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("ab", buffering=0)
+    except OSError as e:
+        raise SinkError(f"cannot open {path}: {e.strerror or e}") from e
 
 
 class JsonFileSink:
@@ -37,9 +48,7 @@ class JsonFileSink:
         if self.config.path == "-":
             self._file = sys.stdout.buffer
             return
-        path = Path(self.config.path)
-        await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
-        self._file = await trio.to_thread.run_sync(lambda: path.open("ab", buffering=0))
+        self._file = await trio.to_thread.run_sync(open_output, Path(self.config.path))
 
     async def write(self, batch: list[Measurement]) -> None:
         data = b"".join(encode_measurement(m) for m in batch)
@@ -56,6 +65,7 @@ class JsonFileSink:
         if size == 0 or size + incoming <= limit:
             return
         f.close()
+        self._file = None  # reopened below, or by the next write when that fails
         path = Path(self.config.path)
         backups = max(0, self.config.backups)
         if backups == 0:
@@ -67,12 +77,14 @@ class JsonFileSink:
                 if older.exists():
                     older.rename(f"{path}.{n + 1}")
             path.rename(f"{path}.1")
-        self._file = path.open("ab", buffering=0)
+        self._file = open_output(path)
 
     def _write(self, data: bytes) -> None:
+        if self._file is None:  # a rotation could not reopen the file: an outage, retried
+            self._file = open_output(Path(self.config.path))
         self._rotate_if_needed(len(data))
         f = self._file
-        assert f is not None, "write before open"
+        assert f is not None
         start = f.tell() if f.seekable() else None
         try:
             view = memoryview(data)
@@ -83,8 +95,12 @@ class JsonFileSink:
         except OSError:
             # a partial batch (disk full) is cut off again, so the retry does not duplicate lines
             if start is not None:
-                f.truncate(start)
-                f.seek(start)
+                try:
+                    f.truncate(start)
+                    f.seek(start)
+                except OSError:
+                    self._file = None  # reopened by the next write
+                    f.close()
             raise
 
     async def aclose(self) -> None:

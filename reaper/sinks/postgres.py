@@ -317,7 +317,7 @@ def encode_measurement(m: Measurement) -> Iterator[Record]:
     custom_json = dumps_json(custom) if custom else _EMPTY_OBJECT
     last_ns: int | None = None
     last_time = _EPOCH
-    source = m.source
+    source = m.source if "\x00" not in m.source else m.source.replace("\x00", "")  # text cannot hold NUL
     shape: Any = None  # the keys of the previous row, and what they imply
     tag_keys: list[str] = []
     tag_names: list[str] = []
