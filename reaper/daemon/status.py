@@ -67,10 +67,14 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 def write_status_file(path: Path, status: DaemonStatus) -> None:
-    """Replace the status file atomically (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace the status file atomically (readers never see half a file). The file is the operator's:
+    created 0600 (its folder 0700 when this creates it), whatever the umask."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(_converter.unstructure(status), option=orjson.OPT_INDENT_2))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older tmp file may have been made with other bits
+        f.write(orjson.dumps(_converter.unstructure(status), option=orjson.OPT_INDENT_2))
     os.replace(tmp, path)
 
 
