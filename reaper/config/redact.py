@@ -30,7 +30,7 @@ _known_secrets: set[str] = set()
 _MIN_SECRET_LEN = 4  # shorter ones are redacted only where the text's structure shows a password
 
 _URI_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s\"'/@:]*:)[^\s\"']*@")
-_PASSWORD_PARAM = re.compile(r"(?i)\b(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&\"#]*)")
+_PASSWORD_PARAM = re.compile(r"(?i)\b(password\s*=\s*)(?!\*\*\*)('(?:[^'\\]|\\.)*'?|[^\s&\"#]*)")
 # libpq quotes the component it could not decode; that component may be the password
 _LIBPQ_TOKEN = re.compile(r"(?i)((?:percent-encoded token|percent-encoded value): \")[^\"]*(\")")
 
