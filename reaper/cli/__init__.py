@@ -239,7 +239,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reaper.daemon.app import run_daemon
+    from reaper.daemon.root import run_daemon
 
     config = _load(args.config)
     if args.create_extensions:

@@ -1,0 +1,381 @@
+"""The reconciler: the one task that owns and changes the running state.
+
+Running state = the concrete sources (`sources`), the discovery sources (`parents`) with the list of
+children each last found, the sinks (through `SinkSet.apply`), the applied config and catalogue,
+and the fleet switches (pause, minimum database size). Nothing else writes them. Everything that
+wants a change sends a request over one bounded channel and the reconciler applies the requests one
+at a time, so no two changes interleave:
+
+- `ApplyConfig`   a reload (already validated as a whole): desired set vs running set; start what is
+                  missing, stop what is extra, restart what changed its connection settings, update
+                  in place (`SourceReaper.update`) what changed otherwise. The requester waits for the
+                  `ReloadOutcome`.
+- `Discovered`    a discovery source's task only RESOLVES its list and sends it; the reconciler
+                  applies it to that parent's children. A list from a parent that was removed or
+                  replaced meanwhile (its generation is stale) is ignored.
+- `SetPaused`     the pause file appeared or went away.
+- `Shutdown`      stop every source (their connections are closed before `stopped` is set).
+
+A source is registered only after its task has started (`nursery.start` returned), and is
+deregistered only by the reconciler, which waits until its task has finished before it answers the
+next request: one name never has two collectors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import Config, SourceConfig
+from reaper.daemon.sinkset import SinkSet
+from reaper.daemon.source import FleetControls, SourceReaper, supervise
+from reaper.errors import SourceUnavailable
+from reaper.kinds import is_discovery, resolve
+
+log = logging.getLogger("reaper.daemon.reconciler")
+
+Resolver = Callable[[SourceConfig], Awaitable[list[SourceConfig]]]
+SourceFactory = Callable[[SourceConfig, Catalog], SourceReaper]
+SourceRunner = Callable[..., Awaitable[None]]  # supervise(reaper, *, task_status)
+REQUEST_CAPACITY = 64
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+@attrs.frozen
+class ReloadOutcome:
+    added: int = 0
+    removed: int = 0
+    restarted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    sinks_added: int = 0
+    sinks_removed: int = 0
+    sinks_rebuilt: int = 0
+
+    def summary(self) -> str:
+        return (f"sources {self.added} added, {self.removed} removed, {self.restarted} restarted, "
+                f"{self.updated} updated, {self.unchanged} unchanged; sinks {self.sinks_added} added, "
+                f"{self.sinks_removed} removed, {self.sinks_rebuilt} rebuilt")
+
+
+@attrs.define(eq=False)
+class ApplyConfig:
+    config: Config
+    done: trio.Event = attrs.field(factory=trio.Event)
+    outcome: ReloadOutcome | None = None
+
+
+@attrs.frozen
+class Discovered:
+    parent: str
+    generation: int
+    found: tuple[SourceConfig, ...]
+
+
+@attrs.frozen
+class SetPaused:
+    paused: bool
+
+
+@attrs.frozen
+class Shutdown:
+    pass
+
+
+Request = ApplyConfig | Discovered | SetPaused | Shutdown
+
+
+# -- what runs ------------------------------------------------------------------------------------
+
+@attrs.define(eq=False)
+class RunningSource:
+    config: SourceConfig
+    catalog: Catalog
+    reaper: SourceReaper
+    scope: trio.CancelScope
+    done: trio.Event
+    parent: str | None = None  # the discovery source that found it
+
+
+@attrs.define(eq=False)
+class RunningParent:
+    """A discovery source (postgres-discovery, patroni): it collects nothing itself; its task
+    resolves the list of concrete sources it stands for, every discovery_interval_seconds and when
+    woken (reload), and sends it to the reconciler."""
+
+    config: SourceConfig
+    generation: int  # a list sent by an older generation of this name is stale
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    children: dict[str, SourceConfig] = attrs.field(factory=dict)  # the last list applied
+    wake: trio.Event = attrs.field(factory=trio.Event)
+    error: str | None = None  # written by its own task: why the last resolve failed
+    clashes: set[str] = attrs.field(factory=set)  # children skipped because the name is taken (logged once)
+
+
+class Reconciler:
+    """Applies requests one at a time to the running sources, discovery parents and sinks."""
+
+    def __init__(self, config: Config, *, make_source: SourceFactory, controls: FleetControls,
+                 sinks: SinkSet | None = None, groups: Iterable[str] = (), resolver: Resolver = resolve,
+                 run_source: SourceRunner = supervise) -> None:
+        self.config = config
+        self.catalog = Catalog.for_config(config)
+        self.make_source = make_source
+        self.controls = controls
+        self.sinks = sinks
+        self.groups = frozenset(groups)
+        self.resolver = resolver
+        self.run_source = run_source
+        self.sources: dict[str, RunningSource] = {}
+        self.parents: dict[str, RunningParent] = {}
+        self.stopped = trio.Event()
+        self._send, self._receive = trio.open_memory_channel[Request](REQUEST_CAPACITY)
+        self._nursery: trio.Nursery | None = None
+        self._generation = 0
+
+    def __repr__(self) -> str:
+        return f"<Reconciler sources={len(self.sources)} parents={len(self.parents)}>"
+
+    def wanted_sources(self, config: Config) -> dict[str, SourceConfig]:
+        """The sources this process runs: enabled, and in one of --group's groups when given."""
+        return {s.name: s for s in config.sources
+                if s.enabled and (not self.groups or s.group in self.groups)}
+
+    # -- the requesters' side --------------------------------------------------------------------
+
+    async def submit(self, request: Request) -> bool:
+        """Queue a request; False once the reconciler has stopped (shutdown)."""
+        try:
+            await self._send.send(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def apply(self, config: Config) -> ReloadOutcome | None:
+        """Apply a validated config and wait for the outcome (None when shutting down)."""
+        request = ApplyConfig(config)
+        if not await self.submit(request):
+            return None
+        await request.done.wait()
+        return request.outcome
+
+    # -- the task ---------------------------------------------------------------------------------
+
+    async def run(self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Start the configured sources in `nursery` (the sources nursery), report started, then
+        apply requests until Shutdown."""
+        self._nursery = nursery
+        try:
+            for source in self.wanted_sources(self.config).values():
+                await self._start(source)
+            log.info("collecting: %d sources, %d discovery sources, %d sinks", len(self.sources),
+                     len(self.parents), len(self.sinks.sinks) if self.sinks else 0)
+            task_status.started()
+            while True:
+                request = await self._receive.receive()
+                if isinstance(request, Shutdown):
+                    names = [*self.parents, *self.sources]
+                    log.info("shutting down: stopping %d sources", len(self.sources))
+                    await self._stop_many(names, "shutdown")
+                    return
+                await self._handle(request)
+        finally:
+            self._receive.close()
+            self.stopped.set()
+
+    async def _handle(self, request: Request) -> None:
+        if isinstance(request, ApplyConfig):
+            try:
+                request.outcome = await self._apply_config(request.config)
+            finally:
+                request.done.set()
+        elif isinstance(request, Discovered):
+            parent = self.parents.get(request.parent)
+            if parent is None or parent.generation != request.generation:
+                log.debug("source %s: a stale discovery result (generation %d) ignored", request.parent,
+                          request.generation)
+                return
+            await self._apply_children(parent, {c.name: c for c in request.found})
+        elif isinstance(request, SetPaused) and request.paused != self.controls.paused:
+            self.controls.paused = request.paused
+            if request.paused:
+                log.warning("pause file %s exists: every source stops querying and closes its connection "
+                            "until it is removed", self.config.collector.pause_file)
+            else:
+                log.warning("pause file removed: collection resumes")
+
+    # -- reload ----------------------------------------------------------------------------------
+
+    async def _apply_config(self, new: Config) -> ReloadOutcome:
+        counts: dict[str, int] = dict.fromkeys(attrs.fields_dict(ReloadOutcome), 0)
+        wanted = self.wanted_sources(new)
+        top_level = [n for n, r in self.sources.items() if r.parent is None] + list(self.parents)
+        for name in top_level:
+            source = wanted.get(name)
+            if source is None:
+                await self._stop_many([name], "reload: removed")
+                counts["removed"] += 1
+            elif is_discovery(source) != (name in self.parents):
+                await self._stop_many([name], "reload: kind changed")
+        if self.sinks is not None:
+            added, removed, rebuilt = await self.sinks.apply(new.sinks, new.collector)
+            counts.update(sinks_added=added, sinks_removed=removed, sinks_rebuilt=rebuilt)
+        old = self.config
+        self.config, self.catalog = new, Catalog.for_config(new)
+        self.controls.min_db_size_mb = new.collector.min_db_size_mb
+        for name, source in wanted.items():
+            counts[await self._apply_one(name, source, old)] += 1
+        return ReloadOutcome(**counts)
+
+    async def _apply_one(self, name: str, source: SourceConfig, old: Config) -> str:
+        was_wanted = name in self.wanted_sources(old)
+        if is_discovery(source):
+            parent = self.parents.get(name)
+            if parent is None:
+                await self._start(source)
+                return "restarted" if was_wanted else "added"
+            if parent.config != source:  # a new generation: a list resolved with the old config is stale
+                await self._replace_parent(parent, source)
+                return "updated"
+            parent.wake.set()  # discovery runs again at once; its children follow the new catalogue
+            return "unchanged"
+        running = self.sources.get(name)
+        if running is None:
+            await self._start(source)
+            return "restarted" if was_wanted else "added"
+        if running.parent is not None:  # a configured source takes the name from a discovered child
+            log.warning("source %s: configured now; it was found by %s, which no longer owns it", name,
+                        running.parent)
+            await self._stop_many([name], "configured explicitly")
+            await self._start(source)
+            return "added"
+        return await self._update(name, source)
+
+    async def _update(self, name: str, source: SourceConfig) -> str:
+        """A running concrete source's new config: 'restarted', 'updated' or 'unchanged'."""
+        running = self.sources[name]
+        if running.config.connection_settings() != source.connection_settings():
+            await self._stop_many([name], "connection settings changed")
+            await self._start(source, running.parent)
+            return "restarted"
+        if running.config != source or running.catalog != self.catalog:
+            running.reaper.update(source, self.catalog)
+            running.config, running.catalog = source, self.catalog
+            return "updated"
+        return "unchanged"
+
+    # -- discovery -------------------------------------------------------------------------------
+
+    async def _apply_children(self, parent: RunningParent, found: Mapping[str, SourceConfig]) -> None:
+        name = parent.config.name
+        mine = [c for c, r in self.sources.items() if r.parent == name]
+        gone = [c for c in mine if c not in found]
+        await self._stop_many(gone, f"no longer found by {name}")
+        new = 0
+        for child, config in found.items():
+            running = self.sources.get(child)
+            if running is not None and running.parent == name:
+                await self._update(child, config)
+            elif running is not None or child in self.parents:
+                if child not in parent.clashes:
+                    parent.clashes.add(child)
+                    log.error("source %s: found %s, but a source of that name exists already; skipped", name, child)
+            else:
+                await self._start(config, name)
+                new += 1
+        parent.children = {c: cfg for c, cfg in found.items()
+                           if (r := self.sources.get(c)) is not None and r.parent == name}
+        if gone or new:
+            log.info("source %s: %d sources (%d new, %d gone)", name, len(parent.children), new, len(gone))
+
+    async def _parent_task(self, parent: RunningParent, send: trio.MemorySendChannel[Request], *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Resolve the parent's list now, then every discovery_interval_seconds or when woken; send
+        each list to the reconciler. Changes nothing itself."""
+        name = parent.config.name
+        try:
+            with send, parent.scope:
+                task_status.started()
+                while True:
+                    try:
+                        found = await self.resolver(parent.config)
+                    except SourceUnavailable as e:
+                        if parent.error is None:
+                            log.error("source %s: discovery failed: %s; keeping the last known %d sources",
+                                      name, e, len(parent.children))
+                        parent.error = str(e)
+                    else:
+                        if parent.error is not None:
+                            log.warning("source %s: discovery works again", name)
+                        parent.error = None
+                        await send.send(Discovered(name, parent.generation, tuple(found)))
+                    with trio.move_on_after(parent.config.discovery_interval_seconds):
+                        await parent.wake.wait()
+                    parent.wake = trio.Event()
+        finally:
+            parent.done.set()
+
+    # -- starting and stopping -------------------------------------------------------------------
+
+    async def _start(self, config: SourceConfig, parent: str | None = None,
+                     children: dict[str, SourceConfig] | None = None) -> None:
+        """Start a source's task; register it once started."""
+        assert self._nursery is not None, "run() first"
+        if is_discovery(config):
+            self._generation += 1
+            running_parent = RunningParent(config, self._generation, children=children or {})
+            await self._nursery.start(self._parent_task, running_parent, self._send.clone())
+            self.parents[config.name] = running_parent
+            return
+        reaper = self.make_source(config, self.catalog)
+        running = RunningSource(config, self.catalog, reaper, trio.CancelScope(), trio.Event(), parent)
+        await self._nursery.start(self._source_task, running)
+        self.sources[config.name] = running
+
+    async def _source_task(self, running: RunningSource, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with running.scope:
+                await self.run_source(running.reaper, task_status=task_status)
+        finally:
+            running.done.set()
+
+    async def _replace_parent(self, parent: RunningParent, config: SourceConfig) -> None:
+        """A discovery source whose config changed: a new task (a new generation) resolves at once;
+        its children keep running until its first list says otherwise."""
+        name = parent.config.name
+        del self.parents[name]
+        parent.scope.cancel()
+        await parent.done.wait()
+        await self._start(config, children=parent.children)
+
+    async def _stop_many(self, names: Iterable[str], reason: str) -> None:
+        """Stop sources (a discovery source: with every source it found) at once; each one's task
+        (and so its connection) has finished when this returns."""
+        waiting: list[Any] = []
+        for name in list(names):
+            parent = self.parents.pop(name, None)
+            if parent is not None:
+                parent.scope.cancel()
+                waiting.append(parent)
+                children = [c for c, r in self.sources.items() if r.parent == name]
+                names_and_reasons = [(c, f"{reason}: {name} stopped") for c in children]
+            else:
+                names_and_reasons = [(name, reason)]
+            for source_name, why in names_and_reasons:
+                running = self.sources.pop(source_name, None)
+                if running is None:
+                    continue
+                log.info("source %s: stopping (%s)", source_name, why)
+                running.scope.cancel()
+                waiting.append(running)
+        for item in waiting:
+            await item.done.wait()

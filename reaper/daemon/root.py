@@ -1,0 +1,119 @@
+"""The process around the daemon: the state-dir lock, the pidfile, signals and the asyncio loop.
+
+    reaper run --config conf/reaper.toml
+    └ trio.run(run_daemon)
+      ├ the state dir's lock        one daemon per state dir (flock; a second one refuses, naming the first)
+      ├ the pidfile                 written once locked, removed at exit if still ours
+      ├ signal receiver             installed before anything can be interrupted
+      └ db.open_loop()              the process's one asyncio loop, outermost
+        └ Daemon.run                the task tree (reaper.daemon.app), with `watch_signals` as its signal task
+
+SIGHUP becomes a reload request to the reconciler (the config file is validated as a whole first);
+SIGINT/SIGTERM stop gracefully; a second stop signal exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+
+import trio
+
+from reaper import db
+from reaper.config.schema import Config
+from reaper.daemon.app import Daemon, state_dir_of
+from reaper.errors import ConfigError
+
+log = logging.getLogger("reaper.daemon.root")
+
+LOCK_FILE = "reaper.lock"
+
+
+async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path: str | None,
+                        force_exit: Callable[[int], None]) -> None:
+    """SIGHUP reloads; SIGINT/SIGTERM stop gracefully; a second stop signal exits at once."""
+    stopping = False
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            if config_path is None or stopping:
+                continue
+            log.info("SIGHUP: reloading %s", config_path)
+            await daemon.reload(config_path)
+        elif not stopping:
+            stopping = True
+            log.info("%s: stopping gracefully (send it again to exit at once)", signal.Signals(signum).name)
+            daemon.request_stop()
+        else:
+            log.warning("%s again: exiting at once", signal.Signals(signum).name)
+            force_exit(1)
+
+
+async def run_daemon(config: Config, *, config_path: str | None, force_exit: Callable[[int], None],
+                     groups: Sequence[str] | None = None, pidfile: str | None = None) -> None:
+    """The daemon: the state dir locked, signal handling installed, then the asyncio loop, then the
+    task tree. A state dir locked by another daemon is a ConfigError (one line, naming its pid)."""
+    with lock_state_dir(state_dir_of(config)), _pidfile(pidfile), \
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with db.open_loop():
+            daemon = Daemon(config, groups=groups)
+
+            async def signal_task(d: Daemon) -> None:
+                await watch_signals(signals, d, config_path, force_exit)
+
+            await daemon.run(signal_task=signal_task)
+
+
+@contextlib.contextmanager
+def lock_state_dir(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `<state_dir>/reaper.lock` (which holds our pid) while running.
+
+    The lock goes with the process (even on SIGKILL), so a stale lock file never blocks a start."""
+    path = state_dir / LOCK_FILE
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError([f"state_dir {state_dir}: cannot create {LOCK_FILE}: {e.strerror or e}"]) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError([f"state_dir {state_dir}: cannot lock {LOCK_FILE}: {e.strerror or e}"]) from e
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError([f"state_dir {state_dir} is in use by another reaper daemon (pid {holder}); "
+                               f"stop it or give this one its own [collector] state_dir"]) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _pidfile(path: str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    pid = str(os.getpid())
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the operator's file: 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(pid + "\n")
+    os.replace(tmp, target)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if target.read_text().strip() == pid:
+                target.unlink()

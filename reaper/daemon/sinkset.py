@@ -1,0 +1,193 @@
+"""The running sinks: starting, stopping and rebuilding them, each in its own scope.
+
+Only the reconciler calls `apply` (a reload) and the daemon's task tree calls `start_all` once, so
+there is one writer of `sinks`. Each sink runs in its own nursery inside the daemon's sinks nursery:
+
+    sinks nursery
+    └ sink <label>              its own nursery, cancel scope and bounded channel
+      ├ the sink's runner       open (retried by the runner), write, retry, spill
+      └ (an HTTP sink's server, started by the sink in the nursery that runs it: this one)
+
+A sink is registered only once its task has started. A changed sink is rebuilt after its channel
+drained (bounded by `shutdown_grace_seconds`); meanwhile the fan-out already puts new measurements
+on the replacement's channel, so nothing is lost between the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+import trio
+
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import (
+    CollectorConfig,
+    JsonFileSinkConfig,
+    PostgresSinkConfig,
+    SinkConfig,
+    SourceConfig,
+)
+from reaper.daemon.status import DaemonStatus
+from reaper.measurement import Measurement
+from reaper.sinks import FanOut, Outlet, Sink, run_sink
+from reaper.sinks.jsonfile import JsonFileSink
+from reaper.sinks.spill import SpillQueue
+
+log = logging.getLogger("reaper.daemon.sinkset")
+
+
+class DaemonView(Protocol):
+    """What a sink may read of the daemon (the Prometheus sink serves the catalogue and the status)."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def source_configs(self) -> Sequence[SourceConfig]: ...
+
+    def status(self) -> DaemonStatus: ...
+
+
+def build_sink(config: SinkConfig, daemon: DaemonView | None = None) -> Sink:
+    if isinstance(config, JsonFileSinkConfig):
+        return JsonFileSink(config)
+    if isinstance(config, PostgresSinkConfig):
+        from reaper.sinks.postgres import PostgresSink
+
+        return PostgresSink(config)
+    from reaper.sinks.prometheus import PrometheusSink
+
+    if daemon is None:
+        return PrometheusSink(config)
+    view = daemon
+    return PrometheusSink(config, catalog=lambda: view.catalog, sources=lambda: view.source_configs,
+                          status=view.status)
+
+
+@attrs.define(eq=False)
+class RunningSink:
+    config: SinkConfig | None  # None for sinks given in code (the demo's, tests')
+    sink: Sink
+    outlet: Outlet
+    scope: trio.CancelScope
+    done: trio.Event
+
+
+SinkBuilder = Callable[[SinkConfig], Sink]
+
+
+class SinkSet:
+    """The sinks of one daemon, keyed by label, and their outlets in the fan-out."""
+
+    def __init__(self, fanout: FanOut, collector: CollectorConfig, build: SinkBuilder, state_dir: Path) -> None:
+        self.fanout = fanout
+        self.state_dir = state_dir  # spill queues live under it (fixed for the daemon's life)
+        self.collector = collector  # queue capacity, spill settings, drain grace (updated on reload)
+        self.build = build
+        self.sinks: dict[str, RunningSink] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<SinkSet {', '.join(self.sinks) or 'empty'}>"
+
+    async def start_all(self, nursery: trio.Nursery, configs: Sequence[SinkConfig], extra: Sequence[Sink]) -> None:
+        """Start the configured sinks and the ones given in code, in `nursery` (the sinks nursery)."""
+        self._nursery = nursery
+        for config in configs:
+            await self._start(self.build(config), config)
+        for sink in extra:
+            await self._start(sink, None)
+
+    async def apply(self, wanted_configs: Sequence[SinkConfig], collector: CollectorConfig) -> tuple[int, int, int]:
+        """Stop removed sinks, rebuild changed ones after their channel drained, start added ones:
+        (added, removed, rebuilt). Sinks given in code are left alone."""
+        self.collector = collector
+        wanted = {c.label: c for c in wanted_configs}
+        added = removed = rebuilt = 0
+        for label, running in list(self.sinks.items()):
+            if running.config is None:
+                continue
+            if label not in wanted:
+                await self._stop(label)
+                removed += 1
+            elif wanted[label] != running.config:
+                send, receive = trio.open_memory_channel[Measurement](collector.queue_capacity)
+                outlet = Outlet(label, send)
+                await self._stop(label, replace_with=outlet)
+                await self._start(self.build(wanted[label]), wanted[label], outlet, receive)
+                rebuilt += 1
+        for label, config in wanted.items():
+            if label not in self.sinks:
+                await self._start(self.build(config), config)
+                added += 1
+        return added, removed, rebuilt
+
+    # -- one sink --------------------------------------------------------------------------------
+
+    async def _start(self, sink: Sink, config: SinkConfig | None, outlet: Outlet | None = None,
+                     receive: trio.MemoryReceiveChannel[Measurement] | None = None) -> None:
+        assert self._nursery is not None, "start_all() first"
+        if outlet is None or receive is None:
+            send, receive = trio.open_memory_channel[Measurement](self.collector.queue_capacity)
+            outlet = self.fanout.add(sink.label, send)
+        if outlet.spill is None:
+            outlet.spill = self._open_spill(sink)
+            outlet.spilling = bool(outlet.spill is not None and len(outlet.spill))
+        running = RunningSink(config, sink, outlet, trio.CancelScope(), trio.Event())
+        await self._nursery.start(self._sink_task, running, receive)
+        self.sinks[sink.label] = running  # registered only once started
+
+    async def _sink_task(self, running: RunningSink, receive: trio.MemoryReceiveChannel[Measurement], *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with running.scope:
+                # the sink's own nursery: whatever the sink starts beside its runner (an HTTP server)
+                # lives and dies inside this sink's scope
+                async with trio.open_nursery() as own:
+                    await own.start(run_sink, running.sink, receive, running.outlet)
+                    task_status.started()
+        finally:
+            running.done.set()
+
+    async def _stop(self, label: str, *, replace_with: Outlet | None = None) -> None:
+        """Close a sink's channel and let it drain (bounded by the shutdown grace), then forget it.
+
+        With `replace_with`, the new outlet takes the old one's place in the fan-out first, so the
+        measurements that arrive meanwhile wait in its channel for the replacement sink."""
+        running = self.sinks.pop(label)
+        outlets = self.fanout.outlets
+        index = outlets.index(running.outlet)
+        if replace_with is None:
+            del outlets[index]
+        else:
+            outlets[index] = replace_with
+        running.outlet.channel.close()
+        with trio.move_on_after(self.collector.shutdown_grace_seconds):
+            await running.done.wait()
+        if not running.done.is_set():
+            log.warning("sink %s: did not drain in time; the rest stays in its spill queue", label)
+            running.scope.cancel()
+            await running.done.wait()
+
+    def _open_spill(self, sink: Sink) -> SpillQueue | None:
+        """The sink's on-disk spill queue under state_dir, or None (logged) when it cannot be had."""
+        if not getattr(sink, "spillable", True):
+            return None
+        collector = self.collector
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", sink.label).strip("_")[:80]
+        digest = hashlib.sha1(sink.label.encode()).hexdigest()[:8]
+        directory = self.state_dir / "spill" / f"{slug}-{digest}"
+        spill = SpillQueue(directory, collector.spill_max_bytes)
+        try:
+            spill.open()
+        except OSError as e:
+            log.error("sink %s: no spill queue (%s): if it falls behind, its measurements are dropped "
+                      "(counted)", sink.label, e)
+            return None
+        return spill
