@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import trio
 import trio.lowlevel
 
@@ -13,6 +17,21 @@ from reaper.measurement import Measurement
 from reaper.sinks import FanOut, run_sink
 from reaper.sinks.jsonfile import JsonFileSink
 from reaper.sinks.spill import SpillQueue
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs (a real full disk); skipped where mounting is not permitted."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def m(i: int) -> Measurement:
@@ -159,3 +178,85 @@ async def test_what_is_spilled_at_shutdown_is_replayed_by_the_next_start(tmp_pat
             fanout2.send(m(20))
             fanout2.close()
     assert written(out) == list(range(21))
+
+
+# -- faults (issue 12 items 1 and 2) ------------------------------------------------------------------
+
+
+def test_a_head_whose_segment_is_gone_moves_to_the_oldest_segment_left(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("reaper.sinks.spill.SEGMENT_BYTES", 1000)
+    q = SpillQueue(tmp_path / "q", 10**6)
+    q.open()
+    for i in range(40):
+        q.append(m(i))
+    q.close()
+    segments = sorted((tmp_path / "q").glob("*.seg"))
+    assert len(segments) >= 3
+    probe = SpillQueue(tmp_path / "q", 10**6)
+    probe.open()
+    first_left = [x.epoch_ns for x in probe.peek(1000) if x.epoch_ns >= 0]
+    probe.close()
+    gone = probe._counts[int(segments[0].stem)]
+    first_left = first_left[gone:]
+    (tmp_path / "q" / "head").write_text(f"{int(segments[0].stem)} 77\n")  # the state issue 12 found
+    segments[0].unlink()
+    again = SpillQueue(tmp_path / "q", 10**6)
+    again.open()  # no FileNotFoundError
+    assert [x.epoch_ns for x in again.peek(1000)][: len(first_left)] == first_left
+
+
+def test_the_batch_in_flight_at_a_kill_is_taken_again_whole(tmp_path: Path) -> None:
+    q = SpillQueue(tmp_path / "q", 10**6)
+    q.open()
+    for i in range(10):
+        q.append(m(i))
+    assert [x.epoch_ns for x in q.take(4) if x] == [0, 1, 2, 3]
+    for i in range(10, 20):  # more arrives while the batch is written; then a SIGKILL (no commit, no close)
+        q.append(m(i))
+    again = SpillQueue(tmp_path / "q", 10**6)
+    again.open()
+    assert [x.epoch_ns for x in again.take(100) if x] == [0, 1, 2, 3]  # the same batch: same fingerprint
+    again.commit(4)
+    assert [x.epoch_ns for x in again.take(100) if x] == list(range(4, 20))
+
+
+def test_commit_saves_the_position_before_unlinking_drained_segments(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("reaper.sinks.spill.SEGMENT_BYTES", 1000)
+    q = SpillQueue(tmp_path / "q", 10**6)
+    q.open()
+    for i in range(40):
+        q.append(m(i))
+    order: list[str] = []
+    real_replace, real_unlink = os.replace, Path.unlink
+    monkeypatch.setattr("reaper.sinks.spill.os.replace", lambda a, b: (order.append("head"), real_replace(a, b)))
+    monkeypatch.setattr(Path, "unlink", lambda self, **kw: (order.append(self.suffix), real_unlink(self, **kw)))
+    q.commit(len(q.take(25)))
+    assert order[0] == "head" and ".seg" in order
+
+
+def test_a_full_disk_drops_counted_and_replay_commits_without_free_space(tmp_path: Path, tmpfs) -> None:
+    """ENOSPC on a real 2 MB tmpfs: appends fail cleanly (no torn record), counted as dropped; the sink
+    drains the queue while the disk is still full; a reopen finds exactly what was not committed."""
+    send, _receive = trio.open_memory_channel[Measurement](0)
+    spill = SpillQueue(tmpfs / "spill", 10**9)
+    spill.open()
+    outlet = FanOut().add("full", send, spill=spill)
+    big = "x" * 3000
+    i = 0
+    while outlet.dropped < 50:
+        outlet.to_spill(Measurement(source="s", metric="x", table="x", epoch_ns=i, rows=({"epoch_ns": i, "v": big},)))
+        i += 1
+        assert i < 5000, "the tmpfs never filled up"
+    kept = len(spill)
+    assert kept > 100 and outlet.lost == 50 and outlet.dropped == 50 and kept + 50 == i
+    taken = spill.take(100)  # the disk is full: recording the batch in flight may fail, never raises
+    spill.commit(len(taken))
+    assert len(spill) == kept - 100
+    spill.close()
+    again = SpillQueue(tmpfs / "spill", 10**9)
+    again.open()
+    assert again.dropped == 0  # no torn record was left behind
+    assert [x.epoch_ns for x in again.peek(10**6)] == list(range(100, kept))
+    while len(again):
+        again.commit(len(again.take(500)))
+    assert not list((tmpfs / "spill").glob("*.seg"))

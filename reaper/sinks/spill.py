@@ -21,6 +21,7 @@ batches (postgres) stores it once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -36,6 +37,7 @@ log = logging.getLogger("reaper.sinks.spill")
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 _LEN = struct.Struct(">I")
+_HEAD_BYTES = 64  # `head` is always this long (padded), so a full disk can overwrite it in place
 
 
 def encode(m: Measurement) -> bytes:
@@ -304,12 +306,13 @@ class SpillQueue:
     def _save_head(self) -> bool:
         """Replace `head` durably: temp file, fsync, rename, fsync the directory. False when the disk refuses."""
         seg, off = self._head
-        text = f"{seg} {off} {self._inflight}\n" if self._inflight else f"{seg} {off}\n"
+        text = f"{seg} {off} {self._inflight}" if self._inflight else f"{seg} {off}"
+        data = text.ljust(_HEAD_BYTES - 1).encode() + b"\n"  # fixed size: can be overwritten in place
         tmp = self.directory / "head.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, text.encode())
+                os.write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -322,12 +325,35 @@ class SpillQueue:
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC and self._overwrite_head(data):
+                return True
             if not self._head_dirty:
                 log.error("spill %s: cannot save the replay position (%s); kept in memory and saved again at the "
                           "next commit (a restart meanwhile replays some measurements again)",
                           self.directory.name, e)
             self._head_dirty = True
             return False
+        if self._head_dirty:
+            self._head_dirty = False
+            log.warning("spill %s: the replay position is saved again", self.directory.name)
+        return True
+
+    def _overwrite_head(self, data: bytes) -> bool:
+        """The full-disk path: overwrite the existing head's bytes in place (one pwrite of a fixed size, which
+        needs no free space; a kill cannot tear one write, and an unreadable head means a replay from the
+        oldest segment: at least once)."""
+        try:
+            fd = os.open(self.directory / "head", os.O_WRONLY)
+        except OSError:
+            return False
+        try:
+            if os.pwrite(fd, data, 0) != len(data):
+                return False
+            os.fsync(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
         if self._head_dirty:
             self._head_dirty = False
             log.warning("spill %s: the replay position is saved again", self.directory.name)
