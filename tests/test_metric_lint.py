@@ -11,6 +11,7 @@ names it.
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from reaper.catalog.sqltext import code_of
 from reaper.config.load import load_config
 from reaper.config.schema import MetricDef
 from reaper.errors import ConfigError
+from reaper.special import special_spec
+from reaper.special.registry import REGISTRY
 
 DEFS = load_shipped_definitions()
 METRICS = DEFS.metrics
@@ -353,3 +356,27 @@ def test_reaper_check_names_the_metric_and_the_function(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "metrics.term" in lines[0] and "pg_terminate_backend" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the one registry of special metrics (reaper/special/registry.py)
+
+
+def test_every_shipped_special_metric_is_in_the_registry_and_back() -> None:
+    shipped_special = {name for name, m in METRICS.items() if m.special}
+    assert shipped_special == set(REGISTRY), "presets/ and reaper/special/registry.py disagree"
+    assert {name for name, entry in REGISTRY.items() if entry.collected} == SPECIAL_METRICS
+    assert {name for name, entry in REGISTRY.items() if not entry.collected} == {
+        "backup_age_pgbackrest", "backup_age_walg", "smart_health_per_disk"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in REGISTRY.items() if e.collector not in (None, "source")))
+def test_each_registry_handler_is_an_async_function(name: str) -> None:
+    spec = special_spec(name)
+    assert spec is not None and inspect.iscoroutinefunction(spec.handler)
+    assert (spec.local_only, spec.deadline_seconds) == (REGISTRY[name].local_only, REGISTRY[name].deadline_seconds)
+
+
+def test_metrics_without_a_collector_have_no_spec() -> None:
+    assert special_spec("backup_age_walg") is None and special_spec("instance_up") is None
+    assert special_spec("no_such_metric") is None

@@ -15,12 +15,10 @@ from reaper.catalog.definitions import structure_definitions
 from reaper.config.files import read_toml
 from reaper.config.schema import Config, Definitions, MetricDef, PresetDef, SourceConfig
 from reaper.errors import ConfigError
+from reaper.special.registry import COLLECTED
 
-# Metrics collected by reaper's own code rather than by SQL.
-SPECIAL_METRICS = frozenset({
-    "instance_up", "change_events", "server_log_event_counts",
-    "cpu_load", "psutil_cpu", "psutil_mem", "psutil_disk", "psutil_disk_io_total", "vmstat",
-})
+# Metrics collected by reaper's own code rather than by SQL (the one table: reaper/special/registry.py).
+SPECIAL_METRICS = COLLECTED
 DEFAULT_PRESET = "basic"
 
 

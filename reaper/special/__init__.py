@@ -1,5 +1,6 @@
 """Special metrics: collected by reaper's own code rather than by one SQL query.
 
+Which metrics are special, and which handler collects each, is the static table in registry.py.
 Each special metric has a handler `async (ctx) -> [(table, rows), ...]`; one run may produce rows
 for several tables (change_events writes sproc_changes, table_changes, ...). A handler keeps what
 it must remember between runs (baselines, log file offsets) in `ctx.state`, which lives as long as
@@ -16,6 +17,9 @@ from typing import Any
 import attrs
 
 from reaper.config.schema import MetricDef, SourceConfig
+from reaper.db import ServerInfo
+from reaper.db.link import SourceLink
+from reaper.special.registry import REGISTRY
 
 Rows = list[dict[str, Any]]
 Result = list[tuple[str, Rows]]
@@ -24,8 +28,8 @@ Result = list[tuple[str, Rows]]
 @attrs.define(eq=False)
 class SpecialContext:
     source: SourceConfig
-    server: Any  # reaper.db.ServerInfo
-    conn: Any  # reaper.db.SourceConnection: fetch(sql, *args), run_tick(TickRequest)
+    server: ServerInfo
+    conn: SourceLink  # the slow lane's connection (or, for local collectors, a lease of it)
     metric: MetricDef
     wall_ns: int
     state: dict[str, Any]
@@ -41,17 +45,14 @@ class SpecialSpec:
     deadline_seconds: float = 60.0
 
 
-_REGISTRY: dict[str, SpecialSpec] = {}
-# Modules that register handlers when imported (each calls `register`).
-HANDLER_MODULES = ("reaper.special.osmetrics", "reaper.special.changes", "reaper.special.serverlog")
-
-
-def register(name: str, handler: Handler, *, local_only: bool = False, deadline_seconds: float = 60.0) -> None:
-    _REGISTRY[name] = SpecialSpec(handler, local_only, deadline_seconds)
-
-
 def special_spec(name: str) -> SpecialSpec | None:
-    if not _REGISTRY:
-        for module in HANDLER_MODULES:
-            importlib.import_module(module)
-    return _REGISTRY.get(name)
+    """How to collect special metric `name`: None when no handler collects it (see registry.py).
+
+    The handler's module is imported here, on first use, not before.
+    """
+    entry = REGISTRY.get(name)
+    if entry is None or entry.collector is None or ":" not in entry.collector:
+        return None
+    module, _, function = entry.collector.partition(":")
+    handler = getattr(importlib.import_module(module), function)
+    return SpecialSpec(handler, entry.local_only, entry.deadline_seconds)

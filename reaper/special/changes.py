@@ -29,7 +29,7 @@ import trio
 from reaper import db
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.errors import MetricError
-from reaper.special import Result, Rows, SpecialContext, register
+from reaper.special import Result, Rows, SpecialContext
 
 log = logging.getLogger("reaper.special.changes")
 
@@ -176,5 +176,3 @@ async def change_events(ctx: SpecialContext) -> Result:
         result.append((NAME, [{"epoch_ns": ctx.wall_ns, "details": details}]))
     return result
 
-
-register(NAME, change_events, deadline_seconds=120)

@@ -22,7 +22,7 @@ import psutil
 import trio
 
 from reaper.errors import MetricError, MetricUnavailable
-from reaper.special import Result, Rows, SpecialContext, register
+from reaper.special import Result, Rows, SpecialContext
 
 HOST_CHECK_SECONDS = 600.0
 MIN_SAMPLE_SECONDS = 1.0  # rates over less than this are too noisy: sample again after this long
@@ -327,8 +327,3 @@ async def vmstat(ctx: SpecialContext) -> Result:
     before, after, seconds = await _two_samples(ctx, "vmstat", vmstat_sample)
     return [("vmstat", [vmstat_row(before, after, seconds, ctx.wall_ns)])]
 
-
-for _name, _handler in (("cpu_load", cpu_load), ("psutil_cpu", psutil_cpu), ("psutil_mem", psutil_mem),
-                        ("psutil_disk", psutil_disk), ("psutil_disk_io_total", psutil_disk_io_total),
-                        ("vmstat", vmstat)):
-    register(_name, _handler, local_only=True, deadline_seconds=15)

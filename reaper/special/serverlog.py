@@ -43,7 +43,7 @@ import attrs
 import trio
 
 from reaper.errors import MetricError
-from reaper.special import Result, SpecialContext, register
+from reaper.special import Result, SpecialContext
 from reaper.special.osmetrics import on_server_host
 
 log = logging.getLogger("reaper.special.serverlog")
@@ -460,5 +460,3 @@ async def server_log_event_counts(ctx: SpecialContext) -> Result:
     state["pending"] = Counts()
     return [(NAME, [counts.row(ctx.wall_ns)])]
 
-
-register(NAME, server_log_event_counts, deadline_seconds=120)

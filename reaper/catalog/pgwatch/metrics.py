@@ -28,9 +28,7 @@ from reaper.catalog.pgwatch.common import (
 from reaper.catalog.sqltext import clean_sql
 from reaper.config.schema import MetricDef, _format_cattrs_errors, converter
 from reaper.errors import ConfigError
-
-# pgwatch's special metrics: reaper collects them with its own code, never with their SQL.
-PGWATCH_SPECIAL = frozenset({"instance_up", "change_events", "server_log_event_counts"})
+from reaper.special.registry import PGWATCH_SPECIAL  # reaper collects them with its own code, never their SQL
 
 # Fields of pgwatch's Metric (internal/metrics/types.go) plus the documented statement_timeout_seconds.
 METRIC_FIELDS = ("description", "sqls", "gauges", "node_status", "is_instance_level", "storage_name",
