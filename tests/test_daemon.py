@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -225,3 +226,65 @@ def test_sigterm_stops_within_the_grace_and_loses_nothing_collected(pg15, fresh_
     collected = sum(s.measurements for s in final.sources)
     assert collected == len(daemon.lines())
     assert all(k.dropped == 0 and k.queued == 0 for k in final.sinks)
+
+
+def reaper_backends(pg15, prefix: str) -> dict[str, int]:
+    rows = pg15.psql("select datname, count(*) from pg_stat_activity where application_name like 'reaper%' "
+                     f"and datname like '{prefix}%' group by datname order by datname")
+    return {name: int(n) for name, n in (line.split("|") for line in rows.splitlines() if line.strip())}
+
+
+def test_thirty_reloads_racing_discovery_leave_one_backend_per_database(pg15, fresh_db, daemon: Daemon) -> None:
+    prefix = f"t_race_{uuid.uuid4().hex[:6]}_"
+    databases = {f"{prefix}{i}" for i in range(10)}
+    for name in sorted(databases):
+        pg15.psql(f"create database {quote_ident(name)}")
+    discovery = (f'\n[[sources]]\nname = "inst"\ndsn = "{pg15.dsn()}"\nkind = "postgres-discovery"\n'
+                 f'include_pattern = "^{prefix}"\nmetrics = {{ ping = 1 }}\ndiscovery_interval_seconds = 1\n'
+                 f'connect_timeout_seconds = 2\n')
+    anchor = [("anchor", pg15.dsn(dbname=fresh_db), 1)]
+    created = 10
+    try:
+        daemon.write_config(anchor, extra=discovery)
+        daemon.start()
+        wait_until(lambda: set(reaper_backends(pg15, prefix)) == databases, limit=60, what="every database collected")
+        for i in range(30):
+            daemon.write_config(anchor, extra=discovery if i % 2 else "")  # removed, re-added, removed...
+            daemon.signal(signal.SIGHUP)
+            if i % 3 == 0:  # meanwhile the server gains one database and loses another
+                new = f"{prefix}{created}"
+                created += 1
+                pg15.psql(f"create database {quote_ident(new)}")
+                gone = sorted(databases)[i % len(databases)]
+                pg15.psql(f"drop database {quote_ident(gone)} with (force)")
+                databases = (databases - {gone}) | {new}
+            wait_until(lambda n=i + 1: (st := daemon.status()) is not None and st.reloads == n, limit=30,
+                       what=f"reload {i + 1} applied")
+        # the last reload re-added the discovery source: exactly one backend per database it finds
+        expected = dict.fromkeys(sorted(databases), 1)
+        wait_until(lambda: reaper_backends(pg15, prefix) == expected, limit=60,
+                   what=f"one reaper backend per database (now {reaper_backends(pg15, prefix)})")
+        daemon.write_config(anchor)
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: reaper_backends(pg15, prefix) == {}, limit=30, what="no backend once removed")
+        assert daemon.status().reload_failures == 0
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log_text()
+    finally:
+        for i in range(created):
+            pg15.psql(f"drop database if exists {quote_ident(prefix + str(i))} with (force)")
+
+
+def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first(pg15, fresh_db, daemon: Daemon) -> None:
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)])
+    daemon.start()
+    assert daemon.proc is not None
+    second = subprocess.run([*REAPER, "run", "--config", str(daemon.config), "--pidfile",
+                             str(daemon.tmp / "second.pid")], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    refusals = [line for line in second.stderr.splitlines() if "in use by another reaper daemon" in line]
+    assert len(refusals) == 1 and f"(pid {daemon.proc.pid})" in refusals[0], second.stderr
+    assert "Traceback" not in second.stderr
+    assert daemon.pidfile.read_text().strip() == str(daemon.proc.pid)  # the first one's pidfile is untouched
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
