@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pgserver import ServerHandle
 
 from reaper.catalog.pgwatch.dsn import keyword_dsn_to_uri, parse_keyword_dsn
 from reaper.catalog.pgwatch.sources import import_sources
@@ -22,7 +23,10 @@ REAPER = [sys.executable, "-m", "reaper.cli"]
 DATA = Path(__file__).parent / "data" / "pgwatch"
 SOURCES = DATA / "sources.yaml"
 METRICS = DATA / "metrics.yaml"
-ENV = {"REAPER_T_DSN": "postgresql://monitor@db9.example.com/app"}
+# the variables tests/data/pgwatch/sources.yaml takes from the environment, as pgwatch would
+ENV = {"REAPER_T_DSN": "postgresql://monitor@db9.example.com/app", "REAPER_T_NAME": "from-env",
+       "REAPER_T_GROUP": "env-group", "REAPER_T_KIND": "postgres-discovery", "REAPER_T_INCLUDE": "^app_.*$",
+       "REAPER_T_PRESET": "basic", "REAPER_T_STANDBY": "basic"}
 
 
 def reaper(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -88,10 +92,11 @@ def test_sources_dsn_conversion(sources_run: tuple[subprocess.CompletedProcess[s
         "postgresql://monitor:se%20cr%27et@db2.example.com:6432/sales%20db?sslmode=verify-full")
     # a unix socket directory goes into the host parameter
     assert by_name["pool"]["dsn"] == "postgresql://monitor@/postgres?host=/var/run/pgpool&port=9999"
-    # $VAR -> ${VAR}, which reaper expands in a dsn
+    # $VAR -> ${VAR}: reaper expands variables in every string of a source, as pgwatch does
     env_source = by_name["${REAPER_T_NAME}"]
-    assert env_source == {"name": "${REAPER_T_NAME}", "dsn": "${REAPER_T_DSN}", "kind": "postgres",
-                          "group": "${REAPER_T_GROUP}"}  # a pattern means nothing to a plain postgres source
+    assert env_source == {"name": "${REAPER_T_NAME}", "dsn": "${REAPER_T_DSN}", "kind": "${REAPER_T_KIND}",
+                          "group": "${REAPER_T_GROUP}", "preset": "${REAPER_T_PRESET}",
+                          "standby_preset": "${REAPER_T_STANDBY}", "include_pattern": "${REAPER_T_INCLUDE}"}
 
 
 def test_sources_intervals_and_duplicates(sources_run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
@@ -118,15 +123,7 @@ def test_sources_report_every_change(sources_run: tuple[subprocess.CompletedProc
         "sources[5].host_config: not supported by reaper",
         "sources[5]: reaper would reject it (dsn: expected etcd://",
         "sources[6].kind: 'patroni-namespace-discovery' written as 'patroni'",
-        "sources[7].name: pgwatch reads it from $REAPER_T_NAME; reaper expands ${VAR} only in a dsn",
-        "sources[7].kind: pgwatch reads it from $REAPER_T_KIND; reaper needs it written out",
         "sources[7].conn_str: pgwatch reads it from $REAPER_T_DSN: written as dsn = \"${REAPER_T_DSN}\"",
-        "sources[7].group: pgwatch reads it from $REAPER_T_GROUP",
-        "sources[7].preset_metrics: pgwatch reads it from $REAPER_T_PRESET; reaper does not expand variables here: "
-        "dropped",
-        "sources[7].preset_metrics_standby: pgwatch reads it from ${REAPER_T_STANDBY}",
-        "sources[7].include_pattern: pgwatch reads it from $REAPER_T_INCLUDE",
-        "sources[7].include_pattern: pgwatch uses it only for discovery kinds, not for 'postgres'; dropped",
         "sources[8].kind: 'prometheus': pgwatch's prometheus kind scrapes an exporter, which reaper does not do; "
         "the source is written commented out",
         "sources[8].conn_str: the address is http://...",
@@ -167,7 +164,7 @@ def test_sources_output_passes_check(tmp_path: Path) -> None:
     proc = reaper("import-pgwatch", "sources", str(SOURCES), "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
-        f"{out}: written: 9 sources, 1 placeholder sink, 3 sources commented out; 29 notes above")
+        f"{out}: written: 9 sources, 1 placeholder sink, 3 sources commented out; 22 notes above")
     check(out, env=ENV)
     # without the variable the dsn comes from, `reaper check` says so
     environ = {k: v for k, v in os.environ.items() if k != "REAPER_T_DSN"}
@@ -381,3 +378,31 @@ def test_keyword_dsn_to_uri(conninfo: str, uri: str) -> None:
 def test_parse_keyword_dsn_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_keyword_dsn(bad)
+
+
+@pytest.mark.pg
+def test_variables_in_every_field_imported_checked_and_found_by_their_expanded_name(
+        pg15: ServerHandle, fresh_db: str, tmp_path: Path) -> None:
+    """Issue 13: a sources.yaml in the style of pgwatch's sample (variables in name, group, kind, preset and
+    conn_str; a literal `$` in a pattern), imported, passes `check` with its variables set, and `once
+    --source <expanded name>` collects from the server the variables point at."""
+    yaml = tmp_path / "sources.yaml"
+    yaml.write_text("- name: ${T_SRC_NAME}\n  conn_str: $T_SRC_DSN\n  kind: $T_SRC_KIND\n"
+                    "  preset_metrics: ${T_SRC_PRESET}\n  group: $T_SRC_GROUP\n  is_enabled: true\n"
+                    "  custom_tags: {price: \"5$US\", env: dev}\n")
+    out = tmp_path / "reaper.toml"
+    proc = reaper("import-pgwatch", "sources", str(yaml), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    config = out.read_text().replace('path = "measurements.ndjson"', f'path = "{tmp_path / "m.ndjson"}"')
+    out.write_text(f'[collector]\nstate_dir = "{tmp_path / "state"}"\n' + config)
+    env = {"T_SRC_NAME": "sample-db", "T_SRC_DSN": pg15.dsn(dbname=fresh_db), "T_SRC_KIND": "postgres",
+           "T_SRC_PRESET": "basic", "T_SRC_GROUP": "samples"}
+    check(out, env=env)
+    once = reaper("once", "--config", str(out), "--source", "sample-db", "--metric", "db_stats", env=env)
+    assert once.returncode == 0, once.stderr
+    assert "sample-db" in once.stdout and "db_stats" in once.stdout, once.stdout
+    # the literal `$` of the tag value survives (pgwatch does not expand inside a value that does not start with $)
+    from reaper.config.load import load_config
+
+    [source] = load_config(out, environ={**os.environ, **env}).sources
+    assert (source.name, source.group, source.tags) == ("sample-db", "samples", {"price": "5$US", "env": "dev"})

@@ -106,10 +106,16 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def literal_dollars(value: str) -> str:
+    """A text pgwatch takes literally, for reaper (which expands `$NAME`/`${NAME}` in every source string):
+    each `$` that reaper would read as a reference or an escape is written `$$`."""
+    return re.sub(r"\$(?=[$\{A-Za-z_])", "$$", value)
+
+
 def env_field(value: str) -> tuple[str, list[str]]:
     """pgwatch expands `$VAR`/`${VAR}` in a field whose value starts with `$`: return ours (`${VAR}`)."""
     if not value.startswith("$"):
-        return value, []
+        return literal_dollars(value), []
     names: list[str] = []
 
     def repl(m: re.Match[str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from reaper.catalog.pgwatch.common import env_field
+from reaper.catalog.pgwatch.common import env_field, literal_dollars
 
 _URI = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 _WHOLE_ENV = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
@@ -26,7 +26,7 @@ def convert_dsn(conn_str: str, note: Callable[[str], None]) -> tuple[str, bool]:
         scheme, rest = value.split("://", 1)
         value = f"{scheme.lower()}://{rest}"
         _warn_password(value, note)
-        return value, True
+        return literal_dollars(value), True  # a `$` in a password is literal in pgwatch: $$ for reaper
     if value.lower().startswith("etcd://"):
         return value, True  # patroni's DCS; whether the kind fits is checked with the rest of the source
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
@@ -43,7 +43,7 @@ def convert_dsn(conn_str: str, note: Callable[[str], None]) -> tuple[str, bool]:
     dsn = keyword_dsn_to_uri(pairs)
     note("libpq key=value string written as a postgresql:// URI")
     _warn_password(dsn, note)
-    return dsn, True
+    return literal_dollars(dsn), True
 
 
 def _redact_userinfo(uri: str) -> str:

@@ -17,6 +17,7 @@ from reaper.catalog.pgwatch.common import (
     env_field,
     header,
     interval,
+    literal_dollars,
     read_yaml,
     shipped_names,
     yaml_files,
@@ -129,19 +130,16 @@ def _convert_source(i: int, raw: Any, origin: str, report: Report, shipped_metri
     if name is None:
         name = f"source_{i}"
         note("name", f"missing; named {name!r}")
-    name, env = env_field(name)
-    if env:
-        note("name", f"pgwatch reads it from ${env[0]}; reaper expands ${{VAR}} only in a dsn, so the name is "
-                     f"the literal text {name!r}: write the name itself")
+    # pgwatch expands $VAR / ${VAR} in a value that starts with `$`; reaper expands them in every source
+    # string: a reference is kept (as ${VAR}), a literal `$` is escaped ($$)
+    name, _ = env_field(name)
     out["name"] = name
 
     kind_raw = text_field("kind") or "postgres"
     kind: str | None
     kind_from_env = kind_raw.startswith("$")
     if kind_from_env:
-        note("kind", f"pgwatch reads it from {kind_raw}; reaper needs it written out: \"postgres\" used, edit it "
-                     "if the source is another kind")
-        kind = "postgres"
+        kind, _ = env_field(kind_raw.strip())
     else:
         kind = KINDS.get(kind_raw.strip().lower())
         if kind is None:
@@ -178,22 +176,15 @@ def _convert_source(i: int, raw: Any, origin: str, report: Report, shipped_metri
 
     group = text_field("group")
     if group is not None:
-        group, env = env_field(group)
-        if env:
-            note("group", f"pgwatch reads it from ${env[0]}; reaper does not expand variables here, so the group "
-                          f"is the literal text {group!r}: write the group itself")
-        out["group"] = group
+        out["group"] = env_field(group)[0]
 
     for pkey, okey, mkey, omkey in (("preset_metrics", "preset", "custom_metrics", "metrics"),
                                     ("preset_metrics_standby", "standby_preset", "custom_metrics_standby",
                                      "standby_metrics")):
         preset = text_field(pkey)
-        if preset is not None and preset.startswith("$"):
-            note(pkey, f"pgwatch reads it from {preset}; reaper does not expand variables here: dropped, write "
-                       "the preset name")
-            preset = None
         if preset is not None:
-            if preset not in shipped_presets:
+            preset = env_field(preset)[0]
+            if preset not in shipped_presets and "${" not in preset:
                 note(pkey, f"{preset!r} is not a preset reaper ships: import its definition with "
                            "`reaper import-pgwatch metrics` into the same config, or `reaper check` rejects it")
             out[okey] = preset
@@ -227,23 +218,21 @@ def _convert_source(i: int, raw: Any, origin: str, report: Report, shipped_metri
                 text = str(value).lower() if isinstance(value, bool) else str(value)
                 if not isinstance(value, str):
                     note(f"custom_tags.{key}", f"{value!r} written as the text {text!r}")
-                converted[str(key)] = text
+                converted[str(key)] = literal_dollars(text)
             if converted:
                 out["tags"] = converted
         else:
             note("custom_tags", f"expected a mapping of tag name to value, got {tags!r}; dropped")
 
-    discovery = out["kind"] in ("postgres-discovery", "patroni")
+    discovery = out["kind"] in ("postgres-discovery", "patroni") or kind_from_env
     for key in ("include_pattern", "exclude_pattern"):
         pattern = text_field(key)
         if pattern is None:
             continue
         pattern, env = env_field(pattern)
-        if env:
-            note(key, f"pgwatch reads it from ${env[0]}; reaper does not expand variables here, so the pattern is "
-                      f"the literal text {pattern!r}: write the pattern itself")
         try:
-            re.compile(pattern)
+            if not env:
+                re.compile(pattern.replace("$$", "$"))
         except re.error:
             note(key, "not a regular expression Python understands (PostgreSQL's may still accept it); kept")
         if not discovery:
@@ -261,7 +250,9 @@ def _convert_source(i: int, raw: Any, origin: str, report: Report, shipped_metri
         else:
             note("only_if_master", f"expected true or false, got {only!r}; dropped")
 
-    if loadable:
+    if loadable and any("${" in v for v in _strings(out)):
+        pass  # taken from the environment at load time: `reaper check` with the variables set verifies it
+    elif loadable:
         try:
             source = converter.structure(out, SourceConfig)
         except Exception as e:  # cattrs groups; should not happen for what is built above
@@ -269,8 +260,17 @@ def _convert_source(i: int, raw: Any, origin: str, report: Report, shipped_metri
                 note("", f"reaper would reject it ({line}); written commented out")
             loadable = False
         else:
-            problems = [] if "${" in source.dsn else check_source(source)
+            problems = check_source(source)
             for problem in problems:
                 note("", f"reaper would reject it ({problem}); written commented out")
             loadable = not problems
     return out, loadable
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a source table (values of sub-tables too)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _strings(v)]
+    return []
