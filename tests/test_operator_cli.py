@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -151,3 +152,21 @@ def test_once_says_0_rows_for_a_metric_that_returned_none(pg15, fresh_db, tmp_pa
     assert "main / sproc_stats: 0 rows" in table.stdout
     as_json = json.loads(reaper("once", "--config", str(config), "-m", "sproc_stats", "-f", "json").stdout)
     assert as_json == [{"source": "main", "metric": "sproc_stats", "rows": [], "outcome": "0 rows"}]
+
+
+def test_storage_init_help_says_how_to_keep_the_password_out_of_ps() -> None:
+    text = " ".join(reaper("storage", "init", "--help").stdout.split())
+    assert "${NAME}" in text and "--password-file" in text and "PGPASSWORD" in text and "ps" in text
+
+
+def test_storage_init_warns_about_a_literal_password_but_not_about_an_environment_one(tmp_path: Path) -> None:
+    with socket.socket() as s:  # bound, never listening: the connect is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        literal = reaper("storage", "init", "--dsn", f"postgresql://u:LEAKlit@127.0.0.1:{port}/db", timeout=90)
+        from_env = reaper("storage", "init", "--dsn", "postgresql://u:${REAPER_TEST_PW}@127.0.0.1:" + f"{port}/db",
+                          env={"REAPER_TEST_PW": "LEAKenv"}, timeout=90)
+    assert literal.returncode == 1 and from_env.returncode == 1  # nothing listens there
+    assert "warning: --dsn holds a password" in literal.stderr
+    assert "warning" not in from_env.stderr
+    assert "LEAK" not in literal.stderr + from_env.stderr + literal.stdout + from_env.stdout

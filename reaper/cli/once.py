@@ -22,6 +22,7 @@ from reaper.measurement import Measurement
 
 #: What became of one due metric of one source, when it produced no measurement.
 NO_ROWS, FAILED, NOT_COLLECTED = "0 rows", "failed", "not collected"
+ONCE_INTERVAL = 60  # the interval a metric given with --metric gets when the source has none for it
 
 
 @attrs.define
@@ -69,6 +70,9 @@ async def collect_once(config: Config, sources: Sequence[str] | None,
 
 async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] | None,
                           result: OnceResult) -> None:
+    if metrics:  # a metric outside the source's preset is collected too: it joins the source's own table
+        wanted = {m: source.metrics.get(m) or ONCE_INTERVAL for m in metrics if m in catalog.metrics}
+        source = attrs.evolve(source, metrics={**source.metrics, **wanted})
     reaper = SourceReaper(source, catalog, result.measurements.append)
     try:
         if not await reaper._ensure_connected():
