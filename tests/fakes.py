@@ -13,7 +13,7 @@ import trio
 from reaper import db
 from reaper.catalog.metrics import Catalog
 from reaper.config.schema import MetricDef, PresetDef, SourceConfig
-from reaper.errors import SourceUnavailable
+from reaper.errors import MetricError, SourceUnavailable
 
 
 def sql_metric(name: str, **kwargs: Any) -> MetricDef:
@@ -36,7 +36,12 @@ SERVER = db.ServerInfo(version_num=150004, version="15.4", in_recovery=False, da
 
 @attrs.define(eq=False)
 class FakeConnection:
-    """Answers each tick: rows for every metric, errors for the ones named in `failing`."""
+    """A scripted reaper.db.link.SourceLink. Answers each tick: rows for every metric, errors for the
+    ones named in `failing`; `slow` gives a metric run alone (`run_one`) a latency in seconds."""
+
+    combines = True
+    checks_size = True
+    creates_extensions = True
 
     failing: set[str] = attrs.field(factory=set)
     in_recovery: bool = False
@@ -46,6 +51,13 @@ class FakeConnection:
     broken: bool = False
     db_size_bytes: int = 100 * 1024 * 1024
     fetches: list[str] = attrs.field(factory=list)
+    slow: dict[str, float] = attrs.field(factory=dict)
+    runs: list[tuple[float, str]] = attrs.field(factory=list)  # (trio time, metric) of each run_one
+    statements: int = 0
+
+    @property
+    def product(self) -> str:
+        return "PostgreSQL 15.4"
 
     @property
     def server(self) -> db.ServerInfo:
@@ -68,15 +80,31 @@ class FakeConnection:
             if name in self.failing:
                 errors[name] = "division by zero"
             else:
-                rows[name] = [{"epoch_ns": 1, name: 1}]
+                rows[name] = [{"epoch_ns": int(trio.current_time() * 1e9), name: 1}]
         isolated = any(n in self.failing for n in request.batch)
-        return db.TickOutcome(rows=rows, errors=errors, in_recovery=self.in_recovery,
-                              statements=1 + (len(request.batch) if isolated else 0) + len(request.solo),
-                              isolated=isolated)
+        outcome = db.TickOutcome(rows=rows, errors=errors, in_recovery=self.in_recovery,
+                                 statements=1 + (len(request.batch) if isolated else 0) + len(request.solo),
+                                 isolated=isolated)
+        self.statements += outcome.statements
+        return outcome
 
-    async def fetch(self, sql: str) -> list[dict[str, Any]]:
+    async def run_one(self, name: str, query: db.SoloQuery) -> list[dict[str, Any]]:
+        self.runs.append((trio.current_time(), name))
+        self.statements += 1
+        await trio.sleep(self.slow.get(name, 0.0))
+        if self.broken:
+            raise SourceUnavailable("connection reset")
+        if name in self.failing:
+            raise MetricError(name, "division by zero")
+        return [{"epoch_ns": 1, name: 1}]
+
+    async def fetch(self, sql: str, *args: object) -> list[dict[str, Any]]:
         self.fetches.append(sql)
+        self.statements += 1
         return [{"bytes": self.db_size_bytes}]
+
+    async def create_extensions(self, names: Any) -> dict[str, str | None]:
+        return {name: None for name in names}
 
     def terminate(self) -> None:
         self.closed = True
@@ -87,12 +115,16 @@ class FakeConnection:
 
 @attrs.define(eq=False)
 class FakeConnector:
-    """Hands out `conn`; raises SourceUnavailable while `down`; hangs forever while `hang`."""
+    """Hands out `conn` (the fast lane's) when it is not in use, else a second connection (the slow
+    lane's, kept in `others`, sharing `conn`'s script); raises SourceUnavailable while `down`; hangs
+    forever while `hang`."""
 
     conn: FakeConnection = attrs.field(factory=FakeConnection)
     down: bool = False
     hang: bool = False
     attempts: list[float] = attrs.field(factory=list)
+    others: list[FakeConnection] = attrs.field(factory=list)
+    _handed: bool = False
 
     async def __call__(self, config: SourceConfig) -> FakeConnection:
         self.attempts.append(trio.current_time())
@@ -100,6 +132,15 @@ class FakeConnector:
             await trio.sleep_forever()
         if self.down:
             raise SourceUnavailable("connection refused")
+        if self._handed and not self.conn.closed:
+            other = FakeConnection(failing=self.conn.failing, in_recovery=self.conn.in_recovery,
+                                   slow=self.conn.slow)
+            self.others.append(other)
+            return other
+        self._handed = True
         self.conn.closed = False
         self.conn.broken = False
         return self.conn
+
+    def open_connections(self) -> int:
+        return sum(not c.closed for c in (self.conn, *self.others) if c is not self.conn or self._handed)

@@ -106,7 +106,13 @@ async def test_failing_metric_is_isolated_and_the_others_arrive_in_the_same_tick
     src = SourceConfig(name="iso", dsn=dsn_for(pg15, role, fresh_db), metrics={"good1": 1, "good2": 1, "bad": 1})
     got: list[Measurement] = []
     reaper = SourceReaper(src, cat, got.append)
-    await run_until(reaper, lambda: len(got) >= 2 * 3)
+    lanes = {}
+
+    def done() -> bool:
+        lanes.update({lane.name: lane for lane in reaper.status().lanes})
+        return len(got) >= 2 * 3 and "slow" in lanes and lanes["slow"].statements_total >= 1
+
+    await run_until(reaper, done)
     first_tick = {m.metric for m in got[:2]}
     assert first_tick == {"good1", "good2"}
     assert [m.metric for m in got].count("good1") == reaper.state.ticks
@@ -115,8 +121,9 @@ async def test_failing_metric_is_isolated_and_the_others_arrive_in_the_same_tick
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "source iso" in errors[0] and "metric bad" in errors[0] and "division by zero" in errors[0]
-    # after isolation: one combined statement for the good ones plus the bad one alone
-    assert reaper.state.statements_last_tick == 2
+    # after isolation: one combined statement in the fast lane; the bad one runs alone in the slow lane
+    assert reaper.state.statements_last_tick == 1
+    assert lanes["slow"].connected and lanes["fast"].statements_last_run == 1
 
 
 async def test_metric_missing_on_this_server_is_isolated_not_fatal(pg15, fresh_db, role) -> None:

@@ -15,6 +15,19 @@ _converter = cattrs.Converter()
 
 
 @attrs.frozen
+class LaneStatus:
+    """One lane of a source: fast (the tick, connection 1), slow (connection 2), local (no connection
+    of its own: its few server reads go through the slow lane's and count there)."""
+
+    name: str
+    connected: bool
+    statements_last_run: int  # fast: statements of the last tick (1 unless the batch failed)
+    statements_total: int
+    runs: int  # ticks (fast) or jobs (slow, local)
+    skipped: int  # runs skipped because the same metric was still running in that lane
+
+
+@attrs.frozen
 class SourceStatus:
     name: str
     status: str  # starting | up | down | restarting
@@ -32,6 +45,7 @@ class SourceStatus:
     lateness_p50: float  # seconds between a tick's scheduled and actual start
     lateness_p99: float
     lateness_max: float
+    lanes: tuple[LaneStatus, ...] = ()
 
 
 @attrs.frozen
@@ -42,6 +56,8 @@ class SinkStatus:
     dropped: int  # lost: the spill was full or unavailable
     spilled: int  # written to the on-disk spill queue
     spill_bytes: int  # now on disk
+    error: str | None = None  # why the sink is not writing now (cannot open, write failing), else None
+    rejected: int = 0  # refused for their content, set aside in <state_dir>/rejected/<sink>/
 
 
 @attrs.frozen

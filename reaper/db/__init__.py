@@ -20,7 +20,7 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
-from reaper.errors import SourceUnavailable
+from reaper.errors import MetricError, SourceUnavailable
 
 log = logging.getLogger("reaper.db")
 APPLICATION_NAME = "reaper"
@@ -138,12 +138,24 @@ def _combined_statement(names: Sequence[str], batch: Mapping[str, str]) -> str:
 
 
 class SourceConnection:
-    """One connection to a monitored server, with its server facts and a column-name cache."""
+    """One connection to a monitored server, with its server facts and a column-name cache.
+
+    Implements reaper.db.link.SourceLink; `statements` counts what it has sent since it opened.
+    """
+
+    combines = True  # a tick's metrics share one combined statement
+    checks_size = True
+    creates_extensions = True
 
     def __init__(self, conn: Any, server: ServerInfo) -> None:
         self._conn = conn
         self.server = server
         self.columns: dict[str, tuple[str, ...]] = {}  # sql text -> column names
+        self.statements = 0
+
+    @property
+    def product(self) -> str:
+        return f"PostgreSQL {self.server.version}"
 
     def __repr__(self) -> str:
         state = "closed" if self._conn.is_closed() else "open"
@@ -156,7 +168,18 @@ class SourceConnection:
     async def run_tick(self, request: TickRequest) -> TickOutcome:
         """Run a whole tick in one crossing. Raises SourceUnavailable when the connection breaks."""
         result: TickOutcome = await crossing(self._run_tick, request)
+        self.statements += result.statements
         return result
+
+    async def run_one(self, name: str, query: SoloQuery) -> list[dict[str, Any]]:
+        """One metric alone (its own statement timeout in a read-only transaction when it has one).
+        MetricError when it fails, SourceUnavailable when the connection breaks."""
+        self.statements += 1 if query.statement_timeout_seconds is None else 4
+        try:
+            rows: list[dict[str, Any]] = await crossing(self._run_solo, query)
+        except asyncpg.PostgresError as e:
+            raise MetricError(name, describe_error(e)) from e
+        return rows
 
     async def _run_tick(self, request: TickRequest) -> TickOutcome:
         rows: dict[str, list[dict[str, Any]]] = {}
@@ -239,13 +262,15 @@ class SourceConnection:
             return [dict(r.items()) for r in await conn.fetch(query.sql)]
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        """One query, rows as dicts (for set-up and tools, not for ticks)."""
+        """One query, rows as dicts (for set-up, special metrics and tools, not for ticks)."""
+        self.statements += 1
         records = await crossing(self._conn.fetch, sql, *args)
         return [dict(r.items()) for r in records]
 
     async def create_extensions(self, names: Sequence[str]) -> dict[str, str | None]:
         """CREATE EXTENSION IF NOT EXISTS each name, in its own read-write transaction (the session is
         read-only by default). Returns name -> None on success, or the error. One crossing."""
+        self.statements += 4 * len(names) + 1
         result: dict[str, str | None] = await crossing(self._create_extensions, list(names))
         return result
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -52,6 +53,7 @@ from reaper.config.redact import scrub
 from reaper.db import (
     APPLICATION_NAME,
     ServerInfo,
+    SoloQuery,
     TickOutcome,
     TickRequest,
     _read_password_file,
@@ -137,7 +139,12 @@ def _pgpool_value(column: str, value: Any) -> Any:
 
 
 class SimpleConnection:
-    """One connection to a pooler's console, with the same interface as reaper.db.SourceConnection."""
+    """One connection to a pooler's console; implements reaper.db.link.SourceLink like
+    reaper.db.SourceConnection. Each metric runs alone; no size check, no extensions."""
+
+    combines = False
+    checks_size = False
+    creates_extensions = False
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], server: ServerInfo, *, kind: PoolerKind,
                  statement_timeout_seconds: float) -> None:
@@ -146,6 +153,11 @@ class SimpleConnection:
         self.kind = kind
         self.statement_timeout_seconds = statement_timeout_seconds
         self.columns: dict[str, tuple[str, ...]] = {}  # command -> column names of its last answer
+        self.statements = 0
+
+    @property
+    def product(self) -> str:
+        return self.server.version
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "open"
@@ -161,11 +173,32 @@ class SimpleConnection:
         """Run every requested command alone, in one crossing. Raises SourceUnavailable when the
         connection breaks (or a command overruns its deadline)."""
         try:
-            return await aio_as_trio(self._run_tick)(request)
+            outcome: TickOutcome = await aio_as_trio(self._run_tick)(request)
         except trio.Cancelled:
             raise
         except _ConnectionLost as e:
             raise SourceUnavailable(str(e)) from e
+        self.statements += outcome.statements
+        return outcome
+
+    async def run_one(self, name: str, query: SoloQuery) -> list[dict[str, Any]]:
+        """One command alone under a client-side deadline (the query's, else the source's).
+        MetricError when it fails, SourceUnavailable when the connection breaks or it overruns."""
+        seconds = query.statement_timeout_seconds or self.statement_timeout_seconds
+        self.statements += 1
+        try:
+            rows: list[dict[str, Any]] = await aio_as_trio(self._command)(query.sql, seconds)
+        except trio.Cancelled:
+            raise
+        except _ConnectionLost as e:
+            raise SourceUnavailable(str(e)) from e
+        except psycopg.Error as e:
+            raise MetricError(name, describe_error(e)) from e
+        return rows
+
+    async def create_extensions(self, names: Sequence[str]) -> dict[str, str | None]:
+        """A console has no extensions: nothing is created (reported as such)."""
+        return {name: "a pooler's console has no extensions" for name in names}
 
     async def _run_tick(self, request: TickRequest) -> TickOutcome:
         commands: dict[str, tuple[str, float]] = {
@@ -236,6 +269,7 @@ class SimpleConnection:
         """
         if args:
             raise TypeError("a pooler's console takes no query parameters")
+        self.statements += 1
         try:
             return await aio_as_trio(self._command)(sql, self.statement_timeout_seconds, stamp=False)
         except trio.Cancelled:

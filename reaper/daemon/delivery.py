@@ -1,0 +1,127 @@
+"""What a source emits: its measurements (tagged like pgwatch's), instance_up, restart markers, and
+the rows it shares with (or takes from) the other sources of its instance through the InstanceCache.
+
+A cached instance-level result is delivered to the other databases of the instance, never back to
+the source that fetched it, and never twice to one source (issue 12: duplicate samples).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from reaper.config.schema import MetricDef
+from reaper.db.link import SourceLink
+from reaper.measurement import Measurement
+
+if TYPE_CHECKING:
+    from reaper.daemon.source import SourceReaper
+
+log = logging.getLogger("reaper.daemon.source")
+
+
+class Output:
+    """One source's delivery to the fan-out (`emit`), with the per-source counters in its state."""
+
+    def __init__(self, reaper: SourceReaper) -> None:
+        self.reaper = reaper
+        self._cache_seen: dict[str, int] = {}  # metric -> serial of the cache entry last delivered
+        self._down_sent_tick: int | None = None  # the tick in which instance_up = 0 was sent on going down
+        self._last_uptime: float | None = None
+
+    def deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
+                shared: bool = False) -> None:
+        """Hand rows to the sinks, each row tagged like pgwatch's with real_dbname and sys_id.
+
+        `shared` rows (from the instance cache) are copied first: they are another source's too.
+        """
+        if not rows:
+            return
+        r = self.reaper
+        conn = r.conn
+        if conn is not None:
+            server = conn.server
+            extra = {"real_dbname": server.database, "sys_id": server.system_identifier}
+            if shared:
+                rows = [{**row, **extra} for row in rows]
+            else:
+                for row in rows:
+                    row.update(extra)
+        m = Measurement.from_rows(source=r.config.name, metric=metric.name, table=table or metric.table,
+                                  rows=rows, tags=r.config.tags, wall_ns=wall_ns)
+        st = r.state
+        st.measurements += 1
+        st.rows += len(rows)
+        st.metric_rows[metric.name] = len(rows)
+        st.metric_measurements[metric.name] = st.metric_measurements.get(metric.name, 0) + 1
+        r.emit(m)
+
+    # -- instance_up -----------------------------------------------------------------------------
+
+    def instance_up(self, metrics: Mapping[str, MetricDef], up: int, wall_ns: int) -> None:
+        metric = metrics.get("instance_up")
+        if metric is None or (up == 0 and self._down_sent_tick == self.reaper.state.ticks):
+            return  # not due, or already sent in this tick when the source went down
+        self._send_up(metric, up, wall_ns)
+
+    def went_down(self, active: Mapping[str, int], wall_ns: int) -> None:
+        """The source just went down: instance_up = 0 now, whether or not it is due in this tick."""
+        metric = self.reaper.catalog.metrics.get("instance_up")
+        if metric is None or "instance_up" not in active:
+            return
+        self._down_sent_tick = self.reaper.state.ticks
+        self._send_up(metric, 0, wall_ns)
+
+    def _send_up(self, metric: MetricDef, up: int, wall_ns: int) -> None:
+        self.deliver(metric, [{"epoch_ns": wall_ns, "instance_up": up}], wall_ns)
+        self.reaper.state.last_fetch["instance_up"] = trio.current_time()
+
+    # -- restarts ----------------------------------------------------------------------------------
+
+    def detect_restart(self, row: Mapping[str, Any], wall_ns: int) -> None:
+        """A postmaster uptime that went backwards means the server restarted (or failed over)."""
+        uptime = row.get("postmaster_uptime_s")
+        if not isinstance(uptime, int | float):
+            return
+        last, self._last_uptime = self._last_uptime, float(uptime)
+        if last is not None and uptime < last:
+            log.warning("source %s: server restart (or failover) detected: uptime %ss, was %ss",
+                        self.reaper.state.name, uptime, last)
+            marker = MetricDef(name="object_changes", description="restarts and failovers")
+            self.deliver(marker, [{"epoch_ns": wall_ns, "details": "Detected server restart (or failover)"}],
+                         wall_ns)
+
+    # -- the instance cache --------------------------------------------------------------------------
+
+    def _cache_key(self, conn: SourceLink | None, metric: MetricDef) -> tuple[str, str, str] | None:
+        if conn is None or self.reaper.instance_cache is None or not metric.instance_level:
+            return None
+        server = conn.server
+        if not server.system_identifier:
+            return None
+        return (server.system_identifier, server.address, metric.name)
+
+    def deliver_cached(self, conn: SourceLink, metric: MetricDef, now: float, interval: float, wall_ns: int) -> bool:
+        """Deliver rows another source of the same instance fetched less than one interval ago (and
+        within the cache's max age), unless this source delivered that entry already. True if done."""
+        key = self._cache_key(conn, metric)
+        cache = self.reaper.instance_cache
+        if key is None or cache is None:
+            return False
+        entry = cache.get(key, now, max_age=interval, source=self.reaper.config.name,
+                          seen=self._cache_seen.get(metric.name))
+        if entry is None:
+            return False
+        self._cache_seen[metric.name] = entry.serial
+        self.deliver(metric, entry.rows, wall_ns, shared=True)
+        self.reaper.state.last_fetch[metric.name] = now
+        return True
+
+    def remember(self, metric: MetricDef, now: float, rows: list[dict[str, Any]]) -> None:
+        key = self._cache_key(self.reaper.conn, metric)
+        cache = self.reaper.instance_cache
+        if key is not None and cache is not None:
+            self._cache_seen[metric.name] = cache.put(key, now, rows, source=self.reaper.config.name).serial

@@ -1,0 +1,260 @@
+"""A source's slow lane and its local collectors: work that must never delay a fast-lane tick.
+
+The fast lane (reaper.daemon.source) decides what is due; work that is not part of the tick's one
+statement is handed here as a `Job`:
+
+- the **slow lane** runs metrics with their own `statement_timeout_seconds`, degraded metrics and
+  special metrics that talk to the server (change_events, server log) one after the other, on its
+  own connection (the source's second and last one). The connection is opened when a job needs it
+  and closed after the lane has been idle for `idle_seconds` (twice its longest interval, at least
+  MIN_IDLE_SECONDS).
+- the **local lane** runs the collectors that read the host (OS metrics via psutil); the few server
+  facts they need are read through the slow lane's connection (`LeasedLink`, one statement at a time
+  under the slow lane's lock), so a source never holds more than two connections.
+
+A job whose metric is still queued or running in its lane when it comes due again is skipped and
+counted (`LaneState.skipped`): work never queues up behind a slow metric. The lanes report what
+they sent in `LaneState` (statements of the last job, total), shown by `reaper status`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from reaper.config.schema import MetricDef
+from reaper.db import ServerInfo, SoloQuery, TickOutcome, TickRequest
+from reaper.db.link import Row, SourceLink
+from reaper.errors import SourceUnavailable
+from reaper.special import SpecialSpec
+
+log = logging.getLogger("reaper.daemon.source")
+
+MIN_IDLE_SECONDS = 60.0
+LANE_CAPACITY = 64  # jobs waiting in a lane; a metric is in it at most once
+
+
+@attrs.frozen
+class Job:
+    """One metric's run outside the tick: an SQL metric alone (`query`) or a special handler (`spec`)."""
+
+    metric: MetricDef
+    wall_ns: int
+    interval: float  # seconds between its runs (the lane's idle time follows the longest)
+    deadline: float  # seconds the whole job may take (client side)
+    query: SoloQuery | None = None
+    spec: SpecialSpec | None = None
+
+
+@attrs.define
+class LaneState:
+    name: str
+    connected: bool = False
+    runs: int = 0
+    statements_last_run: int = 0
+    statements_total: int = 0
+    skipped: int = 0  # jobs dropped because the same metric was still queued or running
+
+
+class LaneOwner(Protocol):
+    """What a lane needs from its source (reaper.daemon.source.SourceReaper)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def open_link(self) -> SourceLink: ...
+
+    async def run_job(self, job: Job, link: SourceLink) -> None: ...
+
+    def job_timed_out(self, job: Job) -> None: ...
+
+
+class Lane:
+    """Runs the jobs handed to it one after the other. `offer()` never blocks the caller."""
+
+    def __init__(self, name: str, owner: LaneOwner, *, lease: Lane | None = None,
+                 min_idle: float = MIN_IDLE_SECONDS) -> None:
+        self.state = LaneState(name)
+        self.owner = owner
+        self.lease = lease  # run jobs over another lane's connection instead of owning one
+        self.min_idle = min_idle
+        self.link: SourceLink | None = None
+        self.lock = trio.Lock()  # one statement at a time on this lane's connection
+        self._send, self._receive = trio.open_memory_channel[Job](LANE_CAPACITY)
+        self._pending: set[str] = set()
+        self._skip_warned: set[str] = set()
+        self._longest = 0.0
+        self._down: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Lane {self.owner.name}/{self.state.name} pending={len(self._pending)} skipped={self.state.skipped}>"
+
+    @property
+    def idle_seconds(self) -> float:
+        return max(self.min_idle, 2 * self._longest)
+
+    def offer(self, job: Job) -> bool:
+        """Queue `job` unless its metric is still queued or running here (then skip it and count)."""
+        name = job.metric.name
+        if name in self._pending:
+            self._skip(name)
+            return False
+        try:
+            self._send.send_nowait(job)
+        except trio.WouldBlock:
+            self._skip(name)
+            return False
+        self._pending.add(name)
+        if math.isfinite(job.interval):
+            self._longest = max(self._longest, job.interval)
+        return True
+
+    def _skip(self, name: str) -> None:
+        self.state.skipped += 1
+        if name not in self._skip_warned:
+            self._skip_warned.add(name)
+            log.warning("source %s: metric %s: still running in the %s lane when due again; that run is skipped "
+                        "(counted in status; reported once)", self.owner.name, name, self.state.name)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                with trio.move_on_after(self.idle_seconds) as idle:
+                    job = await self._receive.receive()
+                if idle.cancelled_caught:
+                    if self.link is not None:
+                        log.info("source %s: %s lane idle for %gs; closing its connection", self.owner.name,
+                                 self.state.name, self.idle_seconds)
+                        await self.close()
+                    continue
+                try:
+                    await self._run(job)
+                finally:
+                    self._pending.discard(job.metric.name)
+        finally:
+            await self.close()
+
+    async def _run(self, job: Job) -> None:
+        if self.lease is not None:
+            link: SourceLink = LeasedLink(self.lease)
+            await self._run_on(job, link)
+            return
+        async with self.lock:
+            try:
+                link = await self.ensure_link()
+            except SourceUnavailable:
+                return
+            before = link.statements
+            try:
+                await self._run_on(job, link)
+            finally:
+                self.count(link.statements - before)
+
+    async def _run_on(self, job: Job, link: SourceLink) -> None:
+        self.state.runs += 1
+        try:
+            await self.owner.run_job(job, link)
+        except trio.TooSlowError:
+            self.owner.job_timed_out(job)
+            (self.lease or self).drop()  # a statement may still be running on it: its state is unknown
+        except SourceUnavailable as e:
+            log.warning("source %s: %s lane: connection lost (%s); metric %s skipped this time", self.owner.name,
+                        self.state.name, e, job.metric.name)
+            (self.lease or self).drop()
+
+    def count(self, statements: int) -> None:
+        self.state.statements_last_run = statements
+        self.state.statements_total += statements
+
+    async def ensure_link(self) -> SourceLink:
+        """This lane's connection, opened now if needed (raises SourceUnavailable, logged once per outage)."""
+        if self.link is not None and not self.link.is_closed:
+            return self.link
+        try:
+            self.link = await self.owner.open_link()
+        except SourceUnavailable as e:
+            if self._down is None:
+                log.warning("source %s: %s lane: cannot connect (%s); its work is skipped until it can",
+                            self.owner.name, self.state.name, e)
+            self._down = str(e)
+            self.state.connected = False
+            raise
+        self._down = None
+        self.state.connected = True
+        log.info("source %s: %s lane connected (the source's second connection)", self.owner.name, self.state.name)
+        return self.link
+
+    def drop(self) -> None:
+        if self.link is not None:
+            self.link.terminate()
+            self.link = None
+        self.state.connected = False
+
+    async def close(self) -> None:
+        if self.link is not None:
+            link, self.link = self.link, None
+            self.state.connected = False
+            await link.close()
+
+
+class LeasedLink:
+    """The slow lane's connection as seen by a local collector: each call takes the slow lane's lock,
+    so the two never send statements at the same time, and counts in the slow lane's statements."""
+
+    combines = False
+    checks_size = False
+    creates_extensions = False
+
+    def __init__(self, lane: Lane) -> None:
+        self._lane = lane
+        self.statements = 0
+
+    @property
+    def server(self) -> ServerInfo:
+        if self._lane.link is None:
+            raise SourceUnavailable("no connection")
+        return self._lane.link.server
+
+    @property
+    def is_closed(self) -> bool:
+        return self._lane.link is None or self._lane.link.is_closed
+
+    @property
+    def product(self) -> str:
+        return "" if self._lane.link is None else self._lane.link.product
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        async with self._lane.lock:
+            link = await self._lane.ensure_link()
+            before = link.statements
+            try:
+                return await getattr(link, op)(*args)
+            finally:
+                self.statements += link.statements - before
+                self._lane.count(link.statements - before)
+
+    async def run_tick(self, request: TickRequest) -> TickOutcome:
+        outcome: TickOutcome = await self._call("run_tick", request)
+        return outcome
+
+    async def run_one(self, name: str, query: SoloQuery) -> list[Row]:
+        rows: list[Row] = await self._call("run_one", name, query)
+        return rows
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        rows: list[Row] = await self._call("fetch", sql, *args)
+        return rows
+
+    async def create_extensions(self, names: Any) -> dict[str, str | None]:
+        return {}
+
+    async def close(self) -> None:
+        """The connection is the slow lane's to close."""
+
+    def terminate(self) -> None:
+        """The connection is the slow lane's to drop."""

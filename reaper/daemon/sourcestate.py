@@ -1,0 +1,66 @@
+"""A source's shared pieces: the fleet-wide switches it obeys, how it connects, what it shows operators."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attrs
+import trio
+
+from reaper import db
+from reaper.config.schema import SourceConfig
+from reaper.db.link import SourceLink
+from reaper.schedule import PHASE_SPREAD
+
+MAX_PARALLEL_CONNECTS = 32
+
+
+@attrs.define(eq=False)
+class FleetControls:
+    """Daemon-wide switches every source obeys (emergency pause, minimum database size)."""
+
+    paused: bool = False
+    min_db_size_mb: int = 0
+    create_extensions: tuple[str, ...] = ()
+    phase_spread: float = PHASE_SPREAD  # seconds over which the sources' ticks are spread
+    # at most this many sources connect at the same moment (a fleet's start must not storm the servers)
+    connects: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(MAX_PARALLEL_CONNECTS))
+
+
+async def connect_source(config: SourceConfig) -> SourceLink:
+    """A connection fit for the source's kind: PostgreSQL (one combined statement per tick), or a
+    pooler's admin console (PgBouncer, Pgpool-II: the simple query protocol, one command per metric)."""
+    if config.kind == "pgbouncer" or config.kind == "pgpool":
+        from reaper.db.simple import open_simple_connection
+
+        return await open_simple_connection(config.dsn, kind=config.kind,
+                                            statement_timeout_seconds=config.query_timeout_seconds,
+                                            password_file=config.password_file)
+    return await db.open_source_connection(
+        config.dsn, statement_timeout_seconds=config.query_timeout_seconds,
+        password_file=config.password_file)
+
+
+@attrs.define(eq=False)
+class SourceState:
+    """What an operator (status, demo, self-metrics) can see of a source."""
+
+    name: str
+    status: str = "starting"  # starting | up | down
+    ticks: int = 0
+    measurements: int = 0
+    rows: int = 0
+    metric_errors: int = 0
+    last_tick_wall: float | None = None
+    next_tick: float | None = None  # trio clock
+    last_error: str | None = None
+    in_recovery: bool | None = None
+    server_version: str | None = None
+    degraded: set[str] = attrs.field(factory=set)
+    lateness: deque[float] = attrs.field(factory=lambda: deque(maxlen=1000))
+    statements_last_tick: int = 0  # the fast lane's
+    statements_total: int = 0  # the fast lane's, since start
+    last_fetch: dict[str, float] = attrs.field(factory=dict)  # metric -> trio time it last completed
+    metric_rows: dict[str, int] = attrs.field(factory=dict)  # metric -> rows in its last measurement
+    metric_measurements: dict[str, int] = attrs.field(factory=dict)  # metric -> measurements delivered
+
