@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,3 +178,34 @@ def test_once_prints_rows_for_one_metric(pg15, fresh_db, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     assert "main / db_stats (1 rows)" in proc.stdout
     assert "xact_commit" in proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_demo_collects_at_once_on_the_given_port_and_cleans_up() -> None:
+    port = _free_port()
+    proc = reaper("demo", "--duration", "5", "--port", str(port), "--keep", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.search(r"kept (\S+measurements\.ndjson) and (\S+reaper\.log)", last)
+    assert m, last
+    kept = Path(m.group(1))
+    try:
+        assert kept.read_text().count("\n") > 0, "no measurement within the demo's first 5 s"
+        assert not (kept.parent / "pg").exists(), "the server's files must go even with --keep"
+    finally:
+        shutil.rmtree(kept.parent, ignore_errors=True)
+
+    proc = reaper("demo", "--duration", "1", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.search(r"nothing kept \((\S+) removed", last)
+    assert m, last
+    assert not Path(m.group(1)).exists()

