@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
 
 import attrs
 import trio
@@ -182,9 +181,7 @@ class Reconciler:
             while True:
                 request = await self._receive.receive()
                 if isinstance(request, Shutdown):
-                    names = [*self.parents, *self.sources]
-                    log.info("shutting down: stopping %d sources", len(self.sources))
-                    await self._stop_many(names, "shutdown")
+                    await self._stop_all()
                     return
                 await self._handle(request)
         finally:
@@ -357,10 +354,20 @@ class Reconciler:
         await parent.done.wait()
         await self._start(config, children=parent.children)
 
+    async def _stop_all(self) -> None:
+        """Shutdown: stop every task at once. They stay registered (stopped), so that the last status
+        file still counts what each source collected."""
+        log.info("shutting down: stopping %d sources", len(self.sources))
+        tasks: list[RunningParent | RunningSource] = [*self.parents.values(), *self.sources.values()]
+        for task in tasks:
+            task.scope.cancel()
+        for task in tasks:
+            await task.done.wait()
+
     async def _stop_many(self, names: Iterable[str], reason: str) -> None:
         """Stop sources (a discovery source: with every source it found) at once; each one's task
         (and so its connection) has finished when this returns."""
-        waiting: list[Any] = []
+        waiting: list[RunningParent | RunningSource] = []
         for name in list(names):
             parent = self.parents.pop(name, None)
             if parent is not None:
