@@ -302,12 +302,20 @@ def http_get(url: str, headers: dict[str, str] | None = None, method: str = "GET
             return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+async def listening(sink: PrometheusSink) -> list[str]:
+    """The sink's URLs once its server listens (run_sink reports started before the sink opens)."""
+    with trio.fail_after(10):
+        while not sink.urls:
+            await trio.sleep(0.01)
+    return sink.urls
+
+
 async def test_endpoint_serves_inside_the_trio_tree_and_stops_gracefully() -> None:
     sink = sink_for()
     send, receive = trio.open_memory_channel[Measurement](100)
     async with trio.open_nursery() as nursery:
         await nursery.start(run_sink, sink, receive)  # as the daemon starts every sink
-        [url] = sink.urls
+        [url] = await listening(sink)
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
         await send.send(measurement("db_stats", {"xact_commit": 42}))
         await trio.testing.wait_all_tasks_blocked()
@@ -457,7 +465,7 @@ listen = "127.0.0.1:0"
         await nursery.start(daemon.run)
         [sink] = [running.sink for running in daemon.sinks.values()]
         assert isinstance(sink, PrometheusSink)
-        [url] = sink.urls
+        [url] = await listening(sink)
         with trio.fail_after(30):
             while ("main", "db_stats", "db_stats") not in sink.latest:
                 await trio.sleep(0.05)

@@ -18,7 +18,9 @@ refreshed for `stale_after_seconds` (or two of its metric's intervals, if longer
 the series of a source or metric no longer configured. `change_events` and the pooler metrics are
 not exported (as in pgwatch). Rows whose labels repeat within a family are dropped, warned once.
 
-The server is hypercorn's trio worker. `open()` binds `listen` (an error is a ConfigError there) and
+The server speaks HTTP with hypercorn's protocol under reaper's own accept loop
+(reaper.sinks.http_serve: at most MAX_CONNECTIONS open connections, EMFILE on accept is one line a
+minute). `open()` binds `listen` (an error is a ConfigError there) and
 starts `serve()` as a sibling of the sink's own task, in the nursery that runs it (the daemon's sinks
 nursery), so the server lives inside the trio tree; `aclose()` triggers hypercorn's graceful
 shutdown and waits for it (bounded by GRACEFUL_TIMEOUT_SECONDS). Every path answers, always in the
@@ -46,7 +48,6 @@ from typing import Any
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -56,6 +57,7 @@ from reaper.config.schema import MetricDef, PrometheusSinkConfig, SourceConfig
 from reaper.daemon.status import DaemonStatus
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
+from reaper.sinks.http_serve import serve_bounded
 
 log = logging.getLogger("reaper.sinks.prometheus")
 http_log = logging.getLogger("reaper.sinks.prometheus.http")  # hypercorn's errors
@@ -64,6 +66,11 @@ http_log.setLevel(logging.WARNING)  # not its "Running on ... (CTRL + C to quit)
 NOT_EXPORTED = frozenset({"change_events", "pgbouncer_stats", "pgbouncer_clients", "pgpool_processes",
                           "pgpool_stats"})
 GRACEFUL_TIMEOUT_SECONDS = 2.0
+# A flood of clients must not take the sources' file handles (reaper.sinks.http_serve): scrapers are few.
+MAX_CONNECTIONS = 32  # open at once; more wait in the listen backlog
+LISTEN_BACKLOG = 64
+KEEP_ALIVE_SECONDS = 5  # an idle connection is closed after this
+READ_TIMEOUT_SECONDS = 10  # a client that stops sending mid-request is dropped after this
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -227,13 +234,14 @@ class PrometheusSink:
                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve on the bound socket until `aclose()`; reports the URLs once it listens."""
         config = HypercornConfig()
-        config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
         config.accesslog = None
         config.errorlog = http_log
         config.graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
+        config.keep_alive_timeout = KEEP_ALIVE_SECONDS
+        config.read_timeout = READ_TIMEOUT_SECONDS
         try:
-            await hypercorn_serve(self.asgi, config, shutdown_trigger=self._shutdown.wait,  # type: ignore[arg-type]
-                                  task_status=task_status, mode="asgi")
+            await serve_bounded(self.asgi, config, sock, max_connections=MAX_CONNECTIONS, backlog=LISTEN_BACKLOG,
+                                shutdown=self._shutdown, log=log, label=self.label, task_status=task_status)
         except Exception:
             if not self.urls:  # failed to start: open() reports it
                 raise
