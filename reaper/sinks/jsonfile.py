@@ -30,6 +30,10 @@ def open_output(path: Path) -> IO[bytes]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.open("ab", buffering=0)
+    except (FileExistsError, NotADirectoryError) as e:  # a regular file where a folder should be
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is not a directory" if blocker is not None else e.strerror
+        raise SinkError(f"cannot open {path}: {why}") from e
     except OSError as e:
         raise SinkError(f"cannot open {path}: {e.strerror or e}") from e
 
