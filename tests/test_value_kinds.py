@@ -1,7 +1,8 @@
 """Every column reaper stores has the JSON kind pgwatch's own SQL gives it (tests/data/pgwatch_kinds.tsv).
 
 For each metric in the table, reaper's SQL for the server's version runs on a real PostgreSQL: the
-column types (psql's \\gdesc) must map to the table's kind (integer / number / string / boolean), and
+column types (psql's \\gdesc) must map to the table's kind (integer / number / string / boolean, or array
+for a PostgreSQL array, which pgwatch writes as a JSON array), and
 the rows, encoded by the sinks' encoder, must carry that kind in their JSON text (an integer column
 never `300.0`). On the pg15 fixture always; on PostgreSQL 14 and 18 with the `matrix` marker.
 """
@@ -35,7 +36,7 @@ def load_kinds(path: Path = KINDS_TSV) -> dict[str, dict[str, tuple[str, str]]]:
         if not line.strip() or line.startswith("#"):
             continue
         metric, column, kind, *note = line.split("\t")
-        assert kind in ("integer", "number", "string", "boolean"), line
+        assert kind in ("integer", "number", "string", "boolean", "array"), line
         table.setdefault(metric, {})[column] = (kind, note[0] if note else "")
     return table
 
@@ -51,6 +52,8 @@ def json_kind(token: Any) -> str:
         return "boolean"
     if isinstance(token, str):
         return "string"
+    if isinstance(token, list):
+        return "array"
     return token[0]  # ("integer", text) or ("number", text)
 
 
@@ -102,7 +105,7 @@ def mismatches(server: ServerHandle, dsn: str) -> list[str]:
                 problems.append(f"{name}.{column}: returned by reaper but not in the table")
                 continue
             expected, note = columns[column]
-            found = TYPE_KINDS.get(pg_type, f"({pg_type})")
+            found = "array" if pg_type.endswith("[]") else TYPE_KINDS.get(pg_type, f"({pg_type})")
             if found != expected and not note.startswith("deliberate"):
                 problems.append(f"{name}.{column}: PostgreSQL {major} type {pg_type} is {found}, "
                                 f"pgwatch has {expected}")
@@ -131,6 +134,7 @@ def test_json_kind_reads_the_text() -> None:
     assert json_kind(parse_tokens(b"1e+21")) == "number"
     assert json_kind(parse_tokens(b'"x"')) == "string"
     assert json_kind(parse_tokens(b"true")) == "boolean"
+    assert json_kind(parse_tokens(b"[16384, 16390]")) == "array"
 
 
 @pytest.mark.pg
