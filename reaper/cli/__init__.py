@@ -245,6 +245,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from reaper.cli.limits import raise_open_files_limit
     from reaper.daemon.root import run_daemon
 
     config = _load(args.config)
@@ -252,6 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         names = tuple(n.strip() for n in args.create_extensions.split(",") if n.strip())
         config = attrs.evolve(config, collector=attrs.evolve(config.collector, create_extensions=names))
     logging.getLogger("reaper").info("reaper %s starting with %s (pid %d)", __version__, args.config, os.getpid())
+    raise_open_files_limit()
     trio.run(lambda: run_daemon(config, config_path=args.config, force_exit=os._exit, groups=args.group,
                                 pidfile=args.pidfile))
     logging.getLogger("reaper").info("reaper stopped")
