@@ -19,6 +19,7 @@ import trio
 from pgserver import PgServer, ServerHandle, cleanup_stale, create_extensions
 
 from reaper import db
+from reaper.catalog.docs import load_kind_differences, render_shipped
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.sinks.encode import dumps
 
@@ -126,6 +127,19 @@ def test_the_table_is_well_formed() -> None:
     for name, columns in KINDS.items():
         declared = set(METRICS[name].columns)
         assert sorted(c for c in columns if c not in declared) == [], name
+
+
+def test_deliberate_rows_are_listed_in_the_metric_reference() -> None:
+    deliberate = sorted((m, c, kind) for m, cols in KINDS.items() for c, (kind, note) in cols.items()
+                        if note.startswith("deliberate"))
+    differences = load_kind_differences(KINDS_TSV)
+    assert sorted((d.metric, d.column, d.pgwatch_kind) for d in differences) == deliberate
+    text = render_shipped()
+    section = text.split("## Deliberate differences from pgwatch's value kinds\n", 1)[1].split("\n## ", 1)[0]
+    for d in differences:
+        assert f"| [{d.metric}](#{d.metric}) | {d.column} | {d.pgwatch_kind} | " in section
+    if not differences:
+        assert "None." in section
 
 
 def test_json_kind_reads_the_text() -> None:

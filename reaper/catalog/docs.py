@@ -4,13 +4,16 @@ Pure: the catalogue and the version matrix in, Markdown out, sorted so that the 
 gives the same bytes (tests/test_docs.py compares the committed file with a fresh render).
 The matrix (docs/matrix.json, `{metric: {version: result}}`) is written by tests/test_matrix.py
 under `just test-matrix`: each metric's SQL run on real PostgreSQL servers.
+The deliberate differences from pgwatch's value kinds are the rows of tests/data/pgwatch_kinds.tsv
+whose note starts with `deliberate:` (that table is checked by tests/test_value_kinds.py).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from reaper.catalog.metrics import Catalog, presets_dir
 from reaper.config.schema import MetricDef
@@ -21,6 +24,39 @@ Matrix = Mapping[str, Mapping[str, str]]
 
 GENERATED_BY = "reaper metrics docs --output docs/metrics.md"
 RESULT_KINDS = ("ok", "no SQL", "needs extension", "special", "n/a", "failed", "not run")
+
+
+class KindDifference(NamedTuple):
+    """A column whose JSON kind differs from pgwatch's on purpose."""
+
+    metric: str
+    column: str
+    pgwatch_kind: str
+    reason: str
+
+
+DELIBERATE = "deliberate:"
+
+
+def default_kinds_path() -> Path:
+    """tests/data/pgwatch_kinds.tsv next to the shipped presets/ (in a source checkout)."""
+    return presets_dir().parent / "tests" / "data" / "pgwatch_kinds.tsv"
+
+
+def load_kind_differences(path: Path) -> list[KindDifference]:
+    """The table's deliberate rows (metric, column, kind, note); a missing file has none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the value kinds table: {e}"]) from None
+    rows = []
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 4 and not line.startswith("#") and fields[3].startswith(DELIBERATE):
+            rows.append(KindDifference(fields[0], fields[1], fields[2], fields[3].removeprefix(DELIBERATE).strip()))
+    return sorted(rows)
 
 
 def default_matrix_path() -> Path:
@@ -158,6 +194,24 @@ def _presets_table(catalog: Catalog) -> list[str]:
     return lines
 
 
+def _kind_differences(differences: Sequence[KindDifference]) -> list[str]:
+    lines = [
+        "## Deliberate differences from pgwatch's value kinds",
+        "",
+        "Every stored column carries the JSON kind (integer, number, string, boolean) that pgwatch's own SQL "
+        "gives the same metric's column, so its dashboards' casts (`::int8`, `::float8`, `::bool`) work on "
+        "reaper's storage: the table `tests/data/pgwatch_kinds.tsv`, checked against reaper's SQL on "
+        "PostgreSQL 14, 15 and 18 by `tests/test_value_kinds.py`. These columns differ on purpose:",
+        "",
+    ]
+    if not differences:
+        return [*lines, "None."]
+    lines += ["| metric | column | pgwatch's kind | why reaper differs |", "|---|---|---|---|"]
+    lines += [f"| [{d.metric}](#{d.metric}) | {d.column} | {d.pgwatch_kind} | {_cell(d.reason)} |"
+              for d in differences]
+    return lines
+
+
 def _metric_section(catalog: Catalog, matrix: Matrix, name: str) -> list[str]:
     metric = catalog.metrics[name]
     lines = [f"### {name}", "", _cell(metric.description) or "(no description)", ""]
@@ -181,7 +235,7 @@ def _metric_section(catalog: Catalog, matrix: Matrix, name: str) -> list[str]:
     return lines
 
 
-def render(catalog: Catalog, matrix: Matrix) -> str:
+def render(catalog: Catalog, matrix: Matrix, differences: Sequence[KindDifference] = ()) -> str:
     """The whole reference as Markdown (deterministic: everything sorted by name)."""
     lines = [
         "# Metric reference",
@@ -194,7 +248,8 @@ def render(catalog: Catalog, matrix: Matrix) -> str:
         "values are levels, `counter` values only grow (until a statistics reset or a restart).",
         "",
     ]
-    for part in (_summary(catalog, matrix), _matrix_table(catalog, matrix), _presets_table(catalog)):
+    for part in (_summary(catalog, matrix), _matrix_table(catalog, matrix), _presets_table(catalog),
+                 _kind_differences(differences)):
         lines += [*part, ""]
     lines += ["## Metrics", ""]
     for name in sorted(catalog.metrics):
@@ -203,6 +258,7 @@ def render(catalog: Catalog, matrix: Matrix) -> str:
 
 
 def render_shipped(matrix_path: Path | None = None) -> str:
-    """The reference of the shipped catalogue, with the matrix file (default: docs/matrix.json)."""
+    """The reference of the shipped catalogue, with the matrix file (default: docs/matrix.json) and the
+    deliberate rows of the value kinds table."""
     path = matrix_path if matrix_path is not None else default_matrix_path()
-    return render(Catalog.for_config(), load_matrix(path))
+    return render(Catalog.for_config(), load_matrix(path), load_kind_differences(default_kinds_path()))
