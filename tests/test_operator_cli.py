@@ -170,3 +170,15 @@ def test_storage_init_warns_about_a_literal_password_but_not_about_an_environmen
     assert "warning: --dsn holds a password" in literal.stderr
     assert "warning" not in from_env.stderr
     assert "LEAK" not in literal.stderr + from_env.stderr + literal.stdout + from_env.stdout
+
+
+@pytest.mark.parametrize(("mode", "ok"), [("0o600", True), ("0o640", True), ("0o755", False), ("0o200", False),
+                                          ('"0640"', False)])
+def test_jsonfile_file_mode_is_checked(tmp_path: Path, mode: str, ok: bool) -> None:
+    config = tmp_path / "reaper.toml"
+    config.write_text(f'[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "o.ndjson"}"\nfile_mode = {mode}\n')
+    proc = reaper("check", "--config", str(config))
+    assert (proc.returncode == 0) is ok, proc.stderr
+    if not ok:
+        assert proc.stderr.strip().splitlines() == [line for line in proc.stderr.strip().splitlines()
+                                                    if line.startswith(f"{config}: sinks[0].file_mode: ")]

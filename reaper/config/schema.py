@@ -97,6 +97,13 @@ class SourceConfig:
                 self.query_timeout_seconds)
 
 
+def _check_file_mode(_instance: Any, _attribute: Any, value: int) -> None:
+    """A data file's mode: the owner reads and writes it; no execute bits, nothing beyond 0o666."""
+    if isinstance(value, bool) or not isinstance(value, int) or value & ~0o666 or value & 0o600 != 0o600:
+        raise rules.FieldValueError("expected a file mode in TOML octal, 0o600 (the default) .. 0o666: the owner "
+                                    "reads and writes, no execute bits")
+
+
 @attrs.frozen
 class JsonFileSinkConfig:
     path: str = attrs.field(validator=rules.name(what="a path (\"-\" for stdout)"))
@@ -106,6 +113,8 @@ class JsonFileSinkConfig:
     max_bytes: int | None = attrs.field(default=None, validator=rules.number(1, rules.MAX_BYTES, optional=True))
     # rotated files kept: path.1 (newest) .. path.N
     backups: int = attrs.field(default=5, validator=rules.number(0, 1000))
+    # permissions of the files it creates (TOML octal: 0o640 lets a log shipper's group read them)
+    file_mode: int = attrs.field(default=0o600, validator=_check_file_mode)
 
     @property
     def label(self) -> str:
