@@ -237,7 +237,11 @@ def _format_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from reaper.sinks.preflight import sink_problems
+
     config = _load(args.config)
+    if problems := sink_problems(config.sinks):  # what only the file system can say (the daemon would retry)
+        raise ConfigError([f"{args.config}: {line}" for line in problems])
     enabled = sum(1 for s in config.sources if s.enabled)
     print(f"{args.config}: ok: {len(config.sources)} sources ({enabled} enabled), {len(config.sinks)} sinks, "
           f"{len(config.metrics)} own metrics, {len(config.presets)} own presets")
