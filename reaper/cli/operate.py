@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -22,7 +23,7 @@ from rich.table import Table
 from reaper.cli.output import choose_format, print_plain
 from reaper.config.load import load_state_dir
 from reaper.config.schema import default_state_dir
-from reaper.daemon.status import STATUS_FILE, DaemonStatus, read_status_file
+from reaper.daemon.status import STATUS_FILE, DaemonStatus, LaneStatus, read_status_file
 
 STALE_AFTER_SECONDS = 20.0
 START_SLACK_SECONDS = 2.0  # clock-tick rounding between /proc's start time and the daemon's own clock
@@ -86,14 +87,14 @@ def show_status(args: argparse.Namespace) -> int:
                   f"status written {age:.0f}s ago")
     sources = Table(title=f"{len(status.sources)} sources", title_justify="left")
     for col in ("source", "status", "last tick", "next tick", "ticks", "rows", "errors", "degraded", "lateness p99",
-                "last error"):
+                "lanes (statements last/total)", "last error"):
         sources.add_column(col, overflow="fold")
     for s in status.sources:
         sources.add_row(
             s.name, s.status, _ago(now - s.last_tick_wall if s.last_tick_wall else None),
             "-" if s.next_tick_in is None else f"in {s.next_tick_in:.0f}s", str(s.ticks), str(s.rows),
             str(s.metric_errors), ", ".join(s.degraded) or "-", f"{s.lateness_p99 * 1000:.0f} ms",
-            s.last_error or "-")
+            _lanes(s.lanes), s.last_error or "-")
     console.print(sources)
     sinks = Table(title=f"{len(status.sinks)} sinks", title_justify="left")
     for col in ("sink", "queued", "sent", "spilled", "on disk", "dropped"):
@@ -162,6 +163,15 @@ def why_not_our_daemon(pid: int, status: DaemonStatus | None, status_path: Path)
         return (f"process {pid} started after the daemon of {status_path} did "
                 "(the pid was reused by another process)")
     return None
+
+
+def _lanes(lanes: Sequence[LaneStatus]) -> str:
+    """`fast up 1/120; slow up 4/40 skipped 3`: per lane, connected or not, statements last run/total."""
+    parts = []
+    for lane in lanes:
+        text = f"{lane.name} {'up' if lane.connected else '-'} {lane.statements_last_run}/{lane.statements_total}"
+        parts.append(text + (f" skipped {lane.skipped}" if lane.skipped else ""))
+    return "; ".join(parts) or "-"
 
 
 def reload_daemon(args: argparse.Namespace) -> int:
