@@ -77,7 +77,7 @@ def count_tasks() -> tuple[int, int]:
 
 def state_dir_of(config: Config) -> Path:
     """`[collector] state_dir` (load_config fills it in), else the default for the config's file."""
-    return Path(config.collector.state_dir or default_state_dir(config.path))
+    return Path(config.collector.state_dir or default_state_dir(config.path or None))
 
 
 class Daemon:
