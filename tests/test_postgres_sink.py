@@ -42,7 +42,7 @@ def one(server, sql: str, dbname: str) -> str:
 
 
 def sink_config(dsn: str, **kwargs) -> PostgresSinkConfig:
-    kwargs.setdefault("batching_delay_seconds", 0.0)
+    kwargs.setdefault("batching_delay_seconds", 0.01)  # the smallest the config accepts
     return PostgresSinkConfig(dsn=dsn, **kwargs)
 
 
