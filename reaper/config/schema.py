@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import os
 import re
+import shlex
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,6 +66,26 @@ class PresetDef:
     metrics: dict[str, int] = attrs.field(factory=dict, validator=rules.intervals)
 
 
+def _check_command_prefix(_instance: Any, _attribute: Any, value: str) -> None:
+    try:
+        shlex.split(value)
+    except ValueError as e:
+        raise rules.FieldValueError(f"cannot be split into words like a shell command line ({e})") from None
+
+
+@attrs.frozen
+class SpecialsConfig:
+    """A source's `[sources.specials]` table: how the metrics that run host tools (pgBackRest, WAL-G,
+    smartctl; reaper.special.backup and .smart) reach them. Empty: run them here, on the server's host."""
+
+    command_prefix: str = attrs.field(default="", validator=_check_command_prefix)  # "sudo -n -u postgres"
+    pgbackrest_stanza: str | None = None  # None: the one stanza `pgbackrest info` lists
+    pgbackrest_config: str | None = attrs.field(default=None, validator=rules.optional_path)
+    walg_config: str | None = attrs.field(default=None, validator=rules.optional_path)
+    walg_env_file: str | None = attrs.field(default=None, validator=rules.optional_path)  # KEY=VALUE lines
+    walg_env: dict[str, str] = attrs.field(factory=dict)  # WALG_*, AWS_* ... for wal-g only
+
+
 @attrs.frozen
 class SourceConfig:
     name: str = attrs.field(validator=rules.name())
@@ -86,6 +107,7 @@ class SourceConfig:
     connect_timeout_seconds: float = attrs.field(default=5.0, validator=rules.seconds())
     # one tick's deadline, and the server-side statement_timeout (whole milliseconds: at least 1 ms)
     query_timeout_seconds: float = attrs.field(default=30.0, validator=rules.seconds(0.001, above=False))
+    specials: SpecialsConfig = attrs.field(factory=SpecialsConfig)  # host tools: reaper.special.backup, .smart
 
     @property
     def redacted_dsn(self) -> str:
@@ -313,7 +335,7 @@ def structure_sink(raw: Any) -> SinkConfig:
 
 
 CONFIG_MODELS: frozenset[type[Any]] = frozenset({
-    MetricDef, PresetDef, SourceConfig, JsonFileSinkConfig, PostgresSinkConfig, PrometheusSinkConfig,
+    MetricDef, PresetDef, SourceConfig, SpecialsConfig, JsonFileSinkConfig, PostgresSinkConfig, PrometheusSinkConfig,
     CollectorConfig})
 
 
