@@ -6,6 +6,10 @@ python := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } el
 test *ARGS:
     {{python}} -m pytest {{ARGS}}
 
+# build the test image reaper-test-pg:MAJOR from Debian packages, no registry (root, a Docker engine, debootstrap)
+test-image MAJOR="15":
+    tests/containers/build-image.sh {{MAJOR}}
+
 # the version matrix alone: every metric on PostgreSQL 14-18; rewrites docs/matrix.json and docs/metrics.md
 test-matrix *ARGS:
     REAPER_WRITE_MATRIX=1 {{python}} -m pytest -m matrix {{ARGS}}; rc=$?; {{python}} -m reaper.cli metrics docs --output docs/metrics.md && exit $rc
