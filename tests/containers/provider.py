@@ -206,10 +206,9 @@ class DockerServer:
         deadline = time.monotonic() + START_TIMEOUT
         probe = ["psql", "-X", "-At", "-h", self.host, "-p", str(self.port), "-U", "postgres", "-c", "select 1"]
         while True:
-            self._container.reload()
-            if self._container.status in ("exited", "dead"):
+            if self._status() in ("exited", "dead"):
                 raise PgServerError(f"container from {self.image} exited:\n{self._logs_tail()}")
-            if self._container.exec(probe).exit_code == 0 and self._host_can_connect():
+            if self._exec(probe)[0] == 0 and self._host_can_connect():
                 return
             if time.monotonic() > deadline:
                 raise PgServerError(f"{self.image} did not accept connections within {START_TIMEOUT:g} s:\n"
@@ -256,12 +255,9 @@ class DockerServer:
                 raise PgServerError(f"psql timed out after {timeout} s") from e
             code, out, err = proc.returncode, proc.stdout, proc.stderr
         else:
-            from testcontainers.core.container import ExecConfig
-
             shell = 'printf "%s" "$REAPER_SQL" | psql "$@"'
-            result = self._container.exec(ExecConfig(command=["sh", "-c", shell, "psql", *opts],
-                                                      environment={"REAPER_SQL": sql}))
-            code, out, err = result.exit_code, result.output.decode(errors="replace"), ""
+            code, out = self._exec(["sh", "-c", shell, "psql", *opts], environment={"REAPER_SQL": sql})
+            err = ""
         if code != 0:
             raise PgServerError(f"psql failed (exit {code})\n--- stderr ---\n{(err or out).strip()}")
         return out.removesuffix("\n")
@@ -273,19 +269,30 @@ class DockerServer:
         pytest.skip("stops and restarts its server: local servers only (REAPER_TEST_PG=local)")
 
     def is_running(self) -> bool:
-        self._container.reload()
-        return self._container.status == "running"
+        return self._status() == "running"
+
+    def _status(self) -> str:
+        """docker-py's container status ("running", "exited", ...), or "not started"."""
+        try:
+            wrapped = self._container.get_wrapped_container()
+        except Exception:  # testcontainers' ContainerStartException: never created
+            return "not started"
+        wrapped.reload()
+        return str(wrapped.status)
+
+    def _exec(self, cmd: list[str], **kwargs: Any) -> tuple[int, str]:
+        """docker exec (docker-py's exec_run): exit code and combined output."""
+        result = self._container.get_wrapped_container().exec_run(cmd, **kwargs)
+        return int(result.exit_code), result.output.decode(errors="replace")
 
     def cleanup(self) -> None:
         """Remove the container and its data directory.
 
         The files belong to the container's postgres user, which a non-root host user cannot delete:
         they are deleted from inside (as root there) just before the container is killed."""
-        from testcontainers.core.container import ExecConfig
-
         with contextlib.suppress(Exception):
             if self.is_running():
-                self._container.exec(ExecConfig(command=["rm", "-rf", str(self._data_root / "data")], user="0"))
+                self._exec(["rm", "-rf", str(self._data_root / "data")], user="0")
         with contextlib.suppress(Exception):
             self._container.stop()  # docker rm -f, and closes the client's connections
         shutil.rmtree(self._data_root, ignore_errors=True)
