@@ -138,9 +138,6 @@ def test_a_reload_that_adds_a_sink_that_cannot_open_keeps_the_daemon_up(pg15, tm
     assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()
 
 
-@pytest.mark.xfail(reason="needs the daemon's status() to pass the outlet's error and rejected count into SinkStatus "
-                          "(reaper/daemon/app.py: error=o.error, rejected=o.rejected), which is not this helper's file",
-                   strict=False)
 def test_the_status_file_says_why_a_sink_is_not_writing(pg15, tmp_path: Path, bad_parent: str) -> None:
     config = write_config(tmp_path, pg15.dsn(), bad_parent, PROC_PATH)
     with (tmp_path / "reaper.log").open("wb") as err:

@@ -21,7 +21,7 @@ import attrs
 from reaper.catalog.definitions import structure_definitions
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.config.files import read_toml
-from reaper.config.redact import redact_dsn
+from reaper.config.redact import redact_dsn, remember_secrets
 from reaper.config.rules import name_problem
 from reaper.config.schema import (
     CollectorConfig,
@@ -249,6 +249,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         problems.extend(f"{origin}: {p}" for p in
                         _check_file(f"{where}.password_file", src.password_file, "a file holding the password"))
     sources = tuple(src for _, src in structured_sources)
+    for dsn in [src.dsn for src in sources] + [k.dsn for k in structured_sinks if isinstance(k, PostgresSinkConfig)]:
+        remember_secrets(dsn)  # every config read (a reload too): no log line or error text shows these passwords
 
     labels: dict[str, int] = {}
     for i, sink in enumerate(structured_sinks):

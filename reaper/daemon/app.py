@@ -144,7 +144,8 @@ class Daemon:
     def status(self) -> DaemonStatus:
         sources = [running.reaper.status() for _, running in sorted(self.sources.items())]
         sinks = [SinkStatus(label=o.label, queued=o.queued, sent=o.sent, dropped=o.dropped, spilled=o.spilled,
-                            spill_bytes=o.spill_bytes) for o in self.fanout.outlets]
+                            spill_bytes=o.spill_bytes, error=o.error, rejected=o.rejected)
+                 for o in self.fanout.outlets]
         tasks, io_tasks = count_tasks()
         return DaemonStatus(pid=os.getpid(), version=__version__, started_wall=self.started_wall,
                             updated_wall=time.time(), config_path=self.config.path, reloads=self.reloads,

@@ -29,6 +29,7 @@ from reaper import db
 from reaper.config.schema import Config
 from reaper.daemon.app import Daemon, state_dir_of
 from reaper.errors import ConfigError
+from reaper.fsutil import make_private_dir
 
 log = logging.getLogger("reaper.daemon.root")
 
@@ -76,7 +77,7 @@ def lock_state_dir(state_dir: Path) -> Iterator[None]:
     The lock goes with the process (even on SIGKILL), so a stale lock file never blocks a start."""
     path = state_dir / LOCK_FILE
     try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(state_dir)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise ConfigError([f"state_dir {state_dir}: cannot create {LOCK_FILE}: {e.strerror or e}"]) from e

@@ -10,6 +10,8 @@ import attrs
 import cattrs
 import orjson
 
+from reaper.fsutil import make_private_dir
+
 STATUS_FILE = "status.json"
 _converter = cattrs.Converter()
 
@@ -85,7 +87,7 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 def write_status_file(path: Path, status: DaemonStatus) -> None:
     """Replace the status file atomically (readers never see half a file). The file is the operator's:
     created 0600 (its folder 0700 when this creates it), whatever the umask."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

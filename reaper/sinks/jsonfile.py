@@ -7,6 +7,7 @@ Values are written as pgwatch (Go) writes them: reaper/sinks/encode.py.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import IO
@@ -15,6 +16,7 @@ import trio
 
 from reaper.config.schema import JsonFileSinkConfig
 from reaper.errors import SinkError
+from reaper.fsutil import PRIVATE_FILE_MODE, open_append
 from reaper.measurement import Measurement
 from reaper.sinks.encode import dumps
 
@@ -24,12 +26,16 @@ def encode_measurement(m: Measurement) -> bytes:
     return dumps(doc) + b"\n"
 
 
-def open_output(path: Path) -> IO[bytes]:
-    """Create the parent folders and open the file for appending; SinkError("cannot open PATH: reason") when
-    that fails (the sink's task logs it, retries, and spills meanwhile)."""
+def open_output(path: Path, file_mode: int = PRIVATE_FILE_MODE) -> IO[bytes]:
+    """Create the parent folders and open the file for appending, created with `file_mode` (0600 unless
+    configured: measurements are the operator's data); SinkError("cannot open PATH: reason") when that fails
+    (the sink's task logs it, retries, and spills meanwhile). New folders get the file mode plus x where it
+    has r (0600 -> 0700, 0640 -> 0750), so whoever may read the file can reach it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.open("ab", buffering=0)
+        if not path.parent.is_dir():
+            folder_mode = file_mode | ((file_mode & 0o444) >> 2)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=folder_mode)
+        return os.fdopen(open_append(path, file_mode), "ab", buffering=0)
     except (FileExistsError, NotADirectoryError) as e:  # a regular file where a folder should be
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is not a directory" if blocker is not None else e.strerror
@@ -52,7 +58,8 @@ class JsonFileSink:
         if self.config.path == "-":
             self._file = sys.stdout.buffer
             return
-        self._file = await trio.to_thread.run_sync(open_output, Path(self.config.path))
+        self._file = await trio.to_thread.run_sync(open_output, Path(self.config.path),
+                                                        self.config.file_mode)
 
     async def write(self, batch: list[Measurement]) -> None:
         data = b"".join(encode_measurement(m) for m in batch)
@@ -81,11 +88,11 @@ class JsonFileSink:
                 if older.exists():
                     older.rename(f"{path}.{n + 1}")
             path.rename(f"{path}.1")
-        self._file = open_output(path)
+        self._file = open_output(path, self.config.file_mode)
 
     def _write(self, data: bytes) -> None:
         if self._file is None:  # a rotation could not reopen the file: an outage, retried
-            self._file = open_output(Path(self.config.path))
+            self._file = open_output(Path(self.config.path), self.config.file_mode)
         self._rotate_if_needed(len(data))
         f = self._file
         assert f is not None

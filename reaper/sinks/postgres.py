@@ -43,14 +43,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import trio
 
-from reaper.config.load import expand_env
 from reaper.config.redact import redact_dsn
 from reaper.config.schema import PostgresSinkConfig
 from reaper.db.storage import (
@@ -215,9 +213,7 @@ class PostgresSink:
         if self._conn is not None and not self._conn.is_closed:
             return self._conn
         self._conn = None
-        dsn, missing = expand_env(self.config.dsn, os.environ)
-        if missing:
-            raise StorageError(f"environment variable {', '.join(missing)} in the dsn is not set")
+        dsn = self.config.dsn  # load_config expanded its variables already (once: `$$` stays `$`)
         try:
             with trio.fail_after(self.config.connect_timeout_seconds):
                 conn = await open_storage(dsn, partition_seconds=self.partition_seconds,

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from reaper.fsutil import make_private_dir
 from reaper.measurement import Measurement
 
 log = logging.getLogger("reaper.sinks")
@@ -55,7 +56,7 @@ def set_aside(directory: Path | None, label: str, measurements: Sequence[Measure
     if directory is not None:
         path = directory / f"{now:%Y-%m-%d}.ndjson"
         try:
-            directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+            make_private_dir(directory)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 view = memoryview(data)

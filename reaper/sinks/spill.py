@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from reaper.fsutil import make_private_dir
 from reaper.measurement import Measurement
 from reaper.sinks.encode import dumps
 
@@ -82,7 +83,7 @@ class SpillQueue:
     def open(self) -> None:
         """Create the directory, or recover what a previous run left: a head whose segment is gone is moved
         to the oldest segment left; a torn last record (killed mid-write) is cut off and counted."""
-        self.directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+        make_private_dir(self.directory)
         (self.directory / "head.tmp").unlink(missing_ok=True)
         self._segments = sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
         head = self._read_head()
