@@ -18,6 +18,7 @@ from typing import NamedTuple
 from reaper.catalog.metrics import Catalog, presets_dir
 from reaper.config.schema import MetricDef
 from reaper.errors import ConfigError
+from reaper.special.registry import REGISTRY
 
 MATRIX_VERSIONS = (14, 15, 16, 17, 18)
 Matrix = Mapping[str, Mapping[str, str]]
@@ -230,9 +231,11 @@ def _metric_section(catalog: Catalog, matrix: Matrix, name: str) -> list[str]:
         f"- **presets**: {using}",
         f"- **flags**: {flags}",
         f"- **matrix**: {results}",
-        "",
     ]
-    return lines
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.how:
+        lines.append(f"- **how it is collected**: {_cell(entry.how)}")
+    return [*lines, ""]
 
 
 def render(catalog: Catalog, matrix: Matrix, differences: Sequence[KindDifference] = ()) -> str:
