@@ -113,7 +113,8 @@ REFUSED = [
     (SRC + 'presett = "basic"\n' + SINK,
      "sources[0].presett: unknown key; did you mean 'preset'? (valid keys: connect_timeout_seconds, "
      "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, metrics, name, "
-     "only_if_primary, password_file, preset, query_timeout_seconds, standby_metrics, standby_preset, tags)"),
+     "only_if_primary, password_file, preset, query_timeout_seconds, specials, standby_metrics, standby_preset, "
+     "tags)"),
 ]
 
 

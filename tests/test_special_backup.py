@@ -25,11 +25,13 @@ from pgserver import PgServer, _as_server_user, _is_root, _server_user_ids
 
 from reaper import db
 from reaper.catalog.metrics import Catalog
-from reaper.config.schema import SourceConfig, SpecialsConfig
+from reaper.cli import main
+from reaper.config.schema import SourceConfig, SpecialsConfig, StructureProblems, converter
 from reaper.daemon.source import SourceReaper
 from reaper.errors import MetricUnavailable
 from reaper.measurement import Measurement
 from reaper.special import SpecialContext, backup, special_spec
+from reaper.special.registry import REGISTRY
 
 CATALOG = Catalog.for_config()
 STANDIN_DIR = Path(__file__).resolve().parent / "data" / "walg-standin"
@@ -265,3 +267,30 @@ def test_env_file_lines() -> None:
         "A": "1", "C": "two words", "D": "q", "E": ""}
     with pytest.raises(ValueError, match="line 2 is not KEY=VALUE"):
         backup.parse_env_file("A=1\nnot a pair\n")
+
+
+# -- configuration and the catalogue ---------------------------------------------------------------
+
+
+def test_the_specials_table_is_checked_one_line_per_problem() -> None:
+    raw = {"name": "a", "dsn": "postgresql://h/db", "specials": {
+        "command_prefx": "sudo", "pgbackrest_stanza": 3, "walg_env": {"WALG_X": 1}}}
+    with pytest.raises(StructureProblems) as caught:
+        converter.structure(raw, SourceConfig)
+    assert sorted(caught.value.lines) == [
+        "specials.command_prefx: unknown key; did you mean 'command_prefix'? (valid keys: command_prefix, "
+        "pgbackrest_config, pgbackrest_stanza, walg_config, walg_env, walg_env_file)",
+        "specials.pgbackrest_stanza: expected a string, got 3",
+        "specials.walg_env.WALG_X: expected a string, got 1"]
+    with pytest.raises(StructureProblems, match=r"specials\.command_prefix: cannot be split into words"):
+        converter.structure({**raw, "specials": {"command_prefix": "sudo -u 'postgres"}}, SourceConfig)
+    ok = converter.structure({**raw, "specials": {"command_prefix": "sudo -n -u postgres"}}, SourceConfig)
+    assert ok.specials.command_prefix == "sudo -n -u postgres"
+
+
+def test_metrics_list_shows_every_special_metric_with_a_collector(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["metrics", "list"]) == 0
+    special = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("metric\t") and line.split("\t")[2] == "special"]
+    assert {"backup_age_pgbackrest", "backup_age_walg", "smart_health_per_disk"} <= set(special)
+    assert [name for name in special if not REGISTRY[name].collected] == []
