@@ -131,10 +131,24 @@ def describe_error(exc: BaseException) -> str:
     return scrub(text) or exc.__class__.__name__
 
 
+# Every statement reaper sends to a monitored server first makes its own transaction read-only, in the same
+# statement: `default_transaction_read_only = on` (set at connect) can be switched off by any SQL
+# (`set_config('default_transaction_read_only', 'off', false)` in one tick makes the next one read-write),
+# but PostgreSQL refuses to make a transaction read-write again once a query ran in it ("transaction
+# read-write mode must be set before any query"). The FROM item is produced before any metric's subquery
+# runs, so nextval(), a writing function or a second set_config inside a metric all fail. Costs no round trip.
+READ_ONLY_GUARD = "(select set_config('transaction_read_only', 'on', true)) as reaper_read_only"
+
+
+def read_only(sql: str) -> str:
+    """One query wrapped so that it runs in a read-only transaction whatever it does; columns unchanged."""
+    return f"select reaper_q.* from {READ_ONLY_GUARD},\n  lateral ({sql.strip()}) as reaper_q"
+
+
 def _combined_statement(names: Sequence[str], batch: Mapping[str, str]) -> str:
     parts = ["pg_is_in_recovery()"]
     parts += [f"(select array_agg(t) from ({batch[n].strip()}) t) as m{i}" for i, n in enumerate(names)]
-    return "select " + ",\n  ".join(parts)
+    return "select " + ",\n  ".join(parts) + f"\nfrom {READ_ONLY_GUARD}"
 
 
 class SourceConnection:
@@ -255,16 +269,16 @@ class SourceConnection:
     async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
         conn = self._conn
         if query.statement_timeout_seconds is None:
-            return [dict(r.items()) for r in await conn.fetch(query.sql)]
+            return [dict(r.items()) for r in await conn.fetch(read_only(query.sql))]
         async with conn.transaction(readonly=True):
             await conn.execute("select set_config('statement_timeout', $1, true)",
                                str(int(query.statement_timeout_seconds * 1000)))
-            return [dict(r.items()) for r in await conn.fetch(query.sql)]
+            return [dict(r.items()) for r in await conn.fetch(read_only(query.sql))]
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         """One query, rows as dicts (for set-up, special metrics and tools, not for ticks)."""
         self.statements += 1
-        records = await crossing(self._conn.fetch, sql, *args)
+        records = await crossing(self._conn.fetch, read_only(sql), *args)
         return [dict(r.items()) for r in records]
 
     async def create_extensions(self, names: Sequence[str]) -> dict[str, str | None]:
