@@ -62,12 +62,21 @@ async def first_tick(dsn: str, preset: str) -> tuple[list[Measurement], list[log
         with trio.fail_after(120):
             async with db.open_loop(), trio.open_nursery() as n:
                 await n.start(reaper.run)
-                while "instance_up" not in reaper.state.last_fetch:  # the last thing a tick does
+                # the fast lane's tick ends with instance_up; the slow and local lanes finish on their own time:
+                # wait until every active metric was fetched, or failed, or was warned about
+                while not settled(reaper, handler.records):
                     await trio.sleep(0.05)
                 n.cancel_scope.cancel()
     finally:
         logging.getLogger("reaper").removeHandler(handler)
     return got, handler.records, reaper
+
+
+def settled(reaper: SourceReaper, records: list[logging.LogRecord]) -> bool:
+    if "instance_up" not in reaper.state.last_fetch:
+        return False
+    said = " ".join(r.getMessage() for r in records)
+    return all(name in reaper.state.last_fetch or f"metric {name} " in said for name in reaper.active_intervals())
 
 
 class _Records(logging.Handler):

@@ -170,7 +170,8 @@ class PostgresSinkConfig:
     # partitions older than this are dropped; 0 keeps everything
     retention_days: int = attrs.field(default=14, validator=rules.number(0, 100 * 366))
     # how often retention and upkeep run
-    maintenance_interval_seconds: float = attrs.field(default=43200.0, validator=rules.seconds(1.0, above=False))
+    maintenance_interval_seconds: float = attrs.field(  # 0: never
+        default=43200.0, validator=rules.seconds(0.0, above=False))
     connect_timeout_seconds: float = attrs.field(default=10.0, validator=rules.seconds())
     write_timeout_seconds: float = attrs.field(default=60.0, validator=rules.seconds(0.001, above=False))
 
