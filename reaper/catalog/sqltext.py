@@ -193,3 +193,8 @@ def clean_sql(sql: str) -> CleanSQL:
     return CleanSQL(text="".join(out).strip(), empty=not rest, semicolons=len(trailing),
                     line_comments=line_comments, statements=1 + sum(1 for kind, _ in rest if kind == SEMICOLON),
                     first_word=first_word(sql))
+
+
+def quote_ident(name: str) -> str:
+    """An SQL identifier, double-quoted (embedded quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'

@@ -316,7 +316,7 @@ _CREATE_EXTENSION = re.compile(r"create\s+extension\s+(?:if\s+not\s+exists\s+)?\
 
 def cmd_metrics_print_init(catalog: Any, names: Sequence[str]) -> int:
     """Extensions first (each once), then every init_sql that does more than create those."""
-    from reaper.db.storage_schema import quote_ident
+    from reaper.catalog.sqltext import quote_ident
 
     unknown = [n for n in names if n not in catalog.metrics and n not in catalog.presets]
     for name in unknown:

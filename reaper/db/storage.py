@@ -13,8 +13,8 @@ retried after an unacknowledged COMMIT finds its fingerprint and is skipped inst
 Partitions are ensured before that transaction, in their own one; a partition someone dropped meanwhile
 (SQLSTATE 23514) or a dropped table (42P01) forgets the cache, re-ensures every row time and retries once.
 
-The rows reach COPY from an asyncio task of their own (`_Encoder`) that runs the sink's lazy JSON
-encoding a bounded number of chunks ahead, whenever COPY waits for the server: PostgreSQL's parsing
+The rows reach COPY from an asyncio task of their own (`CopyFeed`, reaper/db/copy_feed.py) that runs
+the sink's lazy JSON encoding a bounded number of chunks ahead, whenever COPY waits for the server: PostgreSQL's parsing
 (the bottleneck) and our Python work then overlap on two cores.
 
 TimescaleDB: when the extension is in the database at the first init, admin.storage_schema_type says
@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
-import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -45,6 +43,7 @@ from reaper.db import (
     is_connection_error,
     tolerate_abandoned_connection_futures,
 )
+from reaper.db.copy_feed import CopyFeed
 from reaper.db.storage_schema import (
     BOOTSTRAP_SQL,
     LATEST_VERSION,
@@ -59,8 +58,6 @@ log = logging.getLogger("reaper.db.storage")
 
 COLUMNS = ("time", "dbname", "data", "tag_data")
 CLOSE_GRACE_SECONDS = 2.0
-ENCODE_CHUNK_ROWS = 200  # records produced between two turns of the event loop
-ENCODE_CHUNKS_AHEAD = 50  # how far the encoding may run ahead of COPY, in chunks
 FLUSH_FINGERPRINT_DAYS = 2  # how long committed flush fingerprints are kept to recognise a retried batch
 
 _MIN_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
@@ -218,7 +215,7 @@ class StorageConnection:
             if not fresh:
                 return None
             rows = 0
-            async with _Encoder(request.tables) as encoder:
+            async with CopyFeed(request.tables) as encoder:
                 for index, table_rows in enumerate(request.tables):
                     await conn.copy_records_to_table(table_rows.table, schema_name="public", columns=COLUMNS,
                                                      records=encoder.records(index))
@@ -319,78 +316,6 @@ def _bound(value: dt.datetime | None, unbounded: dt.datetime) -> dt.datetime:
 
 def _covered(ranges: list[tuple[dt.datetime, dt.datetime]], t: dt.datetime) -> bool:
     return any(lo <= t < hi for lo, hi in ranges)
-
-
-class _Encoder:
-    """Produces a flush's records in an asyncio task of their own, a bounded number of chunks ahead.
-
-    The records may be encoded lazily (the sink's JSON encoding). Produced by this task, that work goes on
-    whenever COPY waits (for the socket to drain, or for the server to finish the previous table), so the
-    Python side and PostgreSQL's parsing overlap on the two cores instead of taking turns. The task yields
-    after every chunk, so trio's other tasks get turns during a large flush.
-    """
-
-    def __init__(self, tables: Sequence[TableRows]) -> None:
-        self._tables = tables
-        self._chunks: list[collections.deque[list[Record]]] = [collections.deque() for _ in tables]
-        self._finished = [False] * len(tables)
-        self._buffered = 0
-        self._progress = asyncio.Event()  # a chunk or an end was produced
-        self._room = asyncio.Event()  # the consumer took a chunk
-        self._error: BaseException | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> _Encoder:
-        self._task = asyncio.get_running_loop().create_task(self._produce())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _produce(self) -> None:
-        try:
-            for index, table_rows in enumerate(self._tables):
-                chunk: list[Record] = []
-                for record in table_rows.records:
-                    chunk.append(record)
-                    if len(chunk) >= ENCODE_CHUNK_ROWS:
-                        await self._put(index, chunk)
-                        chunk = []
-                self._finished[index] = True
-                await self._put(index, chunk)
-        except Exception as e:  # handed to the COPY waiting for these records, which fails and rolls back
-            self._error = e
-            self._progress.set()
-
-    async def _put(self, index: int, chunk: list[Record]) -> None:
-        self._chunks[index].append(chunk)
-        self._buffered += 1
-        self._progress.set()
-        await asyncio.sleep(0)
-        while self._buffered >= ENCODE_CHUNKS_AHEAD:
-            self._room.clear()
-            await self._room.wait()
-
-    async def records(self, index: int) -> AsyncIterator[Record]:
-        """The records of table `index`, as they are produced."""
-        chunks = self._chunks[index]
-        while True:
-            while chunks:
-                chunk = chunks.popleft()
-                self._buffered -= 1
-                self._room.set()
-                for record in chunk:
-                    yield record
-            if self._finished[index] and not chunks:
-                return
-            if self._error is not None:
-                raise self._error
-            self._progress.clear()
-            await self._progress.wait()
 
 
 # ------------------------------------------------------------------------------------------------------

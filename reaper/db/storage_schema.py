@@ -47,11 +47,6 @@ _UNIT_SECONDS = {"hour": 3600, "hours": 3600, "h": 3600, "day": 86400, "days": 8
                  "week": 604800, "weeks": 604800, "w": 604800}
 
 
-def quote_ident(name: str) -> str:
-    """An SQL identifier, double-quoted (embedded quotes doubled)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def parse_partition_interval(text: str) -> int:
     """`"1 day"`, `"6 hours"`, `"1 week"` -> seconds; whole hours from 1 hour to 1 week, else ValueError."""
     m = re.fullmatch(r"\s*(\d+)\s*([a-z]+)\s*", text.lower())
