@@ -31,6 +31,7 @@ from reaper.config.schema import (
     PostgresSinkConfig,
     SinkConfig,
     SourceConfig,
+    SourcesFromConfig,
     _format_cattrs_errors,
     converter,
     default_state_dir,
@@ -123,7 +124,7 @@ def expand_table(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-TOP_LEVEL_KEYS = ["collector", "metrics", "presets", "sinks", "sources"]
+TOP_LEVEL_KEYS = ["collector", "metrics", "presets", "sinks", "sources", "sources_from"]
 _SINK_EXPANDED = frozenset({"dsn", "password_file"})
 
 
@@ -190,6 +191,36 @@ def _structure_sinks(raw_sinks: Any, origin: str, env: Mapping[str, str], proble
     return structured
 
 
+def _structure_sources_from(raw_list: Any, origin: str, env: Mapping[str, str],
+                            problems: list[str]) -> list[SourcesFromConfig]:
+    if not isinstance(raw_list, list):
+        problems.append(f"{origin}: sources_from: expected [[sources_from]] tables")
+        return []
+    structured: list[SourcesFromConfig] = []
+    for i, raw in enumerate(raw_list):
+        where = f"sources_from[{i}]"
+        if not isinstance(raw, Mapping):
+            problems.append(f"{origin}: {where}: expected a table")
+            continue
+        expanded, found = expand_table(raw, where, env, keys=_SINK_EXPANDED)
+        problems.extend(f"{origin}: {p}" for p in found)
+        if found:
+            continue
+        try:
+            feed = converter.structure(expanded, SourcesFromConfig)
+        except Exception as e:
+            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, where))
+            continue
+        if not re.match(r"^postgres(ql)?://", feed.dsn):
+            problems.append(f"{origin}: {where}.dsn: expected a URI starting with postgresql://")
+        problems.extend(f"{origin}: {p}" for p in _check_file(
+            f"{where}.password_file", feed.password_file, "a file holding the password"))
+        if any(f.dsn == feed.dsn for f in structured):
+            problems.append(f"{origin}: {where}.dsn: the same config database twice")
+        structured.append(feed)
+    return structured
+
+
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                 require_sinks: bool = True) -> Config:
     """Load and fully validate a config file. Raises ConfigError listing every problem.
@@ -221,6 +252,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
             problems.append(f"{origin}: {unknown_key(key, TOP_LEVEL_KEYS)}")
     structured_sources = _structure_sources(data.get("sources", []), origin, env, problems)
     structured_sinks = _structure_sinks(data.get("sinks", []), origin, env, problems)
+    sources_from = _structure_sources_from(data.get("sources_from", []), origin, env, problems)
     collector = CollectorConfig()
     if "collector" in data:
         try:
@@ -249,7 +281,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         problems.extend(f"{origin}: {p}" for p in
                         _check_file(f"{where}.password_file", src.password_file, "a file holding the password"))
     sources = tuple(src for _, src in structured_sources)
-    for dsn in [src.dsn for src in sources] + [k.dsn for k in structured_sinks if isinstance(k, PostgresSinkConfig)]:
+    for dsn in [src.dsn for src in sources] + [k.dsn for k in structured_sinks if isinstance(k, PostgresSinkConfig)] \
+            + [f.dsn for f in sources_from]:
         remember_secrets(dsn)  # every config read (a reload too): no log line or error text shows these passwords
 
     labels: dict[str, int] = {}
@@ -274,7 +307,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     if problems:
         raise ConfigError(problems)
     return Config(sources=sources, sinks=sinks, metrics=own.metrics, presets=own.presets,
-                  collector=collector, path=origin)
+                  collector=collector, path=origin, sources_from=tuple(sources_from))
 
 
 def load_state_dir(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Path:

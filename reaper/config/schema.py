@@ -222,6 +222,8 @@ class CollectorConfig:
     instance_cache_max_seconds: float = attrs.field(default=30.0, validator=rules.seconds(above=False))
     # opt-in: CREATE EXTENSION these on primaries where missing
     create_extensions: tuple[str, ...] = attrs.field(default=(), validator=rules.names(what="an extension name"))
+    # health endpoints (/liveness, /readiness, /status): host:port; None = none (reaper.daemon.health)
+    http_listen: str | None = attrs.field(default=None, validator=attrs.validators.optional(rules.listen))
 
 
 def default_state_dir(config_path: str | Path | None, environ: Mapping[str, str] | None = None) -> str:
@@ -245,8 +247,25 @@ def default_state_dir(config_path: str | Path | None, environ: Mapping[str, str]
 
 
 @attrs.frozen
+class SourcesFromConfig:
+    """A `[[sources_from]]` table: sources read from a pgwatch config database (its `pgwatch.source`
+    table), read-only, every `refresh_seconds` and on reload (reaper.daemon.sources_from)."""
+
+    dsn: str = attrs.field(validator=rules.dsn_ports)
+    refresh_seconds: float = attrs.field(default=120.0, validator=rules.seconds(1.0, above=False))
+    password_file: str | None = attrs.field(default=None, validator=rules.optional_path)
+    connect_timeout_seconds: float = attrs.field(default=5.0, validator=rules.seconds())
+    query_timeout_seconds: float = attrs.field(default=30.0, validator=rules.seconds(0.001, above=False))
+
+    @property
+    def label(self) -> str:
+        return f"config database {redact_dsn(self.dsn)}"
+
+
+@attrs.frozen
 class Config:
     sources: tuple[SourceConfig, ...] = ()
+    sources_from: tuple[SourcesFromConfig, ...] = ()
     sinks: tuple[SinkConfig, ...] = ()
     metrics: dict[str, MetricDef] = attrs.field(factory=dict)
     presets: dict[str, PresetDef] = attrs.field(factory=dict)
@@ -337,7 +356,7 @@ def structure_sink(raw: Any) -> SinkConfig:
 
 CONFIG_MODELS: frozenset[type[Any]] = frozenset({
     MetricDef, PresetDef, SourceConfig, SpecialsConfig, JsonFileSinkConfig, PostgresSinkConfig, PrometheusSinkConfig,
-    CollectorConfig})
+    CollectorConfig, SourcesFromConfig})
 
 
 class StructureProblems(ValueError):
