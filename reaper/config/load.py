@@ -26,6 +26,7 @@ from reaper.config.rules import name_problem
 from reaper.config.schema import (
     CollectorConfig,
     Config,
+    FleetConfig,
     JsonFileSinkConfig,
     MetricDef,
     PostgresSinkConfig,
@@ -124,7 +125,7 @@ def expand_table(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-TOP_LEVEL_KEYS = ["collector", "metrics", "presets", "sinks", "sources", "sources_from"]
+TOP_LEVEL_KEYS = ["collector", "fleet", "metrics", "presets", "sinks", "sources", "sources_from"]
 _SINK_EXPANDED = frozenset({"dsn", "password_file"})
 
 
@@ -191,6 +192,28 @@ def _structure_sinks(raw_sinks: Any, origin: str, env: Mapping[str, str], proble
     return structured
 
 
+def _structure_fleet(raw: Any, origin: str, env: Mapping[str, str], problems: list[str]) -> FleetConfig | None:
+    """`[fleet]` (reaper.daemon.fleet); the environment is expanded in its dsn, member and password_file."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"{origin}: fleet: expected a [fleet] table")
+        return None
+    expanded, found = expand_table(raw, "fleet", env, keys=_SINK_EXPANDED | {"member"})
+    problems.extend(f"{origin}: {p}" for p in found)
+    if found:
+        return None
+    try:
+        fleet: FleetConfig = converter.structure(expanded, FleetConfig)
+    except Exception as e:
+        problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, "fleet"))
+        return None
+    if not re.match(r"^postgres(ql)?://", fleet.dsn):
+        problems.append(f"{origin}: fleet.dsn: expected a URI starting with postgresql://")
+    remember_secrets(fleet.dsn)
+    return fleet
+
+
 def _structure_sources_from(raw_list: Any, origin: str, env: Mapping[str, str],
                             problems: list[str]) -> list[SourcesFromConfig]:
     if not isinstance(raw_list, list):
@@ -253,6 +276,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     structured_sources = _structure_sources(data.get("sources", []), origin, env, problems)
     structured_sinks = _structure_sinks(data.get("sinks", []), origin, env, problems)
     sources_from = _structure_sources_from(data.get("sources_from", []), origin, env, problems)
+    fleet = _structure_fleet(data.get("fleet"), origin, env, problems)
     collector = CollectorConfig()
     if "collector" in data:
         try:
@@ -307,7 +331,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     if problems:
         raise ConfigError(problems)
     return Config(sources=sources, sinks=sinks, metrics=own.metrics, presets=own.presets,
-                  collector=collector, path=origin, sources_from=tuple(sources_from))
+                  collector=collector, path=origin, sources_from=tuple(sources_from), fleet=fleet)
 
 
 def load_state_dir(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Path:

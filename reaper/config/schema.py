@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shlex
+import socket
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -262,10 +263,35 @@ class SourcesFromConfig:
         return f"config database {redact_dsn(self.dsn)}"
 
 
+def _check_member(_instance: Any, _attribute: Any, value: str) -> None:
+    problem = rules.name_problem(value, "a member name") if value else None
+    if problem is None and len(value.encode()) > 50:  # it goes into application_name (63 bytes at most)
+        problem = "a member name of at most 50 bytes (it is part of every connection's application_name)"
+    if problem:
+        raise rules.FieldValueError(problem)
+
+
+@attrs.frozen
+class FleetConfig:
+    """`[fleet]`: several reaper processes share the sources through PostgreSQL advisory locks held in
+    one coordination database (reaper.daemon.fleet). Absent: this process collects every source."""
+
+    dsn: str = attrs.field(validator=rules.dsn_ports)
+    member: str = attrs.field(default="", validator=_check_member)  # "": hostname:pid
+    refresh_seconds: float = attrs.field(default=10.0, validator=rules.seconds(0.5, above=False))
+    password_file: str | None = attrs.field(default=None, validator=rules.optional_path)
+    connect_timeout_seconds: float = attrs.field(default=5.0, validator=rules.seconds())
+
+    @property
+    def member_name(self) -> str:
+        return self.member or f"{socket.gethostname()}:{os.getpid()}"
+
+
 @attrs.frozen
 class Config:
     sources: tuple[SourceConfig, ...] = ()
     sources_from: tuple[SourcesFromConfig, ...] = ()
+    fleet: FleetConfig | None = None
     sinks: tuple[SinkConfig, ...] = ()
     metrics: dict[str, MetricDef] = attrs.field(factory=dict)
     presets: dict[str, PresetDef] = attrs.field(factory=dict)
@@ -356,7 +382,7 @@ def structure_sink(raw: Any) -> SinkConfig:
 
 CONFIG_MODELS: frozenset[type[Any]] = frozenset({
     MetricDef, PresetDef, SourceConfig, SpecialsConfig, JsonFileSinkConfig, PostgresSinkConfig, PrometheusSinkConfig,
-    CollectorConfig, SourcesFromConfig})
+    CollectorConfig, SourcesFromConfig, FleetConfig})
 
 
 class StructureProblems(ValueError):
