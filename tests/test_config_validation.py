@@ -59,9 +59,9 @@ REFUSED = [
     ('[[sources]]\nname = "a"\ndsn = "postgresql://u:secret@h:54x2/db"\n' + SINK,
      "sources[0].dsn: port '54x2' is not a number from 1 to 65535"),
     (SRC + SINK + "[collector]\nbatching = 1\n",
-     "collector.batching: unknown key (valid keys: create_extensions, instance_cache_max_seconds, "
-     "max_backoff_seconds, min_db_size_mb, pause_file, queue_capacity, shutdown_grace_seconds, "
-     "spill_max_bytes, state_dir)"),
+     "collector.batching: unknown key (valid keys: cost_window_seconds, create_extensions, http_listen, "
+     "instance_cache_max_seconds, max_backoff_seconds, max_interval_factor, min_db_size_mb, pause_file, "
+     "queue_capacity, server_budget_ms_per_minute, shutdown_grace_seconds, spill_max_bytes, state_dir)"),
     (SRC + SINK + '[collector]\nstate_dir = ""\n',
      "collector.state_dir: must not be empty (leave the key out for the default)"),
     (SRC + SINK + "[collector]\nshutdown_grace_seconds = nan\n",
@@ -101,8 +101,8 @@ REFUSED = [
     (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1" }\nstatement_timeout_seconds = nan\n',
      "metrics.m.statement_timeout_seconds: must be a finite number, got nan"),
     (SRC + SINK + '[metrics.m]\nsqll = { 14 = "select 1" }\nspecial = true\n',
-     "metrics.m.sqll: unknown key; did you mean 'sql'? (valid keys: columns, description, gauges, init_sql, "
-     "instance_level, name, node_status, requires_extension, source_kinds, special, sql, statement_timeout_seconds, "
+     "metrics.m.sqll: unknown key; did you mean 'sql'? (valid keys: budget_exempt, columns, description, gauges, "
+     "heavy, init_sql, instance_level, name, node_status, requires_extension, source_kinds, special, sql, statement_timeout_seconds, "
      "storage_name)"),
     (SRC + SINK + '[presets.p]\nmetric = { locks = 60 }\n',
      "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics)"),
@@ -112,9 +112,9 @@ REFUSED = [
      "sources[0].kind: 'postgress' is not one of: postgres, postgres-discovery, pgbouncer, pgpool, patroni"),
     (SRC + 'presett = "basic"\n' + SINK,
      "sources[0].presett: unknown key; did you mean 'preset'? (valid keys: connect_timeout_seconds, "
-     "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, metrics, name, "
-     "only_if_primary, password_file, preset, query_timeout_seconds, specials, standby_metrics, standby_preset, "
-     "tags)"),
+     "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, max_interval_factor, "
+     "metrics, name, only_if_primary, password_file, pause_when_active_backends_over, preset, query_timeout_seconds, "
+     "server_budget_ms_per_minute, specials, standby_metrics, standby_preset, tags)"),
 ]
 
 

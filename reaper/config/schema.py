@@ -46,6 +46,8 @@ class MetricDef:
     columns: tuple[str, ...] = ()
     source_kinds: tuple[SourceKind, ...] = ("postgres",)
     name: str = ""
+    budget_exempt: bool = False  # never stretched by a source's server budget (reaper.daemon.cost)
+    heavy: bool = False  # skipped while a source's pause_when_active_backends_over is exceeded
 
     @property
     def table(self) -> str:
@@ -109,6 +111,11 @@ class SourceConfig:
     # one tick's deadline, and the server-side statement_timeout (whole milliseconds: at least 1 ms)
     query_timeout_seconds: float = attrs.field(default=30.0, validator=rules.seconds(0.001, above=False))
     specials: SpecialsConfig = attrs.field(factory=SpecialsConfig)  # host tools: reaper.special.backup, .smart
+    # the server-time budget (reaper.daemon.cost): None = [collector]'s, 0 = off for this source
+    server_budget_ms_per_minute: float | None = attrs.field(default=None, validator=rules.number(0, optional=True))
+    max_interval_factor: int | None = attrs.field(default=None, validator=rules.number(1, 1024, optional=True))
+    # skip the metrics marked heavy while the server has more active backends than this
+    pause_when_active_backends_over: int | None = attrs.field(default=None, validator=rules.number(0, optional=True))
 
     @property
     def redacted_dsn(self) -> str:
@@ -225,6 +232,14 @@ class CollectorConfig:
     create_extensions: tuple[str, ...] = attrs.field(default=(), validator=rules.names(what="an extension name"))
     # health endpoints (/liveness, /readiness, /status): host:port; None = none (reaper.daemon.health)
     http_listen: str | None = attrs.field(default=None, validator=attrs.validators.optional(rules.listen))
+    # per source: the server time reaper's own statements may use per minute; over it, the most expensive
+    # metrics are stretched (reaper.daemon.cost). None: no budget. Overridable per source.
+    server_budget_ms_per_minute: float | None = attrs.field(default=None, validator=rules.number(0, above=True,
+                                                                                               optional=True))
+    # a stretched interval is at most this many times the configured one
+    max_interval_factor: int = attrs.field(default=8, validator=rules.number(1, 1024))
+    # the sliding window the cost figures (status, reaper_cost, the budget) are measured over
+    cost_window_seconds: float = attrs.field(default=60.0, validator=rules.seconds(5.0, above=False, high=3600.0))
 
 
 def default_state_dir(config_path: str | Path | None, environ: Mapping[str, str] | None = None) -> str:
