@@ -103,9 +103,9 @@ REFUSED = [
     (SRC + SINK + '[metrics.m]\nsqll = { 14 = "select 1" }\nspecial = true\n',
      "metrics.m.sqll: unknown key; did you mean 'sql'? (valid keys: budget_exempt, columns, description, gauges, "
      "heavy, init_sql, instance_level, name, node_status, requires_extension, source_kinds, special, sql, statement_timeout_seconds, "
-     "storage_name)"),
+     "storage_name, top_n)"),
     (SRC + SINK + '[presets.p]\nmetric = { locks = 60 }\n',
-     "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics)"),
+     "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics, top_n)"),
     (SRC + SINK + '[sourcs]\n', "sourcs: unknown key; did you mean 'sources'? (valid keys: collector, metrics, "
      "presets, sinks, sources)"),
     (SRC + 'kind = "postgress"\n' + SINK,
@@ -114,7 +114,7 @@ REFUSED = [
      "sources[0].presett: unknown key; did you mean 'preset'? (valid keys: connect_timeout_seconds, "
      "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, max_interval_factor, "
      "metrics, name, only_if_primary, password_file, pause_when_active_backends_over, preset, query_timeout_seconds, "
-     "server_budget_ms_per_minute, specials, standby_metrics, standby_preset, tags)"),
+     "server_budget_ms_per_minute, specials, standby_metrics, standby_preset, tags, top_n)"),
 ]
 
 

@@ -22,6 +22,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 
 from reaper.config import rules
 from reaper.config.redact import redact_dsn
+from reaper.config.topn import ROWS_FOLDED, TopN
 
 NodeStatus = Literal["primary", "standby"]
 SourceKind = Literal["postgres", "pgbouncer", "pgpool"]
@@ -48,6 +49,7 @@ class MetricDef:
     name: str = ""
     budget_exempt: bool = False  # never stretched by a source's server budget (reaper.daemon.cost)
     heavy: bool = False  # skipped while a source's pause_when_active_backends_over is exceeded
+    top_n: TopN | None = None  # keep the N leading rows, fold the rest into one `other` row (reaper.config.topn)
 
     @property
     def table(self) -> str:
@@ -60,13 +62,14 @@ class MetricDef:
         return self.sql[max(keys)] if keys else None
 
     def is_gauge(self, column: str) -> bool:
-        return "*" in self.gauges or column in self.gauges
+        return "*" in self.gauges or column in self.gauges or column == ROWS_FOLDED
 
 
 @attrs.frozen
 class PresetDef:
     description: str = ""
     metrics: dict[str, int] = attrs.field(factory=dict, validator=rules.intervals)
+    top_n: dict[str, TopN] = attrs.field(factory=dict)  # metric -> its top_n in this preset
 
 
 def _check_command_prefix(_instance: Any, _attribute: Any, value: str) -> None:
@@ -111,6 +114,7 @@ class SourceConfig:
     # one tick's deadline, and the server-side statement_timeout (whole milliseconds: at least 1 ms)
     query_timeout_seconds: float = attrs.field(default=30.0, validator=rules.seconds(0.001, above=False))
     specials: SpecialsConfig = attrs.field(factory=SpecialsConfig)  # host tools: reaper.special.backup, .smart
+    top_n: dict[str, TopN] = attrs.field(factory=dict)  # metric -> top_n override (reaper.config.topn)
     # the server-time budget (reaper.daemon.cost): None = [collector]'s, 0 = off for this source
     server_budget_ms_per_minute: float | None = attrs.field(default=None, validator=rules.number(0, optional=True))
     max_interval_factor: int | None = attrs.field(default=None, validator=rules.number(1, 1024, optional=True))
@@ -397,7 +401,7 @@ def structure_sink(raw: Any) -> SinkConfig:
 
 CONFIG_MODELS: frozenset[type[Any]] = frozenset({
     MetricDef, PresetDef, SourceConfig, SpecialsConfig, JsonFileSinkConfig, PostgresSinkConfig, PrometheusSinkConfig,
-    CollectorConfig, SourcesFromConfig, FleetConfig})
+    CollectorConfig, SourcesFromConfig, FleetConfig, TopN})
 
 
 class StructureProblems(ValueError):
