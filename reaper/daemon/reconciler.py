@@ -87,7 +87,17 @@ class Shutdown:
     pass
 
 
-Request = ApplyConfig | Discovered | SetPaused | Shutdown
+@attrs.define(eq=False)
+class SetOwned:
+    """Fleet mode ([fleet]): the sources whose advisory locks this member holds now
+    (reaper.daemon.fleet). Only those run; the requester waits, so that it releases a lock only
+    after its source has stopped (its connection closed)."""
+
+    owned: frozenset[str]
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+Request = ApplyConfig | Discovered | SetPaused | Shutdown | SetOwned
 
 
 # -- what runs ------------------------------------------------------------------------------------
@@ -138,12 +148,20 @@ class Reconciler:
         self._send, self._receive = trio.open_memory_channel[Request](REQUEST_CAPACITY)
         self._nursery: trio.Nursery | None = None
         self._generation = 0
+        # fleet mode: the sources this member owns (none until it has claimed some); None: no fleet
+        self.owned: frozenset[str] | None = frozenset() if config.fleet is not None else None
 
     def __repr__(self) -> str:
         return f"<Reconciler sources={len(self.sources)} parents={len(self.parents)}>"
 
     def wanted_sources(self, config: Config) -> dict[str, SourceConfig]:
-        """The sources this process runs: enabled, and in one of --group's groups when given."""
+        """The sources this process runs: enabled, in one of --group's groups when given, and in a
+        fleet, owned by this member."""
+        return {name: s for name, s in self.candidates(config).items()
+                if self.owned is None or name in self.owned}
+
+    def candidates(self, config: Config) -> dict[str, SourceConfig]:
+        """The sources this process would run on its own (a fleet member claims among these)."""
         return {s.name: s for s in config.sources
                 if s.enabled and (not self.groups or s.group in self.groups)}
 
@@ -208,6 +226,21 @@ class Reconciler:
                             "until it is removed", self.config.collector.pause_file)
             else:
                 log.warning("pause file removed: collection resumes")
+        elif isinstance(request, SetOwned):
+            try:
+                await self._apply_owned(request.owned)
+            finally:
+                request.done.set()
+
+    async def _apply_owned(self, owned: frozenset[str]) -> None:
+        """Fleet mode: stop the sources this member no longer owns, start those it owns now."""
+        self.owned = owned
+        wanted = self.wanted_sources(self.config)
+        extra = [n for n, r in self.sources.items() if r.parent is None and n not in wanted]
+        await self._stop_many(extra + [n for n in self.parents if n not in wanted], "fleet: not this member's")
+        for name, source in wanted.items():
+            if name not in self.sources and name not in self.parents:
+                await self._start(source)
 
     # -- reload ----------------------------------------------------------------------------------
 
