@@ -30,6 +30,33 @@ class LaneStatus:
 
 
 @attrs.frozen
+class MetricCostStatus:
+    """One metric's cost to its server (reaper.daemon.cost): per minute now, and in total since start."""
+
+    metric: str
+    server_ms_per_minute: float
+    rows_per_minute: float
+    bytes_per_minute: float
+    server_seconds_total: float
+    rows_total: int
+    bytes_total: int
+    interval: int  # configured, seconds
+    effective_interval: int  # after the server budget's stretching
+
+
+@attrs.frozen
+class CostStatus:
+    """What reaper's statements cost one source's server, and its budget (reaper.daemon.cost)."""
+
+    server_ms_per_minute: float
+    budget_ms_per_minute: float | None
+    metrics: tuple[MetricCostStatus, ...]  # most expensive first
+    server_view_ms_per_minute: float | None = None  # pg_stat_statements' total_exec_time of reaper's statements
+    active_backends: int | None = None  # when pause_when_active_backends_over is set
+    heavy_paused: bool = False
+
+
+@attrs.frozen
 class SourceStatus:
     name: str
     status: str  # starting | up | down | restarting
@@ -48,6 +75,7 @@ class SourceStatus:
     lateness_p99: float
     lateness_max: float
     lanes: tuple[LaneStatus, ...] = ()
+    cost: CostStatus | None = None
 
 
 @attrs.frozen
