@@ -10,6 +10,7 @@ import attrs
 from reaper.catalog.sqllint import write_problems
 from reaper.catalog.sqltext import code_of, first_word
 from reaper.config.schema import Definitions, MetricDef, PresetDef, _format_cattrs_errors, converter
+from reaper.config.topn import definition_problems
 
 
 def structure_definitions(data: Mapping[str, Any], origin: str) -> tuple[Definitions, list[str]]:
@@ -74,4 +75,5 @@ def check_metric(metric: MetricDef) -> list[str]:
             problems.append(f"{at}: a {'/'.join(metric.source_kinds)} metric must be one SHOW or SELECT command")
     if metric.statement_timeout_seconds is not None and metric.statement_timeout_seconds <= 0:
         problems.append(f"{where}.statement_timeout_seconds: must be more than 0")
+    problems.extend(definition_problems(where, metric.top_n, metric.columns))
     return problems

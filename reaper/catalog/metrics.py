@@ -14,6 +14,7 @@ import attrs
 from reaper.catalog.definitions import structure_definitions
 from reaper.config.files import read_toml
 from reaper.config.schema import Config, Definitions, MetricDef, PresetDef, SourceConfig
+from reaper.config.topn import reference_problems
 from reaper.errors import ConfigError
 from reaper.special.registry import COLLECTED
 
@@ -62,6 +63,8 @@ def load_definition_dir(directory: Path) -> Definitions:
         for metric in preset.metrics:
             if metric not in metrics:
                 problems.append(f"{origins['presets.' + name]}: presets.{name}.metrics.{metric}: unknown metric")
+        problems.extend(f"{origins['presets.' + name]}: {p}"
+                        for p in reference_problems(f"presets.{name}.top_n", preset.top_n, metrics))
     if problems:
         raise ConfigError(problems)
     return Definitions(metrics=metrics, presets=presets)

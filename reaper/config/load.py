@@ -39,6 +39,7 @@ from reaper.config.schema import (
     structure_sink,
     unknown_key,
 )
+from reaper.config.topn import reference_problems
 from reaper.errors import ConfigError
 from reaper.kinds import check_source
 
@@ -269,6 +270,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     for name, preset in own.presets.items():
         problems.extend(f"{origin}: {p}" for p in
                         _check_intervals(f"presets.{name}.metrics", preset.metrics, all_metrics))
+        problems.extend(f"{origin}: {p}" for p in
+                        reference_problems(f"presets.{name}.top_n", preset.top_n, all_metrics))
 
     for key in data:
         if key not in TOP_LEVEL_KEYS:
@@ -304,6 +307,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                         _check_intervals(f"{where}.standby_metrics", src.standby_metrics, all_metrics))
         problems.extend(f"{origin}: {p}" for p in
                         _check_file(f"{where}.password_file", src.password_file, "a file holding the password"))
+        problems.extend(f"{origin}: {p}" for p in reference_problems(f"{where}.top_n", src.top_n, all_metrics, [
+            all_presets.get(src.preset or ""), all_presets.get(src.standby_preset or "")]))
     sources = tuple(src for _, src in structured_sources)
     for dsn in [src.dsn for src in sources] + [k.dsn for k in structured_sinks if isinstance(k, PostgresSinkConfig)] \
             + [f.dsn for f in sources_from]:

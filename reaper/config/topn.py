@@ -10,6 +10,7 @@ It can be given at three levels, each overriding the one before, key by key:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -97,4 +98,21 @@ def definition_problems(where: str, top_n: TopN | None, columns: tuple[str, ...]
                 problems.append(f"{where}.top_n.key: {name!r} is not one of the metric's columns")
     if top_n.n and (top_n.by is None or top_n.key is None):
         problems.append(f"{where}.top_n: n is given but not both `by` and `key`")
+    return problems
+
+
+def reference_problems(where: str, top_n: Mapping[str, TopN], metrics: Mapping[str, Any],
+                       presets: Iterable[Any] = ()) -> list[str]:
+    """A preset's or a source's `top_n` table (`where` = its key path): every metric known, and the setting
+    it makes (over the metric definition's, and the given presets' for a source) complete."""
+    problems = []
+    for name, level in top_n.items():
+        metric = metrics.get(name)
+        if metric is None:
+            problems.append(f"{where}.{name}: unknown metric")
+            continue
+        try:
+            resolve(metric.top_n, *(p.top_n.get(name) for p in presets if p is not None), level)
+        except ValueError as e:
+            problems.append(f"{where}.{name}: {str(e).removeprefix('top_n: ')}")
     return problems
