@@ -6,10 +6,15 @@ and the fleet switches (pause, minimum database size). Nothing else writes them.
 wants a change sends a request over one bounded channel and the reconciler applies the requests one
 at a time, so no two changes interleave:
 
-- `ApplyConfig`   a reload (already validated as a whole): desired set vs running set; start what is
-                  missing, stop what is extra, restart what changed its connection settings, update
-                  in place (`SourceReaper.update`) what changed otherwise. The requester waits for the
-                  `ReloadOutcome`.
+- `ApplyConfig`   a reload (already validated as a whole): `reaper.daemon.plan.plan_reload` compares
+                  the running state's description with the new config, and the reconciler carries
+                  the plan out: start what is missing, stop what is extra, restart what changed its
+                  connection settings, update in place (`SourceReaper.update`) what changed otherwise.
+                  `reaper reload --plan` runs the same function on the status file's description.
+                  The requester waits for the `ReloadOutcome` (counts and the plan).
+- `Discovered`    a discovery source's task only RESOLVES its list and sends it; the reconciler
+                  applies it to that parent's children. A list from a parent that was removed or
+                  replaced meanwhile (its generation is stale) is ignored.
 - `Discovered`    a discovery source's task only RESOLVES its list and sends it; the reconciler
                   applies it to that parent's children. A list from a parent that was removed or
                   replaced meanwhile (its generation is stale) is ignored.
@@ -24,6 +29,7 @@ next request: one name never has two collectors.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import attrs
@@ -31,6 +37,7 @@ import trio
 
 from reaper.catalog.metrics import Catalog
 from reaper.config.schema import Config, SourceConfig
+from reaper.daemon.plan import Plan, RunningState, SourcePlan, compare_source, describe, describe_source, plan_reload
 from reaper.daemon.sinkset import SinkSet
 from reaper.daemon.source import FleetControls, SourceReaper, supervise
 from reaper.errors import SourceUnavailable
@@ -56,6 +63,7 @@ class ReloadOutcome:
     sinks_added: int = 0
     sinks_removed: int = 0
     sinks_rebuilt: int = 0
+    plan: Plan | None = attrs.field(default=None, eq=False)  # what was done, in detail
 
     def summary(self) -> str:
         return (f"sources {self.added} added, {self.removed} removed, {self.restarted} restarted, "
@@ -150,6 +158,8 @@ class Reconciler:
         self._generation = 0
         # fleet mode: the sources this member owns (none until it has claimed some); None: no fleet
         self.owned: frozenset[str] | None = frozenset() if config.fleet is not None else None
+        self.salt = secrets.token_hex(8)  # for the hashes of DSNs in the running state's description
+        self._described: RunningState | None = None
 
     def __repr__(self) -> str:
         return f"<Reconciler sources={len(self.sources)} parents={len(self.parents)}>"
@@ -164,6 +174,18 @@ class Reconciler:
         """The sources this process would run on its own (a fleet member claims among these)."""
         return {s.name: s for s in config.sources
                 if s.enabled and (not self.groups or s.group in self.groups)}
+
+    def running_state(self) -> RunningState:
+        """The description of what runs (for the status file and for planning a reload); rebuilt only
+        after a request changed something."""
+        if self._described is None:
+            configured = [r.config for r in self.sources.values() if r.parent is None]
+            configured += [p.config for p in self.parents.values()]
+            sinks = [r.config for r in self.sinks.sinks.values() if r.config is not None] if self.sinks else []
+            discovered = {name: r.parent for name, r in self.sources.items() if r.parent is not None}
+            self._described = describe(self.config, self.catalog, self.salt, groups=sorted(self.groups),
+                                       owned=self.owned, sources=configured, discovered=discovered, sinks=sinks)
+        return self._described
 
     # -- the requesters' side --------------------------------------------------------------------
 
@@ -193,6 +215,7 @@ class Reconciler:
         try:
             for source in self.wanted_sources(self.config).values():
                 await self._start(source)
+            self._described = None
             log.info("collecting: %d sources, %d discovery sources, %d sinks", len(self.sources),
                      len(self.parents), len(self.sinks.sinks) if self.sinks else 0)
             task_status.started()
@@ -207,6 +230,14 @@ class Reconciler:
             self.stopped.set()
 
     async def _handle(self, request: Request) -> None:
+        if isinstance(request, ApplyConfig):
+            self.running_state()  # while a reload is applied, the status file shows the state before it
+        try:
+            await self._apply_request(request)
+        finally:
+            self._described = None  # rebuilt when next asked
+
+    async def _apply_request(self, request: Request) -> None:
         if isinstance(request, ApplyConfig):
             try:
                 request.outcome = await self._apply_config(request.config)
@@ -245,62 +276,67 @@ class Reconciler:
     # -- reload ----------------------------------------------------------------------------------
 
     async def _apply_config(self, new: Config) -> ReloadOutcome:
+        plan = plan_reload(self.running_state(), new)
+        steps = {p.name: p for p in plan.sources}
         counts: dict[str, int] = dict.fromkeys(attrs.fields_dict(ReloadOutcome), 0)
-        wanted = self.wanted_sources(new)
-        top_level = [n for n, r in self.sources.items() if r.parent is None] + list(self.parents)
-        for name in top_level:
-            source = wanted.get(name)
-            if source is None:
-                await self._stop_many([name], "reload: removed")
-                counts["removed"] += 1
-            elif is_discovery(source) != (name in self.parents):
-                await self._stop_many([name], "reload: kind changed")
+        del counts["plan"]
+        for step in plan.sources:
+            if step.action == "removed":
+                await self._stop_many([step.name], "reload: removed")
+            elif step.action == "restarted" and (step.name in self.parents) != step.discovery:
+                await self._stop_many([step.name], "reload: kind changed")
         if self.sinks is not None:
             added, removed, rebuilt = await self.sinks.apply(new.sinks, new.collector)
             counts.update(sinks_added=added, sinks_removed=removed, sinks_rebuilt=rebuilt)
-        old = self.config
         self.config, self.catalog = new, Catalog.for_config(new)
         self.controls.min_db_size_mb = new.collector.min_db_size_mb
-        for name, source in wanted.items():
-            counts[await self._apply_one(name, source, old)] += 1
-        return ReloadOutcome(**counts)
+        for name, source in self.wanted_sources(new).items():
+            await self._apply_one(source, steps[name])
+        for step in plan.sources:
+            counts[step.action] += 1
+        return ReloadOutcome(**counts, plan=plan)
 
-    async def _apply_one(self, name: str, source: SourceConfig, old: Config) -> str:
-        was_wanted = name in self.wanted_sources(old)
+    async def _apply_one(self, source: SourceConfig, step: SourcePlan) -> None:
+        """Carry out the plan's step for one configured source."""
+        name = source.name
         if is_discovery(source):
             parent = self.parents.get(name)
             if parent is None:
                 await self._start(source)
-                return "restarted" if was_wanted else "added"
-            if parent.config != source:  # a new generation: a list resolved with the old config is stale
+            elif step.config_changed:  # a new generation: a list resolved with the old config is stale
                 await self._replace_parent(parent, source)
-                return "updated"
-            parent.wake.set()  # discovery runs again at once; its children follow the new catalogue
-            return "unchanged"
+            else:
+                parent.wake.set()  # discovery runs again at once; its children follow the new catalogue
+            return
         running = self.sources.get(name)
-        if running is None:
-            await self._start(source)
-            return "restarted" if was_wanted else "added"
-        if running.parent is not None:  # a configured source takes the name from a discovered child
+        if running is not None and running.parent is not None:  # a configured source takes a found one's name
             log.warning("source %s: configured now; it was found by %s, which no longer owns it", name,
                         running.parent)
             await self._stop_many([name], "configured explicitly")
+            running = None
+        if running is None:
             await self._start(source)
-            return "added"
-        return await self._update(name, source)
+        else:
+            await self._carry_out(name, source, step)
 
     async def _update(self, name: str, source: SourceConfig) -> str:
         """A running concrete source's new config: 'restarted', 'updated' or 'unchanged'."""
         running = self.sources[name]
-        if running.config.connection_settings() != source.connection_settings():
-            await self._stop_many([name], "connection settings changed")
+        step = compare_source(describe_source(running.config, running.catalog, self.salt),
+                              describe_source(source, self.catalog, self.salt))
+        await self._carry_out(name, source, step)
+        return step.action
+
+    async def _carry_out(self, name: str, source: SourceConfig, step: SourcePlan) -> None:
+        running = self.sources[name]
+        if step.action == "restarted":
+            await self._stop_many([name], f"connection settings changed: {', '.join(step.reasons)}")
             await self._start(source, running.parent)
-            return "restarted"
-        if running.config != source or running.catalog != self.catalog:
+        elif step.action == "updated" or running.catalog != self.catalog or running.config != source:
+            # "unchanged" here may still hold a new catalogue object (a metric it does not use changed):
+            # the source takes it, which changes nothing it does
             running.reaper.update(source, self.catalog)
             running.config, running.catalog = source, self.catalog
-            return "updated"
-        return "unchanged"
 
     # -- discovery -------------------------------------------------------------------------------
 
