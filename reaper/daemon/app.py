@@ -19,12 +19,14 @@ bounded scope), then the sinks' channels are closed and the sinks drain until
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import attrs
 import trio
 
 from reaper import __version__
@@ -32,11 +34,13 @@ from reaper.catalog.metrics import Catalog, load_shipped_definitions
 from reaper.config.load import load_config
 from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
+from reaper.daemon.fleet import FleetMember
 from reaper.daemon.reconciler import (
     Reconciler,
     Resolver,
     RunningParent,
     RunningSource,
+    SetOwned,
     SetPaused,
     Shutdown,
 )
@@ -87,6 +91,12 @@ class Daemon:
     def __init__(self, config: Config, *, connector: Connector = connect_source,
                  extra_sinks: list[Sink] | None = None, groups: Sequence[str] | None = None,
                  resolver: Resolver = resolve) -> None:
+        self.fleet: FleetMember | None = None
+        if config.fleet is not None:  # every connection names the member: `reaper:<member>`
+            self.fleet = FleetMember(config.fleet, candidates=lambda: self.reconciler.candidates(self.config),
+                                     set_owned=self._set_owned)
+            if connector is connect_source:
+                connector = functools.partial(connect_source, application_name=f"reaper:{self.fleet.member}")
         self.connector = connector
         self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb,
                                       create_extensions=config.collector.create_extensions)
@@ -150,13 +160,28 @@ class Daemon:
         return DaemonStatus(pid=os.getpid(), version=__version__, started_wall=self.started_wall,
                             updated_wall=time.time(), config_path=self.config.path, reloads=self.reloads,
                             reload_failures=self.reload_failures, tasks=tasks, io_tasks=io_tasks,
-                            sources=tuple(sources), sinks=tuple(sinks))
+                            sources=tuple(sources), sinks=tuple(sinks),
+                            fleet=self.fleet.status() if self.fleet is not None else None)
 
     def emit(self, measurement: Measurement) -> None:
         self.fanout.send(measurement)
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def leave_fleet(self) -> bool:
+        """Drain (SIGUSR1, `reaper fleet leave`): release every source, stay up. False without [fleet]."""
+        if self.fleet is None:
+            return False
+        self.fleet.leave()
+        return True
+
+    async def _set_owned(self, owned: frozenset[str]) -> bool:
+        request = SetOwned(owned)
+        if not await self.reconciler.submit(request):
+            return False
+        await request.done.wait()
+        return True
 
     # -- the task tree ---------------------------------------------------------------------------
 
@@ -174,6 +199,8 @@ class Daemon:
                 try:
                     async with trio.open_nursery() as sources_nursery:
                         await root.start(self.reconciler.run, sources_nursery)
+                        if self.fleet is not None:  # in the root nursery: its session ends after the sources
+                            await root.start(self.fleet.run)
                         root.start_soon(self._watch_pause_file)
                         root.start_soon(self._write_status_periodically)
                         task_status.started()
@@ -205,6 +232,9 @@ class Daemon:
                 log.error("reload: %s", line)
             self.write_status()
             return False
+        if new.fleet != self.config.fleet:
+            log.warning("reload: [fleet] changes take effect at the next start")
+            new = attrs.evolve(new, fleet=self.config.fleet)
         outcome = await self.reconciler.apply(new)
         if outcome is None:
             log.warning("reload: %s not applied: shutting down", path)

@@ -9,7 +9,8 @@
         └ Daemon.run                the task tree (reaper.daemon.app), with `watch_signals` as its signal task
 
 SIGHUP becomes a reload request to the reconciler (the config file is validated as a whole first);
-SIGINT/SIGTERM stop gracefully; a second stop signal exits at once.
+SIGINT/SIGTERM stop gracefully; a second stop signal exits at once. SIGUSR1 drains a fleet member
+(`reaper fleet leave`): it releases every source and stays up.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path
                 continue
             log.info("SIGHUP: reloading %s", config_path)
             await daemon.reload(config_path)
+        elif signum == signal.SIGUSR1:
+            if daemon.leave_fleet():
+                log.warning("SIGUSR1: leaving the fleet: every source is released, the daemon stays up")
+            else:
+                log.warning("SIGUSR1: ignored: no [fleet] in the configuration")
         elif not stopping:
             stopping = True
             log.info("%s: stopping gracefully (send it again to exit at once)", signal.Signals(signum).name)
@@ -60,7 +66,7 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
     """The daemon: the state dir locked, signal handling installed, then the asyncio loop, then the
     task tree. A state dir locked by another daemon is a ConfigError (one line, naming its pid)."""
     with lock_state_dir(state_dir_of(config)), _pidfile(pidfile), \
-            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1) as signals:
         async with db.open_loop():
             daemon = Daemon(config, groups=groups)
 

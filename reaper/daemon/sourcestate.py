@@ -27,7 +27,7 @@ class FleetControls:
     connects: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(MAX_PARALLEL_CONNECTS))
 
 
-async def connect_source(config: SourceConfig) -> SourceLink:
+async def connect_source(config: SourceConfig, *, application_name: str = db.APPLICATION_NAME) -> SourceLink:
     """A connection fit for the source's kind: PostgreSQL (one combined statement per tick), or a
     pooler's admin console (PgBouncer, Pgpool-II: the simple query protocol, one command per metric)."""
     if config.kind == "pgbouncer" or config.kind == "pgpool":
@@ -35,10 +35,11 @@ async def connect_source(config: SourceConfig) -> SourceLink:
 
         return await open_simple_connection(config.dsn, kind=config.kind,
                                             statement_timeout_seconds=config.query_timeout_seconds,
-                                            password_file=config.password_file)
+                                            password_file=config.password_file,
+                                            application_name=application_name)
     return await db.open_source_connection(
         config.dsn, statement_timeout_seconds=config.query_timeout_seconds,
-        password_file=config.password_file)
+        password_file=config.password_file, application_name=application_name)
 
 
 @attrs.define(eq=False)
