@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from reaper import __version__
+from reaper.cli import configdb
 from reaper.config.load import load_config
 from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
@@ -32,12 +33,20 @@ Start with `reaper demo` (a throwaway PostgreSQL, watched live), then write a co
 """
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class UTCFormatter(logging.Formatter):
     """One line per event in UTC, with every configured password (and password-shaped text) redacted:
     the last place a secret could slip into a log."""
 
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # the event itself is one line whatever it quotes (a database name, a server's error text): control
+        # characters are escaped, so nothing can forge a second log line; a traceback follows on its own lines
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
@@ -101,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Validate a config file: every problem on its own line "
                                          "(FILE: key.path: what is wrong), exit 1; or a one-line summary, exit 0.")
     check.add_argument("--config", "-c", required=True, metavar="FILE", help="the TOML config file")
+    check.add_argument("--connect", action="store_true",
+                       help="also connect to every source and say, per metric, whether its role will collect "
+                            "it, and if not the exact GRANT / CREATE EXTENSION / setting that fixes it (exit 1 "
+                            "when a source is unreachable)")
+    check.add_argument("--source", "-s", action="append", metavar="NAME",
+                       help="with --connect: only this source (repeatable)")
+    check.add_argument("--sql-out", metavar="FILE",
+                       help="with --connect: write one SQL script of every statement the fleet needs (psql, "
+                            "as a superuser)")
+    _format_args(check)
 
     once = verbs.add_parser("once", help="collect once and print the rows",
                             description="Connect to the sources, collect every active metric once (or only "
@@ -166,8 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "custom_tags -> tags, is_enabled -> enabled, only_if_master -> only_if_primary; group, "
                     "include_pattern and exclude_pattern keep their names.")
     for sub in (imetrics, isources):
-        sub.add_argument("file", metavar="FILE.yaml", help="pgwatch's YAML file, or a folder of *.yaml files")
+        sub.add_argument("file", metavar="FILE.yaml", nargs="?" if sub is isources else None,
+                         help="pgwatch's YAML file, or a folder of *.yaml files")
         sub.add_argument("--output", "-o", metavar="OUT.toml", help="write the TOML here (default: stdout)")
+
+    isources.add_argument("--from-db", metavar="DSN", help="read pgwatch's config database (table pgwatch.source) "
+                          "instead of a YAML file: " + configdb.DSN_HELP)
+    isources.add_argument("--password-file", metavar="FILE", help="with --from-db: the password, from this file")
+    configdb.add_parser(verbs)
 
     storage = verbs.add_parser("storage", help="manage the PostgreSQL metrics storage",
                                description="The `postgres` sink's database (pgwatch's layout: a table per metric, "
@@ -242,6 +267,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if problems := sink_problems(config.sinks):  # what only the file system can say (the daemon would retry)
         raise ConfigError([f"{args.config}: {line}" for line in problems])
+    if args.connect:
+        from reaper.cli.output import choose_format
+        from reaper.preflight.cli import check_connect_command
+
+        return check_connect_command(config, args.source, choose_format(args.format), args.sql_out)
     enabled = sum(1 for s in config.sources if s.enabled)
     print(f"{args.config}: ok: {len(config.sources)} sources ({enabled} enabled), {len(config.sinks)} sinks, "
           f"{len(config.metrics)} own metrics, {len(config.presets)} own presets")
@@ -360,7 +390,12 @@ def cmd_import_pgwatch(args: argparse.Namespace) -> int:
     if args.import_what is None:
         build_parser().parse_args(["import-pgwatch", "--help"])
         return EXIT_USAGE
-    result = (import_metrics if args.import_what == "metrics" else import_sources)(args.file)
+    if args.import_what == "sources" and (args.file is None) == (args.from_db is None):
+        raise ConfigError(["import-pgwatch sources: give either FILE.yaml or --from-db DSN"])
+    if args.import_what == "sources" and args.from_db is not None:
+        result = configdb.import_from_db(args.from_db, args.password_file)
+    else:
+        result = (import_metrics if args.import_what == "metrics" else import_sources)(args.file)
     for line in result.notes:
         print(line, file=sys.stderr)
     if args.output is None:
@@ -374,6 +409,9 @@ def cmd_import_pgwatch(args: argparse.Namespace) -> int:
     print(f"{args.output}: written: {result.summary}" + (f"; {len(result.notes)} notes above" if result.notes
                                                           else ""), file=sys.stderr)
     return EXIT_OK
+
+
+cmd_config_db = configdb.cmd_config_db
 
 
 def cmd_metrics_docs(args: argparse.Namespace) -> int:

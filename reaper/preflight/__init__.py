@@ -1,0 +1,138 @@
+"""`reaper check --connect`: before the first tick, what each source's role will be able to collect.
+
+Every enabled source (discovery kinds resolved into their concrete sources first) is connected to
+with bounded concurrency and a per-source deadline (connect + query timeout); its server version,
+recovery state, role and memberships are read, then the catalog is asked about every function,
+relation, setting and extension the source's active metrics need (reaper.db.privileges), and each
+metric gets a verdict with the exact fixing statement (reaper.preflight.judge). Nothing is collected
+and nothing is changed; every statement runs read-only, like every other one reaper sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from reaper import db
+from reaper.catalog.metrics import Catalog
+from reaper.catalog.requirements import metric_needs, names_to_check
+from reaper.config.schema import Config, SourceConfig
+from reaper.db.privileges import Privileges, read_privileges
+from reaper.errors import SourceUnavailable
+from reaper.kinds import POOLER_KINDS, is_discovery, resolve
+from reaper.preflight.judge import Server, Verdict, judge
+
+CONCURRENCY = 8
+
+
+@attrs.define
+class SourceReport:
+    name: str
+    kind: str = "postgres"
+    reachable: bool = False
+    error: str = ""
+    version: str = ""
+    major: int = 0
+    in_recovery: bool | None = None
+    database: str = ""
+    address: str = ""
+    role: str = ""
+    superuser: bool = False
+    memberships: tuple[str, ...] = ()
+    includes: dict[str, tuple[str, ...]] = attrs.field(factory=dict)  # predefined role -> roles it includes
+    verdicts: list[Verdict] = attrs.field(factory=list)
+    host: str = ""  # for the SQL script's \connect
+    port: int = 0
+
+
+async def check_connect(config: Config, only: Sequence[str] | None = None) -> list[SourceReport]:
+    """A report per concrete source, in name order."""
+    catalog = Catalog.for_config(config)
+    chosen = [s for s in config.sources if (s.name in only if only else s.enabled)]
+    reports: list[SourceReport] = []
+    limiter = trio.CapacityLimiter(CONCURRENCY)
+
+    async def one(source: SourceConfig) -> None:
+        async with limiter:
+            reports.append(await check_source(source, catalog))
+
+    async def expand(source: SourceConfig) -> None:
+        try:
+            async with limiter:
+                children = await resolve(source)
+        except SourceUnavailable as e:
+            reports.append(SourceReport(source.name, kind=source.kind, error=f"cannot list its members: {e}"))
+            return
+        if not children:
+            reports.append(SourceReport(source.name, kind=source.kind, error="lists no database or member"))
+        async with trio.open_nursery() as inner:
+            for child in children:
+                inner.start_soon(one, child)
+
+    async with db.open_loop(), trio.open_nursery() as nursery:
+        for source in chosen:
+            nursery.start_soon(expand if is_discovery(source) else one, source)
+    return sorted(reports, key=lambda r: r.name)
+
+
+async def check_source(source: SourceConfig, catalog: Catalog) -> SourceReport:
+    report = SourceReport(source.name, kind=source.kind)
+    report.host, report.port = _host_port(source.dsn)
+    deadline = source.connect_timeout_seconds + source.query_timeout_seconds
+    try:
+        with trio.fail_after(deadline):
+            if source.kind in POOLER_KINDS:
+                await _check_pooler(source, report)
+            else:
+                await _check_postgres(source, catalog, report)
+    except SourceUnavailable as e:
+        report.reachable, report.error = False, str(e)
+    except trio.TooSlowError:
+        report.reachable, report.error = False, f"no answer within {deadline:g}s (connect + query timeout)"
+    return report
+
+
+async def _check_pooler(source: SourceConfig, report: SourceReport) -> None:
+    from reaper.db.simple import open_simple_connection
+
+    conn = await open_simple_connection(source.dsn, kind=source.kind,  # type: ignore[arg-type]
+                                        statement_timeout_seconds=source.query_timeout_seconds,
+                                        password_file=source.password_file)
+    try:
+        report.reachable, report.version = True, conn.product
+    finally:
+        await conn.close()
+
+
+async def _check_postgres(source: SourceConfig, catalog: Catalog, report: SourceReport) -> None:
+    conn = await db.open_source_connection(source.dsn, statement_timeout_seconds=source.query_timeout_seconds,
+                                           password_file=source.password_file)
+    try:
+        server = conn.server
+        report.reachable = True
+        report.version, report.major, report.in_recovery = server.version, server.major, server.in_recovery
+        report.database, report.address = server.database, server.address
+        intervals = catalog.intervals(source, standby=server.in_recovery)
+        needs = {name: metric_needs(catalog.metrics[name], server.major, catalog.metrics) for name in intervals}
+        functions, relations, settings, extensions = names_to_check(needs.values())
+        priv: Privileges = await read_privileges(conn, functions=functions, relations=relations,
+                                                 settings=settings, extensions=extensions)
+    finally:
+        await conn.close()
+    report.role, report.superuser, report.memberships = priv.role, priv.superuser, priv.memberships
+    report.includes = priv.includes
+    where = Server(major=server.major, database=server.database, is_local=server.is_local,
+                   command_prefix=source.specials.command_prefix)
+    report.verdicts = [judge(name, needs[name], priv, where) for name in sorted(needs)]
+
+
+def _host_port(dsn: str) -> tuple[str, int]:
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(dsn)
+        return unquote(parts.hostname or ""), parts.port or 5432
+    except ValueError:
+        return "", 5432

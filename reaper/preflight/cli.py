@@ -1,0 +1,36 @@
+"""The `reaper check --connect` command: run the checks, print them, write the SQL script, exit code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from reaper.config.schema import Config
+from reaper.errors import ConfigError
+from reaper.preflight import check_connect
+from reaper.preflight.report import fix_script, print_report
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+
+
+def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: str, sql_out: str | None) -> int:
+    """Exit 0 when every source was reachable, 1 otherwise (an unknown --source is a config error)."""
+    known = {s.name for s in config.sources}
+    if unknown := [n for n in sources or () if n not in known]:
+        raise ConfigError([f"--source {n}: no such source in the config" for n in unknown])
+    reports = trio.run(check_connect, config, sources)
+    print_report(reports, fmt)
+    if sql_out:
+        try:
+            Path(sql_out).write_text(fix_script(reports), encoding="utf-8")
+        except OSError as e:
+            raise ConfigError([f"{sql_out}: cannot write: {e.strerror or e}"]) from None
+        print(f"{sql_out}: written: the statements above, for psql as a superuser", file=sys.stderr)
+    unreachable = [r for r in reports if not r.reachable]
+    if fmt != "json":
+        for r in unreachable:
+            print(f"source {r.name}: unreachable: {r.error}", file=sys.stderr)
+    return EXIT_FAILURE if unreachable or not reports else EXIT_OK
