@@ -91,6 +91,27 @@ class SinkStatus:
 
 
 @attrs.frozen
+class FleetMemberStatus:
+    name: str
+    pid: int  # its coordination session's server pid
+    sources: tuple[str, ...]  # the sources whose locks it holds (as far as this member's config names them)
+    this: bool = False  # this process
+
+
+@attrs.frozen
+class FleetStatus:
+    """Fleet mode: this member, the live members and what each one owns (reaper.daemon.fleet)."""
+
+    member: str
+    connected: bool
+    leaving: bool
+    refresh_seconds: float
+    owned: int
+    members: tuple[FleetMemberStatus, ...] = ()
+    error: str | None = None
+
+
+@attrs.frozen
 class DaemonStatus:
     pid: int
     version: str
@@ -103,6 +124,7 @@ class DaemonStatus:
     sources: tuple[SourceStatus, ...]
     sinks: tuple[SinkStatus, ...]
     io_tasks: int = 0  # of `tasks`: trio-asyncio's socket watchers (one per connection), not reaper's own
+    fleet: FleetStatus | None = None  # [fleet] only
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
