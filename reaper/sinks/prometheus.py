@@ -353,7 +353,7 @@ class PrometheusSink:
             prefix = metric_name(f"{ns}_{m.table}" if ns else m.table)
             tag_columns: list[tuple[str, str]] = []
             value_columns: list[tuple[str, Family]] = []
-            for column in m.rows[0]:
+            for column in {**m.rows[0], **m.rows[-1]}:  # the last: a top-N `other` row adds rows_folded
                 if column.startswith("tag_"):
                     tag_columns.append((column, label_name(column[4:])))
                 elif column != "epoch_ns":
