@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -96,6 +97,7 @@ class TickRequest:
     batch: Mapping[str, str]
     solo: Mapping[str, SoloQuery] = attrs.field(factory=dict)
     timed: Mapping[str, SoloQuery] = attrs.field(factory=dict)
+    count_active: bool = False  # also count the server's active client backends (in the batch's statement)
 
 
 @attrs.frozen
@@ -105,6 +107,8 @@ class TickOutcome:
     in_recovery: bool | None
     statements: int  # statements executed for this tick (1 when the batch went through whole)
     isolated: bool  # the combined statement failed and its metrics were re-run one by one
+    seconds: dict[str, float] = attrs.field(factory=dict)  # metric -> server time it took (see _combined_statement)
+    active_backends: int | None = None  # when asked for: other client backends in state 'active'
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -145,9 +149,21 @@ def read_only(sql: str) -> str:
     return f"select reaper_q.* from {READ_ONLY_GUARD},\n  lateral ({sql.strip()}) as reaper_q"
 
 
-def _combined_statement(names: Sequence[str], batch: Mapping[str, str]) -> str:
-    parts = ["pg_is_in_recovery()"]
-    parts += [f"(select array_agg(t) from ({batch[n].strip()}) t) as m{i}" for i, n in enumerate(names)]
+# Per-metric server time inside the one statement: each metric's subquery is an InitPlan that PostgreSQL
+# runs lazily, when the target list reaches its column, and the target list is evaluated in order; so a
+# clock_timestamp() column before and after each subquery brackets exactly that subquery's execution
+# (tests/test_cost_pg.py measures it with pg_sleep metrics). Column k of the record: 0 in recovery,
+# 1 the first clock, then per metric i its rows at 2 + 2i and the clock after it at 3 + 2i.
+ACTIVE_BACKENDS_SQL = ("(select count(*) from pg_stat_activity where state = 'active'"
+                       " and backend_type = 'client backend' and pid <> pg_backend_pid())::int")
+
+
+def _combined_statement(names: Sequence[str], batch: Mapping[str, str], count_active: bool = False) -> str:
+    parts = ["pg_is_in_recovery()", "clock_timestamp() as c0"]
+    for i, n in enumerate(names):
+        parts += [f"(select array_agg(t) from ({batch[n].strip()}) t) as m{i}", f"clock_timestamp() as c{i + 1}"]
+    if count_active:
+        parts.append(f"{ACTIVE_BACKENDS_SQL} as active_backends")
     return "select " + ",\n  ".join(parts) + f"\nfrom {READ_ONLY_GUARD}"
 
 
@@ -209,61 +225,74 @@ class SourceConnection:
                         raise
                     errors[name] = describe_error(e)
         batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors}
-        in_recovery, statements, isolated = await self._run_combined(batch, None, rows, errors)
+        seconds: dict[str, float] = {}
+        active: list[int] = []  # filled by the batch's statement when asked for
+        in_recovery, statements, isolated = await self._run_combined(batch, None, rows, errors, seconds,
+                                                                     active if request.count_active else None)
         groups: dict[float, dict[str, SoloQuery]] = {}  # one combined statement per distinct timeout
         for name, query in request.timed.items():
             if name not in errors:
                 groups.setdefault(query.statement_timeout_seconds or 0.0, {})[name] = query
         for limit, group in sorted(groups.items()):
-            _, count, group_isolated = await self._run_combined(group, limit, rows, errors)
+            _, count, group_isolated = await self._run_combined(group, limit, rows, errors, seconds)
             statements += count
             isolated = isolated or group_isolated
         for name, query in request.solo.items():
             if name in errors:
                 continue
+            started = time.perf_counter()
             try:
                 rows[name] = await self._run_solo(query)
             except asyncpg.PostgresError as e:
                 if is_connection_error(e):
                     raise
                 errors[name] = describe_error(e)
+            seconds[name] = time.perf_counter() - started
             statements += 1 if query.statement_timeout_seconds is None else 4
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=statements,
-                           isolated=isolated)
+                           isolated=isolated, seconds=seconds, active_backends=active[0] if active else None)
 
     async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
-                            rows: dict[str, list[dict[str, Any]]], errors: dict[str, str]
+                            rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
+                            seconds: dict[str, float], active: list[int] | None = None
                             ) -> tuple[bool | None, int, bool]:
-        """One combined statement for `queries` (also reporting pg_is_in_recovery()); when it fails,
-        each query alone, so the good ones are kept. Returns (in recovery, statements, isolated)."""
+        """One combined statement for `queries` (also reporting pg_is_in_recovery(), and the active
+        backends into `active` when given); when it fails, each query alone, so the good ones are kept.
+        Each metric's server time goes to `seconds`. Returns (in recovery, statements, isolated)."""
         conn = self._conn
         names = sorted(queries)
         sqls = {n: queries[n].sql for n in names}
+        statement = _combined_statement(names, sqls, active is not None)
         try:
             if limit is None:
-                record = await conn.fetchrow(_combined_statement(names, sqls))
+                record = await conn.fetchrow(statement)
                 statements = 1
             else:  # a server-side statement_timeout for this statement alone: SET LOCAL in a transaction
                 async with conn.transaction(readonly=True):
                     await conn.execute("select set_config('statement_timeout', $1, true)", str(int(limit * 1000)))
-                    record = await conn.fetchrow(_combined_statement(names, sqls))
+                    record = await conn.fetchrow(statement)
                 statements = 4  # begin, set_config, the statement, commit
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
             statements = 1 if limit is None else 4
             for name in names:
+                started = time.perf_counter()
                 try:
                     rows[name] = await self._run_solo(SoloQuery(sqls[name], queries[name].statement_timeout_seconds))
                 except asyncpg.PostgresError as e2:
                     if is_connection_error(e2):
                         raise
                     errors[name] = describe_error(e2)
+                seconds[name] = time.perf_counter() - started
                 statements += 1
             return None, statements, True
         for i, name in enumerate(names):
             cols = self.columns[sqls[name]]
-            rows[name] = [dict(zip(cols, r, strict=False)) for r in (record[i + 1] or ())]
+            rows[name] = [dict(zip(cols, r, strict=False)) for r in (record[2 + 2 * i] or ())]
+            seconds[name] = max(0.0, (record[3 + 2 * i] - record[1 + 2 * i]).total_seconds())
+        if active is not None:
+            active.append(int(record[-1] or 0))
         return bool(record[0]), statements, False
 
     async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
