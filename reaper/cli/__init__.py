@@ -15,7 +15,6 @@ import attrs
 import trio
 
 from reaper import __version__
-from reaper.cli import configdb
 from reaper.config.load import load_config
 from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
@@ -33,20 +32,12 @@ Start with `reaper demo` (a throwaway PostgreSQL, watched live), then write a co
 """
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 class UTCFormatter(logging.Formatter):
     """One line per event in UTC, with every configured password (and password-shaped text) redacted:
     the last place a secret could slip into a log."""
 
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        # the event itself is one line whatever it quotes (a database name, a server's error text): control
-        # characters are escaped, so nothing can forge a second log line; a traceback follows on its own lines
-        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
@@ -185,14 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "custom_tags -> tags, is_enabled -> enabled, only_if_master -> only_if_primary; group, "
                     "include_pattern and exclude_pattern keep their names.")
     for sub in (imetrics, isources):
-        sub.add_argument("file", metavar="FILE.yaml", nargs="?" if sub is isources else None,
-                         help="pgwatch's YAML file, or a folder of *.yaml files")
+        sub.add_argument("file", metavar="FILE.yaml", help="pgwatch's YAML file, or a folder of *.yaml files")
         sub.add_argument("--output", "-o", metavar="OUT.toml", help="write the TOML here (default: stdout)")
-
-    isources.add_argument("--from-db", metavar="DSN", help="read pgwatch's config database (table pgwatch.source) "
-                          "instead of a YAML file: " + configdb.DSN_HELP)
-    isources.add_argument("--password-file", metavar="FILE", help="with --from-db: the password, from this file")
-    configdb.add_parser(verbs)
 
     storage = verbs.add_parser("storage", help="manage the PostgreSQL metrics storage",
                                description="The `postgres` sink's database (pgwatch's layout: a table per metric, "
@@ -390,12 +375,7 @@ def cmd_import_pgwatch(args: argparse.Namespace) -> int:
     if args.import_what is None:
         build_parser().parse_args(["import-pgwatch", "--help"])
         return EXIT_USAGE
-    if args.import_what == "sources" and (args.file is None) == (args.from_db is None):
-        raise ConfigError(["import-pgwatch sources: give either FILE.yaml or --from-db DSN"])
-    if args.import_what == "sources" and args.from_db is not None:
-        result = configdb.import_from_db(args.from_db, args.password_file)
-    else:
-        result = (import_metrics if args.import_what == "metrics" else import_sources)(args.file)
+    result = (import_metrics if args.import_what == "metrics" else import_sources)(args.file)
     for line in result.notes:
         print(line, file=sys.stderr)
     if args.output is None:
@@ -409,9 +389,6 @@ def cmd_import_pgwatch(args: argparse.Namespace) -> int:
     print(f"{args.output}: written: {result.summary}" + (f"; {len(result.notes)} notes above" if result.notes
                                                           else ""), file=sys.stderr)
     return EXIT_OK
-
-
-cmd_config_db = configdb.cmd_config_db
 
 
 def cmd_metrics_docs(args: argparse.Namespace) -> int:

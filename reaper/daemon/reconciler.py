@@ -18,6 +18,8 @@ at a time, so no two changes interleave:
 - `Discovered`    a discovery source's task only RESOLVES its list and sends it; the reconciler
                   applies it to that parent's children. A list from a parent that was removed or
                   replaced meanwhile (its generation is stale) is ignored.
+- `FeedListed`    a `[[sources_from]]` feed's task read its config database (reaper.daemon.sources_from):
+                  the file's sources and every feed's are merged and applied like a reload.
 - `SetPaused`     the pause file appeared or went away.
 - `Shutdown`      stop every source (their connections are closed before `stopped` is set).
 
@@ -40,6 +42,7 @@ from reaper.config.schema import Config, SourceConfig
 from reaper.daemon.plan import Plan, RunningState, SourcePlan, compare_source, describe, describe_source, plan_reload
 from reaper.daemon.sinkset import SinkSet
 from reaper.daemon.source import FleetControls, SourceReaper, supervise
+from reaper.daemon.sources_from import FeedListed, Feeds
 from reaper.errors import SourceUnavailable
 from reaper.kinds import is_discovery, resolve
 
@@ -105,7 +108,7 @@ class SetOwned:
     done: trio.Event = attrs.field(factory=trio.Event)
 
 
-Request = ApplyConfig | Discovered | SetPaused | Shutdown | SetOwned
+Request = ApplyConfig | Discovered | SetPaused | Shutdown | FeedListed | SetOwned
 
 
 # -- what runs ------------------------------------------------------------------------------------
@@ -156,6 +159,7 @@ class Reconciler:
         self._send, self._receive = trio.open_memory_channel[Request](REQUEST_CAPACITY)
         self._nursery: trio.Nursery | None = None
         self._generation = 0
+        self.feeds = Feeds(config)  # [[sources_from]]: self.config is the file's config with their sources
         # fleet mode: the sources this member owns (none until it has claimed some); None: no fleet
         self.owned: frozenset[str] | None = frozenset() if config.fleet is not None else None
         self.salt = secrets.token_hex(8)  # for the hashes of DSNs in the running state's description
@@ -215,6 +219,7 @@ class Reconciler:
         try:
             for source in self.wanted_sources(self.config).values():
                 await self._start(source)
+            await self.feeds.start(nursery, self._send, lambda: self.catalog)
             self._described = None
             log.info("collecting: %d sources, %d discovery sources, %d sinks", len(self.sources),
                      len(self.parents), len(self.sinks.sinks) if self.sinks else 0)
@@ -240,7 +245,7 @@ class Reconciler:
     async def _apply_request(self, request: Request) -> None:
         if isinstance(request, ApplyConfig):
             try:
-                request.outcome = await self._apply_config(request.config)
+                request.outcome = await self._apply_config(await self.feeds.sync(request.config))
             finally:
                 request.done.set()
         elif isinstance(request, Discovered):
@@ -250,6 +255,10 @@ class Reconciler:
                           request.generation)
                 return
             await self._apply_children(parent, {c.name: c for c in request.found})
+        elif isinstance(request, FeedListed):
+            if (label := self.feeds.accept(request)) is not None:
+                outcome = await self._apply_config(self.feeds.merged())
+                log.info("sources from %s: %s", label, outcome.summary())
         elif isinstance(request, SetPaused) and request.paused != self.controls.paused:
             self.controls.paused = request.paused
             if request.paused:
@@ -427,6 +436,7 @@ class Reconciler:
         """Shutdown: stop every task at once. They stay registered (stopped), so that the last status
         file still counts what each source collected."""
         log.info("shutting down: stopping %d sources", len(self.sources))
+        await self.feeds.stop_all()
         tasks: list[RunningParent | RunningSource] = [*self.parents.values(), *self.sources.values()]
         for task in tasks:
             task.scope.cancel()
