@@ -15,9 +15,6 @@ at a time, so no two changes interleave:
 - `Discovered`    a discovery source's task only RESOLVES its list and sends it; the reconciler
                   applies it to that parent's children. A list from a parent that was removed or
                   replaced meanwhile (its generation is stale) is ignored.
-- `Discovered`    a discovery source's task only RESOLVES its list and sends it; the reconciler
-                  applies it to that parent's children. A list from a parent that was removed or
-                  replaced meanwhile (its generation is stale) is ignored.
 - `FeedListed`    a `[[sources_from]]` feed's task read its config database (reaper.daemon.sources_from):
                   the file's sources and every feed's are merged and applied like a reload.
 - `SetPaused`     the pause file appeared or went away.
@@ -387,6 +384,11 @@ class Reconciler:
                             log.error("source %s: discovery failed: %s; keeping the last known %d sources",
                                       name, e, len(parent.children))
                         parent.error = str(e)
+                    except Exception as e:  # a bug (or data it cannot handle): said once with its traceback
+                        if parent.error != repr(e):
+                            log.exception("source %s: discovery failed unexpectedly (a bug); keeping the last known "
+                                          "%d sources", name, len(parent.children))
+                        parent.error = repr(e)
                     else:
                         if parent.error is not None:
                             log.warning("source %s: discovery works again", name)

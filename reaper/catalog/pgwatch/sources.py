@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from reaper import __version__
 from reaper.catalog.pgwatch.common import (
     ImportResult,
     Report,
@@ -84,18 +85,80 @@ def import_sources(path: str | Path) -> ImportResult:
             names[table["name"]] = f"sources[{i}] of {origin}"
             (written if ok else commented).append(table)
 
+    extra = ["Check it with: reaper check --config THIS_FILE.toml"]
+    return _result(header("sources", files, path, report.bare, extra), written, commented, report)
+
+
+def _result(head: str, written: list[dict[str, Any]], commented: list[dict[str, Any]], report: Report) -> ImportResult:
     body = "".join(_source_toml(src) + "\n" for src in written)
-    body += ("# pgwatch's sinks are command-line options, not part of sources.yaml. `reaper check` wants at\n"
+    body += ("# pgwatch's sinks are command-line options, not part of its sources. `reaper check` wants at\n"
              "# least one sink: edit this one (see conf/reaper.toml for the sink types).\n")
     body += array_table("sinks", {"type": "jsonfile", "path": "measurements.ndjson"})
     if commented:
         body += "\n# Sources reaper cannot load as they are (see the notes above): fix them, then remove the '# '.\n"
         body += "".join(comment_out(_source_toml(src)) + "\n" for src in commented)
-    extra = ["Check it with: reaper check --config THIS_FILE.toml"]
-    text = header("sources", files, path, report.bare, extra) + body
+    text = head + body
     summary = f"{count(len(written), 'source')}, 1 placeholder sink" + (
         f", {count(len(commented), 'source')} commented out" if commented else "")
     return ImportResult(text=text.rstrip() + "\n", notes=tuple(report.lines), summary=summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# pgwatch's config database: rows of pgwatch.source (as {column: value}, see reaper.db.configdb)
+
+# column -> the sources.yaml key it is (pgwatch's own mapping), so a row converts exactly as a YAML entry
+DB_COLUMNS = {"name": "name", "connstr": "conn_str", "dbtype": "kind", "is_enabled": "is_enabled", "group": "group",
+              "preset_config": "preset_metrics", "config": "custom_metrics",
+              "preset_config_standby": "preset_metrics_standby", "config_standby": "custom_metrics_standby",
+              "custom_tags": "custom_tags", "include_pattern": "include_pattern", "exclude_pattern": "exclude_pattern",
+              "only_if_master": "only_if_master", "is_superuser": "is_superuser", "host_config": "host_config"}
+DB_IGNORED_COLUMNS = frozenset({"last_modified_on"})  # bookkeeping of pgwatch's web UI
+
+
+def row_as_yaml(row: Mapping[str, Any], origin: str, report: Report) -> dict[str, Any]:
+    """One pgwatch.source row as the sources.yaml entry it stands for. A column reaper does not know
+    is reported (one line) and left out; empty (null) columns and pgwatch's defaults that mean
+    "nothing" (is_superuser false) are left out silently."""
+    out: dict[str, Any] = {}
+    for column, value in row.items():
+        key = DB_COLUMNS.get(column)
+        if column in DB_IGNORED_COLUMNS or value is None or (key == "is_superuser" and value is False):
+            continue
+        if key is None:
+            report(origin, column, "a pgwatch.source column reaper does not know; ignored")
+            continue
+        out[key] = value
+    return out
+
+
+def convert_source_rows(rows: Sequence[Mapping[str, Any]], label: str
+                        ) -> tuple[list[tuple[dict[str, Any], bool]], Report]:
+    """Every pgwatch.source row as a reaper `[[sources]]` table and whether reaper can load it, and
+    the report (origin of each line: `<label>: source NAME`)."""
+    report = Report()
+    shipped_metrics, shipped_presets = shipped_names()
+    results = []
+    for i, row in enumerate(rows):
+        origin = f"{label}: pgwatch.source {str(row.get('name'))!r}"
+        raw = row_as_yaml(row, origin, report)
+        result = _convert_source(i, raw, origin, report, shipped_metrics, shipped_presets)
+        if result is not None:
+            results.append(result)
+    return results, report
+
+
+def import_source_rows(rows: Sequence[Mapping[str, Any]], label: str) -> ImportResult:
+    """`reaper import-pgwatch sources --from-db DSN`: the rows read from the config database as TOML."""
+    results, report = convert_source_rows(rows, label)
+    written = [table for table, ok in results if ok]
+    commented = [table for table, ok in results if not ok]
+    lines = [f"Imported from the pgwatch config database {label} (table pgwatch.source, {count(len(rows), 'row')})",
+             "by `reaper import-pgwatch sources --from-db` (reaper " + __version__ + ").",
+             "Check it with: reaper check --config THIS_FILE.toml"]
+    if report.bare:
+        lines += ["", "Import notes (also printed on stderr when imported):"] + [f"  {n}" for n in report.lines]
+    head = "".join(f"# {line}".rstrip() + "\n" for line in lines) + "\n"
+    return _result(head, written, commented, report)
 
 
 
