@@ -34,6 +34,7 @@ from reaper.catalog.metrics import Catalog, load_shipped_definitions
 from reaper.config.load import load_config
 from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
+from reaper.daemon.cost import CostSettings
 from reaper.daemon.fleet import FleetMember
 from reaper.daemon.reconciler import (
     Reconciler,
@@ -99,7 +100,8 @@ class Daemon:
                 connector = functools.partial(connect_source, application_name=f"reaper:{self.fleet.member}")
         self.connector = connector
         self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb,
-                                      create_extensions=config.collector.create_extensions)
+                                      create_extensions=config.collector.create_extensions,
+                                      cost=CostSettings.of(config.collector))
         max_age = config.collector.instance_cache_max_seconds
         self.instance_cache = InstanceCache(max_age) if max_age > 0 else None
         self.fanout = FanOut()

@@ -36,6 +36,7 @@ import trio
 
 from reaper.catalog.metrics import Catalog
 from reaper.config.schema import Config, SourceConfig
+from reaper.daemon.cost import CostSettings
 from reaper.daemon.plan import Plan, RunningState, SourcePlan, compare_source, describe, describe_source, plan_reload
 from reaper.daemon.sinkset import SinkSet
 from reaper.daemon.source import FleetControls, SourceReaper, supervise
@@ -296,6 +297,7 @@ class Reconciler:
             counts.update(sinks_added=added, sinks_removed=removed, sinks_rebuilt=rebuilt)
         self.config, self.catalog = new, Catalog.for_config(new)
         self.controls.min_db_size_mb = new.collector.min_db_size_mb
+        self.controls.cost = CostSettings.of(new.collector)
         for name, source in self.wanted_sources(new).items():
             await self._apply_one(source, steps[name])
         for step in plan.sources:

@@ -9,6 +9,7 @@ import trio
 
 from reaper import db
 from reaper.config.schema import SourceConfig
+from reaper.daemon.cost import CostSettings
 from reaper.db.link import SourceLink
 from reaper.schedule import PHASE_SPREAD
 
@@ -23,6 +24,7 @@ class FleetControls:
     min_db_size_mb: int = 0
     create_extensions: tuple[str, ...] = ()
     phase_spread: float = PHASE_SPREAD  # seconds over which the sources' ticks are spread
+    cost: CostSettings = attrs.field(factory=CostSettings)  # [collector]'s server budget (reaper.daemon.cost)
     # at most this many sources connect at the same moment (a fleet's start must not storm the servers)
     connects: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(MAX_PARALLEL_CONNECTS))
 
