@@ -36,6 +36,7 @@ from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import CostSettings
 from reaper.daemon.fleet import FleetMember
+from reaper.daemon.plan import refused
 from reaper.daemon.reconciler import (
     Reconciler,
     Resolver,
@@ -47,7 +48,7 @@ from reaper.daemon.reconciler import (
 )
 from reaper.daemon.sinkset import RunningSink, SinkSet, build_sink
 from reaper.daemon.source import Connector, FleetControls, SourceReaper, connect_source
-from reaper.daemon.status import STATUS_FILE, DaemonStatus, SinkStatus, write_status_file
+from reaper.daemon.status import STATUS_FILE, DaemonStatus, ReloadRecord, SinkStatus, write_status_file
 from reaper.errors import ConfigError
 from reaper.kinds import resolve
 from reaper.measurement import Measurement
@@ -113,6 +114,7 @@ class Daemon:
         self._stop = trio.Event()
         self.reloads = 0
         self.reload_failures = 0
+        self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
 
     def __repr__(self) -> str:
@@ -162,6 +164,7 @@ class Daemon:
         return DaemonStatus(pid=os.getpid(), version=__version__, started_wall=self.started_wall,
                             updated_wall=time.time(), config_path=self.config.path, reloads=self.reloads,
                             reload_failures=self.reload_failures, tasks=tasks, io_tasks=io_tasks,
+                            running=self.reconciler.running_state(), last_reload=self.last_reload,
                             sources=tuple(sources), sinks=tuple(sinks),
                             fleet=self.fleet.status() if self.fleet is not None else None)
 
@@ -232,6 +235,8 @@ class Daemon:
             log.error("reload: %s is invalid; keeping the running configuration:", path)
             for line in e.problems:
                 log.error("reload: %s", line)
+            self.last_reload = ReloadRecord(self.reloads + self.reload_failures, time.time(), str(path), False,
+                                            refused(e.problems))
             self.write_status()
             return False
         if new.fleet != self.config.fleet:
@@ -243,6 +248,11 @@ class Daemon:
             return False
         self.reloads += 1
         log.info("reload: applied %s: %s", path, outcome.summary())
+        if outcome.plan is not None:
+            for line in outcome.plan.lines():
+                log.info("reload: %s", line)
+            self.last_reload = ReloadRecord(self.reloads + self.reload_failures, time.time(), str(path), True,
+                                            outcome.plan)
         self.write_status()
         return True
 

@@ -10,6 +10,7 @@ import attrs
 import cattrs
 import orjson
 
+from reaper.daemon.plan import Plan, RunningState
 from reaper.fsutil import make_private_dir
 
 STATUS_FILE = "status.json"
@@ -112,6 +113,17 @@ class FleetStatus:
 
 
 @attrs.frozen
+class ReloadRecord:
+    """The last reload: applied (the plan that was carried out) or refused (`plan.errors`)."""
+
+    number: int  # reloads + reload_failures once it was answered: `reaper reload` waits for its own
+    wall: float
+    config_path: str
+    applied: bool
+    plan: Plan
+
+
+@attrs.frozen
 class DaemonStatus:
     pid: int
     version: str
@@ -124,6 +136,8 @@ class DaemonStatus:
     sources: tuple[SourceStatus, ...]
     sinks: tuple[SinkStatus, ...]
     io_tasks: int = 0  # of `tasks`: trio-asyncio's socket watchers (one per connection), not reaper's own
+    running: RunningState | None = None  # what runs, without secrets: `reaper reload --plan` compares a config to it
+    last_reload: ReloadRecord | None = None
     fleet: FleetStatus | None = None  # [fleet] only
 
 
