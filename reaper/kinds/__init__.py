@@ -13,7 +13,8 @@ postgres-discovery
     regular expressions evaluated by the server (as pgwatch's): see reaper.db.discovery.
 
 patroni
-    The members of a Patroni cluster, read from etcd: see reaper.kinds.patroni.
+    The members of a Patroni cluster, read from etcd: see reaper.kinds.patroni (imported, with httpx,
+    only when a patroni source is configured).
 
 Every child inherits the rest of the source: preset, metrics, standby preset/metrics, tags, group,
 timeouts, password_file, only_if_primary.
@@ -31,7 +32,6 @@ from reaper.config.schema import SourceConfig
 from reaper.db.discovery import list_databases
 from reaper.errors import SourceUnavailable
 from reaper.kinds.dsn import database_child, with_database, with_parameters
-from reaper.kinds.patroni import parse_etcd_dsn, patroni_children, read_etcd_members
 
 __all__ = ["DISCOVERY_KINDS", "POOLER_KINDS", "check_source", "database_child", "is_discovery", "resolve",
            "with_database", "with_parameters"]
@@ -57,6 +57,8 @@ async def resolve(source: SourceConfig) -> list[SourceConfig]:
     if source.kind == "postgres-discovery":
         return await _discover(source)
     if source.kind == "patroni":
+        from reaper.kinds.patroni import parse_etcd_dsn, patroni_children, read_etcd_members  # httpx: only when used
+
         try:
             target = parse_etcd_dsn(source.dsn)
         except ValueError as e:
@@ -109,6 +111,8 @@ def check_source(source: SourceConfig) -> list[str]:
     """Kind-specific problems with a source's settings, as `key: what is wrong` lines (for `check`)."""
     problems = []
     if source.kind == "patroni":
+        from reaper.kinds.patroni import parse_etcd_dsn  # httpx: only when a patroni source is configured
+
         try:
             parse_etcd_dsn(source.dsn)
         except ValueError as e:
