@@ -611,3 +611,22 @@ async def test_daemon_writes_db_stats_to_postgres_storage(pg15, fresh_db, monito
     assert tps and all(float(value) >= 0 for _, value in tps)
     assert one(pg15, "select metric from admin.all_distinct_dbname_metrics where dbname = 'main'",
                storage_db) == "db_stats"
+
+
+async def test_nul_characters_are_removed_counted_and_said_once(pg15, fresh_db, caplog) -> None:
+    """PostgreSQL's text and jsonb cannot hold NUL: a value or source name with one must not stop the storage
+    (issue 12 item 3); the characters are dropped, counted, and said once."""
+    from reaper.sinks import postgres as pg_sink
+
+    now = time.time_ns()
+    before = pg_sink.nul_removed[0]
+    rows = [{"epoch_ns": now, "query": "a\x00b\x00c"}]
+    batches = [[measurement("nul\x00source", now + k, metric="nul_values", rows=[dict(r, epoch_ns=now + k)
+                                                                               for r in rows])] for k in range(3)]
+    with caplog.at_level(logging.WARNING, logger="reaper.sinks.postgres"):
+        await write_all(sink_config(pg15.dsn(dbname=fresh_db)), *batches)
+    got = rows_of(pg15, "select dbname, data->>'query' from nul_values", fresh_db)
+    assert got == [["nulsource", "abc"]] * 3
+    assert pg_sink.nul_removed[0] - before == 3 * 3  # two in each value, one in each source name
+    said = [r for r in caplog.records if "NUL" in r.getMessage()]
+    assert len(said) == 1

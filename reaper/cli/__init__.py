@@ -32,12 +32,20 @@ Start with `reaper demo` (a throwaway PostgreSQL, watched live), then write a co
 """
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class UTCFormatter(logging.Formatter):
     """One line per event in UTC, with every configured password (and password-shaped text) redacted:
     the last place a secret could slip into a log."""
 
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # the event itself is one line whatever it quotes (a database name, a server's error text): control
+        # characters are escaped, so nothing can forge a second log line; a traceback follows on its own lines
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -50,5 +51,7 @@ def with_parameters(dsn: str, params: Mapping[str, str]) -> str:
 
 def database_child(source: SourceConfig, dbname: str) -> SourceConfig:
     """One discovered database as a concrete source."""
-    return attrs.evolve(source, name=f"{source.name}_{dbname}", dsn=with_database(source.dsn, dbname),
+    # a database name may hold what a source name must not (a newline, a NUL): shown escaped in the source's name
+    shown = "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in dbname)
+    return attrs.evolve(source, name=f"{source.name}_{shown}", dsn=with_database(source.dsn, dbname),
                         kind="postgres", include_pattern=None, exclude_pattern=None)

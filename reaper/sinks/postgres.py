@@ -73,6 +73,8 @@ MAX_REMEMBERED_KEYS = 100_000  # measurements remembered as committed after an u
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")  # jsonb refuses \u0000 in strings
 _EMPTY_OBJECT = "{}"
+# NUL characters removed from stored text (jsonb and text cannot hold them), for the log line and status
+nul_removed = [0]
 
 
 class PostgresSink:
@@ -105,6 +107,7 @@ class PostgresSink:
         self.written = 0  # measurements
         self.rows = 0
         self.duplicates = 0  # batches found already committed (their COMMIT's answer had been lost)
+        self._nul_warned = False
         self.last_maintenance: MaintenanceResult | None = None
 
     def __repr__(self) -> str:
@@ -130,6 +133,7 @@ class PostgresSink:
         todo = [m for m in batch if measurement_key(m) not in self._stored] if self._stored else batch
         request = encode_batch(todo)
         started = trio.current_time()
+        nul_before = nul_removed[0]
         if request is not None:
             try:
                 result = await self._bounded(conn, "write", conn.flush, request)
@@ -142,6 +146,10 @@ class PostgresSink:
                 self.duplicates += 1
                 log.warning("sink %s: this batch of %d measurements had been committed already (the answer to "
                             "its COMMIT was lost); not written again", self.label, len(todo))
+            if nul_removed[0] > nul_before and not self._nul_warned:
+                self._nul_warned = True
+                log.warning("sink %s: removed NUL characters from stored text (PostgreSQL's text and jsonb cannot "
+                            "hold them; %d so far, said once)", self.label, nul_removed[0])
             log.debug("sink %s: wrote %d measurements, %d rows, %d tables in %.1f ms (%d partition checks)",
                       self.label, len(todo), result.rows, result.tables, (trio.current_time() - started) * 1000,
                       result.partitions_checked)
@@ -284,7 +292,7 @@ def encode_batch(batch: Sequence[Measurement]) -> FlushRequest | None:
         for row in m.rows:
             ns = row.get("epoch_ns")
             table_times.add(ns if type(ns) is int else m.epoch_ns)
-        listing.add((m.source, m.table))
+        listing.add((m.source.replace("\x00", ""), m.table))  # text cannot hold NUL (counted below)
     if not groups:
         return None
     tables = [TableRows(table, EncodedRows(groups[table]), sorted(time_of(ns, 0) for ns in times[table]),
@@ -313,7 +321,10 @@ def encode_measurement(m: Measurement) -> Iterator[Record]:
     custom_json = dumps_json(custom) if custom else _EMPTY_OBJECT
     last_ns: int | None = None
     last_time = _EPOCH
-    source = m.source if "\x00" not in m.source else m.source.replace("\x00", "")  # text cannot hold NUL
+    source = m.source
+    if "\x00" in source:  # text cannot hold NUL
+        nul_removed[0] += source.count("\x00")
+        source = source.replace("\x00", "")
     shape: Any = None  # the keys of the previous row, and what they imply
     tag_keys: list[str] = []
     tag_names: list[str] = []
@@ -368,5 +379,6 @@ def dumps_json(value: Mapping[str, Any]) -> str:
     """JSON text for a jsonb column (reaper/sinks/encode.py), with NUL escapes removed (jsonb rejects them)."""
     data = dumps(value)
     if b"\\u0000" in data:
-        data = _NUL_ESCAPE.sub(rb"\1", data)
+        data, removed = _NUL_ESCAPE.subn(rb"\1", data)
+        nul_removed[0] += removed
     return data.decode()
