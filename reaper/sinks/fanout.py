@@ -33,6 +33,7 @@ class Outlet:
     lost: int = 0
     rejected: int = 0  # set aside in rejected/ (content the sink refuses; see SinkRunner)
     error: str | None = None  # why the sink is not writing now (cannot open, write failing), else None
+    opened: bool = False  # its sink has been opened (for /readiness)
     _warned_full: bool = False
     _warned_spill: bool = False  # the spill's bound was reached (said once)
     _warned_disk: bool = False  # the disk refused the spill (said once per episode)

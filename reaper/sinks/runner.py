@@ -133,6 +133,8 @@ class SinkRunner:
                     return False
                 continue
             self._recovered()
+            if self.outlet is not None:
+                self.outlet.opened = True
             return True
 
     async def _wait_spilling(self) -> bool:
