@@ -36,6 +36,7 @@ from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import CostSettings
 from reaper.daemon.fleet import FleetMember
+from reaper.daemon.health import bind_health, serve_health
 from reaper.daemon.plan import refused
 from reaper.daemon.reconciler import (
     Reconciler,
@@ -196,9 +197,13 @@ class Daemon:
         grace = self.config.collector.shutdown_grace_seconds
         # a large fleet's ticks are spread wider (50 ms per source, at least PHASE_SPREAD, at most a tick)
         self.controls.phase_spread = max(PHASE_SPREAD, 0.05 * len(self.wanted_sources(self.config)))
+        listen = self.config.collector.http_listen
+        health_sock = bind_health(listen) if listen else None  # a taken address: one ConfigError line, at once
         async with trio.open_nursery() as root:
             if signal_task is not None:
                 root.start_soon(signal_task, self)
+            if health_sock is not None:  # /liveness, /readiness, /status for the daemon's whole life
+                await root.start(serve_health, self, health_sock)
             async with trio.open_nursery() as sinks_nursery:
                 await self.sinkset.start_all(sinks_nursery, self.config.sinks, self._extra_sinks)
                 try:

@@ -1,0 +1,144 @@
+"""Health endpoints (`[collector] http_listen`): /liveness, /readiness, /status.
+
+Served by the same bounded HTTP stack as the Prometheus sink (reaper.sinks.http_serve: hypercorn's
+protocol, our accept loop with a connection limit), in the daemon's root nursery, for the daemon's
+whole life (it answers during shutdown too).
+
+- `GET /liveness`  200 `ok` while the trio loop turns (the answer is produced by a task of that loop;
+                   a blocked loop answers nothing, which a prober's timeout reads as dead).
+- `GET /readiness` 200 `ready` once every source this process owns has had a first tick attempt,
+                   every sink has been opened and is not failing, and every `[[sources_from]]` config
+                   database has been read once; 503 with the reasons (one per line) otherwise. A fleet
+                   member that is draining or has lost its coordination session is not ready.
+- `GET /status`    the `reaper status` document (the status file's JSON), built now.
+
+Anything else is 404; methods other than GET and HEAD are 405. The address is read at start: a
+reload that changes `http_listen` takes effect at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from reaper.daemon.status import _converter as status_converter
+from reaper.sinks.http_serve import serve_bounded
+from reaper.sinks.prometheus import bind_listen
+
+if TYPE_CHECKING:
+    from reaper.daemon.app import Daemon
+
+log = logging.getLogger("reaper.daemon.health")
+http_log = logging.getLogger("reaper.daemon.health.http")
+http_log.setLevel(logging.ERROR)
+
+MAX_CONNECTIONS = 16
+LISTEN_BACKLOG = 16
+GRACEFUL_TIMEOUT_SECONDS = 2
+KEEP_ALIVE_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 10
+MAX_NAMED = 5  # a reason names at most this many sources, then counts the rest
+TEXT = b"text/plain; charset=utf-8"
+
+
+def bind_health(listen: str) -> socket.socket:
+    """The bound socket for `http_listen` (ConfigError, one line, when the address cannot be had)."""
+    return bind_listen(listen, "health endpoints")
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_NAMED])
+    return shown + (f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else "")
+
+
+def not_ready_reasons(daemon: Daemon) -> list[str]:
+    """Why the daemon is not ready, one line each; empty when it is."""
+    reasons: list[str] = []
+    fleet = daemon.fleet
+    if fleet is not None:
+        if fleet.leaving:
+            reasons.append(f"fleet member {fleet.member} is draining (left the fleet)")
+        elif fleet.error is not None:
+            reasons.append(f"fleet member {fleet.member}: {fleet.error}")
+    waiting = sorted(name for name, running in daemon.sources.items() if running.reaper.state.ticks == 0)
+    if waiting:
+        reasons.append(f"{len(waiting)} of {len(daemon.sources)} sources have not had a first tick yet: "
+                       f"{_names(waiting)}")
+    for running in daemon.sinks.values():
+        outlet = running.outlet
+        if outlet.error is not None:
+            reasons.append(f"sink {outlet.label} is not writing: {outlet.error}")
+        elif not outlet.opened:
+            reasons.append(f"sink {outlet.label} is not open yet")
+    for feed in daemon.reconciler.feeds.running.values():
+        if feed.reads == 0:
+            state = f"cannot be read: {feed.error}" if feed.error else "not read yet"
+            reasons.append(f"{feed.config.label} {state}")
+    return reasons
+
+
+class HealthEndpoints:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def serve(self, sock: socket.socket, *,
+                    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve on the bound socket until cancelled; reports the URLs once it listens."""
+        config = HypercornConfig()
+        config.accesslog = None
+        config.errorlog = http_log
+        config.graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
+        config.keep_alive_timeout = KEEP_ALIVE_SECONDS
+        config.read_timeout = READ_TIMEOUT_SECONDS
+        never = trio.Event()  # stopped by cancellation: the endpoints live as long as the daemon
+        await serve_bounded(self.asgi, config, sock, max_connections=MAX_CONNECTIONS, backlog=LISTEN_BACKLOG,
+                            shutdown=never, log=log, label="health endpoints", task_status=task_status)
+
+    def answer(self, path: str) -> tuple[int, bytes, bytes]:
+        """(status, content type, body) for a GET of `path`."""
+        if path == "/liveness":
+            return 200, TEXT, b"ok\n"
+        if path == "/readiness":
+            reasons = not_ready_reasons(self.daemon)
+            if reasons:
+                return 503, TEXT, ("not ready:\n" + "".join(f"{r}\n" for r in reasons)).encode()
+            return 200, TEXT, b"ready\n"
+        if path == "/status":
+            document = status_converter.unstructure(self.daemon.status())
+            return 200, b"application/json", orjson.dumps(document)
+        return 404, TEXT, b"not found: /liveness, /readiness or /status\n"
+
+    async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await send({"type": "http.response.start", "status": 405, "headers": [(b"allow", b"GET, HEAD")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        status, content_type, body = self.answer(scope["path"].rstrip("/") or "/")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+async def serve_health(daemon: Daemon, sock: socket.socket, *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The health endpoints' task (in the daemon's root nursery)."""
+    endpoints = HealthEndpoints(daemon)
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(endpoints.serve, sock)
+        log.info("health endpoints: %s/liveness, /readiness, /status", urls[0])
+        task_status.started()
