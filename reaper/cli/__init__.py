@@ -98,10 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = verbs.add_parser("reload", help="make the running daemon re-read its config",
                               description="Send SIGHUP to the daemon whose pid is in --pidfile and report whether "
-                                          "the reload was applied (exit 0) or rejected (exit 1: the daemon keeps "
-                                          "its old config and logs one line per problem).")
-    reload.add_argument("--pidfile", required=True, metavar="FILE", help="the daemon's --pidfile")
+                                          "the reload was applied (exit 0: the plan it carried out is printed) or "
+                                          "rejected (exit 1: the daemon keeps its old config; one line per "
+                                          "problem). With --plan: print what a reload would do, signal nothing.")
+    reload.add_argument("--pidfile", metavar="FILE", help="the daemon's --pidfile (required unless --plan)")
+    reload.add_argument("--plan", action="store_true",
+                        help="only print what a reload would do (sources added, removed, restarted and why, "
+                             "updated in place; sinks added, removed, rebuilt; or why it would be refused), "
+                             "comparing the config file (--config, else the daemon's own) with what the daemon "
+                             "reports in its status file; changes nothing")
     _state_dir_args(reload)
+    _format_args(reload)
     reload.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                         help="how long to wait for the daemon's answer (default: 30)")
 
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Validate a config file: every problem on its own line "
                                          "(FILE: key.path: what is wrong), exit 1; or a one-line summary, exit 0.")
     check.add_argument("--config", "-c", required=True, metavar="FILE", help="the TOML config file")
+    check.add_argument("--against-running", action="store_true",
+                       help="also print what reloading this file into the running daemon would do (as "
+                            "`reaper reload --plan`; nothing is signalled)")
+    check.add_argument("--state-dir", metavar="DIR", help="with --against-running: the daemon's state_dir "
+                                                          "(default: the config's)")
     check.add_argument("--connect", action="store_true",
                        help="also connect to every source and say, per metric, whether its role will collect "
                             "it, and if not the exact GRANT / CREATE EXTENSION / setting that fixes it (exit 1 "
@@ -268,6 +280,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     enabled = sum(1 for s in config.sources if s.enabled)
     print(f"{args.config}: ok: {len(config.sources)} sources ({enabled} enabled), {len(config.sinks)} sinks, "
           f"{len(config.metrics)} own metrics, {len(config.presets)} own presets")
+    if args.against_running:
+        from pathlib import Path
+
+        from reaper.cli.output import choose_format
+        from reaper.cli.planview import plan_against_running
+        from reaper.config.schema import default_state_dir
+
+        state_dir = args.state_dir or config.collector.state_dir or default_state_dir(args.config)
+        return plan_against_running(args.config, Path(state_dir), choose_format(args.format))
     return EXIT_OK
 
 

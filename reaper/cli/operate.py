@@ -175,6 +175,16 @@ def _lanes(lanes: Sequence[LaneStatus]) -> str:
 
 
 def reload_daemon(args: argparse.Namespace) -> int:
+    """`reaper reload`: signal the daemon, wait for its answer, print the plan it carried out (or the
+    lines it refused the config for). With --plan: only print what it would do (reaper.cli.planview)."""
+    fmt = choose_format(getattr(args, "format", None))
+    if getattr(args, "plan", False):
+        from reaper.cli.planview import plan_against_running
+
+        return plan_against_running(getattr(args, "config", None), state_dir_from(args), fmt)
+    if not args.pidfile:
+        print("reload: --pidfile is required (or --plan, which signals nothing)", file=sys.stderr)
+        return 2
     try:
         pid = int(Path(args.pidfile).read_text().strip())
     except (OSError, ValueError) as e:
@@ -190,20 +200,39 @@ def reload_daemon(args: argparse.Namespace) -> int:
         print(f"{args.pidfile}: not signalling process {pid}: {reason}", file=sys.stderr)
         return 1
     os.kill(pid, signal.SIGHUP)
-    return _await_answer(pid, path, before, args.wait)
+    return _await_answer(pid, path, before, args.wait, fmt)
 
 
-def _await_answer(pid: int, path: Path, before: DaemonStatus, wait: float) -> int:
+def _await_answer(pid: int, path: Path, before: DaemonStatus, wait: float, fmt: str) -> int:
+    from reaper.cli.planview import print_plan
+
     deadline = time.monotonic() + wait
+    answered = before.reloads + before.reload_failures
     while time.monotonic() < deadline:
         now = _read(path)
-        if now is not None and now.reloads > before.reloads:
-            print(f"reload applied (pid {pid}): {len(now.sources)} sources, {len(now.sinks)} sinks")
-            return 0
-        if now is not None and now.reload_failures > before.reload_failures:
-            print(f"reload rejected (pid {pid}): the config is invalid; the daemon keeps running its old config. "
-                  f"Run `reaper check --config {now.config_path}` to see every problem.", file=sys.stderr)
+        if now is not None and now.reloads + now.reload_failures > answered:
+            record = now.last_reload
+            if now.reloads > before.reloads:
+                if record is None or not record.applied:  # a daemon that does not record plans
+                    print(f"reload applied (pid {pid}): {len(now.sources)} sources, {len(now.sinks)} sinks")
+                    return 0
+                if fmt == "plain":
+                    print(f"reload applied (pid {pid}): {record.plan.summary()}")
+                print_plan(record.plan, fmt, title=f"reload of {record.config_path} (pid {pid}) applied",
+                           unchanged=False, config=record.config_path, pid=pid, applied=True, refused=False)
+                return 0
+            print(f"reload rejected (pid {pid}): the config is invalid; the daemon keeps running its old config:",
+                  file=sys.stderr)
+            lines = record.plan.errors if record is not None and not record.applied else ()
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
+            if not lines:
+                print(f"  run `reaper check --config {now.config_path}` to see every problem", file=sys.stderr)
+            return 1
+        if not pid_alive(pid):
+            print(f"reload: the daemon (pid {pid}) exited while reloading; its log says why", file=sys.stderr)
             return 1
         time.sleep(0.1)
-    print(f"no answer from pid {pid} within {wait:g}s", file=sys.stderr)
+    print(f"no answer from pid {pid} within {wait:g}s (the reload may still be in progress: `reaper status` "
+          "shows its reload count)", file=sys.stderr)
     return 1
