@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from reaper.config.schema import MetricDef
+from reaper.config.topn import ActiveTopN, resolve
+from reaper.daemon.topn import TopNState
 from reaper.db.link import SourceLink
 from reaper.measurement import Measurement
 
@@ -31,6 +33,7 @@ class Output:
         self._cache_seen: dict[str, int] = {}  # metric -> serial of the cache entry last delivered
         self._down_sent_tick: int | None = None  # the tick in which instance_up = 0 was sent on going down
         self._last_uptime: float | None = None
+        self._topn: dict[str, TopNState] = {}  # metric -> its top-N folding state (reaper.daemon.topn)
 
     def deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
                 shared: bool = False) -> None:
@@ -41,6 +44,9 @@ class Output:
         if not rows:
             return
         r = self.reaper
+        fold = self._topn_state(metric)
+        if fold is not None:
+            rows = fold.fold(rows)  # members are the rows given (or copies), `other` a new row
         conn = r.conn
         if conn is not None:
             server = conn.server
@@ -58,6 +64,28 @@ class Output:
         st.metric_rows[metric.name] = len(rows)
         st.metric_measurements[metric.name] = st.metric_measurements.get(metric.name, 0) + 1
         r.emit(m)
+
+    def _topn_state(self, metric: MetricDef) -> TopNState | None:
+        """The metric's top-N folding state for this source, when top_n is on (definition, the active
+        preset, the source's own override); a changed setting starts a new state."""
+        r = self.reaper
+        config = r.config
+        standby = bool(r.state.in_recovery) and bool(config.standby_preset or config.standby_metrics)
+        preset_name = config.standby_preset if standby else config.preset
+        preset = r.catalog.presets.get(preset_name) if preset_name else None
+        try:
+            settings: ActiveTopN | None = resolve(metric.top_n, preset.top_n.get(metric.name) if preset else None,
+                                                  config.top_n.get(metric.name))
+        except ValueError:  # refused by `reaper check` / load_config: only a config built in code gets here
+            settings = None
+        state = self._topn.get(metric.name)
+        if settings is None:
+            self._topn.pop(metric.name, None)
+            return None
+        if state is None or state.settings != settings:
+            state = self._topn[metric.name] = TopNState(settings, metric.is_gauge)
+        state.is_gauge = metric.is_gauge  # a reload may have changed the definition's gauges
+        return state
 
     # -- instance_up -----------------------------------------------------------------------------
 
