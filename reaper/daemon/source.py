@@ -33,6 +33,7 @@ from reaper import db
 from reaper.catalog.metrics import SPECIAL_METRICS, Catalog
 from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.cache import InstanceCache
+from reaper.daemon.cost import SourceCost
 from reaper.daemon.delivery import Output
 from reaper.daemon.lanes import MIN_IDLE_SECONDS, Job, Lane, LaneState
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
@@ -77,6 +78,7 @@ class SourceReaper:
         self.max_backoff = max_backoff
         self.min_idle = min_idle
         self.state = SourceState(config.name)
+        self.cost = SourceCost(config.name, self.controls.cost.for_source(config))  # server time, the budget
         self.conn: SourceLink | None = None  # the fast lane's connection
         self.slow: Lane | None = None  # the lanes exist while run() runs
         self.local: Lane | None = None
@@ -100,6 +102,7 @@ class SourceReaper:
 
     def update(self, config: SourceConfig, catalog: Catalog) -> None:
         """Apply a new preset/metrics/tags without reconnecting; takes effect at the next tick."""
+        self.cost.forget_changed(self.catalog.metrics, catalog.metrics)
         self.config, self.catalog = config, catalog
         self._changed.set()
 
@@ -129,7 +132,7 @@ class SourceReaper:
                                   self.controls.phase_spread)
         task_status.started()
         while True:
-            sched.set_intervals(self.active_intervals())
+            sched.set_intervals(self.cost.effective(self.active_intervals()))  # stretched by the budget
             k, when = sched.next_tick(trio.current_time())
             self.state.next_tick = when
             with trio.move_on_at(when):
@@ -160,7 +163,7 @@ class SourceReaper:
             server_version=st.server_version, last_error=st.last_error, last_tick_wall=st.last_tick_wall,
             next_tick_in=None if st.next_tick is None else max(0.0, st.next_tick - trio.current_time()),
             lateness_p50=percentile(lat, 0.5), lateness_p99=percentile(lat, 0.99),
-            lateness_max=lat[-1] if lat else 0.0, lanes=tuple(lanes))
+            lateness_max=lat[-1] if lat else 0.0, lanes=tuple(lanes), cost=self.cost.status(trio.current_time()))
 
     # -- one tick ------------------------------------------------------------------------------
 
@@ -184,15 +187,17 @@ class SourceReaper:
         link = self.conn
         assert link is not None
         before = link.statements
+        self.cost.settings = settings = self.controls.cost.for_source(self.config)
         if not await self._should_collect(link):
             metrics = {}  # the tick only probes the recovery state (to notice a promotion)
         elif st.in_recovery is not None:
             active = self.active_intervals()  # the role may have changed since this tick's set was chosen
             metrics = {name: m for name, m in metrics.items() if name in active}
-        batch, jobs = self._route_all(link, metrics, wall_ns)
+        batch, jobs = self._route_all(link, self.cost.skip_heavy(metrics), wall_ns)
+        count_active = settings.pause_when_active_backends_over is not None
         try:
             with trio.fail_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
-                outcome = await link.run_tick(db.TickRequest(batch=batch))
+                outcome = await link.run_tick(db.TickRequest(batch=batch, count_active=count_active))
         except (SourceUnavailable, trio.TooSlowError) as e:
             reason = "query timed out" if isinstance(e, trio.TooSlowError) else str(e)
             self._drop_connection()
@@ -202,6 +207,8 @@ class SourceReaper:
         st.statements_last_tick = link.statements - before
         st.statements_total += st.statements_last_tick
         self._take_outcome(metrics, outcome, wall_ns)
+        self.cost.observe_active(outcome.active_backends if count_active else None)
+        self._cost_step(link, wall_ns)
         if self.slow is not None and self.local is not None:
             for job in jobs:
                 (self.local if job.spec is not None and job.spec.local_only else self.slow).offer(job)
@@ -262,9 +269,21 @@ class SourceReaper:
             self.out.deliver(metrics[name], rows, wall_ns)
             self.out.remember(metrics[name], now, rows)
             st.last_fetch[name] = now
+            self.cost.record(name, now, outcome.seconds.get(name, 0.0), rows)
         for name, message in outcome.errors.items():
             st.last_fetch[name] = now
             self._metric_failed(name, message)
+
+    def _cost_step(self, link: SourceLink, wall_ns: int) -> None:
+        """The budget's step (the fast lane re-reads the effective intervals next); once per window the
+        cost self-measurements and the job that reads pg_stat_statements in the slow lane."""
+        done = self.cost.step(trio.current_time(), wall_ns, self.catalog.metrics)
+        for metric, rows in done or ():
+            self.emit(Measurement.from_rows(source=self.name, metric=metric, table=metric, rows=rows,
+                                            tags=self.config.tags, wall_ns=wall_ns))
+        job = self.cost.server_view_job(link, wall_ns, self.config.query_timeout_seconds) if done is not None else None
+        if job is not None and self.slow is not None:
+            self.slow.offer(job)
 
     # -- work outside the tick (the lanes call these) --------------------------------------------
 
@@ -279,9 +298,12 @@ class SourceReaper:
 
     async def run_job(self, job: Job, link: SourceLink) -> None:
         """Run one job and deliver its rows. Raises SourceUnavailable, or trio.TooSlowError past its deadline."""
+        started = trio.current_time()
         with trio.fail_after(job.deadline):
             if job.spec is not None:
                 await self._run_special(job.metric, job.spec, job.wall_ns, link)
+                if not job.spec.local_only:  # its server time: the duration of its statements
+                    self.cost.record(job.metric.name, trio.current_time(), trio.current_time() - started, ())
                 return
             assert job.query is not None
             name = job.metric.name
@@ -292,6 +314,7 @@ class SourceReaper:
                 self._metric_failed(name, e.message)
                 return
         now = trio.current_time()
+        self.cost.record(name, now, now - started, rows)  # alone in its statement: its duration is its cost
         self.out.deliver(job.metric, rows, job.wall_ns)
         self.out.remember(job.metric, now, rows)
         self.state.last_fetch[name] = now

@@ -1,0 +1,410 @@
+"""What reaper's own statements cost each monitored server, and the per-source budget that keeps it bounded.
+
+Measuring (issue 15 item 3). Every run of an SQL metric is recorded with its server time, its rows and
+an estimate of its bytes:
+
+- in the fast lane's one statement, a `clock_timestamp()` column before and after each metric's
+  subquery brackets that subquery's execution (reaper.db._combined_statement), so the statement's
+  server time is apportioned exactly, metric by metric;
+- in the slow lane, a metric runs alone: its time is the duration of its statement(s);
+- where pg_stat_statements is installed in the source's database, the server's own view is added once
+  per window: the deltas of total_exec_time, shared blocks hit/read and temp blocks of the statements
+  whose userid is reaper's role, whose dbid is the source's database and whose text contains
+  `reaper_read_only` (every statement reaper sends makes its transaction read-only with a FROM item of
+  that name: reaper.db.READ_ONLY_GUARD). pg_stat_statements knows no application_name, so this is how
+  reaper's statements are told from other sessions of the same role.
+
+"server ms per minute" of a metric = the mean server time of its recent runs (those of the last window,
+at least its last two intervals) x its runs per minute at its current effective interval; rows and bytes
+per minute likewise. The bytes are an estimate: rows x the size of the first row as text.
+
+Budget (issue 16 item 1). With `server_budget_ms_per_minute` set ([collector], overridable per source;
+0 in a source turns it off there), every step (a sixth of the window) the controller compares the
+source's server ms per minute with the budget: over it, the most expensive metric not marked
+`budget_exempt` gets its interval doubled (never beyond `max_interval_factor` times the configured
+one); under 70 % of the budget, the stretched metric whose step back adds the least goes one step back
+toward its configured interval, provided that the step keeps the source within its budget (so that it
+does not oscillate). One change per step, one log line per change.
+
+Load guard: with `pause_when_active_backends_over = N`, each tick's statement also counts the server's
+active client backends; while there are more than N, the metrics marked `heavy` are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from reaper.config.schema import CollectorConfig, MetricDef, SourceConfig
+from reaper.daemon.lanes import Job
+from reaper.daemon.status import CostStatus
+from reaper.daemon.status import MetricCostStatus as MetricFigures
+from reaper.db.link import SourceLink
+from reaper.special import SpecialSpec
+
+log = logging.getLogger("reaper.daemon.cost")
+
+STEP_BACK_SHARE = 0.7  # under this share of the budget, stretched intervals step back
+STEPS_PER_WINDOW = 6  # the controller looks this many times per window
+SERVER_VIEW = "pg_stat_statements"  # the pseudo-metric under which the server's own view is reported
+SERVER_VIEW_SQL = """
+select coalesce(sum(total_exec_time), 0)::float8 as exec_ms, coalesce(sum(calls), 0)::int8 as calls,
+       coalesce(sum(shared_blks_hit), 0)::int8 as hit, coalesce(sum(shared_blks_read), 0)::int8 as read,
+       coalesce(sum(temp_blks_read + temp_blks_written), 0)::int8 as temp
+from pg_stat_statements
+where userid = (select oid from pg_roles where rolname = current_user)
+  and dbid = (select oid from pg_database where datname = current_database())
+  and query like '%reaper_read_only%'
+"""
+
+
+@attrs.frozen
+class CostSettings:
+    """The budget settings of one source (the [collector] defaults resolved with its own keys)."""
+
+    budget_ms_per_minute: float | None = None
+    max_interval_factor: int = 8
+    window_seconds: float = 60.0
+    pause_when_active_backends_over: int | None = None
+
+    @classmethod
+    def of(cls, collector: CollectorConfig) -> CostSettings:
+        return cls(budget_ms_per_minute=collector.server_budget_ms_per_minute,
+                   max_interval_factor=collector.max_interval_factor,
+                   window_seconds=collector.cost_window_seconds)
+
+    def for_source(self, source: SourceConfig) -> CostSettings:
+        budget = self.budget_ms_per_minute
+        if source.server_budget_ms_per_minute is not None:
+            budget = source.server_budget_ms_per_minute or None  # 0: off for this source
+        return attrs.evolve(self, budget_ms_per_minute=budget,
+                            max_interval_factor=source.max_interval_factor or self.max_interval_factor,
+                            pause_when_active_backends_over=source.pause_when_active_backends_over)
+
+    @property
+    def step_seconds(self) -> float:
+        return self.window_seconds / STEPS_PER_WINDOW
+
+
+@attrs.frozen
+class Run:
+    at: float  # trio time it completed
+    seconds: float  # server time
+    rows: int
+    nbytes: int
+
+
+@attrs.define
+class MetricCost:
+    runs: deque[Run] = attrs.field(factory=deque)
+    seconds_total: float = 0.0
+    rows_total: int = 0
+    bytes_total: int = 0
+
+
+@attrs.frozen
+class ServerView:
+    """pg_stat_statements' figures for reaper's statements, per minute over the last window."""
+
+    exec_ms_per_minute: float
+    calls_per_minute: float
+    shared_blks_hit_per_minute: float
+    shared_blks_read_per_minute: float
+    temp_blks_per_minute: float
+
+
+def estimate_bytes(rows: Sequence[Mapping[str, Any]]) -> int:
+    """Cheap: the rows times the size of the first row written as text."""
+    if not rows:
+        return 0
+    first = rows[0]
+    size = sum(len(str(k)) + (0 if v is None else len(str(v))) for k, v in first.items())
+    return size * len(rows)
+
+
+class SourceCost:
+    """One source's cost meter and budget controller. Times are the trio clock's, passed in (testable)."""
+
+    def __init__(self, source: str, settings: CostSettings | None = None) -> None:
+        self.source = source
+        self.settings = settings or CostSettings()
+        self.metrics: dict[str, MetricCost] = {}
+        self.factors: dict[str, int] = {}  # metric -> its interval's stretch factor (absent: 1)
+        self.intervals: dict[str, int] = {}  # the configured intervals last seen
+        self.server_view: ServerView | None = None
+        self._view_last: tuple[float, dict[str, float]] | None = None
+        self._next_step: float | None = None
+        self._stuck = False  # over budget with nothing left to stretch (logged once per episode)
+        self.active_backends: int | None = None
+        self.view_unavailable = False
+        self._next_emit: float | None = None
+        self.heavy_paused = False
+
+    def __repr__(self) -> str:
+        stretched = {m: f for m, f in self.factors.items() if f > 1}
+        return f"<SourceCost {self.source} budget={self.settings.budget_ms_per_minute} stretched={stretched}>"
+
+    # -- measuring -------------------------------------------------------------------------------
+
+    def record(self, metric: str, now: float, seconds: float, rows: Sequence[Mapping[str, Any]]) -> None:
+        cost = self.metrics.setdefault(metric, MetricCost())
+        run = Run(now, max(0.0, seconds), len(rows), estimate_bytes(rows))
+        cost.runs.append(run)
+        cost.seconds_total += run.seconds
+        cost.rows_total += run.rows
+        cost.bytes_total += run.nbytes
+        self._prune(metric, cost, now)
+
+    def forget_changed(self, old: Mapping[str, MetricDef], new: Mapping[str, MetricDef]) -> None:
+        """A metric whose definition changed (a reload): its past runs say nothing about its cost now."""
+        for name, metric in new.items():
+            cost = self.metrics.get(name)
+            if cost is not None and old.get(name, metric) != metric:
+                cost.runs.clear()
+
+    def _keep_seconds(self, metric: str) -> float:
+        return max(self.settings.window_seconds, 2.0 * self.effective_interval(metric))
+
+    def _prune(self, metric: str, cost: MetricCost, now: float) -> None:
+        horizon = now - self._keep_seconds(metric)
+        while cost.runs and cost.runs[0].at < horizon:
+            cost.runs.popleft()
+
+    def effective_interval(self, metric: str) -> int:
+        return self.intervals.get(metric, 0) * self.factors.get(metric, 1)
+
+    def effective(self, intervals: Mapping[str, int]) -> dict[str, int]:
+        """The intervals to schedule: the configured ones, stretched by the budget. Remembers `intervals`."""
+        self.intervals = {name: int(i) for name, i in intervals.items() if i > 0}
+        for name in [m for m in self.factors if m not in self.intervals]:
+            del self.factors[name]
+        return {name: i * self.factors.get(name, 1) for name, i in intervals.items()}
+
+    def figures(self, now: float) -> list[MetricFigures]:
+        """Every measured metric that is still active, most expensive first."""
+        result = []
+        for name, cost in self.metrics.items():
+            if name not in self.intervals:
+                continue
+            self._prune(name, cost, now)
+            effective = self.effective_interval(name)
+            per_minute = 60.0 / effective if cost.runs and effective > 0 else 0.0
+            n = max(1, len(cost.runs))
+            result.append(MetricFigures(
+                metric=name,
+                server_ms_per_minute=1000.0 * sum(r.seconds for r in cost.runs) / n * per_minute,
+                rows_per_minute=sum(r.rows for r in cost.runs) / n * per_minute,
+                bytes_per_minute=sum(r.nbytes for r in cost.runs) / n * per_minute,
+                server_seconds_total=cost.seconds_total, rows_total=cost.rows_total, bytes_total=cost.bytes_total,
+                interval=self.intervals[name], effective_interval=effective))
+        result.sort(key=lambda f: (-f.server_ms_per_minute, f.metric))
+        return result
+
+    def server_ms_per_minute(self, now: float) -> float:
+        return sum(f.server_ms_per_minute for f in self.figures(now))
+
+    def take_server_view(self, now: float, row: Mapping[str, Any]) -> None:
+        """One reading of SERVER_VIEW_SQL: the per-minute deltas since the previous one (a reset of
+        pg_stat_statements, where a counter went down, gives no figures for that interval)."""
+        current = {k: float(row.get(k) or 0) for k in ("exec_ms", "calls", "hit", "read", "temp")}
+        last, self._view_last = self._view_last, (now, current)
+        if last is None or now <= last[0]:
+            return
+        delta = {k: current[k] - last[1][k] for k in current}
+        if any(v < 0 for v in delta.values()):
+            self.server_view = None
+            return
+        scale = 60.0 / (now - last[0])
+        self.server_view = ServerView(exec_ms_per_minute=delta["exec_ms"] * scale,
+                                      calls_per_minute=delta["calls"] * scale,
+                                      shared_blks_hit_per_minute=delta["hit"] * scale,
+                                      shared_blks_read_per_minute=delta["read"] * scale,
+                                      temp_blks_per_minute=delta["temp"] * scale)
+
+    # -- the load guard --------------------------------------------------------------------------
+
+    def observe_active(self, active: int | None) -> None:
+        """The active backends counted by the last tick's statement: pause or resume the heavy metrics."""
+        self.active_backends = active
+        limit = self.settings.pause_when_active_backends_over
+        paused = limit is not None and active is not None and active > limit
+        if paused != self.heavy_paused:
+            self.heavy_paused = paused
+            if paused:
+                log.warning("source %s: %d active backends, over pause_when_active_backends_over = %d: heavy "
+                            "metrics skipped until it is not", self.source, active or 0, limit or 0)
+            else:
+                log.warning("source %s: active backends back to %s: heavy metrics run again", self.source,
+                            "?" if active is None else active)
+
+    def skip_heavy(self, metrics: Mapping[str, MetricDef]) -> dict[str, MetricDef]:
+        if not self.heavy_paused or self.settings.pause_when_active_backends_over is None:
+            return dict(metrics)
+        return {name: m for name, m in metrics.items() if not m.heavy}
+
+    # -- the budget ------------------------------------------------------------------------------
+
+    def adjust(self, now: float, definitions: Mapping[str, MetricDef]) -> bool:
+        """One controller step (at most one per step_seconds). True when an interval changed."""
+        if self._next_step is not None and now < self._next_step:
+            return False
+        self._next_step = now + self.settings.step_seconds
+        budget = self.settings.budget_ms_per_minute
+        if budget is None:
+            if any(f > 1 for f in self.factors.values()):
+                log.warning("source %s: budget: no server budget any more; every metric back to its configured "
+                            "interval", self.source)
+                self.factors.clear()
+                return True
+            return False
+        figures = {f.metric: f for f in self.figures(now)}
+        total = sum(f.server_ms_per_minute for f in figures.values())
+        limit = self.settings.max_interval_factor
+        for name, factor in list(self.factors.items()):  # the limit may have been lowered by a reload
+            if factor > limit:
+                self.factors[name] = limit
+        if total > budget:
+            candidates = [f for f in figures.values() if self.factors.get(f.metric, 1) < limit
+                          and f.server_ms_per_minute > 0 and not _exempt(definitions, f.metric)]
+            if not candidates:
+                if not self._stuck:
+                    self._stuck = True
+                    log.warning("source %s: budget: %.0f server ms per minute, over the budget of %.0f, and no metric "
+                                "left to stretch (the others are budget_exempt or at max_interval_factor %d)",
+                                self.source, total, budget, limit)
+                return False
+            top = max(candidates, key=lambda f: (f.server_ms_per_minute, f.metric))
+            self._set(top, min(limit, 2 * self.factors.get(top.metric, 1)), total, budget, "over")
+            return True
+        self._stuck = False
+        if total < STEP_BACK_SHARE * budget:
+            steps = []
+            for name, factor in self.factors.items():
+                f = figures.get(name)
+                if factor <= 1 or f is None:
+                    continue
+                back = _step_back(factor)
+                added = f.server_ms_per_minute * (factor / back - 1.0)
+                if total + added <= budget:
+                    steps.append((added, name, f, back))
+            if steps:
+                _, _, f, back = min(steps, key=lambda s: (s[0], s[1]))
+                self._set(f, back, total, budget, "under")
+                return True
+        return False
+
+    def _set(self, figures: MetricFigures, factor: int, total: float, budget: float, why: str) -> None:
+        name = figures.metric
+        old = self.effective_interval(name)
+        if factor <= 1:
+            self.factors.pop(name, None)
+        else:
+            self.factors[name] = factor
+        new = self.effective_interval(name)
+        if why == "over":
+            log.warning("source %s: budget: %.0f server ms per minute, over the budget of %.0f; metric %s (%.0f ms "
+                        "per minute) stretched: interval %ds -> %ds", self.source, total, budget, name,
+                        figures.server_ms_per_minute, old, new)
+        else:
+            log.warning("source %s: budget: %.0f server ms per minute, under %.0f%% of the budget of %.0f; metric %s "
+                        "steps back: interval %ds -> %ds%s", self.source, total, 100 * STEP_BACK_SHARE, budget, name,
+                        old, new, " (as configured)" if factor <= 1 else "")
+
+    # -- what operators see ----------------------------------------------------------------------
+
+    def cost_rows(self, now: float, wall_ns: int) -> list[dict[str, Any]]:
+        """The rows of a `reaper_cost` self-measurement: one per metric (and the server's own view)."""
+        rows: list[dict[str, Any]] = [
+            {"epoch_ns": wall_ns, "tag_metric": f.metric, "server_ms_per_minute": round(f.server_ms_per_minute, 3),
+             "rows_per_minute": round(f.rows_per_minute, 3), "bytes_per_minute": round(f.bytes_per_minute, 1),
+             "server_seconds_total": round(f.server_seconds_total, 6), "rows_total": f.rows_total,
+             "bytes_total": f.bytes_total}
+            for f in self.figures(now)]
+        view = self.server_view
+        if view is not None:
+            rows.append({"epoch_ns": wall_ns, "tag_metric": SERVER_VIEW,
+                         "server_ms_per_minute": round(view.exec_ms_per_minute, 3),
+                         "calls_per_minute": round(view.calls_per_minute, 3),
+                         "shared_blks_hit_per_minute": round(view.shared_blks_hit_per_minute, 3),
+                         "shared_blks_read_per_minute": round(view.shared_blks_read_per_minute, 3),
+                         "temp_blks_per_minute": round(view.temp_blks_per_minute, 3)})
+        return rows
+
+    def step(self, now: float, wall_ns: int, definitions: Mapping[str, MetricDef]
+             ) -> list[tuple[str, list[dict[str, Any]]]] | None:
+        """Called after every tick: the controller's step, and once per window (None otherwise) the
+        self-measurements to emit."""
+        self.adjust(now, definitions)
+        if self._next_emit is None:
+            self._next_emit = now + self.settings.window_seconds
+        if now < self._next_emit:
+            return None
+        self._next_emit = now + self.settings.window_seconds
+        return self.self_measurements(now, wall_ns, definitions)
+
+    def server_view_job(self, link: SourceLink, wall_ns: int, deadline: float) -> Job | None:
+        """The slow-lane job that reads pg_stat_statements' view of reaper's statements, where it can."""
+        if self.view_unavailable or not link.combines or "pg_stat_statements" not in link.server.extensions:
+            return None
+        spec = SpecialSpec(handler=self.read_server_view, deadline_seconds=deadline)
+        return Job(MetricDef(name=SERVER_VIEW), wall_ns, self.settings.window_seconds, deadline, spec=spec)
+
+    def status(self, now: float) -> CostStatus:
+        figures = self.figures(now)
+        view = self.server_view
+        return CostStatus(server_ms_per_minute=sum(f.server_ms_per_minute for f in figures),
+                          budget_ms_per_minute=self.settings.budget_ms_per_minute, metrics=tuple(figures),
+                          server_view_ms_per_minute=None if view is None else view.exec_ms_per_minute,
+                          active_backends=self.active_backends, heavy_paused=self.heavy_paused)
+
+    def self_measurements(self, now: float, wall_ns: int, definitions: Mapping[str, MetricDef]
+                          ) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(name, rows) of the self-measurements due now: reaper_cost always, reaper_budget with a budget
+        (or while an interval is still stretched)."""
+        result = [("reaper_cost", self.cost_rows(now, wall_ns))]
+        if self.settings.budget_ms_per_minute is not None or self.factors:
+            result.append(("reaper_budget", self.budget_rows(wall_ns, definitions)))
+        return [(name, rows) for name, rows in result if rows]
+
+    async def read_server_view(self, ctx: Any) -> list[tuple[str, list[dict[str, Any]]]]:
+        """A slow-lane job (a special handler's shape, delivering nothing): one pg_stat_statements reading."""
+        if self.view_unavailable:
+            return []
+        try:
+            rows = await ctx.conn.fetch(SERVER_VIEW_SQL)
+        except Exception as e:
+            if getattr(e, "sqlstate", None) is None:
+                raise
+            self.view_unavailable = True
+            log.info("source %s: pg_stat_statements cannot be read (%s); the cost figures come from reaper's own "
+                     "timings only", self.source, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return []
+        if rows:
+            self.take_server_view(trio.current_time(), rows[0])
+        return []
+
+    def budget_rows(self, wall_ns: int, definitions: Mapping[str, MetricDef]) -> list[dict[str, Any]]:
+        """The rows of a `reaper_budget` self-measurement: each active metric's effective interval."""
+        budget = self.settings.budget_ms_per_minute
+        return [{"epoch_ns": wall_ns, "tag_metric": name, "interval_seconds": interval,
+                 "effective_interval_seconds": self.effective_interval(name), "factor": self.factors.get(name, 1),
+                 "budget_exempt": _exempt(definitions, name), "budget_ms_per_minute": budget}
+                for name, interval in sorted(self.intervals.items())]
+
+
+def _exempt(definitions: Mapping[str, MetricDef], name: str) -> bool:
+    metric = definitions.get(name)
+    return metric is None or metric.budget_exempt
+
+
+def _step_back(factor: int) -> int:
+    """The next factor toward 1: halve (a factor clipped by max_interval_factor goes to the power of 2 below)."""
+    power = 1
+    while power * 2 < factor:
+        power *= 2
+    return power
