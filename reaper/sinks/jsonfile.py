@@ -3,6 +3,11 @@
     {"metric": ..., "dbname": ..., "custom_tags": {...}, "data": [{row}, ...]}
 
 Values are written as pgwatch (Go) writes them: reaper/sinks/encode.py.
+
+A batch of up to INLINE_WRITE_BYTES is written to a local file from the trio thread itself (an append of
+a few KB to the page cache takes microseconds; a worker thread per write cost more than the write, and
+trio's idle worker threads expire between 30 s bursts and are made again). Larger batches, and stdout
+(a pipe can block), go through a worker thread.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ from reaper.fsutil import PRIVATE_FILE_MODE, open_append
 from reaper.measurement import Measurement
 from reaper.sinks.encode import dumps
 
+INLINE_WRITE_BYTES = 256 * 1024
+
 
 def encode_measurement(m: Measurement) -> bytes:
-    doc = {"metric": m.table, "dbname": m.source, "custom_tags": dict(m.tags), "data": list(m.rows)}
+    rows = m.rows if type(m.rows) is list else list(m.rows)
+    tags = m.tags if type(m.tags) is dict else dict(m.tags)
+    doc = {"metric": m.table, "dbname": m.source, "custom_tags": tags, "data": rows}
     return dumps(doc) + b"\n"
 
 
@@ -62,8 +71,12 @@ class JsonFileSink:
                                                         self.config.file_mode)
 
     async def write(self, batch: list[Measurement]) -> None:
-        data = b"".join(encode_measurement(m) for m in batch)
-        await trio.to_thread.run_sync(self._write, data)
+        data = b"".join([encode_measurement(m) for m in batch])
+        if len(data) <= INLINE_WRITE_BYTES and self.config.path != "-":
+            self._write(data)
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.to_thread.run_sync(self._write, data)
         self.written += len(batch)
 
     def _rotate_if_needed(self, incoming: int) -> None:
