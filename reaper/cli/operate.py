@@ -102,6 +102,16 @@ def show_status(args: argparse.Namespace) -> int:
     for k in status.sinks:
         sinks.add_row(k.label, str(k.queued), str(k.sent), str(k.spilled), f"{k.spill_bytes:,} B", str(k.dropped))
     console.print(sinks)
+    if status.fleet is not None:
+        f = status.fleet
+        state = "left (drained)" if f.leaving else ("connected" if f.connected else f"disconnected: {f.error or '?'}")
+        fleet = Table(title=f"fleet member {f.member}: {state}, owns {f.owned} sources, {len(f.members)} live members",
+                      title_justify="left")
+        for col in ("member", "sources", "owns"):
+            fleet.add_column(col, overflow="fold")
+        for m in f.members:
+            fleet.add_row(m.name + (" (this)" if m.this else ""), str(len(m.sources)), ", ".join(m.sources) or "-")
+        console.print(fleet)
     return code
 
 
@@ -119,6 +129,12 @@ def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
                     ",".join(s.degraded), round(s.lateness_p99 * 1000), s.last_error)
     for k in status.sinks:
         print_plain("sink", k.label, k.queued, k.sent, k.spilled, k.spill_bytes, k.dropped)
+    if status.fleet is not None:  # `fleet<TAB>member<TAB>connected|disconnected|left<TAB>owned<TAB>live members`,
+        f = status.fleet  # then `member<TAB>name<TAB>this<TAB>sources owned<TAB>names` per live member
+        print_plain("fleet", f.member, "left" if f.leaving else ("connected" if f.connected else "disconnected"),
+                    f.owned, len(f.members))
+        for m in f.members:
+            print_plain("member", m.name, "this" if m.this else "", len(m.sources), ",".join(m.sources))
 
 
 # -- reload ------------------------------------------------------------------------------------------

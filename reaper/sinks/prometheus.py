@@ -448,6 +448,12 @@ class PrometheusSink:
                   "socket watchers).", [], [([], status.tasks - status.io_tasks)])
             gauge("reaper_start_time_seconds", "When the daemon started (unix time).", [], [([], status.started_wall)])
             gauge("reaper_build_info", "reaper's version (value 1).", ["version"], [([status.version], 1.0)])
+            if status.fleet is not None:
+                gauge("reaper_fleet_members", "Live members of the fleet, as this member saw at its last refresh.",
+                      [], [([], len(status.fleet.members))])
+                gauge("reaper_fleet_sources_owned", "Sources each live member owns (holds the lock of).", ["member"],
+                      [([m.name], len(m.sources)) for m in status.fleet.members]
+                      or [([status.fleet.member], status.fleet.owned)])
         counter("reaper_prometheus_scrapes", "Scrapes this endpoint has answered.", ["sink"],
                 [([self.label], self.scrapes)])
         gauge("reaper_prometheus_last_scrape_duration_seconds", "Time the previous scrape took to render.",

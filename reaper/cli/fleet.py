@@ -1,0 +1,68 @@
+"""`reaper fleet leave`: drain a fleet member (SIGUSR1 to its daemon, verified as for `reaper reload`).
+
+The member stops every source, ends its coordination session (the other members take its sources at
+their next refresh) and stays up; its status shows it as left. A restart makes it a member again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from reaper.cli.operate import _read, pid_alive, state_dir_from, why_not_our_daemon
+from reaper.daemon.status import STATUS_FILE
+
+
+def add_parser(verbs: Any) -> None:
+    """The `fleet` verb."""
+    fleet = verbs.add_parser("fleet", help="fleet mode: drain a member",
+                             description="Fleet mode ([fleet]): several reaper processes share the sources.")
+    fverbs = fleet.add_subparsers(dest="fleet_verb", metavar="ACTION")
+    leave = fverbs.add_parser("leave", help="release every source of the running member and stay up",
+                              description="Send SIGUSR1 to the daemon whose pid is in --pidfile: it stops every "
+                                          "source, leaves the fleet (the other members take its sources at their "
+                                          "next refresh) and stays up until it is restarted.")
+    leave.add_argument("--pidfile", metavar="FILE", required=True, help="the daemon's --pidfile")
+    where = leave.add_mutually_exclusive_group()
+    where.add_argument("--config", "-c", metavar="FILE", help="find the state_dir in this config file")
+    where.add_argument("--state-dir", metavar="DIR", help="the daemon's state_dir (default: as the daemon's)")
+    leave.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                       help="how long to wait for the member to report that it left (default 30)")
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    if getattr(args, "fleet_verb", None) != "leave":
+        print("fleet: give an action: leave", file=sys.stderr)
+        return 2
+    try:
+        pid = int(Path(args.pidfile).read_text().strip())
+    except (OSError, ValueError) as e:
+        print(f"{args.pidfile}: cannot read a pid: {e}", file=sys.stderr)
+        return 1
+    if pid <= 1 or not pid_alive(pid):
+        print(f"{args.pidfile}: process {pid} is not running", file=sys.stderr)
+        return 1
+    path = state_dir_from(args) / STATUS_FILE
+    status = _read(path)
+    reason = why_not_our_daemon(pid, status, path)
+    if reason is not None or status is None:
+        print(f"{args.pidfile}: not signalling process {pid}: {reason}", file=sys.stderr)
+        return 1
+    if status.fleet is None:
+        print(f"process {pid} is not a fleet member (no [fleet] in its config)", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        now = _read(path)
+        if now is not None and now.fleet is not None and now.fleet.leaving:
+            print(f"fleet member {now.fleet.member} (pid {pid}) left the fleet: it collects nothing and stays up")
+            return 0
+        time.sleep(0.2)
+    print(f"fleet member (pid {pid}) was signalled but has not reported leaving within {args.wait:g}s", file=sys.stderr)
+    return 1
