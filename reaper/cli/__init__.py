@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from reaper import __version__
+from reaper.cli import fleet as fleet_cli
 from reaper.config.load import load_config
 from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("file", metavar="FILE.yaml", help="pgwatch's YAML file, or a folder of *.yaml files")
         sub.add_argument("--output", "-o", metavar="OUT.toml", help="write the TOML here (default: stdout)")
 
+    fleet_cli.add_parser(verbs)
     storage = verbs.add_parser("storage", help="manage the PostgreSQL metrics storage",
                                description="The `postgres` sink's database (pgwatch's layout: a table per metric, "
                                            "time partitions, the admin schema).")
@@ -484,6 +486,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from reaper.cli.demo import run_demo
 
     return run_demo(duration=args.duration, preset=args.preset, keep=args.keep, port=args.port)
+
+
+cmd_fleet = fleet_cli.cmd_fleet
 
 
 if __name__ == "__main__":  # pragma: no cover
