@@ -3,6 +3,7 @@ under trio's MockClock with a scripted fake database whose metrics report their 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -165,10 +166,10 @@ async def test_a_source_stretches_its_expensive_metric_and_reports_it(autojump_c
             await n.start(reaper.run)
     slow_times = [t for t, r in conn.requests if "slow" in r.batch]
     stats_times = [t for t, r in conn.requests if "db_stats" in r.batch]
-    gaps = [round(b - a, 6) for a, b in zip(slow_times, slow_times[1:], strict=False)]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(slow_times)]
     # the first run (9000 ms per minute at 2 s) stretches it to 4 s; the next step (10 s later) to 8 s: 2250
     assert gaps[:2] == [4, 4] and set(gaps[2:]) == {8}, gaps
-    assert {round(b - a, 6) for a, b in zip(stats_times, stats_times[1:], strict=False)} == {10}
+    assert {round(b - a, 6) for a, b in itertools.pairwise(stats_times)} == {10}
     cost = reaper.status().cost
     assert cost is not None and cost.budget_ms_per_minute == 3000
     by_metric = {m.metric: m for m in cost.metrics}
