@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from reaper.catalog.sqltext import OTHER, STRING, WS, code_of, lex
+from reaper.catalog.sqltext import COMMENT, LINE, OTHER, STRING, WS, code_of, lex
 from reaper.config.schema import MetricDef
 from reaper.special.registry import REGISTRY
 
@@ -122,11 +122,17 @@ def sql_needs(sql: str) -> Needs:
 
 def settings_read(sql: str) -> set[str]:
     """The names in `current_setting('name'...)` calls (a literal name only)."""
-    tokens = [(kind, text) for kind, text in lex(sql).tokens if kind != WS]
     found = set()
-    for i, (kind, text) in enumerate(tokens[:-1]):
-        if kind == OTHER and re.search(r"\bcurrent_setting\s*\($", text, re.IGNORECASE) and tokens[i + 1][0] == STRING:
-            found.add(tokens[i + 1][1][1:-1].replace("''", "'").lower())
+    recent = ""  # the code just before this token, comments and whitespace left out
+    for kind, text in lex(sql).tokens:
+        if kind == STRING and re.search(r"\bcurrent_setting\s*\(\s*$", recent, re.IGNORECASE):
+            found.add(text[1:-1].replace("''", "'").lower())
+        if kind == OTHER:
+            recent = (recent + text)[-40:]
+        elif kind in (WS, COMMENT, LINE):
+            recent += " "
+        else:
+            recent = ""
     return found
 
 

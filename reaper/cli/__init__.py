@@ -20,6 +20,7 @@ from reaper.config.load import load_config
 from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
 from reaper.errors import ConfigError
+from reaper.preflight.cli import add_connect_arguments
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -122,15 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "`reaper reload --plan`; nothing is signalled)")
     check.add_argument("--state-dir", metavar="DIR", help="with --against-running: the daemon's state_dir "
                                                           "(default: the config's)")
-    check.add_argument("--connect", action="store_true",
-                       help="also connect to every source and say, per metric, whether its role will collect "
-                            "it, and if not the exact GRANT / CREATE EXTENSION / setting that fixes it (exit 1 "
-                            "when a source is unreachable)")
-    check.add_argument("--source", "-s", action="append", metavar="NAME",
-                       help="with --connect: only this source (repeatable)")
-    check.add_argument("--sql-out", metavar="FILE",
-                       help="with --connect: write one SQL script of every statement the fleet needs (psql, "
-                            "as a superuser)")
+    add_connect_arguments(check)  # --connect, --source, --sql-out (reaper.preflight.cli)
     _format_args(check)
 
     once = verbs.add_parser("once", help="collect once and print the rows",
@@ -275,10 +268,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if problems := sink_problems(config.sinks):  # what only the file system can say (the daemon would retry)
         raise ConfigError([f"{args.config}: {line}" for line in problems])
     if args.connect:
-        from reaper.cli.output import choose_format
         from reaper.preflight.cli import check_connect_command
 
-        return check_connect_command(config, args.source, choose_format(args.format), args.sql_out)
+        return check_connect_command(config, args.source, args.format, args.sql_out)
     enabled = sum(1 for s in config.sources if s.enabled)
     print(f"{args.config}: ok: {len(config.sources)} sources ({enabled} enabled), {len(config.sinks)} sinks, "
           f"{len(config.metrics)} own metrics, {len(config.presets)} own presets")

@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 from reaper.config.schema import Config
 from reaper.errors import ConfigError
-from reaper.preflight import check_connect
-from reaper.preflight.report import fix_script, print_report
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
 
-def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: str, sql_out: str | None) -> int:
+def add_connect_arguments(check: argparse.ArgumentParser) -> None:
+    check.add_argument("--connect", action="store_true",
+                       help="also connect to every source and say, per metric, whether its role will collect "
+                            "it, and if not the exact GRANT / CREATE EXTENSION / setting that fixes it (exit 1 "
+                            "when a source is unreachable)")
+    check.add_argument("--source", "-s", action="append", metavar="NAME",
+                       help="with --connect: only this source (repeatable)")
+    check.add_argument("--sql-out", metavar="FILE",
+                       help="with --connect: write one SQL script of every statement the fleet needs (psql, "
+                            "as a superuser)")
+
+
+def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: str | None,
+                          sql_out: str | None) -> int:
     """Exit 0 when every source was reachable, 1 otherwise (an unknown --source is a config error)."""
+    import trio  # the command's modules load only when it runs
+
+    from reaper.cli.output import choose_format
+    from reaper.preflight import check_connect
+    from reaper.preflight.report import fix_script, print_report
+
+    fmt = choose_format(fmt)
     known = {s.name for s in config.sources}
     if unknown := [n for n in sources or () if n not in known]:
         raise ConfigError([f"--source {n}: no such source in the config" for n in unknown])
