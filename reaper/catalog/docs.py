@@ -137,6 +137,10 @@ def _flags(metric: MetricDef) -> list[str]:
         flags.append("source kinds " + ", ".join(metric.source_kinds))
     if metric.init_sql:
         flags.append("has init SQL (helpers a DBA creates once)")
+    if metric.budget_exempt:
+        flags.append("budget exempt (never stretched by `server_budget_ms_per_minute`)")
+    if metric.heavy:
+        flags.append("heavy (skipped while `pause_when_active_backends_over` is exceeded)")
     return flags
 
 
@@ -152,6 +156,10 @@ def _summary(catalog: Catalog, matrix: Matrix) -> list[str]:
         f"- **{len(metrics)} metrics**: {sql} PostgreSQL SQL metrics, {special} special (collected by reaper "
         f"itself), {other_kinds} for other source kinds (pgbouncer, pgpool); {extensions} need an extension.",
         f"- **{len(catalog.presets)} presets**.",
+        f"- **Cost**: {sum(1 for m in metrics.values() if m.budget_exempt)} metrics are budget exempt (a source's "
+        f"`server_budget_ms_per_minute` never stretches them), {sum(1 for m in metrics.values() if m.heavy)} are "
+        "heavy (skipped while `pause_when_active_backends_over` is exceeded); what each metric costs a server is in "
+        "`reaper status` and the `reaper_cost` self-measurement (README: Budget and cost).",
         "- **Version matrix** (metrics per result and PostgreSQL version):",
         "",
         "| result | " + " | ".join(str(v) for v in MATRIX_VERSIONS) + " |",
