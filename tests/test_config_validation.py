@@ -106,8 +106,8 @@ REFUSED = [
      "storage_name, top_n)"),
     (SRC + SINK + '[presets.p]\nmetric = { locks = 60 }\n',
      "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics, top_n)"),
-    (SRC + SINK + '[sourcs]\n', "sourcs: unknown key; did you mean 'sources'? (valid keys: collector, metrics, "
-     "presets, sinks, sources)"),
+    (SRC + SINK + '[sourcs]\n', "sourcs: unknown key; did you mean 'sources'? (valid keys: collector, fleet, "
+     "metrics, presets, sinks, sources, sources_from)"),
     (SRC + 'kind = "postgress"\n' + SINK,
      "sources[0].kind: 'postgress' is not one of: postgres, postgres-discovery, pgbouncer, pgpool, patroni"),
     (SRC + 'presett = "basic"\n' + SINK,
