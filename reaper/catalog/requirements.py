@@ -75,7 +75,7 @@ RUNS_METRICS: Mapping[str, tuple[str, ...]] = {
 }
 # What special metrics read from the server themselves.
 _HOST_SETTINGS = frozenset({"data_directory", "log_directory"})  # reaper.special.osmetrics.server_paths
-_LOG_REMOTE_FUNCTIONS = frozenset({"pg_ls_logdir", "pg_read_binary_file"})
+_LOG_REMOTE_FUNCTIONS = frozenset({"pg_ls_logdir", "pg_read_binary_file", "pg_read_file"})
 
 _KEYWORD_TEXT = """all and any as between bit by case cast char character coalesce else end exists extract
 filter from group having in inner interval is join lateral left like materialized not null numeric or order

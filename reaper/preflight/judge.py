@@ -79,7 +79,11 @@ def judge(metric: str, needs: Needs, priv: Privileges, server: Server) -> Verdic
     functions = set(needs.functions)
     if not server.is_local:
         functions |= needs.remote_functions
+    text_reader_ok = any(fn.ok for fn in priv.functions.get("pg_read_file", ())
+                         if fn.signature == "pg_read_file(text,bigint,bigint)")
     for name in sorted(functions):
+        if name == "pg_read_file" or (name == "pg_read_binary_file" and text_reader_ok):
+            continue  # the log is read with pg_read_binary_file, or pg_read_file when only that is granted
         for fn in priv.functions.get(name, ()):
             if fn.ok or (name in needs.remote_functions and fn.signature not in REMOTE_LOG_SIGNATURES):
                 continue
