@@ -38,6 +38,10 @@ log = logging.getLogger("reaper.sinks.spill")
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 _LEN = struct.Struct(">I")
+# Free space the spill never takes, so the status file, the head and the rejected/ files can still be
+# written on a full disk (a status that cannot be written hides the drops); refused appends resume only once
+# twice this is free again, so a nearly full disk does not flap between refusing and taking.
+DISK_RESERVE_BYTES = 256 * 1024
 _HEAD_BYTES = 64  # `head` is always this long (padded), so a full disk can overwrite it in place
 
 
@@ -71,6 +75,7 @@ class SpillQueue:
         self._fd: int | None = None  # the tail segment, open for append
         self._tail_size = 0
         self._head_dirty = False  # the last head could not be saved (disk full): saved again at the next chance
+        self._disk_full = False  # appends refused until 2 x DISK_RESERVE_BYTES are free again
 
     def __repr__(self) -> str:
         return f"<SpillQueue {self.directory} {self.count} records {self.bytes} bytes dropped={self.dropped}>"
@@ -163,6 +168,7 @@ class SpillQueue:
         if self._fd is None or self._tail_size + len(record) > SEGMENT_BYTES:
             self._roll()
         assert self._fd is not None
+        self._check_free_space(len(record))
         view = memoryview(record)
         try:
             while view:
@@ -176,6 +182,16 @@ class SpillQueue:
         self._counts[tail] = self._counts.get(tail, 0) + 1
         self.count += 1
         self.bytes += len(record)
+
+    def _check_free_space(self, needed: int) -> None:
+        """OSError(ENOSPC) when taking `needed` bytes would leave less than the reserve free."""
+        st = os.fstatvfs(self._fd) if self._fd is not None else os.statvfs(self.directory)
+        free = st.f_bavail * st.f_frsize
+        reserve = DISK_RESERVE_BYTES * (2 if self._disk_full else 1)
+        self._disk_full = free - needed < reserve
+        if self._disk_full:
+            raise OSError(errno.ENOSPC, f"No space left on device (the spill keeps {DISK_RESERVE_BYTES // 1024} KB "
+                                        f"free for the status file)", str(self.directory))
 
     def _roll(self) -> None:
         seg = self._last_seg + 1
