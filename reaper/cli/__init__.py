@@ -15,7 +15,8 @@ import attrs
 import trio
 
 from reaper import __version__
-from reaper.cli import fleet as fleet_cli
+from reaper.cli.fleet import add_parser as add_fleet_parser
+from reaper.cli.fleet import cmd_fleet  # noqa: F401  (dispatched by name: cmd_<verb>)
 from reaper.config.load import load_config
 from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("file", metavar="FILE.yaml", help="pgwatch's YAML file, or a folder of *.yaml files")
         sub.add_argument("--output", "-o", metavar="OUT.toml", help="write the TOML here (default: stdout)")
 
-    fleet_cli.add_parser(verbs)
+    add_fleet_parser(verbs)
     storage = verbs.add_parser("storage", help="manage the PostgreSQL metrics storage",
                                description="The `postgres` sink's database (pgwatch's layout: a table per metric, "
                                            "time partitions, the admin schema).")
@@ -478,9 +479,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from reaper.cli.demo import run_demo
 
     return run_demo(duration=args.duration, preset=args.preset, keep=args.keep, port=args.port)
-
-
-cmd_fleet = fleet_cli.cmd_fleet
 
 
 if __name__ == "__main__":  # pragma: no cover
