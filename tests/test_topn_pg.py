@@ -14,15 +14,17 @@ from __future__ import annotations
 import decimal
 import itertools
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import trio
+from pgserver import ServerHandle
 from test_collect_pg import wait_for
 
 from reaper import db
 from reaper.catalog.metrics import Catalog
-from reaper.config.schema import MetricDef, SourceConfig
+from reaper.config.schema import MetricDef, NameList, SourceConfig
 from reaper.config.topn import TopN
 from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
@@ -64,7 +66,8 @@ def statements(pairs: list[tuple[int, int]], times: int = 1) -> str:
 
 
 @pytest.mark.timeout(180)
-async def test_top_20_of_2000_statements_keep_exact_sums_and_a_monotonic_other(pg15, fresh_db) -> None:
+async def test_top_20_of_2000_statements_keep_exact_sums_and_a_monotonic_other(pg15: ServerHandle,
+                                                                             fresh_db: str) -> None:
     pg15.psql("create extension if not exists pg_stat_statements; create table wide ("
               + ", ".join(f"c{i} int" for i in range(COLUMNS)) + ")", dbname=fresh_db)
     max_entries = int(pg15.psql("show pg_stat_statements.max"))
@@ -76,7 +79,8 @@ async def test_top_20_of_2000_statements_keep_exact_sums_and_a_monotonic_other(p
                             f"where d.datname = '{fresh_db}'"))
     assert entries >= 2000 and entries < max_entries
 
-    metric = MetricDef(name="stat_statements", sql={15: checked_sql()}, requires_extension=("pg_stat_statements",),
+    metric = MetricDef(name="stat_statements", sql={15: checked_sql()},
+                       requires_extension=NameList(("pg_stat_statements",)),
                        top_n=TopN(by="total_time", key=("tag_queryid",)))
     shipped = Catalog.for_config()
     catalog = Catalog(metrics={**shipped.metrics, "stat_statements": metric}, presets=shipped.presets)
@@ -97,7 +101,7 @@ async def test_top_20_of_2000_statements_keep_exact_sums_and_a_monotonic_other(p
 
     measurements = [m for m in got if m.metric == "stat_statements"]
     assert len(measurements) >= 11
-    last_other: dict[str, Any] = {}
+    last_other: Mapping[str, Any] = {}
     leaders: list[frozenset[str]] = []
     for m in measurements:
         assert len(m.rows) <= 21

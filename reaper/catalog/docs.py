@@ -129,6 +129,9 @@ def _flags(metric: MetricDef) -> list[str]:
         flags.append(f"{metric.node_status} only")
     if metric.storage_name:
         flags.append(f"stored as `{metric.storage_name}`")
+    if metric.top_n is not None and metric.top_n.by and metric.top_n.key:
+        on = f"on, n = {metric.top_n.n}" if metric.top_n.n else "off unless a preset or source sets n"
+        flags.append(f"top_n by `{metric.top_n.by}`, key {', '.join(f'`{k}`' for k in metric.top_n.key)} ({on})")
     if metric.requires_extension:
         flags.append("needs extension " + ", ".join(f"`{e}`" for e in metric.requires_extension))
     if metric.statement_timeout_seconds is not None:
@@ -199,6 +202,8 @@ def _presets_table(catalog: Catalog) -> list[str]:
     for name in sorted(catalog.presets):
         preset = catalog.presets[name]
         entries = ", ".join(f"{m}:{s}" for m, s in sorted(preset.metrics.items()))
+        if preset.top_n:
+            entries += "; top_n: " + ", ".join(f"{m} n = {t.n}" for m, t in sorted(preset.top_n.items()))
         lines.append(f"| {name} | {_cell(entries)} | {_cell(preset.description)} |")
     return lines
 
