@@ -14,7 +14,8 @@ it), which would rename every series pgwatch's dashboards query. `rate()` works 
 
 No sample timestamps unless `timestamps = true`: Prometheus stamps each sample with the scrape time,
 so long-interval metrics stay visible between collections (pgwatch #749/#1003). A series not
-refreshed for `stale_after_seconds` (or two of its metric's intervals, if longer) disappears, as do
+refreshed for two of its metric's intervals disappears (`stale_after_seconds` where the interval is
+unknown), so a source that goes down shows only `instance_up 0` after two intervals, as do
 the series of a source or metric no longer configured. `change_events` and the pooler metrics are
 not exported (as in pgwatch). Rows whose labels repeat within a family are dropped, warned once.
 
@@ -309,7 +310,8 @@ class PrometheusSink:
                     del self.latest[key]
                     continue
                 interval = metrics[metric]
-            if now - entry.received > max(self.config.stale_after_seconds, 2.0 * interval):
+            # two missed collections: a source that went down keeps only instance_up = 0 (refreshed every tick)
+            if now - entry.received > (2.0 * interval if interval else self.config.stale_after_seconds):
                 del self.latest[key]
 
     def _configured(self, catalog: Catalog) -> dict[str, dict[str, int]] | None:
