@@ -55,6 +55,7 @@ from prometheus_client.metrics_core import Metric
 
 from reaper.catalog.metrics import Catalog
 from reaper.config.schema import MetricDef, PrometheusSinkConfig, SourceConfig
+from reaper.daemon.cost import cost_families
 from reaper.daemon.status import DaemonStatus
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
@@ -433,6 +434,8 @@ class PrometheusSink:
                   ["source"], (([s.name], s.lateness_p50) for s in src))
             gauge("reaper_source_tick_lateness_p99_seconds", "99th percentile delay of the source's ticks behind "
                   "schedule.", ["source"], (([s.name], s.lateness_p99) for s in src))
+            for kind, name, doc, labels, rows in cost_families(src):  # reaper.daemon.cost
+                (counter if kind == "counter" else gauge)(name, doc, labels, rows)
             gauge("reaper_sink_queue_depth", "Measurements waiting in the sink's memory queue.", ["sink"],
                   (([s.label], s.queued) for s in snk))
             counter("reaper_sink_sent", "Measurements handed to the sink's queue.", ["sink"],
