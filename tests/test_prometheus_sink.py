@@ -191,6 +191,19 @@ async def test_a_long_interval_metric_stays_until_two_of_its_intervals_pass() ->
     assert samples(sink) == {}
 
 
+async def test_a_source_that_went_down_keeps_only_instance_up_after_two_intervals() -> None:
+    """Issue 13 item 7: an outage shorter than the default staleness still shows, series by series."""
+    clock = FakeClock()
+    sources = [SourceConfig(name="main", dsn="postgresql://x/y", metrics={"db_stats": 10, "instance_up": 10})]
+    sink = sink_for(clock=clock, sources=lambda: sources)  # the default stale_after_seconds (15 min) is longer
+    await sink.write([measurement("db_stats", {"xact_commit": 1}), measurement("instance_up", {"instance_up": 1})])
+    for _ in range(3):  # the server is down: only instance_up = 0 arrives, every tick
+        clock.now += 10
+        await sink.write([measurement("instance_up", {"instance_up": 0})])
+    left = samples(sink)
+    assert set(left) == {"pgwatch_instance_up"} and [s.value for s in left["pgwatch_instance_up"]] == [0]
+
+
 async def test_series_of_removed_sources_and_metrics_disappear() -> None:
     sources = [SourceConfig(name="a", dsn="postgresql://x/y", metrics={"db_stats": 60, "wal": 60}),
                SourceConfig(name="b", dsn="postgresql://x/y", metrics={"db_stats": 60})]
