@@ -23,7 +23,7 @@ from rich.table import Table
 from reaper.cli.output import choose_format, print_plain
 from reaper.config.load import load_state_dir
 from reaper.config.schema import default_state_dir
-from reaper.daemon.status import STATUS_FILE, DaemonStatus, LaneStatus, read_status_file
+from reaper.daemon.status import STATUS_FILE, CostStatus, DaemonStatus, LaneStatus, read_status_file
 
 STALE_AFTER_SECONDS = 20.0
 START_SLACK_SECONDS = 2.0  # clock-tick rounding between /proc's start time and the daemon's own clock
@@ -87,14 +87,14 @@ def show_status(args: argparse.Namespace) -> int:
                   f"status written {age:.0f}s ago")
     sources = Table(title=f"{len(status.sources)} sources", title_justify="left")
     for col in ("source", "status", "last tick", "next tick", "ticks", "rows", "errors", "degraded", "lateness p99",
-                "lanes (statements last/total)", "last error"):
+                "lanes (statements last/total)", "server cost (top 3; stretched)", "last error"):
         sources.add_column(col, overflow="fold")
     for s in status.sources:
         sources.add_row(
             s.name, s.status, _ago(now - s.last_tick_wall if s.last_tick_wall else None),
             "-" if s.next_tick_in is None else f"in {s.next_tick_in:.0f}s", str(s.ticks), str(s.rows),
             str(s.metric_errors), ", ".join(s.degraded) or "-", f"{s.lateness_p99 * 1000:.0f} ms",
-            _lanes(s.lanes), s.last_error or "-")
+            _lanes(s.lanes), _cost(s.cost), s.last_error or "-")
     console.print(sources)
     sinks = Table(title=f"{len(status.sinks)} sinks", title_justify="left")
     for col in ("sink", "queued", "sent", "spilled", "on disk", "dropped"):
@@ -118,8 +118,9 @@ def show_status(args: argparse.Namespace) -> int:
 def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
     """`daemon<TAB>pid<TAB>state<TAB>version<TAB>config<TAB>uptime s<TAB>reloads<TAB>rejected<TAB>status age s`,
     then `source<TAB>name<TAB>status<TAB>last tick s ago<TAB>next tick in s<TAB>ticks<TAB>rows<TAB>errors
-    <TAB>degraded<TAB>lateness p99 ms<TAB>last error` per source and `sink<TAB>label<TAB>queued<TAB>sent
-    <TAB>spilled<TAB>bytes on disk<TAB>dropped` per sink."""
+    <TAB>degraded<TAB>lateness p99 ms<TAB>last error` per source, each followed by `cost<TAB>source<TAB>metric
+    <TAB>server ms per minute<TAB>rows per minute<TAB>interval s<TAB>effective interval s` per metric (most
+    expensive first), and `sink<TAB>label<TAB>queued<TAB>sent<TAB>spilled<TAB>bytes on disk<TAB>dropped` per sink."""
     print_plain("daemon", status.pid, state, status.version, status.config_path,
                 round(status.updated_wall - status.started_wall), status.reloads, status.reload_failures,
                 round(now - status.updated_wall))
@@ -127,6 +128,9 @@ def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
         print_plain("source", s.name, s.status, None if s.last_tick_wall is None else round(now - s.last_tick_wall),
                     None if s.next_tick_in is None else round(s.next_tick_in), s.ticks, s.rows, s.metric_errors,
                     ",".join(s.degraded), round(s.lateness_p99 * 1000), s.last_error)
+        for mc in s.cost.metrics if s.cost is not None else ():  # reaper.daemon.cost
+            print_plain("cost", s.name, mc.metric, round(mc.server_ms_per_minute, 1), round(mc.rows_per_minute, 1),
+                        mc.interval, mc.effective_interval)
     for k in status.sinks:
         print_plain("sink", k.label, k.queued, k.sent, k.spilled, k.spill_bytes, k.dropped)
     if status.fleet is not None:  # `fleet<TAB>member<TAB>connected|disconnected|left<TAB>owned<TAB>live members`,
@@ -179,6 +183,19 @@ def why_not_our_daemon(pid: int, status: DaemonStatus | None, status_path: Path)
         return (f"process {pid} started after the daemon of {status_path} did "
                 "(the pid was reused by another process)")
     return None
+
+
+def _cost(cost: CostStatus | None) -> str:
+    """`2580 ms/min of 3000: slow 2250, db_stats 300, cheap 30; slow 2s->8s` (server ms per minute)."""
+    if cost is None:
+        return "-"
+    budget = "" if cost.budget_ms_per_minute is None else f" of {cost.budget_ms_per_minute:.0f}"
+    top = ", ".join(f"{m.metric} {m.server_ms_per_minute:.0f}" for m in cost.metrics[:3])
+    stretched = ", ".join(f"{m.metric} {m.interval}s->{m.effective_interval}s" for m in cost.metrics
+                          if m.effective_interval != m.interval)
+    paused = "; heavy metrics paused" if cost.heavy_paused else ""
+    stretched = f"; {stretched}" if stretched else ""
+    return f"{cost.server_ms_per_minute:.0f} ms/min{budget}: {top or '-'}{stretched}{paused}"
 
 
 def _lanes(lanes: Sequence[LaneStatus]) -> str:
