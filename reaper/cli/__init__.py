@@ -105,11 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "rejected (exit 1: the daemon keeps its old config; one line per "
                                           "problem). With --plan: print what a reload would do, signal nothing.")
     reload.add_argument("--pidfile", metavar="FILE", help="the daemon's --pidfile (required unless --plan)")
-    reload.add_argument("--plan", action="store_true",
-                        help="only print what a reload would do (sources added, removed, restarted and why, "
-                             "updated in place; sinks added, removed, rebuilt; or why it would be refused), "
-                             "comparing the config file (--config, else the daemon's own) with what the daemon "
-                             "reports in its status file; changes nothing")
+    reload.add_argument("--plan", action="store_true", help="only print what reloading --config (default: the "
+                        "daemon's own file) would do, from the daemon's status file; signals nothing")
     _state_dir_args(reload)
     _format_args(reload)
     reload.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
@@ -119,11 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Validate a config file: every problem on its own line "
                                          "(FILE: key.path: what is wrong), exit 1; or a one-line summary, exit 0.")
     check.add_argument("--config", "-c", required=True, metavar="FILE", help="the TOML config file")
-    check.add_argument("--against-running", action="store_true",
-                       help="also print what reloading this file into the running daemon would do (as "
-                            "`reaper reload --plan`; nothing is signalled)")
-    check.add_argument("--state-dir", metavar="DIR", help="with --against-running: the daemon's state_dir "
-                                                          "(default: the config's)")
+    check.add_argument("--against-running", action="store_true", help="also print what reloading this file "
+                       "into its running daemon would do (as `reaper reload --plan`)")
+    check.add_argument("--state-dir", metavar="DIR", help="with --against-running: the daemon's state_dir")
     add_connect_arguments(check)  # --connect, --source, --sql-out (reaper.preflight.cli)
     _format_args(check)
 
@@ -275,15 +270,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     enabled = sum(1 for s in config.sources if s.enabled)
     print(f"{args.config}: ok: {len(config.sources)} sources ({enabled} enabled), {len(config.sinks)} sinks, "
           f"{len(config.metrics)} own metrics, {len(config.presets)} own presets")
-    if args.against_running:
-        from pathlib import Path
-
+    if args.against_running:  # what reloading this file into its running daemon would do
         from reaper.cli.output import choose_format
-        from reaper.cli.planview import plan_against_running
-        from reaper.config.schema import default_state_dir
+        from reaper.cli.planview import check_against_running
 
-        state_dir = args.state_dir or config.collector.state_dir or default_state_dir(args.config)
-        return plan_against_running(args.config, Path(state_dir), choose_format(args.format))
+        return check_against_running(args.config, args.state_dir, config.collector.state_dir,
+                                     choose_format(args.format))
     return EXIT_OK
 
 

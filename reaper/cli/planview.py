@@ -7,6 +7,7 @@ status file: nothing is signalled, nothing changes.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,14 @@ def plan_against_running(config_path: str | None, state_dir: Path, fmt: str) -> 
     if status is None or status.running is None:
         print(problem, file=sys.stderr)
         return 1
-    from reaper.cli.operate import pid_alive
-
-    if not pid_alive(status.pid):
+    try:
+        os.kill(status.pid, 0)  # (as reaper.cli.operate.pid_alive, which imports this module)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:
+        alive = True
+    if not alive:
         print(f"warning: the daemon (pid {status.pid}) is not running; this plan is against the state it "
               "last wrote", file=sys.stderr)
     path = config_path or status.config_path
@@ -114,3 +120,11 @@ def plan_against_running(config_path: str | None, state_dir: Path, fmt: str) -> 
     print_plan(plan, fmt, title=f"reload of {path} (pid {status.pid}) {verdict}", config=path, pid=status.pid,
                applied=False, refused=bool(plan.errors))
     return 1 if plan.errors else 0
+
+
+def check_against_running(config_path: str, state_dir: str | None, config_state_dir: str | None, fmt: str) -> int:
+    """`reaper check --against-running`: the plan of reloading `config_path` into its daemon."""
+    from reaper.config.schema import default_state_dir
+
+    return plan_against_running(config_path, Path(state_dir or config_state_dir or default_state_dir(config_path)),
+                                fmt)
