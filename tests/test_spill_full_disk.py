@@ -25,6 +25,8 @@ pytestmark = pytest.mark.pg
 
 SOURCES = 10
 ROW_BYTES = 4000  # each source's measurement carries ~20 KB: the 2 MB disk fills in seconds
+FAT_SQL = ("select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, g as n, "
+           f"repeat('x', {ROW_BYTES}) as pad from generate_series(1, 5) g")
 
 
 @pytest.fixture
@@ -101,7 +103,7 @@ shutdown_grace_seconds = 5
 
 [metrics.fat]
 description = "wide rows, to fill the spill disk quickly"
-sql = {{ 14 = "select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, g as n, repeat('x', {ROW_BYTES}) as pad from generate_series(1, 5) g" }}
+sql = {{ 14 = "{FAT_SQL}" }}
 {sources}
 [[sinks]]
 type = "postgres"
