@@ -37,6 +37,8 @@ from reaper.kinds import check_source
 log = logging.getLogger("reaper.daemon.sources_from")
 
 READ_GRACE_SECONDS = 5.0
+# the importer's advice about the shipped catalogue: here each row is checked against the running one
+IMPORT_ONLY_NOTES = ("not shipped with reaper", "is not a preset reaper ships")
 FeedReader = Callable[["RunningFeed", Catalog], Awaitable[list[SourceConfig]]]
 
 
@@ -97,7 +99,8 @@ def sources_from_rows(feed: RunningFeed, rows: list[dict[str, Any]], catalog: Ca
     label = feed.config.label
     results, report = convert_source_rows(rows, label)
     for line in report.lines:
-        _report(feed, line)
+        if not any(hint in line for hint in IMPORT_ONLY_NOTES):
+            _report(feed, line)
     found: list[SourceConfig] = []
     for table, ok in results:
         name = table["name"]

@@ -113,16 +113,17 @@ DB_COLUMNS = {"name": "name", "connstr": "conn_str", "dbtype": "kind", "is_enabl
               "custom_tags": "custom_tags", "include_pattern": "include_pattern", "exclude_pattern": "exclude_pattern",
               "only_if_master": "only_if_master", "is_superuser": "is_superuser", "host_config": "host_config"}
 DB_IGNORED_COLUMNS = frozenset({"last_modified_on"})  # bookkeeping of pgwatch's web UI
+DB_FALSE_DEFAULTS = frozenset({"is_superuser", "only_if_master"})  # NOT NULL DEFAULT false: false says nothing
 
 
 def row_as_yaml(row: Mapping[str, Any], origin: str, report: Report) -> dict[str, Any]:
     """One pgwatch.source row as the sources.yaml entry it stands for. A column reaper does not know
     is reported (one line) and left out; empty (null) columns and pgwatch's defaults that mean
-    "nothing" (is_superuser false) are left out silently."""
+    "nothing" (is_superuser, only_if_master false) are left out silently."""
     out: dict[str, Any] = {}
     for column, value in row.items():
         key = DB_COLUMNS.get(column)
-        if column in DB_IGNORED_COLUMNS or value is None or (key == "is_superuser" and value is False):
+        if column in DB_IGNORED_COLUMNS or value is None or (key in DB_FALSE_DEFAULTS and value is False):
             continue
         if key is None:
             report(origin, column, "a pgwatch.source column reaper does not know; ignored")
