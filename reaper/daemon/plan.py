@@ -174,6 +174,20 @@ class SourcePlan:
     def config_changed(self) -> bool:
         return bool(self.settings)
 
+    def detail(self) -> str:
+        """What forces or makes up the change: `dsn forces a new connection; interval db_stats 60s -> 30s`."""
+        parts = list(self.reasons) if self.action == "added" else []
+        if self.action == "restarted":
+            parts.append(f"{', '.join(self.reasons)} {'forces' if len(self.reasons) == 1 else 'force'} "
+                         "a new connection")
+        parts += [c.text() for c in self.settings]
+        parts += [f"interval {c.text()}" for c in self.intervals]
+        parts += [f"standby interval {c.text()}" for c in self.standby_intervals]
+        parts += [f"definition of {m} changed" for m in self.definitions]
+        if self.discovery and self.action == "updated":
+            parts.append("discovers again; its sources follow")
+        return "; ".join(parts)
+
 
 @attrs.frozen
 class SinkPlan:
@@ -201,6 +215,22 @@ class Plan:
         sources = ", ".join(f"{self.count(a)} {a}" for a in SOURCE_ACTIONS)
         sinks = ", ".join(f"{self.count(a, sinks=True)} {a}" for a in SINK_ACTIONS)
         return f"sources {sources}; sinks {sinks}"
+
+    def lines(self, *, unchanged: bool = False) -> list[str]:
+        """One line per thing the reload changes (per refusal reason when refused), for logs and terminals."""
+        if self.errors:
+            return list(self.errors)
+        out = []
+        for p in self.sources:
+            if p.action != "unchanged" or unchanged:
+                out.append(f"source {p.name}: {p.action}" + (f": {p.detail()}" if p.detail() else ""))
+        for k in self.sinks:
+            if k.action != "unchanged" or unchanged:
+                out.append(f"sink {k.label}: {k.action}"
+                           + (f": {'; '.join(c.text() for c in k.settings)}" if k.settings else ""))
+        for c in self.collector:
+            out.append(f"collector: {c.text()}" + (" (applies at the next start)" if c.key in self.at_start else ""))
+        return out
 
     @property
     def changes_anything(self) -> bool:
