@@ -3,8 +3,13 @@ server time inside the fast lane's one statement, and the budget against a real 
 
 from __future__ import annotations
 
+import itertools
+import subprocess
+from pathlib import Path
+
 import pytest
 import trio
+from test_daemon import REAPER, Daemon, wait_until
 
 from reaper import db
 
@@ -36,3 +41,114 @@ async def test_the_combined_statement_brackets_each_metric_with_its_own_server_t
     assert sum(s.values()) <= elapsed  # apportioned: the parts never add up to more than the whole
     assert len(outcome.rows["d_rows"]) == 1000
     assert outcome.active_backends is not None and outcome.active_backends >= 0
+
+
+# -- a real `reaper run` ---------------------------------------------------------------------------
+
+
+def write_config(daemon: Daemon, dsn: str, sleep: float, collector: str = "") -> None:
+    daemon.config.write_text(f"""
+[collector]
+state_dir = "{daemon.state}"
+shutdown_grace_seconds = 10
+{collector}
+[[sinks]]
+type = "jsonfile"
+path = "{daemon.out}"
+
+[metrics.sleepy]
+description = "sleeps on the server"
+gauges = ["*"]
+[metrics.sleepy.sql]
+14 = "{sleeper(sleep)}"
+
+[[sources]]
+name = "main"
+dsn = "{dsn}"
+metrics = {{ sleepy = 2, db_stats = 10 }}
+""")
+
+
+def self_rows(daemon: Daemon, metric: str) -> list[list[dict]]:
+    """The rows of each `metric` self-measurement in the jsonfile output, oldest first."""
+    return [d["data"] for d in daemon.lines() if d["metric"] == metric]
+
+
+def cost_of(status, metric: str):
+    [source] = status.sources
+    assert source.cost is not None
+    return {m.metric: m for m in source.cost.metrics}.get(metric)
+
+
+@pytest.mark.timeout(120)
+def test_an_expensive_metric_shows_its_server_time_per_minute(pg15, fresh_db, tmp_path: Path) -> None:
+    """Issue 15's acceptance: pg_sleep(0.2) every 2 s is ~6000 server ms per minute, within 10 %: in the status,
+    in the reaper_cost self-measurement, and (pg_stat_statements) in the server's own view."""
+    pg15.psql("create extension if not exists pg_stat_statements", dbname=fresh_db)
+    daemon = Daemon(tmp_path)
+    write_config(daemon, pg15.dsn(dbname=fresh_db), 0.2, "cost_window_seconds = 10\n")
+    try:
+        daemon.start()
+        wait_until(lambda: any(row["tag_metric"] == "pg_stat_statements" for rows in self_rows(daemon, "reaper_cost")
+                               for row in rows), limit=60, what="the server's view in a reaper_cost measurement")
+        status = daemon.fresh_status()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+    sleepy = cost_of(status, "sleepy")
+    assert sleepy is not None and abs(sleepy.server_ms_per_minute - 6000) <= 600, sleepy
+    assert sleepy.server_seconds_total >= 0.2 * 5
+    assert status.sources[0].cost.metrics[0].metric == "sleepy"  # the most expensive first
+    assert cost_of(status, "db_stats").server_ms_per_minute < 600
+    rows = {row["tag_metric"]: row for row in self_rows(daemon, "reaper_cost")[-1]}
+    assert abs(rows["sleepy"]["server_ms_per_minute"] - 6000) <= 600, rows
+    assert rows["sleepy"]["rows_per_minute"] == pytest.approx(30, rel=0.1)
+    # pg_stat_statements' total_exec_time of reaper's statements: the sleeps and a little more
+    assert 5400 <= rows["pg_stat_statements"]["server_ms_per_minute"] <= 7500, rows
+    status_text = subprocess.run([*REAPER, "status", "--state-dir", str(daemon.state), "--format", "plain"],
+                                 capture_output=True, text=True, timeout=60).stdout
+    assert "cost\tmain\tsleepy\t" in status_text
+
+
+@pytest.mark.timeout(150)
+def test_the_budget_stretches_the_expensive_metric_and_gives_it_back(pg15, fresh_db, tmp_path: Path) -> None:
+    """Issue 16's acceptance, with a 12 s window: pg_sleep(0.3) every 2 s (9000 ms per minute) under a budget
+    of 3000: stretched to 8 s (2250), db_stats stays at 10 s; without the sleep (reload) back to 2 s."""
+    daemon = Daemon(tmp_path)
+    dsn = pg15.dsn(dbname=fresh_db)
+    collector = "cost_window_seconds = 12\nserver_budget_ms_per_minute = 3000\n"
+    write_config(daemon, dsn, 0.3, collector)
+    try:
+        daemon.start()
+        wait_until(lambda: (st := daemon.status()) is not None and st.sources and st.sources[0].cost is not None
+                   and (c := cost_of(st, "sleepy")) is not None and c.effective_interval == 8, limit=60,
+                   what="sleepy stretched to 8 s")
+        # a whole window later: measured under budget, still 8 s, db_stats untouched, both in reaper_budget
+        wait_until(lambda: len(budgets := self_rows(daemon, "reaper_budget")) >= 2
+                   and {r["tag_metric"]: r["effective_interval_seconds"] for r in budgets[-1]}
+                   == {"sleepy": 8, "db_stats": 10}, limit=40, what="a reaper_budget measurement at 8 s")
+        stretched = daemon.fresh_status()
+        write_config(daemon, dsn, 0.0, collector)
+        assert daemon.reload().returncode == 0
+        wait_until(lambda: (c := cost_of(daemon.status(), "sleepy")) is not None and c.effective_interval == 2,
+                   limit=40, what="sleepy back at 2 s")
+        back = daemon.fresh_status()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+    sleepy = cost_of(stretched, "sleepy")
+    assert (sleepy.interval, sleepy.effective_interval) == (2, 8)
+    assert 0.9 * 2250 <= sleepy.server_ms_per_minute <= 3000, sleepy
+    assert stretched.sources[0].cost.server_ms_per_minute <= 3000
+    assert (cost_of(stretched, "db_stats").interval, cost_of(stretched, "db_stats").effective_interval) == (10, 10)
+    assert cost_of(back, "db_stats").effective_interval == 10
+    log = daemon.log_text()
+    assert "metric sleepy (9" in log and "stretched: interval 2s -> 4s" in log
+    assert "stretched: interval 4s -> 8s" in log and "4s -> 8s" in log
+    assert "steps back: interval 8s -> 4s" in log and "steps back: interval 4s -> 2s (as configured)" in log
+    assert "metric db_stats" not in log
+    times = [d["data"][0]["epoch_ns"] / 1e9 for d in daemon.lines() if d["metric"] == "sleepy"]
+    gaps = [round(b - a) for a, b in itertools.pairwise(times)]
+    assert 8 in gaps and gaps[-1] == 2, gaps
