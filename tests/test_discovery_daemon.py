@@ -23,7 +23,7 @@ class Collect:
     def __init__(self) -> None:
         self.got: list[Measurement] = []
 
-    async def open(self) -> None:
+    async def open(self, beside: trio.Nursery | None = None) -> None:
         pass
 
     async def write(self, batch: list[Measurement]) -> None:

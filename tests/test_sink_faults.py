@@ -39,7 +39,7 @@ class ScriptedSink:
         self.got: list[int] = []
         self.writes = 0
 
-    async def open(self) -> None:
+    async def open(self, beside: trio.Nursery | None = None) -> None:
         if self.open_error is not None:
             raise self.open_error
         self.opened += 1

@@ -4,9 +4,9 @@ Only the reconciler calls `apply` (a reload) and the daemon's task tree calls `s
 there is one writer of `sinks`. Each sink runs in its own nursery inside the daemon's sinks nursery:
 
     sinks nursery
-    └ sink <label>              its own nursery, cancel scope and bounded channel
-      ├ the sink's runner       open (retried by the runner), write, retry, spill
-      └ (an HTTP sink's server, started by the sink in the nursery that runs it: this one)
+    └ sink <label>              its own cancel scope and bounded channel
+      └ the sink's runner       open (retried by the runner), write, retry, spill; its own nursery holds
+        └ (an HTTP server)      what the sink runs beside its writes (reaper.sinks.runner gives it to open())
 
 A sink is registered only once its task has started. A changed sink is rebuilt after its channel
 drained (bounded by `shutdown_grace_seconds`); meanwhile the fan-out already puts new measurements
@@ -146,12 +146,8 @@ class SinkSet:
     async def _sink_task(self, running: RunningSink, receive: trio.MemoryReceiveChannel[Measurement], *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            with running.scope:
-                # the sink's own nursery: whatever the sink starts beside its runner (an HTTP server)
-                # lives and dies inside this sink's scope
-                async with trio.open_nursery() as own:
-                    await own.start(run_sink, running.sink, receive, running.outlet)
-                    task_status.started()
+            with running.scope:  # the runner's own nursery (an HTTP server) lives and dies inside this scope
+                await run_sink(running.sink, receive, running.outlet, task_status=task_status)
         finally:
             running.done.set()
 

@@ -63,7 +63,7 @@ class JsonFileSink:
     def __repr__(self) -> str:
         return f"<JsonFileSink {self.config.path} written={self.written}>"
 
-    async def open(self) -> None:
+    async def open(self, beside: trio.Nursery | None = None) -> None:
         if self.config.path == "-":
             self._file = sys.stdout.buffer
             return

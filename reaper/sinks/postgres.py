@@ -116,7 +116,7 @@ class PostgresSink:
 
     # -- the Sink protocol -----------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, beside: trio.Nursery | None = None) -> None:
         """Connect and create or upgrade the schema; a storage database that is down is retried on write."""
         try:
             await self._connection()

@@ -22,8 +22,8 @@ not exported (as in pgwatch). Rows whose labels repeat within a family are dropp
 The server speaks HTTP with hypercorn's protocol under reaper's own accept loop
 (reaper.sinks.http_serve: at most MAX_CONNECTIONS open connections, EMFILE on accept is one line a
 minute). `open()` binds `listen` (an error is a ConfigError there) and
-starts `serve()` as a sibling of the sink's own task, in the nursery that runs it (the daemon's sinks
-nursery), so the server lives inside the trio tree; `aclose()` triggers hypercorn's graceful
+starts `serve()` in the nursery the sink's runner gives it (reaper.sinks.runner: the sink's own
+nursery, inside its cancel scope), so the server lives inside the trio tree; `aclose()` triggers hypercorn's graceful
 shutdown and waits for it (bounded by GRACEFUL_TIMEOUT_SECONDS). Every path answers, always in the
 classic text format 0.0.4 (as pgwatch's promhttp), gzipped when asked.
 
@@ -207,12 +207,14 @@ class PrometheusSink:
 
     # -- the Sink protocol ---------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Bind `listen` (an error raises here) and start the HTTP server next to this sink's task."""
+    async def open(self, beside: trio.Nursery | None = None) -> None:
+        """Bind `listen` (an error raises here) and start the HTTP server in `beside`, the sink's own nursery
+        (reaper.sinks.runner gives it), so the server lives and ends inside this sink's scope."""
         sock = bind_listen(self.config.listen, self.label)
-        nursery = trio.lowlevel.current_task().parent_nursery
-        assert nursery is not None, "open() runs in a task"
-        self.urls = await nursery.start(self.serve, sock)
+        if beside is None:
+            sock.close()
+            raise TypeError("the Prometheus sink serves beside its task: open it through run_sink()")
+        self.urls = await beside.start(self.serve, sock)
         log.info("sink %s: serving metrics on %s", self.label, ", ".join(self.urls))
 
     async def write(self, batch: list[Measurement]) -> None:

@@ -48,7 +48,9 @@ class Sink(Protocol):
 
     label: str
 
-    async def open(self) -> None: ...
+    async def open(self, beside: trio.Nursery | None = None) -> None:
+        """`beside`: a nursery inside this sink's own scope for what the sink runs next to its writes (the
+        Prometheus sink's HTTP server); it lives as long as the sink's task."""
 
     async def write(self, batch: list[Measurement]) -> None: ...
 
@@ -69,6 +71,7 @@ class SinkRunner:
     _failing_since: float | None = None
     _delay: float = RETRY_FIRST_SECONDS
     _traced: set[type] = attrs.field(factory=set)  # error types already logged with a traceback
+    _beside: trio.Nursery | None = None  # the sink's own nursery (run() opens it)
 
     def __attrs_post_init__(self) -> None:
         if self.rejected_dir is None and self.spill is not None:
@@ -79,6 +82,13 @@ class SinkRunner:
         return self.outlet.spill if self.outlet is not None else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # what the sink runs beside its writes (an HTTP server) lives in this task's own nursery: it ends
+        # with the sink (aclose() stops it), and is cancelled with the sink's scope
+        async with trio.open_nursery() as beside:
+            self._beside = beside
+            await self._run(task_status=task_status)
+
+    async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()  # before opening: a sink that cannot open never holds up the daemon
         in_hand: list[Measurement] = []
         try:
@@ -123,7 +133,7 @@ class SinkRunner:
         channel was closed (shutdown) before the sink could be opened."""
         while True:
             try:
-                await self.sink.open()
+                await self.sink.open(self._beside)
             except Exception as e:
                 self._failed(e, "measurements spill meanwhile" if self.spill is not None
                              else "measurements wait in its queue meanwhile")
