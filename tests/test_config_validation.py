@@ -102,8 +102,8 @@ REFUSED = [
      "metrics.m.statement_timeout_seconds: must be a finite number, got nan"),
     (SRC + SINK + '[metrics.m]\nsqll = { 14 = "select 1" }\nspecial = true\n',
      "metrics.m.sqll: unknown key; did you mean 'sql'? (valid keys: budget_exempt, columns, description, gauges, "
-     "heavy, init_sql, instance_level, name, node_status, requires_extension, source_kinds, special, sql, statement_timeout_seconds, "
-     "storage_name, top_n)"),
+     "heavy, init_sql, instance_level, name, node_status, requires_extension, source_kinds, special, sql, "
+     "statement_timeout_seconds, storage_name, top_n)"),
     (SRC + SINK + '[presets.p]\nmetric = { locks = 60 }\n',
      "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics, top_n)"),
     (SRC + SINK + '[sourcs]\n', "sourcs: unknown key; did you mean 'sources'? (valid keys: collector, fleet, "
