@@ -3,7 +3,8 @@
  * Bytes = every malloc/calloc/memalign size plus what a realloc adds beyond the block's usable size
  * (a buffer grown in place a little at a time is not counted again whole each time); realloc_full
  * counts each realloc's whole new size instead (an upper bound).
- * On SIGUSR2 (and at exit) it appends "<bytes> <calls> <realloc_full>\n" to $ALLOCSHIM_OUT.
+ * On SIGUSR2 (and at exit) it appends "<pid> <bytes> <calls> <realloc_full>\n" to $ALLOCSHIM_OUT (the pid:
+ * the tools reaper runs, e.g. smartctl, inherit the shim and dump at their exit too).
  * Built by bench/measure.py. */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -53,7 +54,9 @@ static int fmt(char *buf, unsigned long long v) { /* async-signal-safe decimal *
 static void dump(void) {
     const char *path = getenv("ALLOCSHIM_OUT");
     if (!path) return;
-    char buf[96]; int n = fmt(buf, __atomic_load_n(&total_bytes, __ATOMIC_RELAXED));
+    char buf[128]; int n = fmt(buf, (unsigned long long)getpid());
+    buf[n++] = ' ';
+    n += fmt(buf + n, __atomic_load_n(&total_bytes, __ATOMIC_RELAXED));
     buf[n++] = ' ';
     n += fmt(buf + n, __atomic_load_n(&total_calls, __ATOMIC_RELAXED));
     buf[n++] = ' ';

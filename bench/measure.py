@@ -136,8 +136,8 @@ def build_alloc_shim(workdir: Path) -> Path | None:
     return out
 
 
-def read_alloc(path: Path) -> list[tuple[int, int, int]]:
-    """The shim's dumps so far: (bytes, calls, realloc_full) each."""
+def read_alloc(path: Path, pid: int) -> list[tuple[int, int, int]]:
+    """The shim's dumps so far by process `pid`: (bytes, calls, realloc_full) each."""
     try:
         lines = path.read_text().split("\n")
     except OSError:
@@ -145,8 +145,8 @@ def read_alloc(path: Path) -> list[tuple[int, int, int]]:
     out = []
     for line in lines:
         parts = line.split()
-        if len(parts) == 3:
-            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+        if len(parts) == 4 and int(parts[0]) == pid:
+            out.append((int(parts[1]), int(parts[2]), int(parts[3])))
     return out
 
 

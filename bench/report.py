@@ -112,10 +112,59 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, boo
                          rp["lateness_p99_ms"] <= 1000))
         pe = r.get("peer")
         if pe and pe.get("cpu_per_series_us") and rp.get("cpu_per_row_us"):
-            rows.append(("per-row CPU < peer's per-series CPU", name,
-                         f"{f(rp['cpu_per_row_us'])} µs/row vs {f(pe['cpu_per_series_us'])} µs/series",
-                         rp["cpu_per_row_us"] < pe["cpu_per_series_us"]))
+            rows.append(("per-row CPU ≤ peer's per-series CPU (issue 14: ≤ 1.0x)", name,
+                         f"{f(rp['cpu_per_row_us'])} µs/row vs {f(pe['cpu_per_series_us'])} µs/series "
+                         f"({f(rp['cpu_per_row_us'] / pe['cpu_per_series_us'], 2)}x)",
+                         rp["cpu_per_row_us"] <= pe["cpu_per_series_us"]))
+        rows += issue14_targets(name, r)
     return rows
+
+
+def issue14_targets(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """Issue 14's targets: memory and allocation for the seed, CPU per tick against the same run's
+    bare asyncpg round trip for the fleets, fleet1000's memory, lateness and start-up."""
+    rp, bl, alloc = r["reaper"], r.get("baseline") or {}, r.get("alloc") or {}
+    rows: list[tuple[str, str, str, bool | None]] = []
+    if name == "seed":
+        rows.append(("steady RSS ≤ 35 MB (issue 14)", name, mb(rp["rss_steady"]), rp["rss_steady"] <= 35 * MB))
+        if alloc.get("mb_per_min") is not None:
+            rows.append(("allocated ≤ 45 MB/min (issue 14)", name, f"{f(alloc['mb_per_min'])} MB/min",
+                         alloc["mb_per_min"] <= 45))
+    per_tick, rt = tick_cpu_us(r), bl.get("trio_asyncio_us")
+    if name in ("fleet100", "fleet1000") and per_tick is not None and rt:
+        rows.append(("CPU per source tick ≤ 2x one bare asyncpg round trip (issue 14)", name,
+                     f"{f(per_tick / 1000, 2)} ms = {f(per_tick / rt, 1)}x trio-asyncio's {f(rt, 0)} µs "
+                     f"({f(per_tick / bl['asyncio_us'], 1)}x plain asyncio's {f(bl['asyncio_us'], 0)} µs)",
+                     per_tick <= 2 * rt))
+    if name == "fleet1000":
+        rows.append(("steady RSS ≤ 90 MB (issue 14)", name, mb(rp["rss_steady"]), rp["rss_steady"] <= 90 * MB))
+        rows.append(("tick lateness p99 ≤ 50 ms (issue 14)", name, f"{f(rp['lateness_p99_ms'])} ms",
+                     rp["lateness_p99_ms"] <= 50))
+    return rows
+
+
+def tick_cpu_us(r: dict[str, Any]) -> float | None:
+    rp = r["reaper"]
+    return 1e6 * rp["cpu_window_s"] / rp["ticks_window"] if rp.get("ticks_window") else None
+
+
+def ratio_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Reaper's CPU as ratios to the yardsticks measured in the same run (a loaded machine moves both)."""
+    bl, rp, pe = r.get("baseline") or {}, r["reaper"], r.get("peer")
+    out = []
+    per_tick = tick_cpu_us(r)
+    if bl.get("asyncio_us") and bl.get("trio_asyncio_us"):
+        out.append(("yardstick: one bare asyncpg `select 1` round trip (same run, CPU)",
+                    f"{f(bl['asyncio_us'], 1)} µs on plain asyncio, {f(bl['trio_asyncio_us'], 1)} µs through "
+                    "trio-asyncio", "-"))
+        if per_tick is not None:
+            out.append(("CPU per source tick / one round trip",
+                        f"{f(per_tick / bl['trio_asyncio_us'], 1)}x (trio-asyncio), "
+                        f"{f(per_tick / bl['asyncio_us'], 1)}x (plain asyncio)", "-"))
+    if pe and pe.get("cpu_per_series_us") and rp.get("cpu_per_row_us"):
+        out.append(("CPU per row / the peer's CPU per series (same run)",
+                    f"{f(rp['cpu_per_row_us'] / pe['cpu_per_series_us'], 2)}x", "1x"))
+    return out
 
 
 def not_in_window(r: dict[str, Any]) -> list[str]:
@@ -154,9 +203,16 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "asked of malloc/calloc/memalign plus what realloc adds, comparable with Go's allocated-bytes figure),",
         "over two ticks once every source is up. MB = 10⁶ bytes.",
         "",
+        "**Ratios.** Right after the measured run, on the same server with the workload still going, the harness",
+        "times the yardsticks (`bench/baseline.py`): a bare asyncpg `select 1` loop, one process on plain asyncio",
+        "and one through trio-asyncio (one `aio_as_trio` crossing per round trip, as reaper's ticks), each as",
+        "process CPU per round trip. Reaper's CPU per source tick is shown as a multiple of both, and its CPU",
+        "per row as a multiple of the peer's CPU per series, so a loaded machine does not fool the report.",
+        "",
         "**Running it.** `pip install -e '.[bench]'` (matplotlib, py-spy), then `just bench seed` (about 4 min),",
-        "`just bench fleet100` (4 min; `--duration 400` to include the 300 s metrics, as below), `just bench",
-        "fleet1000` (10-12 min), `just bench sink`. Options: `--duration S`, `--profile` (py-spy over the",
+        "`just bench fleet100` (8 min: 400 s by default, so the 300 s metrics are in the window), `just bench",
+        "fleet1000` (12-14 min), `just bench sink`. Options: `--duration S` (shorter for a quick run),",
+        "`--profile` (py-spy over the",
         "steady window, summarised in the section), `--no-peer`, `--alloc-seconds S` (0 skips the allocation",
         "probe), `--keep` (keep the run directory under /var/tmp/reaper-bench), `--from-json FILE` (render a",
         "saved result again). As root it installs `prometheus-postgres-exporter` with apt-get when missing.",
@@ -165,7 +221,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     ]
     rows = targets(results)
     if rows:
-        out += ["## Targets (issue 4)", "", "| target | scenario | measured | |", "|---|---|---|---|"]
+        out += ["## Targets (issues 4 and 14)", "", "| target | scenario | measured | |", "|---|---|---|---|"]
         out += [f"| {t} | {s} | {m} | {yes(ok)} |" for t, s, m, ok in rows]
         out.append("")
     out += pgwatch_section(results)
@@ -302,6 +358,7 @@ def collector_section(r: dict[str, Any]) -> list[str]:
          + (f" ({f(rp['cpu_per_row_us'] / rp['values_per_row'], 2)} µs per value)"
             if rp.get("values_per_row") and rp.get("cpu_per_row_us") else ""),
          f"{f(pe['cpu_per_series_us'])} µs per series" if pe else "-"),
+        *ratio_rows(r),
         ("statements per cycle (pg_stat_statements)", f"{f(st['per_tick_total'], 2)} per source tick",
          f"{f(pe['statements']['per_scrape'], 1)} per scrape" if pe else "-"),
         ("set-up statements", f"{f(st['setup_per_source'], 1)} per source over the run; "

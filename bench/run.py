@@ -37,6 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent / "tests"))  # the throwaway-server helper (tests/pgserver.py)
 
+import baseline  # noqa: E402
 import lab  # noqa: E402
 import measure  # noqa: E402
 import peer as peer_mod  # noqa: E402
@@ -316,8 +317,16 @@ def _short(frame: str) -> str:
 
 # -- one scenario ------------------------------------------------------------------------------
 
+def default_duration(sc: Scenario) -> float:
+    """The scenario's own length, or longer: metrics due every 300 s (or less) are inside the steady window
+    (which starts after start-up, at 15 % of the run at the earliest)."""
+    intervals = [i for i in active_intervals(sc.preset).values() if i <= 300]
+    longest = max(intervals, default=0)
+    return max(sc.duration, longest + 100.0) if longest >= 120 else sc.duration
+
+
 def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
-    duration = float(args.duration or sc.duration)
+    duration = float(args.duration or default_duration(sc))
     run_dir = RUN_ROOT / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     state_dir, output, config = run_dir / "state", run_dir / "measurements.ndjson", run_dir / "reaper.toml"
@@ -418,6 +427,9 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
         result["shutdown_s"] = stop_process(reaper)
         sampler.stop()
         final_status = read_status(state_dir)
+        # the yardsticks, in the same run (the workload still going): a bare asyncpg round trip's CPU
+        log.info("%s: baseline: bare asyncpg select 1 loops (plain asyncio, through trio-asyncio)", sc.name)
+        result["baseline"] = baseline.measure(server.dsn(user=lab.REAPER_ROLE, dbname=dbs[0]))
 
         result.update(compute(sc, sampler, statuses, snap, end, t_warm, t_end, duration, first_status_at,
                               final_status, peer))
@@ -604,7 +616,7 @@ def alloc_probe(config: Path, run_dir: Path, state_dir: Path, sc: Scenario, seco
         time.sleep(0.3)
     finally:
         stop_process(proc)
-    dumps = measure.read_alloc(out)
+    dumps = measure.read_alloc(out, proc.pid)
     if len(marks) < 2 or len(dumps) < 2:
         return {"skipped": "the probe did not get through its first round of ticks"}
     (b0, c0, r0), (b1, c1, r1) = dumps[0], dumps[1]
@@ -635,7 +647,9 @@ def run_sink_scenario(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--duration", type=float, help="seconds of the measured run (default: the scenario's)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds of the measured run (default: the scenario's, long enough for its 300 s "
+                             "metrics; a shorter one is fine for a quick run)")
     parser.add_argument("--no-peer", action="store_true", help="do not run the peer exporter")
     parser.add_argument("--alloc-seconds", type=float, default=None,
                         help="length of the allocation probe run (default: first round + 2 ticks; 0 skips it)")
