@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -14,7 +15,7 @@ from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
 
 from reaper import db
 from reaper.config.schema import CollectorConfig, SourceConfig
-from reaper.daemon.cost import CostSettings, SourceCost, estimate_bytes
+from reaper.daemon.cost import CostSettings, SourceCost, cost_families, estimate_bytes
 from reaper.daemon.source import FleetControls, SourceReaper
 from reaper.measurement import Measurement
 
@@ -203,3 +204,22 @@ async def test_heavy_metrics_wait_while_the_server_is_busy(autojump_clock, caplo
     assert all(r.count_active for _, r in conn.requests)
     lines = [r.getMessage() for r in caplog.records if "heavy metrics" in r.getMessage()]
     assert len(lines) == 2, lines  # paused once, resumed once
+
+
+def test_prometheus_families_carry_each_metrics_server_seconds() -> None:
+    cost = SourceCost("main", budget(3000))
+    cost.effective({"slow": 2, "db_stats": 10})
+    runs(cost, "slow", 0.2, 2, 10)
+    runs(cost, "db_stats", 0.01, 10, 10)
+    cost.factors["slow"] = 2
+    status = SimpleNamespace(name="main", cost=cost.status(10))
+    families = {name: (kind, labels, rows) for kind, name, _, labels, rows in cost_families([status])}  # type: ignore[list-item]
+    kind, labels, rows = families["reaper_source_server_seconds"]
+    assert kind == "counter" and labels == ["source", "metric"]
+    assert dict((tuple(v), x) for v, x in rows) == {("main", "slow"): pytest.approx(1.2),
+                                                    ("main", "db_stats"): pytest.approx(0.02)}
+    assert families["reaper_source_effective_interval_seconds"][2] == [(["main", "slow"], 4.0),
+                                                                       (["main", "db_stats"], 10.0)]
+    assert families["reaper_source_server_budget_seconds_per_minute"][2] == [(["main"], 3.0)]
+    [(_, per_minute)] = families["reaper_source_server_seconds_per_minute"][2]
+    assert per_minute == pytest.approx((200 * 15 + 10 * 6) / 1000)  # slow at 4 s now: 15 runs a minute
