@@ -187,6 +187,15 @@ def test_a_configured_source_taking_a_discovered_name_and_a_discovery_source_cha
     assert (step(flipped, "inst").action, step(flipped, "inst").reasons) == ("restarted", ("kind",))
 
 
+def test_sources_read_from_a_config_database_are_not_planned_as_removed() -> None:
+    """`reaper reload --plan` reads the file alone; sources from [[sources_from]] are read again by the reload."""
+    state = running(conf(src("a"), src("from_db")), fed=["from_db"])
+    plan = plan_reload(state, conf(src("a")), file_only=True)
+    assert step(plan_reload(state, conf(src("a"))), "from_db").action == "removed"  # the daemon's own view
+    assert step(plan, "from_db").action == "unchanged" and "config database" in step(plan, "from_db").reasons[0]
+    assert step(plan, "a").action == "unchanged"
+
+
 def test_the_description_holds_no_secret_and_survives_the_status_file(tmp_path: Path) -> None:
     plain = src("a")
     source = attrs.evolve(plain, specials=attrs.evolve(plain.specials, walg_env={"AWS_SECRET_ACCESS_KEY": SECRET}))

@@ -113,7 +113,7 @@ def plan_against_running(config_path: str | None, state_dir: Path, fmt: str) -> 
     else:
         for dsn in [s.dsn for s in new.sources] + [getattr(k, "dsn", "") for k in new.sinks]:
             remember_secrets(dsn)
-        plan = plan_reload(status.running, new)
+        plan = plan_reload(status.running, new, file_only=True)
     if config_path and Path(config_path).resolve() != Path(status.config_path).resolve():
         print(f"note: the daemon reloads {status.config_path} on SIGHUP, not {config_path}", file=sys.stderr)
     verdict = "would be refused" if plan.errors else "would apply"

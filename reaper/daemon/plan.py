@@ -75,6 +75,7 @@ class RunningState:
     owned: tuple[str, ...] | None = None  # [fleet]: the sources this member holds (None: not in a fleet)
     sources: tuple[SourceDescription, ...] = ()
     discovered: dict[str, str] = attrs.field(factory=dict)  # a discovered source's name -> its parent's
+    fed: tuple[str, ...] = ()  # sources read from a [[sources_from]] config database (re-read at a reload)
     sinks: tuple[SinkDescription, ...] = ()
     collector: dict[str, Any] = attrs.field(factory=dict)
 
@@ -127,15 +128,15 @@ def wanted_sources(config: Config, groups: Iterable[str] = (),
 
 def describe(config: Config, catalog: Catalog, salt: str, *, groups: Iterable[str] = (),
              owned: Iterable[str] | None = None, sources: Iterable[SourceConfig] | None = None,
-             discovered: Mapping[str, str] | None = None, sinks: Iterable[SinkConfig] | None = None
-             ) -> RunningState:
+             discovered: Mapping[str, str] | None = None, sinks: Iterable[SinkConfig] | None = None,
+             fed: Iterable[str] = ()) -> RunningState:
     """A config (or the parts of it that run: `sources`, `sinks`) as a RunningState."""
     fingerprints = definition_fingerprints(catalog)
     chosen = wanted_sources(config, groups, owned) if sources is None else sources
     return RunningState(
         salt=salt, groups=tuple(groups), owned=None if owned is None else tuple(sorted(owned)),
         sources=tuple(describe_source(s, catalog, salt, fingerprints) for s in chosen),
-        discovered=dict(discovered or {}),
+        discovered=dict(discovered or {}), fed=tuple(sorted(fed)),
         sinks=tuple(describe_sink(k, salt) for k in (config.sinks if sinks is None else sinks)),
         collector=_jsonable(attrs.asdict(config.collector)))
 
@@ -302,14 +303,20 @@ def _sink_plans(old: Iterable[SinkDescription], new: Iterable[SinkDescription]) 
     return plans
 
 
-def plan_reload(running: RunningState, new: Config, catalog: Catalog | None = None) -> Plan:
+def plan_reload(running: RunningState, new: Config, catalog: Catalog | None = None, *,
+                file_only: bool = False) -> Plan:
     """What applying `new` (already validated) to what runs does. `catalog`: the new config's
-    (default: built from `new` and the shipped definitions as they are now)."""
+    (default: built from `new` and the shipped definitions as they are now). `file_only`: `new` is the
+    config file alone (`reaper reload --plan`), without the sources of [[sources_from]] databases, which
+    the reload itself reads again: those are not planned as removed."""
     catalog = Catalog.for_config(new) if catalog is None else catalog
     wanted = describe(new, catalog, running.salt, groups=running.groups, owned=running.owned)
     before = {s.name: s for s in running.sources}
     after = {s.name: s for s in wanted.sources}
-    sources = [SourcePlan(name, "removed", discovery=s.discovery) for name, s in before.items() if name not in after]
+    # a source read from a config database is not in the file: the reload reads those databases again
+    sources = [SourcePlan(name, "unchanged", ("from a config database ([[sources_from]]): read again by the reload",))
+               if file_only and name in running.fed else SourcePlan(name, "removed", discovery=s.discovery)
+               for name, s in before.items() if name not in after]
     for name, source in after.items():
         was = before.get(name)
         if was is not None:

@@ -185,8 +185,11 @@ class Reconciler:
             configured += [p.config for p in self.parents.values()]
             sinks = [r.config for r in self.sinks.sinks.values() if r.config is not None] if self.sinks else []
             discovered = {name: r.parent for name, r in self.sources.items() if r.parent is not None}
+            in_file = {s.name for s in self.feeds.file_config.sources}
+            fed = [s.name for s in self.config.sources if s.name not in in_file]
             self._described = describe(self.config, self.catalog, self.salt, groups=sorted(self.groups),
-                                       owned=self.owned, sources=configured, discovered=discovered, sinks=sinks)
+                                       owned=self.owned, sources=configured, discovered=discovered, sinks=sinks,
+                                       fed=fed)
         return self._described
 
     # -- the requesters' side --------------------------------------------------------------------
