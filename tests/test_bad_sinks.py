@@ -152,3 +152,39 @@ def test_the_status_file_says_why_a_sink_is_not_writing(pg15, tmp_path: Path, ba
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_reload_reports_a_new_prometheus_sink_whose_port_is_taken_and_the_daemon_stays_up(pg15,
+                                                                                         tmp_path: Path) -> None:
+    """Issue 12 item 6: a reload whose new sink cannot start (its port is in use) is applied like any other;
+    the daemon stays up, `reaper reload` says what it did, and the status file says why the sink is not
+    writing."""
+    import socket
+
+    config = write_config(tmp_path, pg15.dsn())
+    pidfile = tmp_path / "reaper.pid"
+    log = tmp_path / "reaper.log"
+    with socket.socket() as taken, log.open("wb") as err:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.Popen([*REAPER, "run", "--config", str(config), "--pidfile", str(pidfile)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_until(lambda: good_lines(tmp_path) >= 2 or proc.poll() is not None, "the first rows")
+            with config.open("a") as f:
+                f.write(f'\n[[sinks]]\ntype = "prometheus"\nlisten = "127.0.0.1:{port}"\n')
+            done = subprocess.run([*REAPER, "reload", "--config", str(config), "--pidfile", str(pidfile)],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "prometheus" in done.stdout and "added" in done.stdout, done.stdout
+            label = f"prometheus:127.0.0.1:{port}"
+            wait_until(lambda: bool(sink_errors(tmp_path).get(label)), "the prometheus sink's error in status")
+            assert "Address already in use" in sink_errors(tmp_path)[label]
+            before = good_lines(tmp_path)
+            wait_until(lambda: good_lines(tmp_path) >= before + 2, "rows after the reload")
+            assert proc.poll() is None, log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()
