@@ -184,3 +184,52 @@ def test_three_members_share_sixty_sources_and_two_take_over_a_killed_one(pg15, 
     for m in members[:2] + members[3:]:
         text = m.log.read_text()
         assert "Traceback" not in text, text[-3000:]
+
+
+def test_a_restarted_coordination_database_stops_collection_within_a_refresh_and_it_resumes(
+        pg15, fleet_setup, fresh_db, tmp_path) -> None:
+    """Issue 17: the coordination database restarted: members stop collecting within one refresh (nobody can
+    know who owns what), resume after it returns, and no source is ever collected twice."""
+    from pgserver import PgServer
+
+    config_text, sources = fleet_setup
+    with PgServer.create(major=15) as coordination:
+        text = config_text.replace(f'dsn = "{pg15.dsn(dbname=fresh_db)}"', f'dsn = "{coordination.dsn()}"', 1)
+        assert text != config_text
+        members = [Member(tmp_path, f"c{i}", text) for i in range(1, 3)]
+        doubles: list[tuple[str, list[str]]] = []
+
+        def sample() -> dict[str, list[str]]:
+            now = backends(pg15, sources)
+            doubles.extend((s, apps) for s, apps in now.items() if len(apps) > 1)
+            return now
+
+        def sampled_wait(predicate: Callable[[], bool], limit: float, what: str) -> float:
+            start = time.monotonic()
+            while not predicate():
+                if time.monotonic() - start > limit:
+                    raise AssertionError(f"timed out after {limit:g}s waiting for {what}")
+                time.sleep(0.5)
+            return time.monotonic() - start
+
+        def all_collected_once() -> bool:
+            now = sample()
+            return len(now) == len(sources) and all(len(a) == 1 for a in now.values())
+
+        try:
+            for m in members:
+                m.start()
+            sampled_wait(all_collected_once, 30, "one collector per source")
+            coordination.stop()
+            # a lost session is noticed within half a refresh; stopping 60 sources takes a moment more
+            took = sampled_wait(lambda: sample() == {}, 2 * REFRESH + 2, "every member to stop collecting")
+            assert took <= 2 * REFRESH + 2
+            assert all(m.proc is not None and m.proc.poll() is None for m in members)  # they stay up
+            coordination.start()
+            sampled_wait(all_collected_once, 6 * REFRESH + 10, "collection to resume after the restart")
+            assert doubles == [], f"sources collected twice at once: {doubles[:5]}"
+        finally:
+            for m in members:
+                m.stop()
+        for m in members:
+            assert "Traceback" not in m.log.read_text(), m.log.read_text()[-3000:]
