@@ -30,6 +30,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
+import attrs
 import trio
 
 from reaper.config.schema import FleetConfig
@@ -113,6 +114,11 @@ class FleetMember:
         """Drain: release every source and leave the fleet; the process stays up."""
         self._leave.set()
 
+    @property
+    def draining(self) -> bool:
+        """Asked to leave (SIGUSR1, `reaper fleet leave`): draining now or left (`leaving`) already."""
+        return self._leave.is_set() or self.leaving
+
     def status(self) -> FleetStatus:
         members = []
         for m in self.members:
@@ -168,6 +174,7 @@ class FleetMember:
         finally:
             self.session = None
             self.held.clear()
+            self.members = []  # without a session this member knows of no live member (itself included)
             try:
                 await self._apply(frozenset())  # every source stops (its connection closed) first,
             finally:
@@ -215,6 +222,9 @@ class FleetMember:
                 self.held[k] = set()
         for k in self.held:
             self.held[k] = self.names_by_key.get(k, set())
+        # this member's own entry shows what it holds now, not what it held when the list was read
+        self.members = [attrs.evolve(m, source_keys=frozenset(self.held)) if m.pid == session.pid else m
+                        for m in members]
         await self._apply(self._names(set(self.held)))
 
     def _names(self, keys: set[int]) -> frozenset[str]:

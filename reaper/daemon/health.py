@@ -6,10 +6,11 @@ whole life (it answers during shutdown too).
 
 - `GET /liveness`  200 `ok` while the trio loop turns (the answer is produced by a task of that loop;
                    a blocked loop answers nothing, which a prober's timeout reads as dead).
-- `GET /readiness` 200 `ready` once every source this process owns has had a first tick attempt,
-                   every sink has been opened and is not failing, and every `[[sources_from]]` config
-                   database has been read once; 503 with the reasons (one per line) otherwise. A fleet
-                   member that is draining or has lost its coordination session is not ready.
+- `GET /readiness` 200 `ready` once every source this process owns has had a first tick attempt (its
+                   first connect ended, well or not), every sink has been opened and is not failing,
+                   and every `[[sources_from]]` config database has been read once; 503 with the
+                   reasons (one per line) otherwise. A fleet member that is draining, has not joined
+                   yet or has lost its coordination session is not ready.
 - `GET /status`    the `reaper status` document (the status file's JSON), built now.
 
 Anything else is 404; methods other than GET and HEAD are 405. The address is read at start: a
@@ -61,11 +62,16 @@ def not_ready_reasons(daemon: Daemon) -> list[str]:
     reasons: list[str] = []
     fleet = daemon.fleet
     if fleet is not None:
-        if fleet.leaving:
+        if fleet.draining:
             reasons.append(f"fleet member {fleet.member} is draining (left the fleet)")
         elif fleet.error is not None:
             reasons.append(f"fleet member {fleet.member}: {fleet.error}")
-    waiting = sorted(name for name, running in daemon.sources.items() if running.reaper.state.ticks == 0)
+        elif fleet.session is None:
+            reasons.append(f"fleet member {fleet.member} has no coordination session (not joined yet)")
+    # a first tick attempt is over once the source is no longer "starting" (its connect ended: up, down,
+    # skipped or paused); a connect that hangs keeps it starting until connect_timeout_seconds
+    waiting = sorted(name for name, running in daemon.sources.items()
+                     if running.reaper.state.ticks == 0 or running.reaper.state.status == "starting")
     if waiting:
         reasons.append(f"{len(waiting)} of {len(daemon.sources)} sources have not had a first tick yet: "
                        f"{_names(waiting)}")
