@@ -20,9 +20,10 @@ lint:
     {{python}} -m mypy
 
 # measure reaper's cost (seed, fleet100, fleet1000, sink) next to postgres_exporter; rewrites docs/benchmarks.md
+# (server-cost: bench/server_cost.py, the server ms per minute of basic/standard/exhaustive, about 10 min)
 bench SCENARIO *ARGS:
     {{python}} -c 'import matplotlib' 2>/dev/null || {{python}} -m pip install -q -e '.[bench]'
-    {{python}} bench/run.py {{SCENARIO}} {{ARGS}}
+    {{python}} {{ if SCENARIO == "server-cost" { "bench/server_cost.py" } else { "bench/run.py " + SCENARIO } }} {{ARGS}}
 
 # run the daemon with a config file
 run CONFIG="conf/reaper.toml":
