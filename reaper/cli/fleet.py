@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reaper.cli.operate import _read, pid_alive, state_dir_from, why_not_our_daemon
 from reaper.daemon.status import STATUS_FILE
 
 
@@ -36,6 +35,8 @@ def add_parser(verbs: Any) -> None:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
+    from reaper.cli.operate import _read, pid_alive, state_dir_from, why_not_our_daemon  # rich: only here
+
     if getattr(args, "fleet_verb", None) != "leave":
         print("fleet: give an action: leave", file=sys.stderr)
         return 2

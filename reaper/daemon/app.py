@@ -36,7 +36,6 @@ from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import CostSettings
 from reaper.daemon.fleet import FleetMember
-from reaper.daemon.health import bind_health, serve_health
 from reaper.daemon.plan import refused
 from reaper.daemon.reconciler import (
     Reconciler,
@@ -198,7 +197,11 @@ class Daemon:
         # a large fleet's ticks are spread wider (50 ms per source, at least PHASE_SPREAD, at most a tick)
         self.controls.phase_spread = max(PHASE_SPREAD, 0.05 * len(self.wanted_sources(self.config)))
         listen = self.config.collector.http_listen
-        health_sock = bind_health(listen) if listen else None  # a taken address: one ConfigError line, at once
+        health_sock = None
+        if listen:  # the HTTP stack is imported only when the health endpoints are configured
+            from reaper.daemon.health import bind_health, serve_health
+
+            health_sock = bind_health(listen)  # a taken address: one ConfigError line, at once
         async with trio.open_nursery() as root:
             if signal_task is not None:
                 root.start_soon(signal_task, self)

@@ -21,10 +21,10 @@ from reaper.catalog.pgwatch.common import (
     header,
     interval,
     one_line,
-    read_yaml,
     shipped_names,
     yaml_files,
 )
+from reaper.catalog.pgwatch.yamlread import read_yaml
 from reaper.catalog.sqltext import clean_sql
 from reaper.config.schema import MetricDef, _format_cattrs_errors, converter
 from reaper.errors import ConfigError

@@ -19,7 +19,6 @@ from reaper.catalog.pgwatch.common import (
     header,
     interval,
     literal_dollars,
-    read_yaml,
     shipped_names,
     yaml_files,
 )
@@ -51,6 +50,8 @@ KINDS = {
 
 def import_sources(path: str | Path) -> ImportResult:
     """Convert a pgwatch sources.yaml (or a folder of them) to reaper `[[sources]]` TOML plus a sink."""
+    from reaper.catalog.pgwatch.yamlread import read_yaml  # PyYAML only for YAML files: the daemon reads rows
+
     path = Path(path)
     report = Report()
     files = yaml_files(path)
