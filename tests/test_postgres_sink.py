@@ -23,7 +23,7 @@ from reaper import db
 from reaper.config.load import load_config
 from reaper.config.schema import CollectorConfig, Config, PostgresSinkConfig, SourceConfig
 from reaper.db.storage import StorageError, init_storage, open_storage
-from reaper.db.storage_schema import CHANGE_TABLES, LATEST_VERSION, partition_start_ns
+from reaper.db.storage_schema import CHANGE_TABLES, LATEST_VERSION, METRIC_TABLES, partition_start_ns
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
 from reaper.sinks.postgres import PostgresSink, encode_batch, measurement_key
@@ -162,12 +162,13 @@ async def test_schema_is_created_and_reinit_is_idempotent(pg15, fresh_db) -> Non
     assert q("select string_agg(column_name, ',' order by ordinal_position) from information_schema.columns "
              "where table_schema = 'admin' and table_name = 'all_distinct_dbname_metrics'") == \
         "dbname,metric,created_on"
-    # the change-tracking tables exist (empty), partitioned by time, with pgwatch's marker comment
+    # the change-tracking and metric tables exist (empty), partitioned by time, with pgwatch's marker comment
+    precreated = (*CHANGE_TABLES, *METRIC_TABLES)
     assert q("select string_agg(t, ',' order by t) from admin.get_top_level_metric_tables() t") == \
-        ",".join(sorted(CHANGE_TABLES))
+        ",".join(sorted(precreated))
     assert q("select count(*) from pg_partitioned_table p join pg_class c on c.oid = p.partrelid "
-             f"where c.relname in ({','.join(repr(t) for t in CHANGE_TABLES)}) and p.partstrat = 'r'") == \
-        str(len(CHANGE_TABLES))
+             f"where c.relname in ({','.join(repr(t) for t in precreated)}) and p.partstrat = 'r'") == \
+        str(len(precreated))
     assert q("select count(*) from pg_indexes "
              "where tablename = 'sproc_changes' and indexdef like '%(dbname, \"time\")%'") == "1"
     assert q("select c.collname from pg_attribute a join pg_collation c on c.oid = a.attcollation "
@@ -268,7 +269,7 @@ async def test_pgwatch_helpers_run(pg15, fresh_db) -> None:
              "select admin.maintain_unique_sources()") == "2"
     assert q("select string_agg(dbname || ':' || metric, ',' order by dbname) from admin.all_distinct_dbname_metrics") \
         == "a:db_stats,b:wal"
-    assert q("select admin.truncate_all_metric_tables()") == str(len(CHANGE_TABLES) + 3)
+    assert q("select admin.truncate_all_metric_tables()") == str(len(CHANGE_TABLES) + len(METRIC_TABLES) + 1)
     assert q("select count(*) from db_stats") == "0"
     pg15.psql("call admin.drop_all_metric_tables()", dbname=fresh_db)
     assert q("select count(*) from admin.get_top_level_metric_tables()") == "0"
@@ -327,7 +328,7 @@ async def test_storage_name_is_the_table(pg15, fresh_db) -> None:
     await write_all(sink_config(pg15.dsn(dbname=fresh_db)),
                     [measurement("s", now, metric="stat_statements_calls", table="stat_statements")])
     assert one(pg15, "select count(*) from stat_statements", fresh_db) == "1"
-    assert one(pg15, "select to_regclass('public.stat_statements_calls') is null", fresh_db) == "t"
+    assert one(pg15, "select count(*) from stat_statements_calls", fresh_db) == "0"  # created empty up front
     assert one(pg15, "select metric from admin.all_distinct_dbname_metrics", fresh_db) == "stat_statements"
 
 

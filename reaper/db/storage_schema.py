@@ -23,6 +23,8 @@ import re
 
 import attrs
 
+from reaper.db.storage_tables import CHANGE_TABLES, METRIC_TABLES
+
 #: advisory lock class ('reap'); objid 0 = migrations, 1 = maintenance, hashtext(metric) = one metric's DDL
 LOCK_CLASS = 0x72656170
 MIGRATION_LOCK = 0
@@ -31,10 +33,6 @@ MAINTENANCE_LOCK = 1
 #: the comments pgwatch's upkeep and dashboards look for
 TABLE_COMMENT = "pgwatch-generated-metric-lvl"
 PARTITION_COMMENT = "pgwatch-generated-metric-time-lvl"
-
-#: built-in change-tracking tables created empty up front (dashboards query them before any change happens)
-CHANGE_TABLES = ("sproc_changes", "table_changes", "index_changes", "privilege_changes", "object_changes",
-                 "configuration_changes")
 
 PRECREATE_PARTITIONS = 3
 MIN_PARTITION_SECONDS = 3600
@@ -477,11 +475,11 @@ end
 $fn$;
 
 select admin.ensure_dummy_metrics_table(name)
-from unnest(array[{", ".join(f"'{t}'" for t in CHANGE_TABLES)}]) as name;
+from unnest(array[{", ".join(f"'{t}'" for t in (*CHANGE_TABLES, *METRIC_TABLES))}]) as name;
 """
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "pgwatch-compatible layout: admin schema, template, helper functions, change tables",
+    Migration(1, "pgwatch-compatible layout: admin schema, template, helper functions, change and metric tables",
               _V1_TABLES + _V1_FUNCTIONS),
 )
 
