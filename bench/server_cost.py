@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -367,12 +368,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- the report --------------------------------------------------------------------------------
 
+def minutes(result: dict[str, Any]) -> int:
+    """The bench's length: per preset its run, start-up and stop; the server and its data once."""
+    return round((len(result["presets"]) * (result["duration_s"] + 15) + 30) / 60)
+
+
+def wrap(lines: list[str], width: int) -> list[str]:
+    """Prose paragraphs wrapped at `width`; tables, HTML and empty lines as they are."""
+    out: list[str] = []
+    for line in lines:
+        out.extend([line] if not line or line[0] in "|<" else textwrap.wrap(line, width, break_on_hyphens=False,
+                                                                              break_long_words=False))
+    return out
+
+
 def num(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def top3(r: dict[str, Any]) -> str:
-    return ", ".join(f"`{m['metric']}` {num(m['server_ms_per_minute'], 1)}" for m in r["metrics"][:3])
+    return ", ".join(f"`{m['metric']}` {num(m['server_ms_per_minute'], 2)}" for m in r["metrics"][:3])
 
 
 def summary_table(result: dict[str, Any]) -> list[str]:
@@ -388,7 +403,8 @@ def section(result: dict[str, Any]) -> str:
     m = result["machine"]
     db = result["database"]
     out = [SECTION, "",
-           f"Measured {m['date']} by `bench/server_cost.py` (`{result['command']}`, about 10 minutes) on a "
+           f"Measured {m['date']} by `bench/server_cost.py` (`{result['command']}`, about {minutes(result)} minutes)"
+           " on a "
            f"**loaded, shared {m['cores']}-core machine** ({m['cpu']}, {m['ram_gib']} GiB, load average "
            f"{m['load_before']} before, {m.get('load_end', '?')} after; other work was running), {m['postgres']}, "
            f"reaper {m['commit']}.",
@@ -427,9 +443,11 @@ def section(result: dict[str, Any]) -> str:
         out += [f"| `{x['metric']}` | {x['interval']} | {num(x['ms_per_run'], 2)} | "
                 f"{num(x['server_ms_per_minute'], 2)} | {num(x['rows_per_minute'], 1)} |" for x in r["metrics"]]
         if r["not_costed"]:
-            out += ["", "No server cost recorded (not SQL run on the server, or not run): "
+            out += ["", "No server cost recorded (no statement of its own on the server: answered by the tick"
+                    " itself, read on reaper's host, or no SQL for this PostgreSQL): "
                     + ", ".join(f"`{x}`" for x in r["not_costed"]) + "."]
         out += ["", "</details>", ""]
+    out = wrap(out, 110)
     out += [f"<!-- server-cost-data {json.dumps(result, separators=(',', ':'))} -->", ""]
     return "\n".join(out)
 
@@ -455,17 +473,17 @@ def update_readme(path: Path, result: dict[str, Any]) -> None:
         log.warning("README: no paragraph %r before %r; left alone", README_START, README_END)
         return
     m = result["machine"]
-    new = "\n".join([
+    new = "\n".join(wrap([
         README_START + " Per source, one connection (two while it runs slow or timed metrics) and one"
         " statement per tick. Server time of reaper's statements per source, measured by `just bench server-cost`"
-        f" ({m['postgres'].split(',')[0]}, a {DB} database of `pgbench -i -s 5` plus a few tables and functions,"
+        f" ({m['postgres'].split(' (')[0]}, a database of `pgbench -i -s 5` plus a few tables and functions,"
         f" pgbench running at {result['workload_rate']:g} tps, a `pg_monitor` role; measured on a loaded, shared"
         f" {m['cores']}-core machine, at each preset's own intervals):",
         "", *summary_table(result), "",
         "Details, the method (intervals scaled down for the run, projected back per run) and the cross-check with"
         " `pg_stat_statements`: [docs/benchmarks.md](docs/benchmarks.md#server-cost-per-source). The figures grow"
         " with the number of tables, indexes, functions and statements the server has. A running reaper measures"
-        " it itself, per metric, and can keep it under a budget: see \"Budget and cost\" below.", "", ""])
+        " it itself, per metric, and can keep it under a budget: see \"Budget and cost\" below.", "", ""], 105))
     path.write_text(text[:start] + new + text[end:])
 
 
