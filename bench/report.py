@@ -49,7 +49,19 @@ def update(report: Path, result: dict[str, Any]) -> None:
     if samples:
         chart(chart_path(report, result["scenario"]), result, samples)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(render(results))
+    report.write_text(render(results) + kept_tail(report))
+
+
+KEPT_SECTION = "\n## Server cost per source\n"  # bench/server_cost.py's own section, at the end: kept as it is
+
+
+def kept_tail(report: Path) -> str:
+    try:
+        text = report.read_text()
+    except OSError:
+        return ""
+    at = text.find(KEPT_SECTION)
+    return "" if at < 0 else "\n" + text[at:].lstrip("\n")
 
 
 # -- formatting ----------------------------------------------------------------------------------
