@@ -23,7 +23,13 @@ from reaper import db
 from reaper.config.load import load_config
 from reaper.config.schema import CollectorConfig, Config, PostgresSinkConfig, SourceConfig
 from reaper.db.storage import StorageError, init_storage, open_storage
-from reaper.db.storage_schema import CHANGE_TABLES, LATEST_VERSION, METRIC_TABLES, partition_start_ns
+from reaper.db.storage_schema import (
+    CHANGE_TABLES,
+    DASHBOARD_TABLES,
+    LATEST_VERSION,
+    METRIC_TABLES,
+    partition_start_ns,
+)
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
 from reaper.sinks.postgres import PostgresSink, encode_batch, measurement_key
@@ -148,13 +154,13 @@ async def test_schema_is_created_and_reinit_is_idempotent(pg15, fresh_db) -> Non
         second = await init_storage(pg15.dsn(dbname=fresh_db), partition_interval_seconds=6 * 3600)
         conn = await open_storage(pg15.dsn(dbname=fresh_db), partition_seconds=86400)
         await conn.close()
-    assert first.applied == (1,) and first.version == LATEST_VERSION and first.schema_type == "postgres"
+    assert first.applied == (1, 2) and first.version == LATEST_VERSION and first.schema_type == "postgres"
     assert second.applied == () and second.version == LATEST_VERSION
     assert conn.schema.applied == ()
     q = lambda sql: one(pg15, sql, fresh_db)  # noqa: E731
     assert q("select schema_type from admin.storage_schema_type") == "postgres"
     assert q("select count(*) from admin.storage_schema_type") == "1"
-    assert q("select version from admin.reaper_schema_version") == "1"
+    assert q("select string_agg(version::text, ',' order by version) from admin.reaper_schema_version") == "1,2"
     assert q("select value from admin.config where key = 'partition_interval'") == "6 hours"
     assert q("select string_agg(attname, ',' order by attnum) from pg_attribute "
              "where attrelid = 'admin.metrics_template'::regclass and attnum > 0") == "time,dbname,data,tag_data"
@@ -163,7 +169,7 @@ async def test_schema_is_created_and_reinit_is_idempotent(pg15, fresh_db) -> Non
              "where table_schema = 'admin' and table_name = 'all_distinct_dbname_metrics'") == \
         "dbname,metric,created_on"
     # the change-tracking and metric tables exist (empty), partitioned by time, with pgwatch's marker comment
-    precreated = (*CHANGE_TABLES, *METRIC_TABLES)
+    precreated = (*CHANGE_TABLES, *METRIC_TABLES, *DASHBOARD_TABLES)
     assert q("select string_agg(t, ',' order by t) from admin.get_top_level_metric_tables() t") == \
         ",".join(sorted(precreated))
     assert q("select count(*) from pg_partitioned_table p join pg_class c on c.oid = p.partrelid "
@@ -245,7 +251,7 @@ def test_storage_init_command(pg15, fresh_db) -> None:
     first = reaper("--dsn", dsn, "--partition-interval", "1 week")
     again = reaper("--dsn", dsn)
     assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
-    assert "applied migrations 1" in first.stdout and "already at version 1" in again.stdout
+    assert "applied migrations 1, 2" in first.stdout and "already at version 2" in again.stdout
     assert "not-shown" not in first.stdout + first.stderr + again.stdout + again.stderr
     assert one(pg15, "select value from admin.config where key = 'partition_interval'", fresh_db) == "168 hours"
     bad = reaper("--dsn", dsn, "--partition-interval", "90 minutes")
@@ -269,7 +275,8 @@ async def test_pgwatch_helpers_run(pg15, fresh_db) -> None:
              "select admin.maintain_unique_sources()") == "2"
     assert q("select string_agg(dbname || ':' || metric, ',' order by dbname) from admin.all_distinct_dbname_metrics") \
         == "a:db_stats,b:wal"
-    assert q("select admin.truncate_all_metric_tables()") == str(len(CHANGE_TABLES) + len(METRIC_TABLES) + 1)
+    tables = len(CHANGE_TABLES) + len(METRIC_TABLES) + len(DASHBOARD_TABLES)
+    assert q("select admin.truncate_all_metric_tables()") == str(tables + 1)
     assert q("select count(*) from db_stats") == "0"
     pg15.psql("call admin.drop_all_metric_tables()", dbname=fresh_db)
     assert q("select count(*) from admin.get_top_level_metric_tables()") == "0"
@@ -319,8 +326,12 @@ async def test_decimal_nan_and_datetime_values(pg15, fresh_db) -> None:
                                   jsonb_typeof(data->'nan'), jsonb_typeof(data->'inf'), data->>'ts',
                                   data->>'age', jsonb_typeof(data->'none'), data->>'flag', data->>'text',
                                   data->>'big', jsonb_typeof(data->'dec') from types""", fresh_db)
-    assert got == [["1.50", "42", "null", "null", "null", "2024-05-06T07:08:09.123456+00:00", "120.5", "null",
+    # null values (SQL NULL, NaN, infinities) are left out of data: no JSON null for a jsonb cast to refuse
+    assert got == [["1.50", "42", "", "", "", "2024-05-06T07:08:09.123456+00:00", "120.5", "",
                     "true", "xy", str(2**63 - 1), "number"]]
+    assert rows_of(pg15, """select data ? 'none', data ? 'nan', data ? 'inf', data ? 'dec_nan',
+                                   (data->'none')::int8 is null, (data->'nan')::float8 is null from types""",
+                   fresh_db) == [["f", "f", "f", "f", "t", "t"]]
 
 
 async def test_storage_name_is_the_table(pg15, fresh_db) -> None:

@@ -23,7 +23,7 @@ import re
 
 import attrs
 
-from reaper.db.storage_tables import CHANGE_TABLES, METRIC_TABLES
+from reaper.db.storage_tables import CHANGE_TABLES, DASHBOARD_TABLES, METRIC_TABLES
 
 #: advisory lock class ('reap'); objid 0 = migrations, 1 = maintenance, hashtext(metric) = one metric's DDL
 LOCK_CLASS = 0x72656170
@@ -481,6 +481,8 @@ from unnest(array[{", ".join(f"'{t}'" for t in (*CHANGE_TABLES, *METRIC_TABLES))
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "pgwatch-compatible layout: admin schema, template, helper functions, change and metric tables",
               _V1_TABLES + _V1_FUNCTIONS),
+    Migration(2, "empty tables pgwatch's dashboards read for metrics reaper does not collect (btree_bloat)",
+              f"select admin.ensure_dummy_metrics_table(name) from unnest(array{list(DASHBOARD_TABLES)}) as name;"),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -18,7 +18,8 @@ metric's storage_name or its name): time from the row's own epoch_ns (else the m
 the source name, data = every value column including epoch_ns, tag_data = the source's custom tags plus
 the tag_ columns with the prefix stripped and their values as text (null tags left out). Values are
 encoded as pgwatch (Go) writes them, as every JSON sink does (reaper/sinks/encode.py): `300`, not `300.0`;
-NaN and infinities as null; timestamps as ISO 8601 text; intervals as seconds.
+timestamps as ISO 8601 text; intervals as seconds. A null value (SQL NULL, NaN, an infinity) is left out
+of `data`: the dashboards' jsonb casts `(data->'col')::int8` refuse a JSON null (without_nulls).
 
 Batching. The caller drains whatever its channel holds into a batch (so batches grow by themselves
 under load). To spare the storage database a commit per tick of every source, a batch smaller than
@@ -41,6 +42,7 @@ is already committed). A sink that receives nothing expires nothing, but then no
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import hashlib
 import logging
 import re
@@ -346,6 +348,10 @@ def encode_measurement(m: Measurement) -> Iterator[Record]:
             tags_json = dumps_json(tags) if tags else _EMPTY_OBJECT
         else:
             tags_json = custom_json
+        for v in values.values():
+            if v is None or (type(v) is float and v - v != 0) or (type(v) is decimal.Decimal and not v.is_finite()):
+                values = without_nulls(values)
+                break
         ns = values.get("epoch_ns")
         if type(ns) is not int:
             ns = m.epoch_ns
@@ -354,6 +360,18 @@ def encode_measurement(m: Measurement) -> Iterator[Record]:
             last_time = time_of(ns, m.epoch_ns)
             last_ns = ns
         yield (last_time, source, dumps_json(values), tags_json)
+
+
+def without_nulls(values: dict[str, Any]) -> dict[str, Any]:
+    """The row without its null values (SQL NULL, NaN, infinities): the key is left out of `data`.
+
+    pgwatch's dashboards read many columns as jsonb, `(data->'longest_query_seconds')::int8`, and that cast
+    refuses a JSON null ("cannot cast jsonb null to type bigint") where a missing key gives SQL NULL; so a
+    panel over a time range with one idle sample would fail. pgwatch's docs say NULLs are not stored.
+    """
+    return {k: v for k, v in values.items()
+            if not (v is None or (type(v) is float and v - v != 0)
+                    or (type(v) is decimal.Decimal and not v.is_finite()))}
 
 
 def time_of(ns: int, fallback_ns: int) -> dt.datetime:
