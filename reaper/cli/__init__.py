@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from reaper import __version__
+from reaper.cli import configdb
 from reaper.cli.fleet import add_parser as add_fleet_parser
 from reaper.cli.fleet import cmd_fleet  # noqa: F401  (dispatched by name: cmd_<verb>)
 from reaper.config.load import load_config
@@ -186,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "custom_tags -> tags, is_enabled -> enabled, only_if_master -> only_if_primary; group, "
                     "include_pattern and exclude_pattern keep their names.")
     for sub in (imetrics, isources):
-        sub.add_argument("file", metavar="FILE.yaml", help="pgwatch's YAML file, or a folder of *.yaml files")
+        sub.add_argument("file", metavar="FILE.yaml", nargs="?" if sub is isources else None,
+                         help="pgwatch's YAML file, or a folder of *.yaml files")
         sub.add_argument("--output", "-o", metavar="OUT.toml", help="write the TOML here (default: stdout)")
+
+    isources.add_argument("--from-db", metavar="DSN", help="read pgwatch's config database (table pgwatch.source) "
+                          "instead of a YAML file: " + configdb.DSN_HELP)
+    isources.add_argument("--password-file", metavar="FILE", help="with --from-db: the password, from this file")
+    configdb.add_parser(verbs)
 
     add_fleet_parser(verbs)
     storage = verbs.add_parser("storage", help="manage the PostgreSQL metrics storage",
@@ -391,7 +398,12 @@ def cmd_import_pgwatch(args: argparse.Namespace) -> int:
     if args.import_what is None:
         build_parser().parse_args(["import-pgwatch", "--help"])
         return EXIT_USAGE
-    result = (import_metrics if args.import_what == "metrics" else import_sources)(args.file)
+    if args.import_what == "sources" and (args.file is None) == (args.from_db is None):
+        raise ConfigError(["import-pgwatch sources: give either FILE.yaml or --from-db DSN"])
+    if args.import_what == "sources" and args.from_db is not None:
+        result = configdb.import_from_db(args.from_db, args.password_file)
+    else:
+        result = (import_metrics if args.import_what == "metrics" else import_sources)(args.file)
     for line in result.notes:
         print(line, file=sys.stderr)
     if args.output is None:
@@ -405,6 +417,9 @@ def cmd_import_pgwatch(args: argparse.Namespace) -> int:
     print(f"{args.output}: written: {result.summary}" + (f"; {len(result.notes)} notes above" if result.notes
                                                           else ""), file=sys.stderr)
     return EXIT_OK
+
+
+cmd_config_db = configdb.cmd_config_db
 
 
 def cmd_metrics_docs(args: argparse.Namespace) -> int:
