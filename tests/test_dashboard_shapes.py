@@ -2,11 +2,13 @@
 
 No pgwatch file is read here. After a short real `reaper run` with the `exhaustive` preset into a
 postgres sink, queries written in the dashboards' style run on the storage: a time filter, the source's
-`dbname`, `(data->>'col')::int8` and the jsonb form `(data->'col')::int8`, counters turned into rates with
+`dbname`, `(data->>'col')::int8` and the jsonb form `(data->'col')::int8` (which refuses a JSON null: null values are
+left out of `data`), counters turned into rates with
 `lag() over (partition by dbname[, tag] order by time)`, grouping by time buckets, `tag_data->>'x'` filters
 and groupings, and the admin objects the dashboards' variables and upkeep use. `READS` lists, as facts, the
 metric columns and casts those dashboards read (metric, columns, cast); every metric table they read
-exists (created empty up front when the metric has no rows yet, or is not in the preset at all).
+exists (created empty up front when the metric has no rows yet, or is not in the preset at all, or is a
+metric reaper does not have: DASHBOARD_TABLES).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 from pgserver import ServerHandle, create_extensions, quote_ident
 
 from reaper.catalog.metrics import load_shipped_definitions
-from reaper.db.storage_schema import CHANGE_TABLES, METRIC_TABLES
+from reaper.db.storage_schema import CHANGE_TABLES, DASHBOARD_TABLES, METRIC_TABLES
 
 pytestmark = pytest.mark.pg
 
@@ -33,7 +35,8 @@ SOURCE = "exhaustive"
 RUN_LIMIT_SECONDS = 45
 
 #: (metric table, value columns, cast) the v12 dashboards read, e.g. health check, global and DB
-#: overview, query performance, table details, replication, change events
+#: overview, query performance, tables overview, table details, index overview, sessions overview,
+#: checkpointer/bgwriter, replication, change events, settings overview, system stats, recommendations
 READS: list[tuple[str, str, str]] = [
     ("db_stats", "xact_commit xact_rollback blks_hit blks_read temp_bytes tup_inserted tup_updated tup_deleted "
                  "tup_fetched tup_returned numbackends sessions deadlocks backup_duration_s", "int8"),
@@ -43,17 +46,22 @@ READS: list[tuple[str, str, str]] = [
     ("wal_size", "wal_size_b", "float8"),
     ("db_size", "size_b", "int8"),
     ("backends", "total active idle idleintransaction waiting longest_query_seconds", "int"),
-    ("backends", "longest_autovacuum_seconds longest_tx_seconds max_xmin_age_tx", "int8"),
+    ("backends", "longest_autovacuum_seconds longest_tx_seconds max_xmin_age_tx longest_waiting_seconds "
+                 "longest_session_seconds longest_query_seconds instance_total max_connections av_workers", "int8"),
+    ("backends", "avg_query_seconds avg_waiting_seconds avg_tx_seconds avg_session_seconds", "float"),
+    ("db_stats", "blk_read_time blk_write_time", "float8"),
     ("stat_statements_calls", "calls", "int8"),
     ("stat_statements_calls", "total_time", "float8"),
     ("stat_statements", "calls rows shared_blks_hit shared_blks_read shared_blks_written temp_blks_read "
                         "temp_blks_written", "int8"),
     ("stat_statements", "total_time total_plan_time blk_read_time blk_write_time", "numeric"),
     ("table_stats", "seq_scan table_size_b total_relation_size_b tx_freeze_age n_tup_ins n_tup_upd n_tup_del "
-                    "seconds_since_last_vacuum seconds_since_last_analyze", "int8"),
+                    "seconds_since_last_vacuum seconds_since_last_analyze toast_size_b", "int8"),
     ("table_stats", "no_autovacuum", "int"),
     ("table_io_stats", "heap_blks_read heap_blks_hit idx_blks_read idx_blks_hit", "int8"),
-    ("index_stats", "idx_scan index_size_b", "int8"),
+    ("table_io_stats", "heap_blks_read idx_blks_read toast_blks_read toast_blks_hit tidx_blks_read tidx_blks_hit",
+     "float8"),
+    ("index_stats", "idx_scan index_size_b idx_blks_read idx_blks_hit idx_tup_read idx_tup_fetch", "int8"),
     ("index_stats", "is_invalid_int", "int"),
     ("sproc_stats", "sp_calls", "int8"),
     ("sproc_stats", "total_time self_time", "float8"),
@@ -64,33 +72,39 @@ READS: list[tuple[str, str, str]] = [
     ("table_bloat_approx_summary_sql", "approx_table_bloat_b", "int8"),
     ("cpu_load", "load_1min load_5min load_15min", "float8"),
     ("locks_mode", "count", "int"),
+    ("locks_mode", "count", "int8"),
     ("settings_num", "value", "float8"),
     ("datfrozenxid", "datfrozenxid_age", "int8"),
     ("archiver", "is_failing_int", "int"),
     ("archiver_pending_count", "pending_count", "int8"),
-    ("replication", "replay_lag_b", "int8"),
+    ("replication", "replay_lag_b write_lag_b flush_lag_b", "int8"),
+    ("replication", "is_sync_int", "int"),
     ("replication_slots", "non_active_int", "int"),
     ("replication_slots", "xmin_age_tx restart_lsn_lag_b", "int8"),
     ("settings", "server_version_num", "int8"),
-    ("settings", "max_connections", "int"),
+    ("settings", "max_connections autovacuum_max_workers", "int"),
+    ("settings", "block_size", "int8"),
+    ("server_log_event_counts", "error fatal error_total fatal_total", "int8"),
+    ("recommendations", "index_size_b", "int8"),
+    ("recommendations", "total_avg_exec_time", "float8"),
     ("psutil_disk", "free total", "int8"),
-    ("psutil_cpu", "cpu_utilization", "float8"),
+    ("psutil_cpu", "cpu_utilization load_1m_norm load_1m idle user system iowait", "float8"),
     ("psutil_mem", "total available", "int8"),
+    ("psutil_mem", "used free buff_cache swap_used swap_total", "float8"),
+    ("psutil_disk", "percent free", "float8"),
+    ("psutil_disk_io_total", "read_bytes write_bytes", "int8"),
 ]
 
-#: columns the dashboards read as jsonb, `(data->'col')::int8`: that cast refuses a JSON null, so these must
-#: never be null (the others are read as text, `(data->>'col')`, where null is fine)
-JSONB_READS = {("db_stats", "xact_commit"), ("db_stats", "xact_rollback"), ("db_stats", "in_recovery_int"),
-               ("db_size", "size_b"), ("table_bloat_approx_summary_sql", "approx_table_bloat_b"),
-               ("cpu_load", "load_5min"), ("backends", "idleintransaction"), ("backends", "waiting"),
-               ("backends", "active")}
 
 #: (metric table, tag) the dashboards filter, partition or group by
 TAGS: list[tuple[str, str]] = [
     ("stat_statements", "queryid"), ("stat_statements", "query"), ("table_stats", "table_full_name"),
     ("index_stats", "table_full_name"), ("index_stats", "index_full_name"), ("sproc_stats", "function_full_name"),
     ("table_io_stats", "table_full_name"), ("locks_mode", "lockmode"), ("psutil_disk", "dir_or_tablespace"),
-    ("settings_num", "name"),
+    ("settings_num", "name"), ("sproc_stats", "oid"), ("index_stats", "index_name"),
+    ("replication_slots", "slot_name"), ("recommendations", "reco_topic"), ("recommendations", "issue_type"),
+    ("recommendations", "object_name"), ("table_changes", "table"), ("index_changes", "index"),
+    ("sproc_changes", "sproc"), ("configuration_changes", "setting"), ("psutil_disk", "path"),
 ]
 
 #: tables that must hold rows after the first ticks (else the casts above prove nothing)
@@ -144,6 +158,11 @@ ADMIN_QUERIES = [
     "select * from admin.get_top_level_metric_tables()",
     "select admin.maintain_unique_sources()",
     "select count(*) from public.configuration_changes where dbname = 'exhaustive'",
+    # the settings overview's variable, the change events' settings table
+    "select distinct tag_data->>'name' from settings_num where dbname = 'exhaustive'"
+    " and time > now() - '24h'::interval",
+    "select key, value::text from jsonb_each((select data from db_stats order by time desc limit 1))",
+    *[f"select count(*) from public.{t} where time > now() - '1h'::interval" for t in DASHBOARD_TABLES],
 ]
 
 
@@ -239,8 +258,8 @@ preset = "exhaustive"
         for column in columns.split():
             what = f"{table}.{column}::{cast}"
             queries.append((f"{what} rate (->>)", rate_query(table, column, cast, "->>")))
-            arrow = "->" if (table, column) in JSONB_READS else "->>"
-            queries.append((f"{what} last ({arrow})", last_value_query(table, column, cast, arrow)))
+            queries.append((f"{what} rate (->)", rate_query(table, column, cast, "->")))
+            queries.append((f"{what} last (->)", last_value_query(table, column, cast, "->")))
             queries.append((f"{what} aggregate", aggregate_query(table, column, cast)))
     queries += [(f"{table} tag {tag}", tag_query(table, tag)) for table, tag in TAGS]
     queries += [(f"admin: {sql[:60]}", sql) for sql in ADMIN_QUERIES]
@@ -265,4 +284,12 @@ preset = "exhaustive"
     assert int(nonnull) > 0
     longest = pg15.psql("select max((data->>'longest_query_seconds')::int) from backends", dbname=fresh_db)
     assert longest and int(longest) >= 1
+    # no stored value is a JSON null (the jsonb casts above would refuse it): a null column is left out
+    # of data, as idle samples show (no autovacuum ran, so longest_autovacuum_seconds is SQL NULL there)
+    nulls = pg15.psql(" union all ".join(
+        f"select '{t}', count(*) from public.{quote_ident(t)}, jsonb_each(data) e where jsonb_typeof(e.value) = 'null'"
+        for t in sorted(counts)), dbname=fresh_db)
+    assert [line for line in nulls.splitlines() if not line.endswith("|0")] == []
+    absent = pg15.psql("select count(*) from backends where not data ? 'longest_autovacuum_seconds'", dbname=fresh_db)
+    assert int(absent) > 0
     sleeper.join(timeout=30)

@@ -481,7 +481,7 @@ from unnest(array[{", ".join(f"'{t}'" for t in (*CHANGE_TABLES, *METRIC_TABLES))
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "pgwatch-compatible layout: admin schema, template, helper functions, change and metric tables",
               _V1_TABLES + _V1_FUNCTIONS),
-    Migration(2, "empty tables pgwatch's dashboards read for metrics reaper does not collect (btree_bloat)",
+    Migration(2, "empty tables pgwatch's dashboards read for metrics reaper does not collect (btree_bloat, ...)",
               f"select admin.ensure_dummy_metrics_table(name) from unnest(array{list(DASHBOARD_TABLES)}) as name;"),
 )
 

@@ -26,7 +26,8 @@ METRIC_TABLES = (
     "wal", "wal_receiver", "wal_size", "wal_stats",
 )
 
-#: tables pgwatch's v12 dashboards read for metrics reaper does not collect (index overview's btree bloat
-#: panel reads `btree_bloat`): created empty (schema migration 2) so such a panel shows no data instead of
-#: failing with "relation does not exist"
-DASHBOARD_TABLES = ("btree_bloat",)
+#: tables pgwatch's v12 dashboards read for metrics reaper does not collect (nor pgwatch's own catalogue, for
+#: the two realtime ones): the index overview's btree bloat panel, the stat activity (realtime) and realtime
+#: plans dashboards. Created empty (schema migration 2) so such a panel shows no data instead of failing with
+#: "relation does not exist".
+DASHBOARD_TABLES = ("btree_bloat", "stat_activity_realtime", "show_plans_realtime")
