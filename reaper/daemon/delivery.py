@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from reaper.config.schema import MetricDef
+from reaper.catalog.metrics import Catalog
+from reaper.config.schema import MetricDef, SourceConfig
 from reaper.config.topn import ActiveTopN, resolve
+from reaper.daemon.cache import InstanceCache
+from reaper.daemon.sourcestate import SourceState
 from reaper.daemon.topn import TopNState
 from reaper.db.link import SourceLink
 from reaper.measurement import Measurement
 
-if TYPE_CHECKING:
-    from reaper.daemon.source import SourceReaper
+
+class Delivering(Protocol):
+    """What delivery reads of its source (reaper.daemon.source.SourceReaper); a Protocol, so that this
+    module does not import the one that uses it."""
+
+    config: SourceConfig
+    catalog: Catalog
+    state: SourceState
+    conn: SourceLink | None
+    instance_cache: InstanceCache | None
+
+    def emit(self, measurement: Measurement, /) -> None: ...
 
 log = logging.getLogger("reaper.daemon.source")
 
@@ -28,7 +41,7 @@ log = logging.getLogger("reaper.daemon.source")
 class Output:
     """One source's delivery to the fan-out (`emit`), with the per-source counters in its state."""
 
-    def __init__(self, reaper: SourceReaper) -> None:
+    def __init__(self, reaper: Delivering) -> None:
         self.reaper = reaper
         self._cache_seen: dict[str, int] = {}  # metric -> serial of the cache entry last delivered
         self._down_sent_tick: int | None = None  # the tick in which instance_up = 0 was sent on going down

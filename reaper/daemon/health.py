@@ -21,18 +21,35 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from reaper.daemon.fleet import FleetMember
+from reaper.daemon.reconciler import Reconciler, RunningSource
+from reaper.daemon.sinkset import RunningSink
+from reaper.daemon.status import DaemonStatus
 from reaper.daemon.status import _converter as status_converter
 from reaper.sinks.http_serve import serve_bounded
 from reaper.sinks.prometheus import bind_listen
 
-if TYPE_CHECKING:
-    from reaper.daemon.app import Daemon
+
+class Daemon(Protocol):
+    """What the endpoints read of the daemon (reaper.daemon.app.Daemon); a Protocol, so that this module
+    does not import the one that starts it."""
+
+    fleet: FleetMember | None
+    reconciler: Reconciler
+
+    @property
+    def sources(self) -> dict[str, RunningSource]: ...
+
+    @property
+    def sinks(self) -> dict[str, RunningSink]: ...
+
+    def status(self) -> DaemonStatus: ...
 
 log = logging.getLogger("reaper.daemon.health")
 http_log = logging.getLogger("reaper.daemon.health.http")

@@ -6,12 +6,22 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from reaper.daemon.source import SourceReaper
+from reaper.config.schema import SourceConfig
+from reaper.daemon.sourcestate import SourceState
+
+
+class Supervised(Protocol):
+    """What the supervisor runs (reaper.daemon.source.SourceReaper); a Protocol, so that this module does
+    not import the one that uses it."""
+
+    config: SourceConfig
+    state: SourceState
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
 
 log = logging.getLogger("reaper.daemon.source")
 
@@ -25,7 +35,7 @@ class TooManyRestarts(Exception):
     """A source task kept crashing with unexpected errors: a bug, so the daemon exits non-zero."""
 
 
-async def supervise(reaper: SourceReaper, *, restart_limit: int = RESTART_LIMIT,
+async def supervise(reaper: Supervised, *, restart_limit: int = RESTART_LIMIT,
                     window: float = RESTART_WINDOW_SECONDS, jitter: Callable[[], float] | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a source (its nursery: fast lane, slow lane, local collectors), restarting it after an
