@@ -93,8 +93,26 @@ READS: list[tuple[str, str, str]] = [
     ("psutil_mem", "used free buff_cache swap_used swap_total", "float8"),
     ("psutil_disk", "percent free", "float8"),
     ("psutil_disk_io_total", "read_bytes write_bytes", "int8"),
+    # stat statements top (fast, visual), single query details, SQL search
+    ("stat_statements", "shared_blks_dirtied", "int8"),
+    ("stat_statements", "total_time blk_read_time blk_write_time", "float8"),
+    # tables top, table details, biggest relations, sproc details, global health, version overview
+    ("table_stats", "idx_scan", "int8"),
+    ("table_io_stats", "toast_blks_read tidx_blks_read", "int8"),
+    ("sproc_stats", "total_time self_time", "float"),
+    ("settings", "server_version_num", "int"),
+    ("backends", "longest_tx_seconds waiting max_connections instance_total", "int"),
+    ("wal_size", "wal_size_b", "int8"),
+    ("psutil_cpu", "cpu_utilization", "numeric"),
+    ("pgpool_stats", "select_cnt", "int8"),
+    ("stat_statements_jit", "total_jit_time total_time", "float8"),
 ]
 
+#: (metric table, number columns, cast) read only in the jsonb form `(data->'col')::cast`, where a number with a
+#: fraction is rounded (single query details: `(data->'total_time')::int8`); the text form would refuse "7.41"
+JSONB_READS: list[tuple[str, str, str]] = [
+    ("stat_statements", "total_time blk_read_time blk_write_time", "int8"),
+]
 
 #: (metric table, tag) the dashboards filter, partition or group by
 TAGS: list[tuple[str, str]] = [
@@ -105,6 +123,7 @@ TAGS: list[tuple[str, str]] = [
     ("replication_slots", "slot_name"), ("recommendations", "reco_topic"), ("recommendations", "issue_type"),
     ("recommendations", "object_name"), ("table_changes", "table"), ("index_changes", "index"),
     ("sproc_changes", "sproc"), ("configuration_changes", "setting"), ("psutil_disk", "path"),
+    ("table_stats", "schema"), ("table_io_stats", "table_full_name"), ("pgpool_stats", "node_id"),
 ]
 
 #: tables that must hold rows after the first ticks (else the casts above prove nothing)
@@ -163,6 +182,46 @@ ADMIN_QUERIES = [
     " and time > now() - '24h'::interval",
     "select key, value::text from jsonb_each((select data from db_stats order by time desc limit 1))",
     *[f"select count(*) from public.{t} where time > now() - '1h'::interval" for t in DASHBOARD_TABLES],
+    # the global health's hidden variable: the pooler table's name when it exists
+    "select coalesce(to_regclass('pgbouncer_stats')::text, 'db_stats')",
+]
+
+#: panels that read text columns or join metric tables (global health, tables top, stat statements top,
+#: version overview), in the dashboards' shape
+PANEL_QUERIES = [
+    # sources configured lately without fresh db_stats rows, with their last role, age and uptime
+    f"""select c.dbname,
+       (select case when w.data->>'in_recovery_int' = '0' then 'primary' else 'replica' end from wal w
+        where w.dbname = c.dbname order by w.time desc limit 1) as role,
+       (select extract(epoch from now() - d.time)::int from db_stats d where d.dbname = c.dbname
+        order by d.time desc limit 1) as seen_s_ago,
+       (select (d.data->>'postmaster_uptime_s')::int from db_stats d where d.dbname = c.dbname
+        order by d.time desc limit 1) as uptime_s
+     from (select dbname from configured_dbs where time > now() - '15min'::interval
+           union select '{SOURCE}') c
+     where not exists (select 1 from db_stats d where d.dbname = c.dbname and d.time > now() - '1s'::interval)""",
+    # the latest row of each biggest table, with its vacuum/analyze ages and a schema filter
+    f"""select t.*, (l.data->'seconds_since_last_vacuum')::int8, (l.data->'seconds_since_last_analyze')::int8
+     from (select dbname, tag_data->>'table_full_name' as tbl, max((data->'total_relation_size_b')::int8) as size
+           from table_stats where dbname = '{SOURCE}' and time > now() - '1h'::interval
+           and not tag_data->>'schema' ~* 'temp' group by 1, 2 order by 3 desc limit 5) t
+     cross join lateral (select data from table_stats s where s.dbname = t.dbname
+           and s.tag_data->>'table_full_name' = t.tbl order by s.time desc limit 1) l""",
+    # a statement's latest user list and text, its spread in calls and time
+    f"""select s.qid, s.calls, s.tt, (select data->>'users' from stat_statements u where u.dbname = '{SOURCE}'
+             and u.tag_data->>'queryid' = s.qid order by u.time desc limit 1) as users,
+            left(s.query, 100)
+     from (select tag_data->>'queryid' as qid, tag_data->>'query' as query,
+                  max((data->>'calls')::int8) - min((data->>'calls')::int8) as calls,
+                  max((data->>'total_time')::numeric) - min((data->>'total_time')::numeric) as tt
+           from stat_statements where dbname = '{SOURCE}' and time > now() - '1h'::interval group by 1, 2) s""",
+    # sources grouped by their version string and number
+    """select split_part(data->>'server_version', ' ', 1), (data->'server_version_num')::int8,
+            string_agg(distinct dbname, ', ') from settings where time > now() - '1h'::interval group by 1, 2""",
+    # Pgpool-II nodes: the latest row per source, SELECT counts per node
+    """select dbname, tag_data->>'node_id', data->>'role', data->>'status', data->>'lb_weight',
+            data->>'replication_delay', (data->>'select_cnt')::int8 from pgpool_stats
+     where time = (select max(time) from pgpool_stats)""",
 ]
 
 
@@ -261,8 +320,14 @@ preset = "exhaustive"
             queries.append((f"{what} rate (->)", rate_query(table, column, cast, "->")))
             queries.append((f"{what} last (->)", last_value_query(table, column, cast, "->")))
             queries.append((f"{what} aggregate", aggregate_query(table, column, cast)))
+    for table, columns, cast in JSONB_READS:
+        for column in columns.split():
+            what = f"{table}.{column}::{cast}"
+            queries.append((f"{what} rate (->)", rate_query(table, column, cast, "->")))
+            queries.append((f"{what} last (->)", last_value_query(table, column, cast, "->")))
     queries += [(f"{table} tag {tag}", tag_query(table, tag)) for table, tag in TAGS]
     queries += [(f"admin: {sql[:60]}", sql) for sql in ADMIN_QUERIES]
+    queries += [(f"panel: {' '.join(sql.split())[:60]}", sql) for sql in PANEL_QUERIES]
 
     failures = []
     for name, sql in queries:

@@ -28,11 +28,12 @@ METRIC_TABLES = (
 
 #: tables pgwatch's v12 dashboards read for metrics reaper does not collect (nor pgwatch's own catalogue, for
 #: the two realtime ones): the index overview's btree bloat panel, the stat activity (realtime) and realtime
-#: plans dashboards, and the Patroni overview (pgwatch scrapes Patroni's Prometheus endpoint into patroni_*).
-#: Created empty (schema migration 2) so such a panel shows no data instead of failing with "relation does
-#: not exist".
+#: plans dashboards, the global health's "offline nodes" (configured_dbs) and JIT panels and the health
+#: check's JIT panel (stat_statements_jit), and the Patroni overview (pgwatch scrapes Patroni's Prometheus
+#: endpoint into patroni_*). Created empty (schema migration 2) so such a panel shows no data instead of
+#: failing with "relation does not exist".
 DASHBOARD_TABLES = (
-    "btree_bloat", "stat_activity_realtime", "show_plans_realtime",
+    "btree_bloat", "stat_activity_realtime", "show_plans_realtime", "configured_dbs", "stat_statements_jit",
     "patroni_primary", "patroni_cluster_unlocked", "patroni_is_paused", "patroni_pending_restart",
     "patroni_postgres_running", "patroni_standby_leader", "patroni_postgres_timeline", "patroni_xlog_location",
     "patroni_xlog_received_location", "patroni_xlog_replayed_location", "patroni_dcs_last_seen",
