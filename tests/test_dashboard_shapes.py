@@ -96,7 +96,7 @@ READS: list[tuple[str, str, str]] = [
     # stat statements top (fast, visual), single query details, SQL search
     ("stat_statements", "shared_blks_dirtied", "int8"),
     ("stat_statements", "total_time blk_read_time blk_write_time", "float8"),
-    # tables top, table details, biggest relations, sproc details, global health, version overview
+    # tables top, table details (and time lag), biggest relations, sproc details, global health, version overview
     ("table_stats", "idx_scan", "int8"),
     ("table_io_stats", "toast_blks_read tidx_blks_read", "int8"),
     ("sproc_stats", "total_time self_time", "float"),
@@ -106,6 +106,10 @@ READS: list[tuple[str, str, str]] = [
     ("psutil_cpu", "cpu_utilization", "numeric"),
     ("pgpool_stats", "select_cnt", "int8"),
     ("stat_statements_jit", "total_jit_time total_time", "float8"),
+    # DB overview (developer, time lag), system stats time lag
+    ("backends", "active idleintransaction", "int8"),
+    ("psutil_cpu", "iowait", "float8"),
+    ("psutil_mem", "percent available swap_percent", "float8"),
 ]
 
 #: (metric table, number columns, cast) read only in the jsonb form `(data->'col')::cast`, where a number with a
