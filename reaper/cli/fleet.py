@@ -11,10 +11,7 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
-
-from reaper.daemon.status import STATUS_FILE
 
 
 def add_parser(verbs: Any) -> None:
@@ -35,25 +32,15 @@ def add_parser(verbs: Any) -> None:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    from reaper.cli.operate import _read, pid_alive, state_dir_from, why_not_our_daemon  # rich: only here
+    from reaper.cli.operate import _read, our_daemon  # rich: only here
 
     if getattr(args, "fleet_verb", None) != "leave":
         print("fleet: give an action: leave", file=sys.stderr)
         return 2
-    try:
-        pid = int(Path(args.pidfile).read_text().strip())
-    except (OSError, ValueError) as e:
-        print(f"{args.pidfile}: cannot read a pid: {e}", file=sys.stderr)
-        return 1
-    if pid <= 1 or not pid_alive(pid):
-        print(f"{args.pidfile}: process {pid} is not running", file=sys.stderr)
-        return 1
-    path = state_dir_from(args) / STATUS_FILE
-    status = _read(path)
-    reason = why_not_our_daemon(pid, status, path)
-    if reason is not None or status is None:
-        print(f"{args.pidfile}: not signalling process {pid}: {reason}", file=sys.stderr)
-        return 1
+    found = our_daemon(args)
+    if isinstance(found, int):
+        return found
+    pid, path, status = found
     if status.fleet is None:
         print(f"process {pid} is not a fleet member (no [fleet] in its config)", file=sys.stderr)
         return 1

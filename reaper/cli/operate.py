@@ -207,6 +207,26 @@ def _lanes(lanes: Sequence[LaneStatus]) -> str:
     return "; ".join(parts) or "-"
 
 
+def our_daemon(args: argparse.Namespace) -> tuple[int, Path, DaemonStatus] | int:
+    """The pid in --pidfile, verified to be the reaper daemon of this state dir (so a reused pid is never
+    signalled), with its status file and status; or the exit code after one line saying why not."""
+    try:
+        pid = int(Path(args.pidfile).read_text().strip())
+    except (OSError, ValueError) as e:
+        print(f"{args.pidfile}: cannot read a pid: {e}", file=sys.stderr)
+        return 1
+    if pid <= 1 or not pid_alive(pid):
+        print(f"{args.pidfile}: process {pid} is not running", file=sys.stderr)
+        return 1
+    path = state_dir_from(args) / STATUS_FILE
+    status = _read(path)
+    reason = why_not_our_daemon(pid, status, path)
+    if reason is not None or status is None:
+        print(f"{args.pidfile}: not signalling process {pid}: {reason}", file=sys.stderr)
+        return 1
+    return pid, path, status
+
+
 def reload_daemon(args: argparse.Namespace) -> int:
     """`reaper reload`: signal the daemon, wait for its answer, print the plan it carried out (or the
     lines it refused the config for). With --plan: only print what it would do (reaper.cli.planview)."""
@@ -218,20 +238,10 @@ def reload_daemon(args: argparse.Namespace) -> int:
     if not args.pidfile:
         print("reload: --pidfile is required (or --plan, which signals nothing)", file=sys.stderr)
         return 2
-    try:
-        pid = int(Path(args.pidfile).read_text().strip())
-    except (OSError, ValueError) as e:
-        print(f"{args.pidfile}: cannot read a pid: {e}", file=sys.stderr)
-        return 1
-    if pid <= 1 or not pid_alive(pid):
-        print(f"{args.pidfile}: process {pid} is not running", file=sys.stderr)
-        return 1
-    path = state_dir_from(args) / STATUS_FILE
-    before = _read(path)
-    reason = why_not_our_daemon(pid, before, path)
-    if reason is not None or before is None:
-        print(f"{args.pidfile}: not signalling process {pid}: {reason}", file=sys.stderr)
-        return 1
+    found = our_daemon(args)
+    if isinstance(found, int):
+        return found
+    pid, path, before = found
     os.kill(pid, signal.SIGHUP)
     return _await_answer(pid, path, before, args.wait, fmt)
 

@@ -32,7 +32,7 @@ from reaper.daemon.reconciler import Reconciler, RunningSource
 from reaper.daemon.sinkset import RunningSink
 from reaper.daemon.status import DaemonStatus
 from reaper.daemon.status import _converter as status_converter
-from reaper.sinks.http_serve import serve_bounded
+from reaper.sinks.http_serve import answers_get, serve_bounded
 from reaper.sinks.prometheus import bind_listen
 
 
@@ -137,19 +137,7 @@ class HealthEndpoints:
         return 404, TEXT, b"not found: /liveness, /readiness or /status\n"
 
     async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        if scope["method"] not in ("GET", "HEAD"):
-            await send({"type": "http.response.start", "status": 405, "headers": [(b"allow", b"GET, HEAD")]})
-            await send({"type": "http.response.body", "body": b""})
+        if not await answers_get(scope, receive, send):
             return
         status, content_type, body = self.answer(scope["path"].rstrip("/") or "/")
         await send({"type": "http.response.start", "status": status,

@@ -53,6 +53,27 @@ class ThrottledWarning:
         self._last, self.suppressed = now, 0
 
 
+async def answers_get(scope: Any, receive: Callable[[], Awaitable[Any]],
+                      send: Callable[[dict[str, Any]], Awaitable[Any]]) -> bool:
+    """What every reaper endpoint does before it answers: completes the ASGI lifespan (hypercorn asks),
+    ignores non-HTTP scopes, answers 405 to anything but GET/HEAD. True when the request is for the caller."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return False
+    if scope["type"] != "http":
+        return False
+    if scope["method"] not in ("GET", "HEAD"):
+        await send({"type": "http.response.start", "status": 405, "headers": [(b"allow", b"GET, HEAD")]})
+        await send({"type": "http.response.body", "body": b""})
+        return False
+    return True
+
+
 async def serve_bounded(app: Callable[..., Awaitable[Any]], config: HypercornConfig, sock: socket.socket, *,
                         max_connections: int, backlog: int, shutdown: trio.Event, log: logging.Logger,
                         label: str, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

@@ -59,7 +59,7 @@ from reaper.daemon.cost import cost_families
 from reaper.daemon.status import DaemonStatus
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
-from reaper.sinks.http_serve import serve_bounded
+from reaper.sinks.http_serve import answers_get, serve_bounded
 
 log = logging.getLogger("reaper.sinks.prometheus")
 http_log = logging.getLogger("reaper.sinks.prometheus.http")  # hypercorn's errors
@@ -255,19 +255,7 @@ class PrometheusSink:
 
     async def asgi(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         """Every path serves the metrics (as pgwatch), always in the classic text format (0.0.4)."""
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        if scope["method"] not in ("GET", "HEAD"):
-            await send({"type": "http.response.start", "status": 405, "headers": [(b"allow", b"GET, HEAD")]})
-            await send({"type": "http.response.body", "body": b""})
+        if not await answers_get(scope, receive, send):
             return
         gzipped = any(k.lower() == b"accept-encoding" and b"gzip" in v.lower() for k, v in scope["headers"])
         snapshot = self.snapshot()
