@@ -118,6 +118,22 @@ async def test_pgbackrest_reports_the_age_of_the_backup_just_taken(repo: Repo) -
 
 
 @pytest.mark.pg
+async def test_a_working_pgbackrest_runs_every_time(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    spawns: list[Any] = []
+    real_run_process = trio.run_process
+
+    async def spawned(*args: Any, **kwargs: Any) -> Any:
+        spawns.append(args)
+        return await real_run_process(*args, **kwargs)
+
+    monkeypatch.setattr(trio, "run_process", spawned)
+    async with special_runner(repo.server.dsn(), pgbackrest_config=str(repo.conf), pgbackrest_stanza="demo") as run:
+        rows = [await run("backup_age_pgbackrest") for _ in range(3)]
+    assert len(spawns) == 3
+    assert all(row["retcode"] == 0 for (row,) in rows)
+
+
+@pytest.mark.pg
 async def test_pgbackrest_reports_a_failed_backup(repo: Repo) -> None:
     assert repo.failed_backup.returncode != 0, repo.failed_backup.stdout  # the backup of `broken` did fail
     async with special_runner(repo.server.dsn(), pgbackrest_config=str(repo.conf),
@@ -148,6 +164,14 @@ async def test_pgbackrest_without_a_stanza_says_why_once(repo: Repo, caplog: pyt
         return await handler(ctx)
 
     monkeypatch.setattr(backup, "backup_age_pgbackrest", counted)
+    spawns: list[Any] = []
+    real_run_process = trio.run_process
+
+    async def spawned(*args: Any, **kwargs: Any) -> Any:
+        spawns.append(args)
+        return await real_run_process(*args, **kwargs)
+
+    monkeypatch.setattr(trio, "run_process", spawned)
     config = SourceConfig(name="nostanza", dsn=repo.server.dsn(), metrics={"backup_age_pgbackrest": 1},
                           specials=SpecialsConfig(pgbackrest_config=str(repo.empty_conf)))
     got: list[Measurement] = []
@@ -164,6 +188,7 @@ async def test_pgbackrest_without_a_stanza_says_why_once(repo: Repo, caplog: pyt
     assert "pgbackrest info lists no stanza" in lines[0] and "specials.pgbackrest_stanza" in lines[0]
     assert not [m for m in got if m.metric == "backup_age_pgbackrest"]
     assert "backup_age_pgbackrest" not in reaper.state.degraded  # unavailable, not failing
+    assert len(spawns) == 1  # the verdict is kept (tools.VERDICT_SECONDS): pgbackrest is not asked every run
 
 
 @pytest.mark.pg

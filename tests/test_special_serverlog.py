@@ -21,7 +21,7 @@ from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.source import SourceReaper
 from reaper.errors import MetricError
 from reaper.measurement import Measurement
-from reaper.special import SpecialContext
+from reaper.special import SpecialContext, facts
 from reaper.special import serverlog as sl
 
 # -- parsing (no server) ----------------------------------------------------------------------------
@@ -134,15 +134,18 @@ class FakeServer:
 
 
 class SettingsOnly:
-    """A connection that answers only the logging settings query (local mode needs nothing else)."""
+    """A connection that answers only the server facts query (local mode needs nothing else)."""
 
     def __init__(self, data_directory: str, **overrides: Any) -> None:
-        self.settings = {"logging_collector": "on", "log_destination": "stderr,csvlog", "log_directory": "log",
-                         "data_directory": data_directory, "role": "mon", "can_read_binary": False,
-                         "can_read_text": False, **overrides}
+        self.server = FakeServer()
+        self.settings = {"via_socket": True, "logging_collector": "on", "log_destination": "stderr,csvlog",
+                         "log_directory": "log", "data_directory": data_directory, "role": "mon",
+                         "can_read_binary": False, "can_read_text": False, "tablespaces": "[]", **overrides}
+        self.statements = 0
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        assert sql == sl.SETTINGS_SQL
+        assert sql == facts.FACTS_SQL
+        self.statements += 1
         return [dict(self.settings)]
 
 
@@ -164,7 +167,8 @@ async def test_rotation_truncation_and_rewrites_never_count_twice(tmp_path: Path
     logdir = tmp_path / "log"
     logdir.mkdir()
     state: dict[str, Any] = {"force_mode": "local"}
-    ctx = fake_ctx(SettingsOnly(str(tmp_path)), state)
+    conn = SettingsOnly(str(tmp_path))
+    ctx = fake_ctx(conn, state)
     first = logdir / "postgresql-1.csv"
     first.write_text(record("ERROR", "before the baseline"))
     (logdir / "postgresql-1.log").write_text("not csv\n")
@@ -193,6 +197,7 @@ async def test_rotation_truncation_and_rewrites_never_count_twice(tmp_path: Path
     os.utime(second, (time.time() + 10, time.time() + 10))
     assert counted(await sl.server_log_event_counts(ctx)) == ({"INFO": 3}, {"INFO": 3})
     assert counted(await sl.server_log_event_counts(ctx)) == ({}, {})
+    assert conn.statements == 1  # the settings: read once on this connection
 
 
 async def test_a_record_cut_by_a_crash_is_counted_once_its_file_is_long_finished(tmp_path: Path) -> None:
@@ -409,3 +414,27 @@ async def test_the_source_delivers_the_counts_every_interval(log_server) -> None
     assert {s: summed(s.lower()) for s in EVENTS} == EVENTS
     assert {m.table for m in got} == {sl.NAME}
     assert all(list(m.rows[0])[:len(sl.COLUMNS) + 1] == ["epoch_ns", *sl.COLUMNS] for m in got)
+
+
+@pytest.mark.pg
+async def test_local_mode_reads_the_settings_once_per_connection(log_server) -> None:
+    """Issue 14: the settings ride once per connection; a run after the first sends nothing (local mode),
+    and a new connection reads them again."""
+    dsn = monitoring_dsn(log_server)
+    metric = Catalog.for_config().metrics[sl.NAME]
+    state: dict[str, Any] = {}
+    async with db.open_loop():
+        for _connection in range(2):
+            conn = await db.open_source_connection(dsn, statement_timeout_seconds=30)
+            try:
+                sent = []
+                for _run in range(3):
+                    before = conn.statements
+                    ctx = SpecialContext(source=SourceConfig(name="logs", dsn=dsn), server=conn.server, conn=conn,
+                                         metric=metric, wall_ns=time.time_ns(), state=state)
+                    await sl.server_log_event_counts(ctx)
+                    sent.append(conn.statements - before)
+            finally:
+                await conn.close()
+            assert sent == [1, 0, 0]
+    assert state["mode"] == "local"

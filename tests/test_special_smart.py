@@ -166,3 +166,28 @@ def test_device_labels_and_sysfs_disks(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     assert smart.sysfs_disks(str(tmp_path)) == ["nvme0n1", "sda", "vdb"]
     assert smart.sysfs_disks(str(tmp_path / "absent")) == []
+
+
+@pytest.mark.pg
+async def test_a_device_without_smart_is_not_asked_every_run(server: PgServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: the scan and a device's "unsupported" answer are kept (tools.VERDICT_SECONDS); only
+    devices with SMART are asked every run. The rows stay the same, with each run's time."""
+    spawns: list[Any] = []
+    real = trio.run_process
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        spawns.append(args)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(trio, "run_process", counted)
+    async with smart_runner(server.dsn()) as run:
+        first = await run()
+        first_spawns = len(spawns)
+        later = [await run(), await run()]
+    with_smart = [row for row in first if row["health_passed"] is not None]
+    assert first_spawns == 1 + len(first)  # the scan, then each device
+    assert len(spawns) - first_spawns == 2 * len(with_smart)
+    for rows in later:
+        assert [{**row, "epoch_ns": 0} for row in rows if row["health_passed"] is None] == \
+               [{**row, "epoch_ns": 0} for row in first if row["health_passed"] is None]
+        assert all(row["epoch_ns"] > first[0]["epoch_ns"] for row in rows)

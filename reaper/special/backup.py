@@ -15,7 +15,9 @@ is none to read) and `message` ("OK. ..." or "Not OK. ..." saying what the tool 
 
 A tool that exits non-zero gives its exit code and first error line; one that does not answer within
 TOOL_SECONDS gives retcode 124. What makes a metric impossible here (no tool, no permission, no stanza
-to choose) raises MetricUnavailable: one warning per source, never an error line per tick.
+to choose, an unreadable env file) raises MetricUnavailable: one warning per source, never an error line
+per tick, and the tool is not run again for VERDICT_SECONDS (reaper.special.tools.with_verdict). A tool
+that answers runs every interval.
 """
 
 from __future__ import annotations
@@ -27,11 +29,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import trio
-
 from reaper.errors import MetricUnavailable
 from reaper.special import Result, SpecialContext
-from reaper.special.tools import ToolResult, ToolTimeout, check_where, denied, run_tool
+from reaper.special.tools import ToolResult, ToolTimeout, check_where, denied, run_tool, with_verdict
 
 TIMEOUT_RETCODE = 124  # as coreutils' timeout(1)
 OWNER_HINT = ("run reaper as the repository's owner (usually postgres) or set the source's "
@@ -81,29 +81,35 @@ async def backup_age_pgbackrest(ctx: SpecialContext) -> Result:
     if settings.pgbackrest_stanza:
         argv.append(f"--stanza={settings.pgbackrest_stanza}")
     argv.append("info")
+    return await with_verdict(ctx, (*prefix, *argv), lambda: _pgbackrest(ctx, prefix, argv))
+
+
+async def _pgbackrest(ctx: SpecialContext, prefix: list[str], argv: list[str]) -> tuple[Result, bool]:
+    """The metric's result (never kept: a working tool runs every interval), or MetricUnavailable."""
+    settings = ctx.source.specials
     table = ctx.metric.table
     try:
         result = await run_tool(ctx, argv, package="pgbackrest", prefix=prefix)
     except ToolTimeout as e:
-        return [(table, [_row(ctx.wall_ns, TIMEOUT_RETCODE, None, f"Not OK. {e}")])]
+        return [(table, [_row(ctx.wall_ns, TIMEOUT_RETCODE, None, f"Not OK. {e}")])], False
     if result.returncode != 0:
         if denied(result.stderr):
             raise MetricUnavailable(ctx.metric.name, f"pgbackrest info was refused access "
                                                      f"({result.last_error_line()}); {OWNER_HINT}")
-        return [(table, [_failed_row(ctx.wall_ns, "pgbackrest info", result)])]
+        return [(table, [_failed_row(ctx.wall_ns, "pgbackrest info", result)])], False
     try:
         stanzas = json.loads(result.stdout)
         if not isinstance(stanzas, list) or not all(isinstance(s, dict) for s in stanzas):
             raise ValueError("not a list of stanzas")
     except ValueError as e:
-        return [(table, [_row(ctx.wall_ns, 1, None, f"Not OK. cannot read pgbackrest info's output: {e}")])]
+        return [(table, [_row(ctx.wall_ns, 1, None, f"Not OK. cannot read pgbackrest info's output: {e}")])], False
     if not settings.pgbackrest_stanza and len(stanzas) != 1:
         names = ", ".join(str(s.get("name")) for s in stanzas)
         why = (f"pgbackrest info lists {len(stanzas)} stanzas ({names})" if stanzas else
                "pgbackrest info lists no stanza (is pgBackRest configured for this server, and its repository "
                "readable here?)")
         raise MetricUnavailable(ctx.metric.name, f"{why}; set the source's specials.pgbackrest_stanza")
-    return [(table, [pgbackrest_row(stanzas[0], time.time(), ctx.wall_ns)])]
+    return [(table, [pgbackrest_row(stanzas[0], time.time(), ctx.wall_ns)])], False
 
 
 # -- WAL-G ----------------------------------------------------------------------------------------
@@ -172,7 +178,7 @@ async def walg_environment(ctx: SpecialContext) -> dict[str, str]:
     env: dict[str, str] = {}
     if settings.walg_env_file:
         try:
-            env.update(parse_env_file(await trio.to_thread.run_sync(_read_text, settings.walg_env_file)))
+            env.update(parse_env_file(_read_text(settings.walg_env_file)))  # a small local file: inline
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise MetricUnavailable(ctx.metric.name, f"cannot read specials.walg_env_file "
                                                      f"{settings.walg_env_file}: {e}") from e
@@ -186,20 +192,26 @@ async def backup_age_walg(ctx: SpecialContext) -> Result:
     argv = ["wal-g", "backup-list", "--json", "--detail"]
     if settings.walg_config:
         argv += ["--config", settings.walg_config]
+    key = (*prefix, *argv, settings.walg_env_file or "", *sorted(f"{k}={v}" for k, v in settings.walg_env.items()))
+    return await with_verdict(ctx, key, lambda: _walg(ctx, prefix, argv))
+
+
+async def _walg(ctx: SpecialContext, prefix: list[str], argv: list[str]) -> tuple[Result, bool]:
+    """The metric's result (never kept: a failure may be the storage's, for a while), or MetricUnavailable."""
     env = await walg_environment(ctx)
     table = ctx.metric.table
     try:
         result = await run_tool(ctx, argv, package="wal-g (no Debian package: WAL-G's release binary)",
                                 prefix=prefix, env=env)
     except ToolTimeout as e:
-        return [(table, [_row(ctx.wall_ns, TIMEOUT_RETCODE, None, f"Not OK. {e}")])]
+        return [(table, [_row(ctx.wall_ns, TIMEOUT_RETCODE, None, f"Not OK. {e}")])], False
     if result.returncode != 0:
-        return [(table, [_failed_row(ctx.wall_ns, "wal-g backup-list", result)])]
+        return [(table, [_failed_row(ctx.wall_ns, "wal-g backup-list", result)])], False
     text = result.stdout.strip()
     try:
         backups = json.loads(text) if text else []  # no backup: WAL-G may print nothing at all
         if not isinstance(backups, list):
             raise ValueError("not a list of backups")
     except ValueError as e:
-        return [(table, [_row(ctx.wall_ns, 1, None, f"Not OK. cannot read wal-g's output: {e}")])]
-    return [(table, [walg_row(backups, time.time(), ctx.wall_ns)])]
+        return [(table, [_row(ctx.wall_ns, 1, None, f"Not OK. cannot read wal-g's output: {e}")])], False
+    return [(table, [walg_row(backups, time.time(), ctx.wall_ns)])], False

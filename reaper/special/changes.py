@@ -34,6 +34,9 @@ from reaper.special import Result, Rows, SpecialContext
 log = logging.getLogger("reaper.special.changes")
 
 NAME = "change_events"
+# A category of up to this many objects is compared inline (a few ms at most: a thread hop would cost
+# more); a bigger one in a worker thread, so other sources' ticks stay on time.
+INLINE_COMPARE_ROWS = 20_000
 Key = tuple[str, ...]
 
 
@@ -163,9 +166,11 @@ async def change_events(ctx: SpecialContext) -> Result:
         counts[category.label] = Counts()
         if rows is None:
             continue
-        # thousands of objects are compared in a worker thread, so other sources' ticks stay on time
-        new, changes, found = await trio.to_thread.run_sync(compare, category, hashes.get(category.hashes), rows,
-                                                            ctx.wall_ns)
+        if len(rows) <= INLINE_COMPARE_ROWS:
+            new, changes, found = compare(category, hashes.get(category.hashes), rows, ctx.wall_ns)
+        else:
+            new, changes, found = await trio.to_thread.run_sync(compare, category, hashes.get(category.hashes),
+                                                                rows, ctx.wall_ns)
         hashes[category.hashes] = new
         counts[category.label] = found
         if changes:

@@ -4,10 +4,14 @@
 read `<data_directory>/global/pg_control` and the system identifier in it is the server's
 (`on_server_host`, re-checked every HOST_CHECK_SECONDS). Column names are pgwatch's.
 
-Everything that touches the file system or psutil runs in a worker thread
-(`trio.to_thread.run_sync`), and the CPU and vmstat rates come from the previous run's counters kept
-in `ctx.state` (a first run waits one second between two samples with `trio.sleep`), so nothing
-blocks the trio thread.
+psutil and /proc reads, statvfs of the data directory and its neighbours and the 8-byte read of
+pg_control take microseconds: they run inline on the trio thread (issue 14: a worker-thread hop per
+read cost more than the read, and trio's thread cache re-created the threads between bursts). A
+network file system's stat could block longer, but a PostgreSQL data directory or tablespace on one
+is rare enough not to pay a thread on every run for it. The CPU and vmstat rates come from the
+previous run's counters kept in `ctx.state` (a first run waits one second between two samples with
+`trio.sleep`). The server facts (data directory, log directory, tablespaces, unix socket or not) are
+read once per connection (reaper.special.facts), not every run.
 """
 
 from __future__ import annotations
@@ -23,22 +27,13 @@ import trio
 
 from reaper.errors import MetricError, MetricUnavailable
 from reaper.special import Result, Rows, SpecialContext
+from reaper.special.facts import server_facts
 
 HOST_CHECK_SECONDS = 600.0
 MIN_SAMPLE_SECONDS = 1.0  # rates over less than this are too noisy: sample again after this long
 PG_CONTROL = os.path.join("global", "pg_control")
 
 T = TypeVar("T")
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    return await trio.to_thread.run_sync(fn, *args)
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a server error (asyncpg's errors carry one); None for anything else."""
-    state = getattr(exc, "sqlstate", None)
-    return state if isinstance(state, str) else None
 
 
 # -- where reaper runs ---------------------------------------------------------------------------
@@ -55,22 +50,11 @@ def read_pg_control_sysid(data_directory: str) -> int | None:
 
 
 async def server_paths(ctx: SpecialContext) -> dict[str, Any]:
-    """data_directory, log_directory (absolute) and whether we came through a unix socket."""
-    try:
-        rows = await ctx.conn.fetch(
-            "select inet_server_addr() is null as via_socket,"
-            " current_setting('data_directory') as data_directory,"
-            " current_setting('log_directory') as log_directory")
-    except Exception as e:
-        if _sqlstate(e) is None:
-            raise
-        raise MetricError(ctx.metric.name, f"cannot read data_directory/log_directory ({e}); the monitoring "
-                                           "role needs pg_monitor or pg_read_all_settings") from e
-    row = rows[0]
-    data_directory = str(row["data_directory"])
-    log_directory = str(row["log_directory"])
-    return {"via_socket": bool(row["via_socket"]), "data_directory": data_directory,
-            "log_directory": os.path.join(data_directory, log_directory)}
+    """data_directory, log_directory (absolute) and whether we came through a unix socket
+    (read once per connection: reaper.special.facts)."""
+    facts = await server_facts(ctx)
+    return {"via_socket": facts.via_socket, "data_directory": facts.data_directory,
+            "log_directory": facts.log_path}
 
 
 async def on_server_host(ctx: SpecialContext) -> tuple[bool, str]:
@@ -90,7 +74,7 @@ async def on_server_host(ctx: SpecialContext) -> tuple[bool, str]:
         verdict = (True, "unix socket")
     else:
         control = os.path.join(paths["data_directory"], PG_CONTROL)
-        sysid = await _in_thread(read_pg_control_sysid, paths["data_directory"])
+        sysid = read_pg_control_sysid(paths["data_directory"])
         if sysid is None:
             verdict = (False, f"the connection is not a unix socket and {control} is not readable here")
         elif server.system_identifier is None or str(sysid) != str(server.system_identifier):
@@ -118,11 +102,11 @@ async def _two_samples(ctx: SpecialContext, name: str, sample: Callable[[], T]) 
     prev = ctx.state.get(name)
     now = time.monotonic()
     if prev is None or now - prev[0] < MIN_SAMPLE_SECONDS:
-        first = await _in_thread(sample)
+        first = sample()
         start = time.monotonic()
         await trio.sleep(MIN_SAMPLE_SECONDS)
         prev = (start, first)
-    current = await _in_thread(sample)
+    current = sample()
     taken = time.monotonic()
     ctx.state[name] = (taken, current)
     return prev[1], current, max(taken - prev[0], 1e-9)
@@ -198,7 +182,7 @@ def _memory() -> dict[str, Any]:
 
 async def psutil_mem(ctx: SpecialContext) -> Result:
     await require_server_host(ctx)
-    return [("psutil_mem", [{"epoch_ns": ctx.wall_ns, **await _in_thread(_memory)}])]
+    return [("psutil_mem", [{"epoch_ns": ctx.wall_ns, **_memory()}])]
 
 
 def _disk_io() -> dict[str, int] | None:
@@ -211,14 +195,10 @@ def _disk_io() -> dict[str, int] | None:
 
 async def psutil_disk_io_total(ctx: SpecialContext) -> Result:
     await require_server_host(ctx)
-    io = await _in_thread(_disk_io)
+    io = _disk_io()
     if io is None:
         raise MetricError(ctx.metric.name, "this host reports no disk I/O counters")
     return [("psutil_disk_io_total", [{"epoch_ns": ctx.wall_ns, **io}])]
-
-
-TABLESPACES_SQL = """select spcname::text as name, pg_tablespace_location(oid) as location
-from pg_tablespace where pg_tablespace_location(oid) <> '' order by spcname"""
 
 
 def disk_rows(places: list[tuple[str, str]], wall_ns: int) -> Rows:
@@ -245,13 +225,12 @@ def disk_rows(places: list[tuple[str, str]], wall_ns: int) -> Rows:
 
 async def psutil_disk(ctx: SpecialContext) -> Result:
     await require_server_host(ctx)
-    paths = await server_paths(ctx)
-    tablespaces = await ctx.conn.fetch(TABLESPACES_SQL)
-    data_directory = paths["data_directory"]
-    places = [("data_directory", data_directory), ("log_directory", paths["log_directory"]),
+    facts = await server_facts(ctx)  # the tablespaces too: once per connection (reaper.special.facts)
+    data_directory = facts.data_directory
+    places = [("data_directory", data_directory), ("log_directory", facts.log_path),
               ("pg_wal", os.path.join(data_directory, "pg_wal"))]
-    places += [(str(t["name"]), str(t["location"])) for t in tablespaces]
-    return [("psutil_disk", await _in_thread(disk_rows, places, ctx.wall_ns))]
+    places += list(facts.tablespaces)
+    return [("psutil_disk", disk_rows(places, ctx.wall_ns))]
 
 
 # -- vmstat (Linux: /proc) -------------------------------------------------------------------------

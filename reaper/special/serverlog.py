@@ -6,11 +6,13 @@ a message saying so; the source reports it once).
 Where the files are read
     local   reaper runs on the server's host (osmetrics.on_server_host: unix socket, or a matching
             pg_control) and can list the log directory and read its newest *.csv: the files are read
-            directly, in a worker thread.
+            directly, on the trio thread (listing a directory and reading a chunk of up to
+            INLINE_BYTES take microseconds; a bigger backlog is read and counted in a worker thread).
     remote  otherwise: `pg_ls_logdir()` (pg_monitor) lists them and `pg_read_binary_file(path, offset,
             length)` reads them; the role needs EXECUTE on it (`pg_read_file` is used when only that
             one is granted). Without either the metric fails with the GRANT to run.
     Tests (or an operator) can pin the mode with ctx.state["force_mode"] = "local" | "remote".
+    The logging settings and the role's grants are read once per connection (reaper.special.facts).
 
 Never counting a line twice
     Every *.csv file has a cursor in ctx.state: the byte offset read so far (plus, locally, its
@@ -44,6 +46,7 @@ import trio
 
 from reaper.errors import MetricError
 from reaper.special import Result, SpecialContext
+from reaper.special.facts import server_facts
 from reaper.special.osmetrics import on_server_host
 
 log = logging.getLogger("reaper.special.serverlog")
@@ -55,6 +58,9 @@ DATABASE_FIELD = 2  # csvlog: log_time, user_name, database_name, ...
 SEVERITY_FIELD = 11  # ..., transaction_id, error_severity, sql_state_code, message, ...
 
 CHUNK_BYTES = 8 * 1024 * 1024
+# A local read and count of up to this many bytes (a 30 s increment of a busy server's csvlog) runs
+# inline: a thread hop costs more than the work. Bigger chunks (a backlog) go to a worker thread.
+INLINE_BYTES = 256 * 1024
 MAX_BYTES_PER_RUN = 64 * 1024 * 1024
 RECORD_HEAD_BYTES = 64 * 1024  # of a huge record (a long statement) only its head is kept: enough for field 12
 FILE_HEAD_BYTES = 64  # a file's first bytes, to notice it was truncated and rewritten under the same name
@@ -203,8 +209,8 @@ class Cursor:
 
     def consume(self, data: bytes, database: str, counts: Counts) -> None:
         """Count the complete records in `data` (the bytes at `offset`) and move past them.
-        Runs in a worker thread; the offset moves in the same call, so a cancelled run never
-        leaves counted bytes unread or read bytes uncounted."""
+        Runs inline, or in a worker thread for a big chunk; the offset moves in the same call, so a
+        cancelled run never leaves counted bytes unread or read bytes uncounted."""
         if self.offset == 0 and self.head is None:
             self.head = data[:FILE_HEAD_BYTES]
         self.splitter.feed(data, lambda record: count_record(record, database, counts))
@@ -277,11 +283,13 @@ class LocalReader:
         self.directory = directory
 
     async def list(self) -> list[LogFile]:
-        return await trio.to_thread.run_sync(list_local, self.directory)
+        return list_local(self.directory)  # one directory of log files: inline
 
     async def read(self, f: LogFile, offset: int, length: int, head_length: int) -> tuple[bytes, bytes | None]:
         path = os.path.join(self.directory, f.name)
         try:
+            if length <= INLINE_BYTES:
+                return read_local(path, offset, length, head_length)
             return await trio.to_thread.run_sync(read_local, path, offset, length, head_length)
         except FileNotFoundError:
             return b"", None
@@ -349,24 +357,14 @@ class RemoteReader:
 
 Reader = LocalReader | RemoteReader
 
-SETTINGS_SQL = """select current_setting('logging_collector') as logging_collector,
-  current_setting('log_destination') as log_destination,
-  current_setting('log_directory') as log_directory,
-  current_setting('data_directory') as data_directory,
-  current_user::text as role,
-  has_function_privilege('pg_catalog.pg_read_binary_file(text, bigint, bigint)', 'EXECUTE') as can_read_binary,
-  has_function_privilege('pg_catalog.pg_read_file(text, bigint, bigint)', 'EXECUTE') as can_read_text"""
-
-
 async def log_settings(ctx: SpecialContext) -> dict[str, Any]:
-    try:
-        rows = await ctx.conn.fetch(SETTINGS_SQL)
-    except Exception as e:
-        if _sqlstate(e) is None:
-            raise
-        raise MetricError(NAME, f"cannot read the logging settings ({e}); the monitoring role needs pg_monitor "
-                                "(or pg_read_all_settings)") from e
-    settings = dict(rows[0])
+    """The logging settings and the role's grants (read once per connection: reaper.special.facts);
+    MetricError when csvlog files are not written."""
+    facts = await server_facts(ctx)
+    settings: dict[str, Any] = {
+        "logging_collector": facts.logging_collector, "log_destination": facts.log_destination,
+        "log_directory": facts.log_directory, "data_directory": facts.data_directory, "role": facts.role,
+        "can_read_binary": facts.can_read_binary, "can_read_text": facts.can_read_text}
     problems = []
     if str(settings["logging_collector"]).lower() != "on":
         problems.append(f"logging_collector = on (it is {settings['logging_collector']})")
@@ -388,7 +386,7 @@ async def choose_reader(ctx: SpecialContext, settings: dict[str, Any]) -> Reader
         local, why = await on_server_host(ctx)
         why_not_local = None if local else why
     if why_not_local is None:
-        why_not_local = await trio.to_thread.run_sync(local_readable, directory)
+        why_not_local = local_readable(directory)  # a directory listing and a 1-byte read: inline
         if why_not_local is None:
             return LocalReader(directory)
         if forced == "local":
@@ -451,7 +449,10 @@ async def server_log_event_counts(ctx: SpecialContext) -> Result:
                 cursor.head = head
             while data:
                 budget -= len(data)
-                await trio.to_thread.run_sync(cursor.consume, data, database, counts)
+                if len(data) <= INLINE_BYTES:
+                    cursor.consume(data, database, counts)
+                else:  # a backlog: counting it takes milliseconds, so other sources' ticks stay on time
+                    await trio.to_thread.run_sync(cursor.consume, data, database, counts)
                 if cursor.offset >= f.size or budget <= 0:
                     break
                 data, _ = await reader.read(f, cursor.offset, min(CHUNK_BYTES, f.size - cursor.offset, budget), 0)

@@ -12,6 +12,12 @@ pgwatch stores it: 0 = healthy, a bit mask otherwise), and reaper's own `model`,
 <smartctl's reason>", "not permitted: ..."). A device that cannot be asked is a row, not an error line
 per tick. When smartctl may open no device at all (it needs root, or CAP_SYS_RAWIO and read access to
 the devices) the metric is unavailable, said once.
+
+How often smartctl runs: the device list (`--scan-open`) is kept for VERDICT_SECONDS, and so is a
+device's "unsupported"/"not permitted" row (a virtual disk will not grow SMART; its row is written every
+run, from the kept answer); a missing smartctl or one that may open no disk is a verdict kept as long
+(reaper.special.tools.with_verdict). A device with SMART is asked every run. So on a virtual machine
+smartctl runs once per VERDICT_SECONDS, not once per device per interval.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import trio
 
 from reaper.errors import MetricError, MetricUnavailable
 from reaper.special import Result, Rows, SpecialContext
-from reaper.special.tools import ToolResult, ToolTimeout, check_where, denied, run_tool
+from reaper.special.tools import VERDICT_SECONDS, ToolResult, ToolTimeout, check_where, denied, run_tool, with_verdict
 
 PACKAGE = "smartmontools"
 DEVICE_SECONDS = 15.0  # one device's smartctl call
@@ -83,29 +89,52 @@ def device_row(label: str, result: ToolResult, wall_ns: int) -> dict[str, Any]:
 
 
 async def scan(ctx: SpecialContext, prefix: list[str]) -> list[tuple[str, str | None]]:
-    """[(device path, -d type or None)] that `smartctl --scan-open --json` lists."""
+    """[(device path, -d type or None)] that `smartctl --scan-open --json` lists (kept VERDICT_SECONDS)."""
+    now = trio.current_time()
+    kept = ctx.state.get("_scan")
+    if kept is not None and kept[0] == prefix and now < kept[1]:
+        return list(kept[2])
     try:
         result = await run_tool(ctx, ["smartctl", "--scan-open", "--json"], package=PACKAGE, prefix=prefix,
                                 seconds=DEVICE_SECONDS)
     except ToolTimeout as e:
         raise MetricError(ctx.metric.name, str(e)) from None
     devices = _json(result).get("devices") or []
-    return [(str(d["name"]), d.get("type")) for d in devices if isinstance(d, dict) and d.get("name")]
+    found = [(str(d["name"]), d.get("type")) for d in devices if isinstance(d, dict) and d.get("name")]
+    ctx.state["_scan"] = (prefix, now + VERDICT_SECONDS, found)
+    return list(found)
+
+
+def _settled(row: dict[str, Any]) -> bool:
+    """A device's answer that the next runs would get again: no SMART here, or no access to it."""
+    return row["health_passed"] is None and str(row["status"]).startswith(("unsupported", "not permitted"))
 
 
 async def smart_health_per_disk(ctx: SpecialContext) -> Result:
     prefix = await check_where(ctx)
+    return await with_verdict(ctx, ("smartctl", *prefix), lambda: _smart(ctx, prefix))
+
+
+async def _smart(ctx: SpecialContext, prefix: list[str]) -> tuple[Result, bool]:
     devices = await scan(ctx, prefix)
     if not prefix:  # smartctl runs here: also the disks the scan cannot open or type
         listed = {name for name, _ in devices}
-        devices += [(f"/dev/{n}", None) for n in await trio.to_thread.run_sync(sysfs_disks)
+        devices += [(f"/dev/{n}", None) for n in sysfs_disks()
                     if f"/dev/{n}" not in listed]
     rows: Rows = []
     limiter = trio.CapacityLimiter(PARALLEL)
+    now = trio.current_time()
+    kept: dict[tuple[str, ...], tuple[float, dict[str, Any]]] = ctx.state.setdefault("_devices", {})
+    for key in [k for k, (until, _) in kept.items() if now >= until]:
+        del kept[key]
 
     async def ask(name: str, dev_type: str | None) -> None:
         argv = ["smartctl", "--json", "-H", "-i", *(["-d", dev_type] if dev_type else []), name]
         label = device_label(name, dev_type)
+        key = (*prefix, *argv)
+        if key in kept:  # no SMART on it (or no access): said by its last answer
+            rows.append({**kept[key][1], "epoch_ns": ctx.wall_ns})
+            return
         async with limiter:
             try:
                 result = await run_tool(ctx, argv, package=PACKAGE, prefix=prefix, seconds=DEVICE_SECONDS)
@@ -113,7 +142,10 @@ async def smart_health_per_disk(ctx: SpecialContext) -> Result:
                 rows.append({"epoch_ns": ctx.wall_ns, "tag_device": label, "retcode": None, "model": "",
                              "health_passed": None, "status": f"no answer: {e}"})
                 return
-        rows.append(device_row(label, result, ctx.wall_ns))
+        row = device_row(label, result, ctx.wall_ns)
+        if _settled(row):
+            kept[key] = (now + VERDICT_SECONDS, row)
+        rows.append(row)
 
     async with trio.open_nursery() as nursery:
         for name, dev_type in devices:
@@ -124,4 +156,4 @@ async def smart_health_per_disk(ctx: SpecialContext) -> Result:
     if all(row["status"].startswith("not permitted") for row in rows):
         raise MetricUnavailable(ctx.metric.name, f"smartctl may open no disk ({rows[0]['status']}); {ROOT_HINT}")
     rows.sort(key=lambda row: row["tag_device"])
-    return [(ctx.metric.table, rows)]
+    return [(ctx.metric.table, rows)], False

@@ -9,22 +9,30 @@ How long: each command runs under `trio.fail_after(seconds)` (trio.run_process: 
 blocks; on the deadline the process is terminated, then killed). A missing tool or one reaper's user
 may not execute raises MetricUnavailable, naming the Debian package: one warning for the source, no
 error line per tick.
+
+How often: a verdict that will not change from one run to the next (the tool is missing or may not be
+executed, it is not configured for this server, smartctl says a device has no SMART) is kept in the
+metric's state for VERDICT_SECONDS (`with_verdict`): the runs meanwhile repeat it (the same
+MetricUnavailable, said once by the source; the same failure row with the run's epoch_ns) without
+spawning the tool. A tool that answers is run every interval (a backup's age must be fresh).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import attrs
 import trio
 
 from reaper.errors import MetricUnavailable
-from reaper.special import SpecialContext
+from reaper.special import Result, SpecialContext
 from reaper.special.osmetrics import require_server_host
 
 TOOL_SECONDS = 30.0  # one tool call (pgwatch's helpers give pgbackrest the same)
+VERDICT_SECONDS = 600.0  # a missing, unconfigured or unsupported tool is not asked again for this long
+VERDICT_STATE = "_verdict"  # its key in ctx.state
 
 
 class ToolTimeout(Exception):
@@ -104,3 +112,41 @@ def denied(text: str) -> bool:
     """True when a tool's message says the operating system refused access."""
     lowered = text.lower()
     return "permission denied" in lowered or "operation not permitted" in lowered
+
+
+@attrs.frozen
+class Verdict:
+    """What a run found that the next runs would find again: MetricUnavailable's message, or a result."""
+
+    key: tuple[str, ...]  # the command (prefix, argv, configuration): another one is asked afresh
+    until: float  # trio time
+    unavailable: str | None = None
+    result: Result = attrs.field(factory=list)
+
+
+def _again(result: Result, wall_ns: int) -> Result:
+    return [(table, [{**row, "epoch_ns": wall_ns} for row in rows]) for table, rows in result]
+
+
+async def with_verdict(ctx: SpecialContext, key: tuple[str, ...],
+                       run: Callable[[], Awaitable[tuple[Result, bool]]]) -> Result:
+    """`run()` -> (result, settled), or the kept verdict of an earlier run of the same `key`.
+
+    A MetricUnavailable from `run` is kept for VERDICT_SECONDS, and so is a result `run` calls settled
+    (a failure that only the operator can change); other results are not kept.
+    """
+    now = trio.current_time()
+    kept: Verdict | None = ctx.state.get(VERDICT_STATE)
+    if kept is not None and kept.key == key and now < kept.until:
+        if kept.unavailable is not None:
+            raise MetricUnavailable(ctx.metric.name, kept.unavailable)
+        return _again(kept.result, ctx.wall_ns)
+    ctx.state.pop(VERDICT_STATE, None)
+    try:
+        result, settled = await run()
+    except MetricUnavailable as e:
+        ctx.state[VERDICT_STATE] = Verdict(key, now + VERDICT_SECONDS, unavailable=e.message)
+        raise
+    if settled:
+        ctx.state[VERDICT_STATE] = Verdict(key, now + VERDICT_SECONDS, result=result)
+    return result
