@@ -27,10 +27,8 @@ import attrs
 import trio
 
 from reaper.catalog.metrics import Catalog
-from reaper.catalog.pgwatch.sources import convert_source_rows
 from reaper.config.load import expand_table
 from reaper.config.schema import Config, SourceConfig, SourcesFromConfig, _format_cattrs_errors, converter
-from reaper.db.configdb import read_source_rows
 from reaper.errors import SourceUnavailable
 from reaper.kinds import check_source
 
@@ -95,6 +93,8 @@ def _report(feed: RunningFeed, line: str, level: int = logging.WARNING) -> None:
 def sources_from_rows(feed: RunningFeed, rows: list[dict[str, Any]], catalog: Catalog,
                       environ: Mapping[str, str] | None = None) -> list[SourceConfig]:
     """The sources reaper collects from these pgwatch.source rows; every problem logged once."""
+    from reaper.catalog.pgwatch.sources import convert_source_rows  # only a config with [[sources_from]]
+
     env = os.environ if environ is None else environ
     label = feed.config.label
     results, report = convert_source_rows(rows, label)
@@ -130,6 +130,8 @@ def sources_from_rows(feed: RunningFeed, rows: list[dict[str, Any]], catalog: Ca
 
 async def read_feed(feed: RunningFeed, catalog: Catalog) -> list[SourceConfig]:
     """Read the feed's config database now. Raises SourceUnavailable (the caller keeps its list)."""
+    from reaper.db.configdb import read_source_rows  # only a config with [[sources_from]]
+
     config = feed.config
     deadline = config.connect_timeout_seconds + config.query_timeout_seconds + READ_GRACE_SECONDS
     try:
