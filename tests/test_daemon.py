@@ -14,10 +14,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import freshstatus
 import pytest
 from pgserver import quote_ident
-
-from reaper.daemon.status import STATUS_FILE, read_status_file
 
 pytestmark = pytest.mark.pg
 REAPER = [sys.executable, "-m", "reaper.cli"]
@@ -60,17 +59,13 @@ class Daemon:
         wait_until(lambda: self.status() is not None, what="the daemon's status file")
 
     def status(self):
-        try:
-            return read_status_file(self.state / STATUS_FILE)
-        except (OSError, ValueError):
-            return None
+        """The status file now, after asking the daemon for a fresh one (throttled: for polling loops)."""
+        return freshstatus.polled(self.proc.pid if self.proc is not None else None, self.state)
 
     def fresh_status(self):
-        """A status written after this call began (the daemon rewrites it every 5 s)."""
-        since = time.time()
-        wait_until(lambda: (st := self.status()) is not None and st.updated_wall > since + 0.1, limit=15,
-                   what="a fresh status file")
-        return self.status()
+        """A status written after this call asked for it (SIGUSR2, as `reaper status` does)."""
+        assert self.proc is not None
+        return freshstatus.fresh(self.proc.pid, self.state)
 
     def lines(self) -> list[dict]:
         if not self.out.exists():

@@ -12,10 +12,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import freshstatus
 import pytest
 from pgserver import quote_ident
-
-from reaper.daemon.status import STATUS_FILE, read_status_file
 
 pytestmark = pytest.mark.pg
 REAPER = [sys.executable, "-m", "reaper.cli"]
@@ -50,10 +49,8 @@ class Member:
                                          stdout=subprocess.DEVNULL, stderr=log)
 
     def status(self):
-        try:
-            return read_status_file(self.dir / "state" / STATUS_FILE)
-        except (OSError, ValueError):
-            return None
+        """The status file now, after asking the daemon for a fresh one (throttled)."""
+        return freshstatus.polled(self.proc.pid if self.proc is not None else None, self.dir / "state")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -15,10 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import freshstatus
 import pytest
 from pgserver import PgServer
-
-from reaper.daemon.status import STATUS_FILE, read_status_file
 
 pytestmark = pytest.mark.pg
 REAPER = [sys.executable, "-m", "reaper.cli"]
@@ -88,10 +87,8 @@ metrics = {{ ping = 1 }}
                                          stderr=f)
 
     def status(self):
-        try:
-            return read_status_file(self.state / STATUS_FILE)
-        except (OSError, ValueError):
-            return None
+        """The status file now, after asking the daemon for a fresh one (throttled)."""
+        return freshstatus.polled(self.proc.pid if self.proc is not None else None, self.state)
 
     def recorded(self) -> set[tuple[str, int]]:
         if not self.out.exists():

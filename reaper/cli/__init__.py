@@ -95,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = verbs.add_parser("status", help="show what the running daemon is doing",
                               description="Print the running daemon's sources (up/down, last and next tick, "
                                           "degraded metrics) and sinks (queued, spilled, dropped) from the status "
-                                          "file it rewrites every 5 s in its state_dir.")
+                                          "file in its state_dir, after asking the daemon (SIGUSR2, to a pid "
+                                          "verified as for `reaper reload`) to write a fresh one.")
     _state_dir_args(status)
+    status.add_argument("--pidfile", metavar="FILE", help="the daemon's --pidfile (default: the pid in the status "
+                        "file, once verified)")
     status.add_argument("--json", action="store_true", help="print the raw status file")
     _format_args(status)
 

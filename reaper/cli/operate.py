@@ -1,5 +1,9 @@
 """`reaper status` and `reaper reload`: talking to a running daemon through its pid and status files.
 
+The daemon rewrites its status file when something an operator acts on changed, and its counters at
+least every STATUS_HEARTBEAT_SECONDS; `reaper status` first asks it for a fresh one (SIGUSR2, to a pid
+verified as below) and waits up to REFRESH_WAIT_SECONDS for it.
+
 Neither needs the sources' secrets: the state dir is read from the config's `[collector]` table alone
 (no environment expansion of DSNs, no validation of sources). `reload` signals a pid only after it has
 verified that the process is the reaper daemon of that state dir (its command line, and the status
@@ -23,9 +27,17 @@ from rich.table import Table
 from reaper.cli.output import choose_format, print_plain
 from reaper.config.load import load_state_dir
 from reaper.config.schema import default_state_dir
-from reaper.daemon.status import STATUS_FILE, CostStatus, DaemonStatus, LaneStatus, read_status_file
+from reaper.daemon.status import (
+    STATUS_FILE,
+    STATUS_HEARTBEAT_SECONDS,
+    CostStatus,
+    DaemonStatus,
+    LaneStatus,
+    read_status_file,
+)
 
-STALE_AFTER_SECONDS = 20.0
+STALE_AFTER_SECONDS = STATUS_HEARTBEAT_SECONDS + 20.0  # a file not refreshed on request: older means not responding
+REFRESH_WAIT_SECONDS = 3.0  # how long `reaper status` waits for the fresh file it asked for
 START_SLACK_SECONDS = 2.0  # clock-tick rounding between /proc's start time and the daemon's own clock
 
 
@@ -60,17 +72,55 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
+def ask_fresh_status(pid: int, path: Path, wait: float = REFRESH_WAIT_SECONDS) -> DaemonStatus | None:
+    """SIGUSR2 to the daemon `pid` (verified by the caller), then the status file it writes in answer
+    (one written after the signal), or None when none came within `wait` seconds."""
+    asked = time.time()
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except OSError:
+        return None
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        status = _read(path)
+        if status is not None and status.pid == pid and status.updated_wall > asked:
+            return status
+        time.sleep(0.05)
+    return None
+
+
+def _daemon_to_ask(args: argparse.Namespace, path: Path, status: DaemonStatus) -> int | None:
+    """The pid to ask for a fresh status: --pidfile's or the status file's, only once verified to be the
+    daemon of this state dir (a stale file's reused pid is never signalled); None otherwise."""
+    if getattr(args, "pidfile", None):
+        found = our_daemon(args)  # says why not, on stderr
+        return None if isinstance(found, int) else found[0]
+    if status.pid <= 1 or not pid_alive(status.pid) or why_not_our_daemon(status.pid, status, path) is not None:
+        return None
+    return status.pid
+
+
 def show_status(args: argparse.Namespace) -> int:
+    """Ask the running daemon for a fresh status file, then print it; with no daemon to ask, print the
+    file as it is, with its age."""
     path = state_dir_from(args) / STATUS_FILE
     status = _read(path)
     if status is None:
         print(f"{path}: no status file: is reaper running with this state_dir? "
               "(use --config or --state-dir)", file=sys.stderr)
         return 1
+    pid = _daemon_to_ask(args, path, status)
+    fresh = ask_fresh_status(pid, path) if pid is not None else None
+    status = fresh or _read(path) or status
     now = time.time()
     age = now - status.updated_wall
     alive = pid_alive(status.pid)
-    state = "running" if alive and age < STALE_AFTER_SECONDS else ("not running" if not alive else "not responding")
+    if fresh is not None:
+        state = "running"
+    elif pid is not None:  # asked, no answer
+        state = "not responding" if pid_alive(pid) else "not running"
+    else:
+        state = "running" if alive and age < STALE_AFTER_SECONDS else ("not running" if not alive else "not responding")
     code = 0 if state == "running" else 1
     fmt = "json" if args.json else choose_format(getattr(args, "format", None))
     if fmt == "json":

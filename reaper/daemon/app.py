@@ -7,7 +7,8 @@ fleet switches, and `Daemon.run` is the whole task tree, readable top to bottom:
     ├ signal task          (given by reaper.daemon.root for `reaper run`) SIGHUP -> reload request
     ├ reconciler           the ONLY writer of running state (reaper.daemon.reconciler)
     ├ pause-file watcher   -> SetPaused requests
-    ├ status writer        the status file every 5 s
+    ├ status writer        the status file when something changed, on SIGUSR2, and every 60 s
+                           for the counters (reaper.daemon.statuswrite)
     └ sinks nursery        per sink: its own nursery and channel (reaper.daemon.sinkset)
       └ sources nursery    per source: supervisor + the source's lanes (reaper.daemon.source);
                            per discovery source: a task that resolves its list -> Discovered requests
@@ -48,7 +49,8 @@ from reaper.daemon.reconciler import (
 )
 from reaper.daemon.sinkset import RunningSink, SinkSet, build_sink
 from reaper.daemon.source import Connector, FleetControls, SourceReaper, connect_source
-from reaper.daemon.status import STATUS_FILE, DaemonStatus, ReloadRecord, SinkStatus, write_status_file
+from reaper.daemon.status import DaemonStatus, ReloadRecord, SinkStatus
+from reaper.daemon.statuswrite import StatusWriter
 from reaper.errors import ConfigError
 from reaper.kinds import resolve
 from reaper.measurement import Measurement
@@ -59,7 +61,6 @@ __all__ = ["Daemon", "RunningParent", "RunningSink", "RunningSource", "build_sin
 
 log = logging.getLogger("reaper.daemon.app")
 
-STATUS_EVERY_SECONDS = 5.0
 PAUSE_CHECK_SECONDS = 2.0
 SideTask = Callable[["Daemon"], Awaitable[None]]
 
@@ -116,6 +117,7 @@ class Daemon:
         self.reload_failures = 0
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
+        self.status_writer = StatusWriter(self)
 
     def __repr__(self) -> str:
         paused = " paused" if self.controls.paused else ""
@@ -155,8 +157,10 @@ class Daemon:
                             max_backoff=self.config.collector.max_backoff_seconds, controls=self.controls,
                             instance_cache=self.instance_cache)
 
-    def status(self) -> DaemonStatus:
-        sources = [running.reaper.status() for _, running in sorted(self.sources.items())]
+    def status(self, *, with_sources: bool = True) -> DaemonStatus:
+        """What the status file and GET /status show (without the sources: the status writer builds those
+        in chunks, reaper.daemon.statuswrite)."""
+        sources = [running.reaper.status() for _, running in sorted(self.sources.items())] if with_sources else []
         sinks = [SinkStatus(label=o.label, queued=o.queued, sent=o.sent, dropped=o.dropped, spilled=o.spilled,
                             spill_bytes=o.spill_bytes, error=o.error, rejected=o.rejected)
                  for o in self.fanout.outlets]
@@ -173,6 +177,10 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_status(self) -> None:
+        """Write the status file now (SIGUSR2, `reaper status`)."""
+        self.status_writer.request()
 
     def leave_fleet(self) -> bool:
         """Drain (SIGUSR1, `reaper fleet leave`): release every source, stay up. False without [fleet]."""
@@ -215,7 +223,7 @@ class Daemon:
                         if self.fleet is not None:  # in the root nursery: its session ends after the sources
                             await root.start(self.fleet.run)
                         root.start_soon(self._watch_pause_file)
-                        root.start_soon(self._write_status_periodically)
+                        root.start_soon(self.status_writer.run)
                         task_status.started()
                         await self._stop.wait()
                         await self.reconciler.submit(Shutdown())  # stops every source, closes connections
@@ -226,7 +234,7 @@ class Daemon:
             if sinks_nursery.cancel_scope.cancelled_caught:
                 log.error("shutdown: sinks did not finish within %gs; what they had not written is in their "
                           "spill queues for the next start", grace)
-            self.write_status()
+            await self.status_writer.write()
             root.cancel_scope.cancel()
 
     # -- reload ----------------------------------------------------------------------------------
@@ -245,7 +253,7 @@ class Daemon:
                 log.error("reload: %s", line)
             self.last_reload = ReloadRecord(self.reloads + self.reload_failures, time.time(), str(path), False,
                                             refused(e.problems))
-            self.write_status()
+            await self.status_writer.write()
             return False
         if new.fleet != self.config.fleet:
             log.warning("reload: [fleet] changes take effect at the next start")
@@ -261,10 +269,10 @@ class Daemon:
                 log.info("reload: %s", line)
             self.last_reload = ReloadRecord(self.reloads + self.reload_failures, time.time(), str(path), True,
                                             outcome.plan)
-        self.write_status()
+        await self.status_writer.write()
         return True
 
-    # -- pause file and status file --------------------------------------------------------------
+    # -- pause file ------------------------------------------------------------------------------
 
     async def _watch_pause_file(self) -> None:
         """While [collector] pause_file exists, no source queries its server (checked every 2 s)."""
@@ -277,18 +285,3 @@ class Daemon:
                     return
                 paused = exists
             await trio.sleep(PAUSE_CHECK_SECONDS)
-
-    async def _write_status_periodically(self) -> None:
-        while True:
-            self.write_status()
-            # building it costs per source: a large fleet writes it less often (every 10 s at 1000)
-            await trio.sleep(max(STATUS_EVERY_SECONDS, len(self.sources) / 100))
-
-    def write_status(self) -> None:
-        """The status file under state_dir (for `reaper status`, `reaper reload`, the benchmarks)."""
-        try:
-            write_status_file(self.state_dir / STATUS_FILE, self.status())
-        except OSError as e:
-            if not getattr(self, "_status_warned", False):
-                self._status_warned = True
-                log.warning("cannot write the status file in %s: %s", self.state_dir, e)

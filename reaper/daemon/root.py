@@ -10,7 +10,8 @@
 
 SIGHUP becomes a reload request to the reconciler (the config file is validated as a whole first);
 SIGINT/SIGTERM stop gracefully; a second stop signal exits at once. SIGUSR1 drains a fleet member
-(`reaper fleet leave`): it releases every source and stays up.
+(`reaper fleet leave`): it releases every source and stays up. SIGUSR2 writes the status file now
+(`reaper status` asks for a fresh one so); it is ignored outside the daemon's life, never fatal.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ LOCK_FILE = "reaper.lock"
 
 async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path: str | None,
                         force_exit: Callable[[int], None]) -> None:
-    """SIGHUP reloads; SIGINT/SIGTERM stop gracefully; a second stop signal exits at once."""
+    """SIGHUP reloads; SIGINT/SIGTERM stop gracefully; a second stop signal exits at once; SIGUSR1 drains a
+    fleet member; SIGUSR2 writes the status file now."""
     stopping = False
     async for signum in signals:
         if signum == signal.SIGHUP:
@@ -47,6 +49,8 @@ async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path
                 continue
             log.info("SIGHUP: reloading %s", config_path)
             await daemon.reload(config_path)
+        elif signum == signal.SIGUSR2:
+            daemon.request_status()
         elif signum == signal.SIGUSR1:
             if daemon.leave_fleet():
                 log.warning("SIGUSR1: leaving the fleet: every source is released, the daemon stays up")
@@ -65,8 +69,10 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
                      groups: Sequence[str] | None = None, pidfile: str | None = None) -> None:
     """The daemon: the state dir locked, signal handling installed, then the asyncio loop, then the
     task tree. A state dir locked by another daemon is a ConfigError (one line, naming its pid)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a late `reaper status` must not kill the process (the default)
     with lock_state_dir(state_dir_of(config)), _pidfile(pidfile), \
-            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1) as signals:
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
+                                      signal.SIGUSR2) as signals:
         async with db.open_loop():
             daemon = Daemon(config, groups=groups)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import cattrs
@@ -14,6 +15,9 @@ from reaper.daemon.plan import Plan, RunningState
 from reaper.fsutil import make_private_dir
 
 STATUS_FILE = "status.json"
+# the daemon rewrites the file when what an operator acts on changed, on SIGUSR2, and at least this often
+# for its counters (reaper.daemon.statuswrite); `reaper status` asks for a fresh one
+STATUS_HEARTBEAT_SECONDS = 60.0
 _converter = cattrs.Converter()
 
 
@@ -148,7 +152,16 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return float(ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))])
 
 
+def unstructure(status: Any) -> Any:
+    """A status object (DaemonStatus, SourceStatus ...) as the status file's JSON shape."""
+    return _converter.unstructure(status)
+
+
 def write_status_file(path: Path, status: DaemonStatus) -> None:
+    write_status_doc(path, unstructure(status))
+
+
+def write_status_doc(path: Path, document: dict[str, Any]) -> None:
     """Replace the status file atomically (readers never see half a file). The file is the operator's:
     created 0600 (its folder 0700 when this creates it), whatever the umask."""
     make_private_dir(path.parent)
@@ -156,7 +169,7 @@ def write_status_file(path: Path, status: DaemonStatus) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)  # an older tmp file may have been made with other bits
-        f.write(orjson.dumps(_converter.unstructure(status), option=orjson.OPT_INDENT_2))
+        f.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
     os.replace(tmp, path)
 
 

@@ -1,0 +1,172 @@
+"""When the status file (`<state_dir>/status.json`) is written, and how it is built without stalling the loop.
+
+The file is rewritten when something an operator acts on changed, not on a clock:
+
+- every `check_seconds` (STATUS_CHECK_SECONDS; longer for a large fleet) the writer compares a cheap
+  fingerprint of that state (`status_fingerprint`: each source's status, degraded metrics, last error,
+  recovery role, server version, lanes' connections and budget stretching; each sink's error, spilling
+  and losses; reloads; fleet membership; the running plan) with the one of the last write, and writes
+  when it differs;
+- the counters (ticks, rows, lateness, cost figures, `updated_wall`) are refreshed by a slow heartbeat,
+  at least every STATUS_HEARTBEAT_SECONDS;
+- on request: SIGUSR2 (`reaper status` sends it) writes it at once; start-up, a reload and shutdown
+  write it at once too.
+
+Building it for a large fleet costs tens of milliseconds of Python, so the build yields to the loop
+every BUILD_CHUNK sources (a tick due meanwhile starts on time), and from THREAD_FROM_SOURCES sources
+on, the JSON dump and the file write happen in a worker thread. Writes never overlap (one lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from reaper.daemon.plan import RunningState
+from reaper.daemon.reconciler import Reconciler, RunningSource
+from reaper.daemon.status import (
+    STATUS_FILE,
+    STATUS_HEARTBEAT_SECONDS,
+    DaemonStatus,
+    ReloadRecord,
+    unstructure,
+    write_status_doc,
+)
+from reaper.sinks import FanOut
+
+log = logging.getLogger("reaper.daemon.statuswrite")
+
+STATUS_CHECK_SECONDS = 2.0  # how often the fingerprint is compared (a change shows within this)
+CHECK_PER_SOURCE_SECONDS = 0.005  # a large fleet compares less often: 5 s at 1000 sources
+BUILD_CHUNK = 50  # sources built between two yields to the loop
+THREAD_FROM_SOURCES = 200  # from this many sources on, dump and write in a worker thread
+
+
+class StatusSource(Protocol):
+    """What the writer reads of the daemon (reaper.daemon.app.Daemon); a Protocol, so that this module
+    does not import the one that starts it."""
+
+    reconciler: Reconciler
+    fanout: FanOut
+    fleet: Any  # reaper.daemon.fleet.FleetMember | None
+    reloads: int
+    reload_failures: int
+    last_reload: ReloadRecord | None
+    state_dir: Path
+
+    @property
+    def sources(self) -> dict[str, RunningSource]: ...
+
+    def status(self, *, with_sources: bool = True) -> DaemonStatus: ...
+
+
+def _source_key(running: RunningSource) -> tuple[Hashable, ...]:
+    reaper = running.reaper
+    st = reaper.state
+    conn = reaper.conn
+    slow, local = reaper.slow, reaper.local
+    factors = reaper.cost.factors
+    return (st.name, st.status, tuple(sorted(st.degraded)) if st.degraded else (), st.last_error, st.in_recovery,
+            st.server_version, conn is not None and not conn.is_closed,
+            None if slow is None else slow.state.connected, None if local is None else local.state.connected,
+            tuple(sorted(factors.items())) if factors else (), reaper.cost.heavy_paused)
+
+
+def status_fingerprint(daemon: StatusSource) -> tuple[Hashable, ...]:
+    """What an operator acts on, cheaply: equal fingerprints mean the status file would differ only in its
+    counters (ticks, rows, measurements, lateness, cost figures, queue lengths, statements, timestamps)."""
+    sources = tuple(_source_key(running) for running in daemon.sources.values())
+    sinks = tuple((o.label, o.error, o.opened, o.spilling, o.spill_bytes > 0, o.dropped, o.rejected)
+                  for o in daemon.fanout.outlets)
+    fleet = daemon.fleet
+    members: tuple[Hashable, ...] = ()
+    if fleet is not None:
+        members = (fleet.session is not None, fleet.leaving, fleet.error, fleet.owned, tuple(fleet.members))
+    # the running plan is rebuilt only after a change (the same object otherwise: compared by identity first)
+    return (sources, sinks, members, daemon.reloads, daemon.reload_failures, daemon.last_reload,
+            daemon.reconciler.running_state())
+
+
+class StatusWriter:
+    """The daemon's only writer of its status file."""
+
+    def __init__(self, daemon: StatusSource, *, check_seconds: float = STATUS_CHECK_SECONDS,
+                 heartbeat_seconds: float = STATUS_HEARTBEAT_SECONDS) -> None:
+        self.daemon = daemon
+        self.check_seconds = check_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.writes = 0
+        self._wanted = trio.Event()
+        self._lock = trio.Lock()
+        self._written: tuple[Hashable, ...] | None = None  # the fingerprint of the last write
+        self._written_at = -math.inf  # trio time
+        self._warned = False
+        self._running: tuple[RunningState | None, Any] = (None, None)
+
+    @property
+    def path(self) -> Path:
+        return self.daemon.state_dir / STATUS_FILE
+
+    def request(self) -> None:
+        """Write it now (SIGUSR2): the writer task answers at once, whatever changed."""
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Check every check_seconds; write on a change, on request, or when the heartbeat is due."""
+        while True:
+            fingerprint = status_fingerprint(self.daemon)
+            due = trio.current_time() - self._written_at >= self.heartbeat_seconds
+            if self._wanted.is_set() or due or fingerprint != self._written:
+                self._wanted = trio.Event()
+                await self.write(fingerprint)
+            check = max(self.check_seconds, CHECK_PER_SOURCE_SECONDS * len(self.daemon.sources))
+            with trio.move_on_after(check):
+                await self._wanted.wait()
+
+    async def write(self, fingerprint: tuple[Hashable, ...] | None = None) -> None:
+        """Build the status (yielding to the loop between chunks of sources) and replace the file."""
+        async with self._lock:
+            if fingerprint is None:
+                fingerprint = status_fingerprint(self.daemon)
+            document = await self.build()
+            try:
+                if len(document["sources"]) >= THREAD_FROM_SOURCES:
+                    await trio.to_thread.run_sync(write_status_doc, self.path, document)
+                else:
+                    write_status_doc(self.path, document)
+            except OSError as e:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("cannot write the status file in %s: %s", self.daemon.state_dir, e)
+                return
+            self._written, self._written_at = fingerprint, trio.current_time()
+            self.writes += 1
+
+    async def build(self) -> dict[str, Any]:
+        """The status file's document: as `unstructure(daemon.status())`, the sources built in chunks."""
+        sources = self.daemon.sources
+        documents = []
+        for i, name in enumerate(sorted(sources)):
+            if i and i % BUILD_CHUNK == 0:
+                await trio.lowlevel.checkpoint()
+            running = sources.get(name)  # gone meanwhile: stopped by a reload
+            if running is not None:
+                documents.append(unstructure(running.reaper.status()))
+        status = self.daemon.status(with_sources=False)  # updated_wall: after the sources
+        document = unstructure(attrs.evolve(status, running=None))
+        document["running"] = self._running_document(status.running)
+        document["sources"] = documents
+        return document
+
+    def _running_document(self, running: RunningState | None) -> Any:
+        """The running plan's document (1000 source descriptions take ~8 ms to unstructure): made again only
+        when the reconciler describes a new one (the same object otherwise); never mutated once made."""
+        if running is not self._running[0]:
+            self._running = (running, unstructure(running))
+        return self._running[1]
