@@ -3,8 +3,9 @@
  * Bytes = every malloc/calloc/memalign size plus what a realloc adds beyond the block's usable size
  * (a buffer grown in place a little at a time is not counted again whole each time); realloc_full
  * counts each realloc's whole new size instead (an upper bound).
- * On SIGUSR2 (and at exit) it appends "<pid> <bytes> <calls> <realloc_full>\n" to $ALLOCSHIM_OUT (the pid:
- * the tools reaper runs, e.g. smartctl, inherit the shim and dump at their exit too).
+ * On SIGRTMIN+4 (and at exit) it appends "<pid> <bytes> <calls> <realloc_full>\n" to $ALLOCSHIM_OUT (the pid:
+ * the tools reaper runs, e.g. smartctl, inherit the shim and dump at their exit too). A real-time signal,
+ * since reaper handles SIGUSR2 itself (it writes its status file then): bench/measure.py ALLOC_SIGNAL.
  * Built by bench/measure.py. */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -66,13 +67,13 @@ static void dump(void) {
     if (fd >= 0) { ssize_t w = write(fd, buf, (size_t)n); (void)w; close(fd); }
 }
 
-static void on_usr2(int sig) { (void)sig; dump(); }
+static void on_signal(int sig) { (void)sig; dump(); }
 
 __attribute__((constructor)) static void init(void) {
     struct sigaction sa = {0};
-    sa.sa_handler = on_usr2;
+    sa.sa_handler = on_signal;
     sa.sa_flags = SA_RESTART;
-    sigaction(SIGUSR2, &sa, NULL);
+    sigaction(SIGRTMIN + 4, &sa, NULL);
 }
 
 __attribute__((destructor)) static void fini(void) { dump(); }

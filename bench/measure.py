@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+ALLOC_SIGNAL = signal.SIGRTMIN + 4  # bench/allocshim.c dumps its counters on it
 
 log = logging.getLogger("bench.measure")
 
@@ -154,3 +157,43 @@ def summarize_samples(samples: list[dict[str, float]]) -> dict[str, Any]:
     if not samples:
         return {}
     return {"rss_max": max(s["rss"] for s in samples), "cpu_end": samples[-1]["cpu"], "n": len(samples)}
+
+
+def cpu_interp(samples: list[dict[str, float]], t: float) -> float:
+    """CPU seconds at t, interpolated linearly between the samples around it."""
+    prev = samples[0]
+    if t <= prev["t"]:
+        return prev["cpu"]
+    for s in samples[1:]:
+        if s["t"] >= t:
+            span = s["t"] - prev["t"]
+            return prev["cpu"] + (s["cpu"] - prev["cpu"]) * ((t - prev["t"]) / span if span > 0 else 1.0)
+        prev = s
+    return prev["cpu"]
+
+
+def startup_windows(samples: list[dict[str, float]], t_start: float, length: float = 60.0,
+                    step: float = 5.0) -> list[float]:
+    """CPU % of one core in consecutive `step`-second windows over the first `length` seconds after
+    t_start (when the process was started: it had used no CPU then). Windows past the samples are left out."""
+    if not samples:
+        return []
+    points = [{"t": t_start, "cpu": 0.0}, *(s for s in samples if s["t"] > t_start)]
+    out = []
+    k = 0
+    while (k + 1) * step <= length + 1e-9 and t_start + (k + 1) * step <= points[-1]["t"] + 0.5:
+        a, b = t_start + k * step, t_start + (k + 1) * step
+        out.append(100.0 * (cpu_interp(points, b) - cpu_interp(points, a)) / step)
+        k += 1
+    return out
+
+
+def handles_signal(pid: int, signum: int) -> bool:
+    """Whether the process catches signal `signum` (/proc/PID/status SigCgt), i.e. sending it is safe."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        return False
+    return False

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -56,15 +57,17 @@ class Scenario:
     databases: int = 0
     duration: float = 150.0  # seconds of the measured run
     workload_rate: float = 20.0  # workload transactions per second (all databases together)
+    startup_allowance: float = 30.0  # seconds start-up may take (connect storm, first round): the default
+    # --duration adds it so that metrics due every 300 s run inside the steady window
 
 
 SCENARIOS: dict[str, Scenario] = {
     "seed": Scenario("seed", "6 sources x `debug` (every metric at 30 s): the batch redesign's setup",
                      sources=6, preset="debug", databases=6),
     "fleet100": Scenario("fleet100", "100 sources x `exhaustive`: pgwatch's sizing-guide fleet",
-                         sources=100, preset="exhaustive", databases=100),
+                         sources=100, preset="exhaustive", databases=100, startup_allowance=60.0),
     "fleet1000": Scenario("fleet1000", "1000 sources x `basic` (10 sources per database, 100 databases)",
-                          sources=1000, preset="basic", databases=100, duration=300.0),
+                          sources=1000, preset="basic", databases=100, duration=300.0, startup_allowance=120.0),
     "sink": Scenario("sink", "postgres sink throughput (binary COPY), from bench/bench_pgsink.py"),
 }
 
@@ -142,6 +145,27 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) ->
     return time.monotonic() - t0
 
 
+class StatusAsker:
+    """Asks reaper to write its status file now (SIGUSR2), at most every `every` seconds: a reaper that
+    writes it only when something changed (and on a slow heartbeat) would otherwise show start-up late
+    and give the snapshots stale counters. Only when the process catches SIGUSR2 (an older reaper does
+    not, and the signal would end it); it then wrote the file every few seconds anyway."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], every: float = 3.0) -> None:
+        self.proc, self.every, self.last = proc, every, -math.inf
+
+    def maybe_ask(self) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self.ask()
+
+    def ask(self) -> bool:
+        self.last = time.monotonic()
+        if self.proc.poll() is None and measure.handles_signal(self.proc.pid, signal.SIGUSR2):
+            self.proc.send_signal(signal.SIGUSR2)
+            return True
+        return False
+
+
 def read_status(state_dir: Path) -> dict[str, Any] | None:
     try:
         result: dict[str, Any] = json.loads((state_dir / "status.json").read_bytes())
@@ -212,6 +236,27 @@ def statement_summary(before: list[dict[str, Any]], after: list[dict[str, Any]],
         "exec_ms_per_tick": window_ms / ticks if ticks else None,
         "top": entries[:12],
     }
+
+
+def lane_summary(st0: dict[str, Any], st1: dict[str, Any], ticks: int) -> dict[str, Any]:
+    """Statements per lane over the window, from the status file's per-source `lanes` (the fast lane: the
+    tick, connection 1; slow: the metrics that run alone and the special metrics, connection 2; local: no
+    connection of its own). Summed over sources; a counter that went down (the source was restarted)
+    counts from zero. {lane: {statements, runs, skipped, per_run, per_tick}}, per_tick over source ticks."""
+    before = {s["name"]: {lane["name"]: lane for lane in s.get("lanes") or ()} for s in st0["sources"]}
+    sums: dict[str, dict[str, int]] = {}
+    for src in st1["sources"]:
+        for lane in src.get("lanes") or ():
+            prev = before.get(src["name"], {}).get(lane["name"], {})
+            acc = sums.setdefault(lane["name"], {"statements": 0, "runs": 0, "skipped": 0})
+            for key, field in (("statements", "statements_total"), ("runs", "runs"), ("skipped", "skipped")):
+                now, was = lane.get(field, 0), prev.get(field, 0)
+                acc[key] += now - was if now >= was else now
+    out: dict[str, Any] = {}
+    for name, acc in sums.items():
+        out[name] = {**acc, "per_run": acc["statements"] / acc["runs"] if acc["runs"] else None,
+                     "per_tick": acc["statements"] / ticks if ticks else None}
+    return out
 
 
 def peer_statement_summary(before: list[dict[str, Any]], after: list[dict[str, Any]], scrapes: int) -> dict[str, Any]:
@@ -318,11 +363,15 @@ def _short(frame: str) -> str:
 # -- one scenario ------------------------------------------------------------------------------
 
 def default_duration(sc: Scenario) -> float:
-    """The scenario's own length, or longer: metrics due every 300 s (or less) are inside the steady window
-    (which starts after start-up, at 15 % of the run at the earliest)."""
+    """The scenario's own length, or longer: metrics due every 300 s (or less) run inside the steady window,
+    which starts once start-up is over (the scenario's allowance for it; at 15 % of the run at the earliest)
+    and is then at least the longest such interval plus 40 s. Rounded up to 50 s."""
     intervals = [i for i in active_intervals(sc.preset).values() if i <= 300]
     longest = max(intervals, default=0)
-    return max(sc.duration, longest + 100.0) if longest >= 120 else sc.duration
+    if longest < 120:
+        return sc.duration
+    need = max(longest + 40.0 + sc.startup_allowance, (longest + 40.0) / 0.85)
+    return max(sc.duration, 50.0 * math.ceil(need / 50.0))
 
 
 def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, Any]:
@@ -365,7 +414,9 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
 
         # -- the measured run --
         sampler.start()
+        t_start = sampler.now()
         reaper = start_reaper(config, run_dir / "reaper.log")
+        asker = StatusAsker(reaper)
         sampler.add("reaper", reaper.pid)
         if peer_bin is not None:
             peer = peer_mod.Peer(peer_bin, server.dsn(user=lab.PEER_ROLE, dbname="postgres") + "?sslmode=disable",
@@ -386,6 +437,8 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
             time.sleep(1.0)
             if reaper.poll() is not None:
                 raise RuntimeError(f"reaper exited with {reaper.returncode}:\n{log_tail(run_dir / 'reaper.log')}")
+            if t_warm is None:  # start-up: ask for the status often enough to see its end
+                asker.maybe_ask()
             st = read_status(state_dir)
             if st is None:
                 continue
@@ -404,14 +457,14 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
             if t_warm is None and t_first_round is not None and peer_ready and now >= max(0.15 * duration,
                                                                                           t_first_round + 2):
                 t_warm = now
-                snap = take_snapshot(server, sampler, peer, state_dir, statuses)
+                snap = take_snapshot(server, sampler, peer, state_dir, statuses, asker)
                 log.info("%s: steady window from t=%.0fs", sc.name, t_warm)
                 if args.profile:
                     profiler = start_profile(reaper.pid, duration - now - 2, run_dir / "profile.txt")
         if t_warm is None:
             raise RuntimeError("reaper never finished its first round of ticks (see "
                                f"{run_dir / 'reaper.log'}):\n{log_tail(run_dir / 'reaper.log')}")
-        end = take_snapshot(server, sampler, peer, state_dir, statuses)
+        end = take_snapshot(server, sampler, peer, state_dir, statuses, asker)
         t_end = sampler.now()
         (run_dir / "pg_stat_statements.json").write_text(json.dumps(end["reaper_stmts"], indent=1))
         result["reaper_peak_rss"] = measure.peak_rss(reaper.pid)
@@ -430,9 +483,17 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
         # the yardsticks, in the same run (the workload still going): a bare asyncpg round trip's CPU
         log.info("%s: baseline: bare asyncpg select 1 loops (plain asyncio, through trio-asyncio)", sc.name)
         result["baseline"] = baseline.measure(server.dsn(user=lab.REAPER_ROLE, dbname=dbs[0]))
+        # reaper with one source of the same preset, same sink, same server: the base of the marginal RSS
+        if sc.sources > 1:
+            result["one_source"] = one_source_rss(sc, server, run_dir, tick)
 
         result.update(compute(sc, sampler, statuses, snap, end, t_warm, t_end, duration, first_status_at,
                               final_status, peer))
+        result["reaper"]["startup_cpu"] = startup_summary(sampler.samples["reaper"], t_start)
+        result["t_start"] = t_start
+        one = result.get("one_source") or {}
+        if one.get("rss_steady") and result["reaper"].get("rss_steady"):
+            result["reaper"]["rss_marginal"] = (result["reaper"]["rss_steady"] - one["rss_steady"]) / (sc.sources - 1)
         result["output"] = count_output(output)
         out = result["output"]
         window_rows = result["reaper"]["rows_window"]
@@ -444,7 +505,8 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
 
         # -- the allocation probe: a second, short run under the counting shim --
         if args.alloc_seconds != 0:
-            result["alloc"] = alloc_probe(config, run_dir, state_dir, sc, args.alloc_seconds or 2 * tick + 5, tick)
+            result["alloc"] = alloc_probe(config, run_dir, state_dir, sc, args.alloc_seconds
+                                          or alloc_default_seconds(tick, intervals), tick)
         result["workload"] = {"rate": sc.workload_rate, "transactions": workload.transactions,
                               "errors": workload.errors}
         result["samples"] = {name: [(round(s["t"], 1), int(s["rss"]), round(s["cpu"], 3)) for s in samples]
@@ -472,11 +534,15 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
 
 
 def take_snapshot(server: Any, sampler: measure.Sampler, peer: peer_mod.Peer | None, state_dir: Path,
-                  statuses: list[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
-    """pg_stat_statements and backend CPU right after reaper rewrote its status file, so that the
-    tick counts and the statement counts describe (nearly) the same instant."""
-    last = statuses[-1][1]["updated_wall"] if statuses else None
-    deadline = time.monotonic() + 7
+                  statuses: list[tuple[float, dict[str, Any]]], asker: StatusAsker) -> dict[str, Any]:
+    """pg_stat_statements and backend CPU right after reaper rewrote its status file (asked for with
+    SIGUSR2 when it takes it), so that the tick counts and the statement counts describe (nearly) the
+    same instant."""
+    st = read_status(state_dir)
+    last = st["updated_wall"] if st is not None else None
+    asker.ask()
+    sources = len(statuses[-1][1]["sources"]) if statuses else 0
+    deadline = time.monotonic() + max(7.0, sources / 100 + 3)  # a large fleet writes it every sources/100 s
     while time.monotonic() < deadline:
         st = read_status(state_dir)
         if st is not None and st["updated_wall"] != last:
@@ -519,6 +585,11 @@ def compute(sc: Scenario, sampler: measure.Sampler, statuses: list[tuple[float, 
     p99s = [s["lateness_p99"] for s in st1["sources"]]
     maxes = [s["lateness_max"] for s in st1["sources"]]
     statements = statement_summary(snap["reaper_stmts"], end["reaper_stmts"], sc.sources, d_ticks)
+    lanes = lane_summary(st0, st1, d_ticks)
+    if lanes:
+        statements["lanes"] = lanes
+        all_lanes = sum(v["statements"] for v in lanes.values())
+        statements["lanes_per_tick_total"] = all_lanes / d_ticks if d_ticks else None
     rows_per_s = d_rows / d_t if d_t > 0 else 0.0
     reaper_r: dict[str, Any] = {
         "startup_s": first_status_at,
@@ -587,10 +658,58 @@ def all_up(st: dict[str, Any] | None, sources: int) -> bool:
                 and all(s["ticks"] >= 1 and s["status"] == "up" for s in st["sources"]))
 
 
+def startup_summary(samples: list[dict[str, float]], t_start: float) -> dict[str, Any]:
+    """Reaper's first minute from its start: CPU % of one core in each 5 s window, the highest, and the
+    minute as a whole (issue 14: no 5 s window over 15 %)."""
+    windows = measure.startup_windows(samples, t_start, 60.0, 5.0)
+    return {"windows_pct": [round(w, 2) for w in windows], "peak_5s_pct": max(windows, default=None),
+            "first_minute_pct": sum(windows) / len(windows) if windows else None, "step_s": 5.0}
+
+
+def one_source_rss(sc: Scenario, server: Any, run_dir: Path, tick: int) -> dict[str, Any]:
+    """RSS of reaper with ONE source of the scenario's preset (same sink, server and launcher), measured in
+    the same run as the fleet: the base of the marginal memory per extra source. Median RSS over one tick
+    (15-60 s) once the source is through its first tick."""
+    one_dir = run_dir / "one"
+    one_dir.mkdir(exist_ok=True)
+    config, state = one_dir / "reaper.toml", one_dir / "state"
+    write_config(config, attrs.evolve(sc, sources=1), server, state, one_dir / "measurements.ndjson")
+    seconds = min(max(float(tick), 15.0), 60.0) + 5.0
+    log.info("%s: one-source run (%s) for the marginal RSS, %.0fs after its first tick", sc.name, sc.preset, seconds)
+    sampler = measure.Sampler()
+    sampler.start()
+    proc = start_reaper(config, one_dir / "reaper.log")
+    sampler.add("one", proc.pid)
+    asker = StatusAsker(proc, every=1.0)
+    try:
+        t0 = time.monotonic()
+        while not all_up(read_status(state), 1):
+            asker.maybe_ask()
+            if proc.poll() is not None or time.monotonic() - t0 > 90:
+                return {"skipped": "the one-source run did not get through its first tick"}
+            time.sleep(0.5)
+        t_up = sampler.now()
+        time.sleep(seconds)
+        rss = [s["rss"] for s in measure.window(sampler.samples["one"], t_up, sampler.now())]
+        return {"rss_steady": statistics.median(rss) if rss else None, "rss_peak": measure.peak_rss(proc.pid),
+                "window_s": seconds, "startup_s": t_up}
+    finally:
+        sampler.stop()
+        stop_process(proc)
+
+
+def alloc_default_seconds(tick: int, intervals: dict[str, int]) -> float:
+    """The allocation probe's length: whole ticks covering at least 60 s, two ticks, and the metrics due
+    every 120 s or less (longer ones are left to the main run: the probe is about the steady tick)."""
+    frequent = max((i for i in intervals.values() if i <= 120), default=tick)
+    return float(tick * math.ceil(max(60.0, 2.0 * tick, frequent) / tick))
+
+
 def alloc_probe(config: Path, run_dir: Path, state_dir: Path, sc: Scenario, seconds: float,
                 tick: int) -> dict[str, Any]:
-    """Run reaper again with PYTHONMALLOC=malloc and the counting shim; bytes allocated per minute
-    over `seconds` once every source is up and through its first tick."""
+    """Run reaper again with PYTHONMALLOC=malloc and the counting shim; bytes allocated per minute over
+    `seconds`, starting one settling tick (at most 60 s) after every source is up and through its first
+    tick (or after a time-out that grows with the sources: the window then says how many were not up)."""
     shim = measure.build_alloc_shim(run_dir)
     if shim is None:
         return {"skipped": "no C compiler to build bench/allocshim.c"}
@@ -600,18 +719,29 @@ def alloc_probe(config: Path, run_dir: Path, state_dir: Path, sc: Scenario, seco
     env = {"LD_PRELOAD": str(shim), "PYTHONMALLOC": "malloc", "ALLOCSHIM_OUT": str(out)}
     log.info("%s: allocation probe: reaper under the counting shim, %.0fs after start-up", sc.name, seconds)
     proc = start_reaper(config, run_dir / "reaper-alloc.log", env)
+    asker = StatusAsker(proc)
     t0 = time.monotonic()
     marks: list[float] = []
+    up_timeout = 120.0 + 0.4 * sc.sources
+    t_up: float | None = None
+    not_up = 0
     try:
         while not marks or time.monotonic() - marks[0] < seconds:
             time.sleep(0.5)
             if proc.poll() is not None:
                 return {"skipped": f"reaper exited with {proc.returncode} under the shim"}
-            if not marks and (all_up(read_status(state_dir), sc.sources) or time.monotonic() - t0 > 240):
-                time.sleep(1.0)
-                proc.send_signal(signal.SIGUSR2)
+            if t_up is None:
+                asker.maybe_ask()
+                st = read_status(state_dir)
+                if all_up(st, sc.sources) or time.monotonic() - t0 > up_timeout:
+                    t_up = time.monotonic()
+                    not_up = sc.sources if st is None else sum(
+                        1 for s in st["sources"] if s["status"] != "up" or s["ticks"] < 1) + max(
+                        0, sc.sources - len(st["sources"]))
+            if not marks and t_up is not None and time.monotonic() - t_up >= min(float(tick), 60.0):
+                proc.send_signal(measure.ALLOC_SIGNAL)
                 marks.append(time.monotonic())
-        proc.send_signal(signal.SIGUSR2)
+        proc.send_signal(measure.ALLOC_SIGNAL)
         marks.append(time.monotonic())
         time.sleep(0.3)
     finally:
@@ -623,7 +753,8 @@ def alloc_probe(config: Path, run_dir: Path, state_dir: Path, sc: Scenario, seco
     minutes = (marks[1] - marks[0]) / 60
     return {"mb_per_min": (b1 - b0) / 1e6 / minutes, "allocs_per_min": (c1 - c0) / minutes,
             "realloc_full_mb_per_min": (r1 - r0) / 1e6 / minutes,
-            "startup_mb": b0 / 1e6, "window_s": marks[1] - marks[0], "ticks": (marks[1] - marks[0]) / tick}
+            "startup_mb": b0 / 1e6, "window_s": marks[1] - marks[0], "ticks": (marks[1] - marks[0]) / tick,
+            "up_after_s": (t_up - t0) if t_up is not None else None, "not_up_at_start": not_up}
 
 
 def run_sink_scenario(args: argparse.Namespace) -> dict[str, Any]:
