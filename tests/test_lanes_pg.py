@@ -52,7 +52,11 @@ def test_a_slow_metric_never_delays_the_one_second_metric(pg15, fresh_db, tmp_pa
     assert len(timeouts) == 1, log  # reported once, not at every run
     lanes = {lane.name: lane for lane in status.sources[0].lanes}
     assert lanes["fast"].statements_last_run == 1
-    assert lanes["slow"].statements_total >= 4  # each run: begin, set_config, the statement, rollback
+    slow = lanes["slow"]
+    # the first run sets the session's timeout (set_config, then the statement); every later run sends the
+    # statement alone, and the server still cancels it at 1 s
+    assert slow.runs >= 2 and slow.statements_last_run == 1, slow
+    assert slow.statements_total <= slow.runs + 1, slow
 
 
 async def test_the_debug_preset_sends_one_statement_per_fast_tick(pg15, fresh_db) -> None:

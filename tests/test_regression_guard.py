@@ -3,6 +3,9 @@
 - A source with the `debug` preset on a real PostgreSQL 15: every fast-lane tick is ONE trio-asyncio
   crossing and ONE statement; the slow lane's work (special metrics that talk to the server) costs at
   most one crossing per job.
+- A metric with its own statement_timeout_seconds in the slow lane: the session keeps that timeout, so its
+  second run on the same link sends ONE statement (the link's counter and pg_stat_statements agree: one
+  set_config in all), not BEGIN / set_config / the statement / COMMIT.
 - The modules a real `reaper run` imports for a jsonfile-only config (`python -X importtime`, which
   reports every import as it happens, start-up and first ticks alike): none of the optional stacks
   (the Prometheus sink's HTTP server, psycopg, httpx, yaml, rich, psutil without OS metrics, matplotlib).
@@ -25,7 +28,7 @@ from test_daemon import PING, REAPER, wait_until
 import reaper.db
 from reaper import db
 from reaper.catalog.metrics import Catalog
-from reaper.config.schema import SourceConfig
+from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
 
@@ -73,6 +76,37 @@ async def test_debug_preset_one_crossing_and_one_statement_per_fast_tick(pg15, f
     assert fast_statements == ticks  # one statement per fast tick, specials' reads included
     assert fast == {"_run_tick": ticks}, fast  # and one crossing per tick, nothing else in the fast lane
     assert lane_crossings <= lane_runs, (crossings, lane_runs)  # at most one per job in the other lanes
+
+
+PROBE = "select 42 as reaper_timed_probe"
+
+
+def _calls(pg15: Any, dbname: str, *likes: str) -> int:
+    """pg_stat_statements' calls of the statements in `dbname` whose text matches every LIKE pattern."""
+    where = " ".join(f"and s.query ilike '{like}'" for like in likes)
+    return int(pg15.psql("select coalesce(sum(calls), 0) from pg_stat_statements s join pg_database d on "
+                         f"d.oid = s.dbid where d.datname = '{dbname}' {where}"))
+
+
+async def test_a_timed_metric_sends_one_statement_per_run_once_its_timeout_is_set(pg15, fresh_db) -> None:
+    shipped = Catalog.for_config()
+    probe = MetricDef(name="probe", description="timed", sql={14: PROBE}, statement_timeout_seconds=5)
+    catalog = Catalog(metrics={**shipped.metrics, "probe": probe}, presets=shipped.presets)
+    src = SourceConfig(name="timed", dsn=pg15.dsn(dbname=fresh_db), metrics={"probe": 1})
+    source = SourceReaper(src, catalog, lambda m: None)
+    async with db.open_loop(), trio.open_nursery() as n:
+        await n.start(source.run)
+        # three runs done: the first sets the timeout (2 statements), the next two send 1 each
+        await wait_for(lambda: source.slow is not None and source.slow.state.statements_total >= 4, limit=30)
+        assert source.slow is not None
+        last, total, runs = (source.slow.state.statements_last_run, source.slow.state.statements_total,
+                             source.slow.state.runs)
+        n.cancel_scope.cancel()
+    assert last == 1, (last, total, runs)
+    probes = _calls(pg15, fresh_db, "%reaper_timed_probe%")
+    sets = _calls(pg15, fresh_db, "select set_config(%", "%from (select set_config(%")
+    assert probes >= 3 and sets == 1, (probes, sets)  # the server saw one set_config for all the runs
+    assert _calls(pg15, fresh_db, "begin%") == 0  # and no transaction around them
 
 
 def _imported_modules(stderr: str) -> set[str]:

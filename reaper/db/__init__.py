@@ -167,6 +167,16 @@ def _combined_statement(names: Sequence[str], batch: Mapping[str, str], count_ac
     return "select " + ",\n  ".join(parts) + f"\nfrom {READ_ONLY_GUARD}"
 
 
+# A metric's own statement_timeout_seconds is a SESSION setting that the connection remembers: a run under the
+# timeout the session has sends one statement, a change one set_config first (RESET: back to the connect value).
+SET_TIMEOUT = f"select set_config('statement_timeout', $1, false) from {READ_ONLY_GUARD}"
+
+
+def timeout_ms(seconds: float | None) -> str | None:
+    """The session statement_timeout reaper wants for a statement: milliseconds, None for the connect default."""
+    return None if seconds is None else str(int(seconds * 1000))
+
+
 class SourceConnection:
     """One connection to a monitored server, with its server facts and a column-name cache.
 
@@ -181,7 +191,8 @@ class SourceConnection:
         self._conn = conn
         self.server = server
         self.columns: dict[str, tuple[str, ...]] = {}  # sql text -> column names
-        self.statements = 0
+        self.statements = 0  # counted where each statement is sent (the asyncio side)
+        self.timeout: str | None = None  # the session's statement_timeout as last set (None: the connect default)
 
     @property
     def product(self) -> str:
@@ -198,20 +209,29 @@ class SourceConnection:
     async def run_tick(self, request: TickRequest) -> TickOutcome:
         """Run a whole tick in one crossing. Raises SourceUnavailable when the connection breaks."""
         result: TickOutcome = await crossing(self._run_tick, request)
-        self.statements += result.statements
         return result
 
     async def run_one(self, name: str, query: SoloQuery) -> list[dict[str, Any]]:
-        """One metric alone (its own statement timeout in a read-only transaction when it has one).
+        """One metric alone, under its own statement timeout when it has one (see SET_TIMEOUT).
         MetricError when it fails, SourceUnavailable when the connection breaks."""
-        self.statements += 1 if query.statement_timeout_seconds is None else 4
         try:
             rows: list[dict[str, Any]] = await crossing(self._run_solo, query)
         except asyncpg.PostgresError as e:
             raise MetricError(name, describe_error(e)) from e
         return rows
 
+    async def _use_timeout(self, seconds: float | None) -> None:
+        """Give the session the statement_timeout `seconds` (None: the connect default) unless it has it."""
+        wanted = timeout_ms(seconds)
+        if wanted == self.timeout:
+            return
+        self.timeout, self.statements = "?", self.statements + 1  # unknown until the server confirms it
+        await (self._conn.execute("reset statement_timeout") if wanted is None
+               else self._conn.execute(SET_TIMEOUT, wanted))
+        self.timeout = wanted
+
     async def _run_tick(self, request: TickRequest) -> TickOutcome:
+        before = self.statements
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
         every = {**request.batch, **{n: q.sql for n, q in (*request.solo.items(), *request.timed.items())}}
@@ -227,16 +247,20 @@ class SourceConnection:
         batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors}
         seconds: dict[str, float] = {}
         active: list[int] = []  # filled by the batch's statement when asked for
-        in_recovery, statements, isolated = await self._run_combined(batch, None, rows, errors, seconds,
-                                                                     active if request.count_active else None)
         groups: dict[float, dict[str, SoloQuery]] = {}  # one combined statement per distinct timeout
         for name, query in request.timed.items():
             if name not in errors:
                 groups.setdefault(query.statement_timeout_seconds or 0.0, {})[name] = query
-        for limit, group in sorted(groups.items()):
-            _, count, group_isolated = await self._run_combined(group, limit, rows, errors, seconds)
-            statements += count
-            isolated = isolated or group_isolated
+        # the batch (None: the default timeout) and the timed groups, the session's current timeout first
+        in_recovery: bool | None = None
+        isolated = False
+        for limit in sorted([None, *groups], key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
+            if limit is None:
+                in_recovery, part_isolated = await self._run_combined(batch, None, rows, errors, seconds,
+                                                                      active if request.count_active else None)
+            else:
+                _, part_isolated = await self._run_combined(groups[limit], limit, rows, errors, seconds)
+            isolated = isolated or part_isolated
         for name, query in request.solo.items():
             if name in errors:
                 continue
@@ -248,34 +272,27 @@ class SourceConnection:
                     raise
                 errors[name] = describe_error(e)
             seconds[name] = time.perf_counter() - started
-            statements += 1 if query.statement_timeout_seconds is None else 4
-        return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=statements,
+        return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=self.statements - before,
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None)
 
     async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
                             rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
                             seconds: dict[str, float], active: list[int] | None = None
-                            ) -> tuple[bool | None, int, bool]:
-        """One combined statement for `queries` (also reporting pg_is_in_recovery(), and the active
-        backends into `active` when given); when it fails, each query alone, so the good ones are kept.
-        Each metric's server time goes to `seconds`. Returns (in recovery, statements, isolated)."""
+                            ) -> tuple[bool | None, bool]:
+        """One combined statement for `queries` under the timeout `limit` (also reporting pg_is_in_recovery(),
+        and the active backends into `active` when given); when it fails, each query alone, so the good ones
+        are kept. Each metric's server time goes to `seconds`. Returns (in recovery, isolated)."""
         conn = self._conn
         names = sorted(queries)
         sqls = {n: queries[n].sql for n in names}
         statement = _combined_statement(names, sqls, active is not None)
         try:
-            if limit is None:
-                record = await conn.fetchrow(statement)
-                statements = 1
-            else:  # a server-side statement_timeout for this statement alone: SET LOCAL in a transaction
-                async with conn.transaction(readonly=True):
-                    await conn.execute("select set_config('statement_timeout', $1, true)", str(int(limit * 1000)))
-                    record = await conn.fetchrow(statement)
-                statements = 4  # begin, set_config, the statement, commit
+            await self._use_timeout(limit)
+            self.statements += 1
+            record = await conn.fetchrow(statement)
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
-            statements = 1 if limit is None else 4
             for name in names:
                 started = time.perf_counter()
                 try:
@@ -285,30 +302,29 @@ class SourceConnection:
                         raise
                     errors[name] = describe_error(e2)
                 seconds[name] = time.perf_counter() - started
-                statements += 1
-            return None, statements, True
+            return None, True
         for i, name in enumerate(names):
             cols = self.columns[sqls[name]]
             rows[name] = [dict(zip(cols, r, strict=False)) for r in (record[2 + 2 * i] or ())]
             seconds[name] = max(0.0, (record[3 + 2 * i] - record[1 + 2 * i]).total_seconds())
         if active is not None:
             active.append(int(record[-1] or 0))
-        return bool(record[0]), statements, False
+        return bool(record[0]), False
 
     async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
-        conn = self._conn
-        if query.statement_timeout_seconds is None:
-            return [dict(r.items()) for r in await conn.fetch(read_only(query.sql))]
-        async with conn.transaction(readonly=True):
-            await conn.execute("select set_config('statement_timeout', $1, true)",
-                               str(int(query.statement_timeout_seconds * 1000)))
-            return [dict(r.items()) for r in await conn.fetch(read_only(query.sql))]
+        await self._use_timeout(query.statement_timeout_seconds)
+        self.statements += 1
+        return [dict(r.items()) for r in await self._conn.fetch(read_only(query.sql))]
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        """One query, rows as dicts (for set-up, special metrics and tools, not for ticks)."""
-        self.statements += 1
-        records = await crossing(self._conn.fetch, read_only(sql), *args)
+        """One query under the default timeout, rows as dicts (for set-up, special metrics and tools, not for ticks)."""
+        records = await crossing(self._fetch, read_only(sql), *args)
         return [dict(r.items()) for r in records]
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        await self._use_timeout(None)
+        self.statements += 1
+        return list(await self._conn.fetch(sql, *args))
 
     async def create_extensions(self, names: Sequence[str]) -> dict[str, str | None]:
         """CREATE EXTENSION IF NOT EXISTS each name, in its own read-write transaction (the session is
