@@ -191,8 +191,8 @@ def classify(query: str) -> str:
     if ("as rec, current_database()" in q or "pg_control_system" in q or "typeinfo" in q
             or "from pg_catalog.pg_type" in q or ("as cur, set_config(" in q)):
         return "setup"
-    # the transaction around a metric that runs alone under its own statement_timeout
-    if q in ("begin", "commit", "rollback") or q.startswith(("begin ", "start transaction", "set ")) \
+    # what gives a metric that runs alone its own statement_timeout (and the default back: reset)
+    if q in ("begin", "commit", "rollback") or q.startswith(("begin ", "start transaction", "set ", "reset ")) \
             or q.startswith("select set_config("):
         return "wrapper"
     return "other"  # a metric run alone, a special metric's own queries, an isolation re-run
