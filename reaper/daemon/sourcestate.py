@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
+from collections.abc import Iterator
 
 import attrs
 import trio
@@ -14,6 +15,7 @@ from reaper.db.link import SourceLink
 from reaper.schedule import PHASE_SPREAD
 
 MAX_PARALLEL_CONNECTS = 32
+LATENESS_SAMPLES = 256  # the recent ticks whose lateness status reports (p50, p99, max)
 
 
 @attrs.define(eq=False)
@@ -44,6 +46,31 @@ async def connect_source(config: SourceConfig, *, application_name: str = db.APP
         password_file=config.password_file, application_name=application_name)
 
 
+class Recent:
+    """The last `size` floats appended (the ticks' lateness), oldest first: a ring in an array, 8 bytes a
+    value, allocated once (a deque of floats keeps ~32 bytes a value)."""
+
+    __slots__ = ("_count", "_next", "_values")
+
+    def __init__(self, size: int = LATENESS_SAMPLES) -> None:
+        self._values = array("d", bytes(8 * size))
+        self._next = 0
+        self._count = 0
+
+    def append(self, value: float) -> None:
+        self._values[self._next] = value
+        self._next = (self._next + 1) % len(self._values)
+        self._count = min(self._count + 1, len(self._values))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[float]:
+        if self._count < len(self._values):
+            return iter(self._values[:self._count])
+        return iter(self._values[self._next:] + self._values[:self._next])
+
+
 @attrs.define(eq=False)
 class SourceState:
     """What an operator (status, demo, self-metrics) can see of a source."""
@@ -60,7 +87,7 @@ class SourceState:
     in_recovery: bool | None = None
     server_version: str | None = None
     degraded: set[str] = attrs.field(factory=set)
-    lateness: deque[float] = attrs.field(factory=lambda: deque(maxlen=1000))
+    lateness: Recent = attrs.field(factory=Recent)  # the last LATENESS_SAMPLES ticks'
     statements_last_tick: int = 0  # the fast lane's
     statements_total: int = 0  # the fast lane's, since start
     last_fetch: dict[str, float] = attrs.field(factory=dict)  # metric -> trio time it last completed

@@ -393,11 +393,27 @@ async def _read_password_file(path: str) -> str:
     return text.strip()
 
 
+# asyncpg's per-connection LRU of prepared statements (each entry: the text, its row description and codecs).
+# A source's connection produces few distinct texts: one combined statement per distinct set of due metrics,
+# one per distinct timeout group, one per degraded metric run alone, and the slow lane's few specials' reads.
+# asyncpg caches no text over its max_cacheable_statement_size (15 KiB), so a big preset's combined statement
+# is prepared unnamed each tick and holds nothing. Of the shipped presets' sets (basic 2, standard 9,
+# exhaustive 11, full 34 in a week), at most 24 are cacheable (recommendations'; every other preset's <= 10;
+# tests/test_memory.py counts them): 32 holds them all with margin; 200 (what reaper asked for) held memory.
+STATEMENT_CACHE_SIZE = 32
+
+# Bytes asked of the socket per recv: asyncio's default is 256 KiB, and each recv allocates that much
+# before the bytes object shrinks to what arrived (a few KB per PostgreSQL message burst): most of the
+# allocation rate of a source. 64 KiB still takes a whole typical tick's answer in a few reads.
+RECV_BYTES = 64 * 1024
+
+
 async def connect_options(*, statement_timeout_seconds: float, password_file: str | None,
                           application_name: str = APPLICATION_NAME, read_only: bool = True,
-                          statement_cache_size: int = 200) -> dict[str, Any]:
+                          statement_cache_size: int = STATEMENT_CACHE_SIZE) -> dict[str, Any]:
     """asyncpg.connect keyword arguments for every reaper connection: who we are, read-only by default,
-    a server-side statement_timeout, no JIT for small catalog queries, the password_file's password."""
+    a server-side statement_timeout, no JIT for small catalog queries, the password_file's password, a
+    statement cache bounded to what a source produces (STATEMENT_CACHE_SIZE)."""
     options: dict[str, Any] = {
         "server_settings": {
             "application_name": application_name,
@@ -438,6 +454,7 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
 
 async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
     conn = await asyncpg.connect(dsn, **kwargs)
+    small_reads(conn)
     try:
         row = await conn.fetchrow(
             "select current_setting('server_version_num')::int as num, current_setting('server_version') as v,"
@@ -459,6 +476,13 @@ async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
         conn.terminate()
         raise
     return SourceConnection(conn, server)
+
+
+def small_reads(conn: Any) -> None:
+    """Read the connection's socket RECV_BYTES at a time (asyncio's selector transport's `max_size`)."""
+    transport = getattr(conn, "_transport", None)  # asyncpg keeps the asyncio transport it reads from
+    if transport is not None and getattr(transport, "max_size", 0) > RECV_BYTES:
+        transport.max_size = RECV_BYTES
 
 
 def _host_of(conn: Any) -> str | None:

@@ -1,0 +1,110 @@
+"""Memory and allocation bounds (issue 14 Build 3), counted, not timed.
+
+- A source connection reads its socket at most RECV_BYTES at a time (asyncio's default, 256 KiB per recv,
+  was most of a tick's allocation), and a result many times that size still arrives whole.
+- Its statement cache is bounded by STATEMENT_CACHE_SIZE, which holds with margin the distinct
+  combined statements every shipped preset produces.
+- The lateness history is a fixed ring: the last LATENESS_SAMPLES ticks, oldest first.
+- The glibc tuning applies on glibc and never raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import pytest
+import trio
+
+from reaper import db
+from reaper.catalog.metrics import load_shipped_definitions
+from reaper.daemon import memory
+from reaper.daemon.sourcestate import LATENESS_SAMPLES, Recent, SourceState
+
+ASYNCPG_MAX_CACHEABLE = 15 * 1024  # asyncpg.connect's max_cacheable_statement_size default
+
+
+@pytest.mark.pg
+async def test_a_source_connection_reads_small_chunks_and_bounds_its_statement_cache(pg15: Any, fresh_db: str) -> None:
+    async with db.open_loop():
+        conn = await db.open_source_connection(pg15.dsn(dbname=fresh_db), statement_timeout_seconds=10)
+        try:
+            raw = conn._conn
+            assert raw._transport.max_size == db.RECV_BYTES < 256 * 1024
+            assert raw._stmt_cache.get_max_size() == db.STATEMENT_CACHE_SIZE
+            # ~1.2 MB of rows: many reads of RECV_BYTES each, every row intact
+            rows = await conn.fetch("select g, repeat('x', 1000) as pad from generate_series(1, 1200) g")
+            assert [r["g"] for r in rows] == list(range(1, 1201))
+            assert all(r["pad"] == "x" * 1000 for r in rows)
+        finally:
+            await conn.close()
+
+
+def test_the_statement_cache_holds_what_every_shipped_preset_can_cache_with_margin() -> None:
+    """One combined statement per distinct set of due metrics (the fixed grid repeats every LCM of the
+    intervals; a week of it for presets with daily-ish intervals); asyncpg caches only those up to its
+    max_cacheable_statement_size. A few entries stay free for timed groups, degraded metrics, specials."""
+    defs = load_shipped_definitions()
+    for name, preset in defs.presets.items():
+        intervals = dict(preset.metrics)
+        batched = {m for m in intervals
+                   if not defs.metrics[m].special and not defs.metrics[m].statement_timeout_seconds}
+        if not batched:
+            continue
+        tick = functools.reduce(math.gcd, intervals.values())
+        period = min(functools.reduce(math.lcm, intervals.values()), 7 * 86400)
+        due_sets = {frozenset(m for m in batched if (k * tick) % intervals[m] == 0) for k in range(period // tick)}
+        cacheable = 0
+        for due in due_sets - {frozenset()}:
+            sqls = {m: defs.metrics[m].sql_for(150000) or "select 1" for m in due}
+            cacheable += len(db._combined_statement(sorted(sqls), sqls, True)) <= ASYNCPG_MAX_CACHEABLE
+        assert cacheable + 4 <= db.STATEMENT_CACHE_SIZE, (name, cacheable)
+
+
+def test_lateness_keeps_the_last_samples_oldest_first() -> None:
+    ring = Recent(4)
+    assert len(ring) == 0 and list(ring) == []
+    for v in (1.0, 2.0, 3.0):
+        ring.append(v)
+    assert list(ring) == [1.0, 2.0, 3.0] and len(ring) == 3
+    for v in (4.0, 5.0, 6.0):
+        ring.append(v)
+    assert list(ring) == [3.0, 4.0, 5.0, 6.0] and len(ring) == 4
+    assert sorted(ring)[-1] == max(ring) == 6.0
+    state = SourceState("s")
+    for i in range(LATENESS_SAMPLES + 10):
+        state.lateness.append(float(i))
+    assert len(state.lateness) == LATENESS_SAMPLES
+    assert next(iter(state.lateness)) == 10.0  # the oldest ones went
+
+
+def test_state_objects_have_no_instance_dict() -> None:
+    assert not hasattr(SourceState("s"), "__dict__")
+    assert not hasattr(Recent(), "__dict__")
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or "CS_GNU_LIBC_VERSION" not in os.confstr_names,
+                    reason="glibc only")
+def test_malloc_tuning_applies_on_glibc() -> None:
+    if not os.confstr("CS_GNU_LIBC_VERSION"):
+        pytest.skip("not glibc")
+    assert memory.tune()
+    blocks = [bytearray(300_000) for _ in range(20)]  # mmapped now (over MMAP_THRESHOLD)
+    del blocks
+    memory.trim()  # returns whether it released anything; it must simply work
+
+
+async def test_the_trim_task_trims_every_period(monkeypatch: pytest.MonkeyPatch, autojump_clock: Any) -> None:
+    calls: list[float] = []
+
+    def counting() -> bool:
+        calls.append(trio.current_time())
+        return True
+
+    monkeypatch.setattr(memory, "trim", counting)
+    with trio.move_on_after(memory.TRIM_SECONDS * 3.5):
+        await memory.trim_every()
+    expected = 3 if memory._LIBC is not None else 0
+    assert len(calls) == expected
