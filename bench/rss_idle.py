@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -76,13 +75,13 @@ def one_run(tree: Path, dsn: str, preset: str, seconds: float, *, sources: int =
             time.sleep(seconds / 2)
             marks = [time.monotonic()]
             if shim is not None:
-                proc.send_signal(signal.SIGUSR2)
+                proc.send_signal(measure.ALLOC_SIGNAL)
             time.sleep(seconds / 2)
             if proc.poll() is not None:
                 raise SystemExit(f"reaper exited: {err.read_text()[-1500:]}")
             marks.append(time.monotonic())
             if shim is not None:
-                proc.send_signal(signal.SIGUSR2)
+                proc.send_signal(measure.ALLOC_SIGNAL)
                 time.sleep(0.3)
             figures.update(status_of(proc.pid))
         finally:
