@@ -5,7 +5,6 @@ Reading a file, expanding the environment and checking references live in reaper
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
@@ -336,6 +335,8 @@ class StructureProblems(ValueError):
 
 def unknown_key(key: str, valid: list[str]) -> str:
     """`key: unknown key (did you mean X?) (valid keys: ...)`, the line for a key a table does not have."""
+    import difflib  # only for a config with a mistake: a daemon that starts never needs it
+
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{key}: unknown key{hint} (valid keys: {', '.join(sorted(valid))})"
