@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -36,7 +37,6 @@ from reaper.config.load import load_config
 from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import CostSettings
-from reaper.daemon.fleet import FleetMember
 from reaper.daemon.plan import refused
 from reaper.daemon.reconciler import (
     Reconciler,
@@ -56,6 +56,9 @@ from reaper.kinds import resolve
 from reaper.measurement import Measurement
 from reaper.schedule import PHASE_SPREAD
 from reaper.sinks import FanOut, Sink
+
+if TYPE_CHECKING:
+    from reaper.daemon.fleet import FleetMember
 
 __all__ = ["Daemon", "RunningParent", "RunningSink", "RunningSource", "build_sink", "count_tasks"]
 
@@ -96,6 +99,8 @@ class Daemon:
                  resolver: Resolver = resolve) -> None:
         self.fleet: FleetMember | None = None
         if config.fleet is not None:  # every connection names the member: `reaper:<member>`
+            from reaper.daemon.fleet import FleetMember  # only with [fleet]: its session, the claim queries
+
             self.fleet = FleetMember(config.fleet, candidates=lambda: self.reconciler.candidates(self.config),
                                      set_owned=self._set_owned)
             if connector is connect_source:
