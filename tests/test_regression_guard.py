@@ -36,7 +36,10 @@ pytestmark = pytest.mark.pg
 
 # top-level packages that only a configured feature may import
 OPTIONAL = {"hypercorn", "prometheus_client", "psycopg", "httpx", "yaml", "rich", "psutil", "matplotlib",
-            "h11", "h2", "httpcore"}
+            "h11", "h2", "httpcore", "tomli_w", "difflib"}
+# reaper's own modules that only a configured feature (or a CLI verb other than `run`) may import
+OPTIONAL_REAPER = {"reaper.daemon.fleet", "reaper.db.fleet", "reaper.daemon.health", "reaper.catalog.pgwatch",
+                   "reaper.db.configdb", "reaper.sinks.prometheus", "reaper.sinks.postgres", "reaper.db.storage"}
 
 
 def _lane_of(task_name: str) -> str:
@@ -109,14 +112,15 @@ async def test_a_timed_metric_sends_one_statement_per_run_once_its_timeout_is_se
     assert _calls(pg15, fresh_db, "begin%") == 0  # and no transaction around them
 
 
-def _imported_modules(stderr: str) -> set[str]:
-    """Top-level package names from `python -X importtime` lines ("import time: self | cumulative | name")."""
+def _imported_modules(stderr: str, *, top_level: bool = True) -> set[str]:
+    """Module names (top-level package names by default) from `python -X importtime` lines
+    ("import time: self | cumulative | name")."""
     names = set()
     for line in stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             name = line.rsplit("|", 1)[1].strip()
             if name and name != "imported package":
-                names.add(name.split(".")[0])
+                names.add(name.split(".")[0] if top_level else name)
     return names
 
 
@@ -142,3 +146,5 @@ def test_reaper_run_with_a_jsonfile_sink_imports_no_optional_stack(pg15, fresh_d
     modules = _imported_modules(log.read_text())
     assert {"reaper", "trio", "asyncpg", "trio_asyncio"} <= modules  # the parser read real importtime output
     assert not modules & OPTIONAL, sorted(modules & OPTIONAL)
+    ours = _imported_modules(log.read_text(), top_level=False)
+    assert not ours & OPTIONAL_REAPER, sorted(ours & OPTIONAL_REAPER)
