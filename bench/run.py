@@ -831,12 +831,14 @@ def finish(result: dict[str, Any], args: argparse.Namespace) -> int:
     if "reaper" in result and "intervals" not in result:  # results saved before it was recorded
         result["intervals"] = active_intervals(result["preset"])
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
-    saved = RUN_ROOT / f"last-{result['scenario']}.json"  # to re-render with --from-json
+    sc = SCENARIOS[result["scenario"]]
+    experiment = "reaper" in result and (result["sources"], result["preset"]) != (sc.sources, sc.preset)
+    name = f"{result['scenario']}-{result['sources']}x-{result['preset']}" if experiment else result["scenario"]
+    saved = RUN_ROOT / f"last-{name}.json"  # to re-render with --from-json (an experiment does not replace it)
     saved.write_text(json.dumps(result, default=str))
     if args.no_report:
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str))
         return 0
-    sc = SCENARIOS[result["scenario"]]
     path = Path(args.report)
     report.update(path, result)
     log.info("wrote %s%s", path, f" and {report.chart_path(path, sc.name)}" if "samples" in result else "")
