@@ -23,10 +23,14 @@ class Measurement:
     epoch_ns: int
     rows: Sequence[Mapping[str, Any]]
     tags: Mapping[str, str] = attrs.field(factory=dict)
+    # True when every number in `rows` is already in the form Go's encoding/json writes (reaper.db.go_rows),
+    # so a JSON sink hands the rows to orjson as they are, without its own pass over every value
+    go_ready: bool = False
 
     @classmethod
     def from_rows(cls, *, source: str, metric: str, table: str, rows: Sequence[Mapping[str, Any]],
-                  tags: Mapping[str, str], wall_ns: int) -> Measurement:
+                  tags: Mapping[str, str], wall_ns: int, go_ready: bool = False) -> Measurement:
         epoch = rows[0].get("epoch_ns") if rows else None
         return cls(source=source, metric=metric, table=table,
-                   epoch_ns=int(epoch) if isinstance(epoch, int) else wall_ns, rows=tuple(rows), tags=tags)
+                   epoch_ns=int(epoch) if isinstance(epoch, int) else wall_ns, rows=tuple(rows), tags=tags,
+                   go_ready=go_ready)

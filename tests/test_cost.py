@@ -58,7 +58,8 @@ def test_runs_older_than_the_window_are_forgotten_and_a_metric_no_longer_active_
 
 
 def test_bytes_are_estimated_from_the_first_row() -> None:
-    assert estimate_bytes([{"ab": "xyz", "n": None}] * 3) == (2 + 3 + 1) * 3
+    assert estimate_bytes([{"ab": "xyz", "n": None}] * 3) == len(b'{"ab":"xyz","n":null}') * 3
+    assert estimate_bytes([{"big": 2**70}] * 2) == (3 + 22) * 2  # beyond orjson: the text of the values
     assert estimate_bytes([]) == 0
 
 

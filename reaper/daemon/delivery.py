@@ -49,10 +49,12 @@ class Output:
         self._topn: dict[str, TopNState] = {}  # metric -> its top-N folding state (reaper.daemon.topn)
 
     def deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
-                shared: bool = False) -> None:
+                shared: bool = False, go_ready: bool = False) -> None:
         """Hand rows to the sinks, each row tagged like pgwatch's with real_dbname and sys_id.
 
         `shared` rows (from the instance cache) are copied first: they are another source's too.
+        `go_ready`: the rows' numbers are already in Go's JSON form (reaper.db.go_rows; top-N folding
+        makes new rows, which are not).
         """
         if not rows:
             return
@@ -60,6 +62,7 @@ class Output:
         fold = self._topn_state(metric)
         if fold is not None:
             rows = fold.fold(rows)  # members are the rows given (or copies), `other` a new row
+            go_ready = False
         conn = r.conn
         if conn is not None:
             server = conn.server
@@ -70,7 +73,7 @@ class Output:
                 for row in rows:
                     row.update(extra)
         m = Measurement.from_rows(source=r.config.name, metric=metric.name, table=table or metric.table,
-                                  rows=rows, tags=r.config.tags, wall_ns=wall_ns)
+                                  rows=rows, tags=r.config.tags, wall_ns=wall_ns, go_ready=go_ready)
         st = r.state
         st.measurements += 1
         st.rows += len(rows)

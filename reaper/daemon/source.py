@@ -234,7 +234,9 @@ class SourceReaper:
                 continue
             if metric.special or name in SPECIAL_METRICS:
                 spec = self._special(metric)
-                if spec is not None:
+                # an instance-level special (the host's OS figures) fetched by another source of the
+                # same instance less than an interval ago is delivered from the cache, like SQL metrics
+                if spec is not None and not self.out.deliver_cached(conn, metric, now, interval, wall_ns):
                     jobs.append(Job(metric, wall_ns, interval, spec.deadline_seconds, spec=spec))
                 continue
             if self.out.deliver_cached(conn, metric, now, interval, wall_ns):
@@ -266,7 +268,7 @@ class SourceReaper:
                 continue  # the role changed under this tick: its rows would describe the wrong role
             if name == "db_stats" and rows:
                 self.out.detect_restart(rows[0], wall_ns)
-            self.out.deliver(metrics[name], rows, wall_ns)
+            self.out.deliver(metrics[name], rows, wall_ns, go_ready=name in outcome.go_ready)
             self.out.remember(metrics[name], now, rows)
             st.last_fetch[name] = now
             self.cost.record(name, now, outcome.seconds.get(name, 0.0), rows)
@@ -355,10 +357,12 @@ class SourceReaper:
         except (MetricError, OSError) as e:
             self._metric_failed(metric.name, e.message if isinstance(e, MetricError) else str(e), special=True)
             return
-        self.state.last_fetch[metric.name] = trio.current_time()
+        now = self.state.last_fetch[metric.name] = trio.current_time()
         self._recovered(metric.name, back_in_batch=False)
         for table, rows in result:
             self.out.deliver(metric, rows, wall_ns, table=table)
+        if len(result) == 1 and result[0][0] in (None, metric.table):
+            self.out.remember(metric, now, result[0][1])  # instance-level ones only (the cache's rule)
 
     async def _should_collect(self, conn: SourceLink) -> bool:
         """Fleet rules: only_if_primary and min_db_size_mb. Logged once per change of verdict."""

@@ -21,6 +21,7 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
+from reaper.db.rows import RowShape, go_rows, row_shape
 from reaper.errors import MetricError, SourceUnavailable
 
 log = logging.getLogger("reaper.db")
@@ -109,6 +110,7 @@ class TickOutcome:
     isolated: bool  # the combined statement failed and its metrics were re-run one by one
     seconds: dict[str, float] = attrs.field(factory=dict)  # metric -> server time it took (see _combined_statement)
     active_backends: int | None = None  # when asked for: other client backends in state 'active'
+    go_ready: frozenset[str] = frozenset()  # metrics whose rows' numbers are in Go's JSON form (reaper.db.rows)
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -191,6 +193,7 @@ class SourceConnection:
         self._conn = conn
         self.server = server
         self.columns: dict[str, tuple[str, ...]] = {}  # sql text -> column names
+        self.shapes: dict[str, RowShape | None] = {}  # sql text -> which of its columns need Go's number form
         self.statements = 0  # counted where each statement is sent (the asyncio side)
         self.timeout: str | None = None  # the session's statement_timeout as last set (None: the connect default)
 
@@ -239,7 +242,9 @@ class SourceConnection:
             if sql not in self.columns:
                 try:
                     prepared = await self._conn.prepare(sql)
-                    self.columns[sql] = tuple(a.name for a in prepared.get_attributes())
+                    attributes = prepared.get_attributes()
+                    self.columns[sql] = tuple(a.name for a in attributes)
+                    self.shapes[sql] = row_shape(attributes)
                 except asyncpg.PostgresError as e:
                     if is_connection_error(e):
                         raise
@@ -254,12 +259,15 @@ class SourceConnection:
         # the batch (None: the default timeout) and the timed groups, the session's current timeout first
         in_recovery: bool | None = None
         isolated = False
+        ready: set[str] = set()  # metrics whose rows came out Go-ready (reaper.db.rows)
         for limit in sorted([None, *groups], key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
             if limit is None:
                 in_recovery, part_isolated = await self._run_combined(batch, None, rows, errors, seconds,
-                                                                      active if request.count_active else None)
+                                                                      active if request.count_active else None,
+                                                                      go_ready=ready)
             else:
-                _, part_isolated = await self._run_combined(groups[limit], limit, rows, errors, seconds)
+                _, part_isolated = await self._run_combined(groups[limit], limit, rows, errors, seconds,
+                                                            go_ready=ready)
             isolated = isolated or part_isolated
         for name, query in request.solo.items():
             if name in errors:
@@ -273,12 +281,13 @@ class SourceConnection:
                 errors[name] = describe_error(e)
             seconds[name] = time.perf_counter() - started
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=self.statements - before,
-                           isolated=isolated, seconds=seconds, active_backends=active[0] if active else None)
+                           isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
+                           go_ready=frozenset(ready))
 
     async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
                             rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
-                            seconds: dict[str, float], active: list[int] | None = None
-                            ) -> tuple[bool | None, bool]:
+                            seconds: dict[str, float], active: list[int] | None = None, *,
+                            go_ready: set[str] | None = None) -> tuple[bool | None, bool]:
         """One combined statement for `queries` under the timeout `limit` (also reporting pg_is_in_recovery(),
         and the active backends into `active` when given); when it fails, each query alone, so the good ones
         are kept. Each metric's server time goes to `seconds`. Returns (in recovery, isolated)."""
@@ -304,8 +313,10 @@ class SourceConnection:
                 seconds[name] = time.perf_counter() - started
             return None, True
         for i, name in enumerate(names):
-            cols = self.columns[sqls[name]]
-            rows[name] = [dict(zip(cols, r, strict=False)) for r in (record[2 + 2 * i] or ())]
+            sql = sqls[name]
+            rows[name], ready = go_rows(self.columns[sql], self.shapes.get(sql), record[2 + 2 * i] or ())
+            if ready and go_ready is not None:
+                go_ready.add(name)
             seconds[name] = max(0.0, (record[3 + 2 * i] - record[1 + 2 * i]).total_seconds())
         if active is not None:
             active.append(int(record[-1] or 0))
@@ -422,6 +433,9 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
             "jit": "off",
         },
         "statement_cache_size": statement_cache_size,
+        # a big preset's combined statement is far over asyncpg's 15 KiB default: uncached, it was parsed, sent
+        # whole and planned by the server every tick
+        "max_cacheable_statement_size": 0,
     }
     if password_file:
         try:

@@ -23,7 +23,7 @@ from reaper.config.schema import JsonFileSinkConfig
 from reaper.errors import SinkError
 from reaper.fsutil import PRIVATE_FILE_MODE, open_append
 from reaper.measurement import Measurement
-from reaper.sinks.encode import dumps
+from reaper.sinks.encode import dumps, dumps_ready
 
 INLINE_WRITE_BYTES = 256 * 1024
 
@@ -32,7 +32,7 @@ def encode_measurement(m: Measurement) -> bytes:
     rows = m.rows if type(m.rows) is list else list(m.rows)
     tags = m.tags if type(m.tags) is dict else dict(m.tags)
     doc = {"metric": m.table, "dbname": m.source, "custom_tags": tags, "data": rows}
-    return dumps(doc) + b"\n"
+    return (dumps_ready(doc) if m.go_ready else dumps(doc)) + b"\n"
 
 
 def open_output(path: Path, file_mode: int = PRIVATE_FILE_MODE) -> IO[bytes]:

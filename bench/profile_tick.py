@@ -1,0 +1,140 @@
+"""Where a source tick's CPU goes: a quick lab for the hot path (issue 14), not a benchmark.
+
+Runs a real `reaper run` on the bench's own PostgreSQL 15 with N sources on a preset whose every
+metric is re-timed to a short interval (so a minute holds many ticks), twice: once plain, to measure
+CPU per source tick from outside (psutil), and once under cProfile, to rank the functions. Prints
+both; the numbers are for comparing two builds on one machine, not for the report.
+
+    python bench/profile_tick.py --preset debug --sources 6 --interval 2 --seconds 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(ROOT / "tests"))
+
+import lab  # noqa: E402
+
+from reaper.catalog.metrics import SPECIAL_METRICS, load_shipped_definitions  # noqa: E402
+
+
+PROFILED_RUN = """
+import cProfile, signal, sys, time
+from reaper.cli import main
+prof = cProfile.Profile(time.thread_time)
+signal.signal(signal.SIGUSR2, lambda *_: prof.enable())  # the steady window only, not start-up
+try:
+    main(["run", "--config", sys.argv[2]])
+except SystemExit:
+    pass
+finally:
+    prof.disable()
+    prof.dump_stats(sys.argv[1])
+"""
+
+
+def write_config(path: Path, server: object, dbs: list[str], args: argparse.Namespace, state: Path,
+                 out: Path) -> None:
+    defs = load_shipped_definitions()
+    metrics = defs.presets[args.preset].metrics
+    if args.only != "all":  # SQL metrics alone, or the special (code-collected) ones alone
+        metrics = {n: v for n, v in metrics.items() if (n in SPECIAL_METRICS or defs.metrics[n].special) == (args.only == "special")}
+    timed = ", ".join(f"{name} = {args.interval}" for name in sorted(metrics))
+    lines = ["[collector]", f'state_dir = "{state}"', "", "[presets.prof]", f"metrics = {{ {timed} }}", ""]
+    for i in range(args.sources):
+        dsn = server.dsn(user=lab.REAPER_ROLE, dbname=dbs[i % len(dbs)])  # type: ignore[attr-defined]
+        lines += ["[[sources]]", f'name = "s{i + 1:04d}"', f'dsn = "{dsn}"', 'preset = "prof"', ""]
+    lines += ["[[sinks]]", 'type = "jsonfile"', f'path = "{out}"', ""]
+    path.write_text("\n".join(lines))
+
+
+def ticks(state: Path) -> tuple[int, int]:
+    try:
+        st = json.loads((state / "status.json").read_bytes())
+    except (OSError, ValueError):
+        return 0, 0
+    sources = st.get("sources", {})
+    items = sources.values() if isinstance(sources, dict) else sources
+    return (sum(int(s.get("ticks", 0)) for s in items), sum(int(s.get("rows", 0)) for s in items))
+
+
+def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Path | None) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    cmd = [sys.executable]
+    if profile is None:
+        cmd += ["-m", "reaper.cli", "run", "--config", str(config)]
+    else:  # CPU time of the trio thread (not wall time: a loopback send() preempted by the server is not CPU)
+        cmd += ["-c", PROFILED_RUN, str(profile), str(config)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(state / "log", "ab"))
+    ps = psutil.Process(proc.pid)
+    time.sleep(warm)  # start-up and the first full ticks are not the steady state
+    if profile is not None:
+        proc.send_signal(signal.SIGUSR2)
+    t0, rows0 = ticks(state)
+    c0 = sum(ps.cpu_times()[:2])
+    time.sleep(seconds)
+    t1, rows1 = ticks(state)
+    c1 = sum(ps.cpu_times()[:2])
+    rss = ps.memory_info().rss
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    n = max(1, t1 - t0)
+    return {"ticks": t1 - t0, "rows": rows1 - rows0, "cpu_s": c1 - c0, "ms_per_tick": 1000 * (c1 - c0) / n,
+            "us_per_row": 1e6 * (c1 - c0) / max(1, rows1 - rows0), "rss_mb": rss / 1e6}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="debug")
+    p.add_argument("--sources", type=int, default=6)
+    p.add_argument("--interval", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=40)
+    p.add_argument("--warm", type=float, default=12)
+    p.add_argument("--top", type=int, default=45)
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--only", choices=("all", "sql", "special"), default="all", help="which of the preset's metrics")
+    args = p.parse_args()
+    server = lab.start_server(max_connections=4 * args.sources + 20)
+    try:
+        dbs = lab.database_names(args.sources)
+        lab.prepare(server, dbs)
+        work = lab.Workload(server, dbs, rate=20)
+        work.start()
+        with tempfile.TemporaryDirectory(prefix="reaper-prof-") as tmp:
+            base = Path(tmp)
+            results = {}
+            for kind in ("plain",) + (() if args.no_profile else ("cprofile",)):
+                state = base / kind
+                state.mkdir()
+                config = state / "reaper.toml"
+                write_config(config, server, dbs, args, state, state / "out.ndjson")
+                prof = state / "prof.out" if kind == "cprofile" else None
+                results[kind] = one_run(config, state, args.seconds, args.warm, prof)
+                print(kind, json.dumps({k: round(v, 3) for k, v in results[kind].items()}), flush=True)
+                if prof is not None and prof.exists():
+                    stats = pstats.Stats(str(prof))
+                    stats.sort_stats("tottime").print_stats(args.top)
+                    stats.sort_stats("cumulative").print_stats(args.top)
+        work.stop()
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

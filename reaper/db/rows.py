@@ -1,0 +1,58 @@
+"""Rows of a metric as the sinks want them: dicts whose numbers are already in the form Go's encoding/json
+writes (reaper.sinks.encode), decided per column from the prepared statement's types, so that a JSON sink
+hands them to orjson without its own pass over every value (Measurement.go_ready)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+_INT53 = float(2**53)
+
+
+@attrs.frozen(slots=True)
+class RowShape:
+    """Which columns of a metric's rows hold floats (made Go-ready one by one) or containers (walked)."""
+
+    floats: tuple[str, ...]
+    nested: tuple[str, ...]
+
+
+_FLOAT_TYPES = frozenset({"float4", "float8"})
+_PLAIN_KINDS = frozenset({"scalar", "enum", "range", "multirange"})
+
+
+def row_shape(attributes: Sequence[Any]) -> RowShape | None:
+    """From a prepared statement's attributes: float columns, and columns (arrays, records, json) whose
+    values may hold floats at any depth. None when no column needs anything."""
+    floats = tuple(a.name for a in attributes if a.type.name in _FLOAT_TYPES)
+    nested = tuple(a.name for a in attributes
+                   if a.type.kind not in _PLAIN_KINDS or a.type.name in ("json", "jsonb", "record"))
+    return RowShape(floats, nested) if floats or nested else None
+
+
+def go_rows(columns: tuple[str, ...], shape: RowShape | None, records: Any) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of one metric as dicts, integral floats as ints (the text Go's encoding/json writes for
+    them; the value is the same number). True with them when no value is left that a JSON sink must still
+    rewrite (reaper.sinks.encode: tiny or huge floats, -0.0, floats inside arrays or records)."""
+    rows = [dict(zip(columns, r, strict=False)) for r in records]
+    if shape is None or not rows:
+        return rows, True
+    ready = not shape.nested
+    floats = shape.floats
+    for row in rows:
+        for c in floats:
+            v = row[c]
+            if v is None:
+                continue
+            if v.is_integer():
+                if -_INT53 < v < _INT53 and (v or math.copysign(1.0, v) > 0):
+                    row[c] = int(v)
+                else:
+                    ready = False
+            elif 1e-6 <= abs(v) < 1e-5:
+                ready = False
+    return rows, ready
