@@ -32,7 +32,6 @@ import lab  # noqa: E402
 
 from reaper.catalog.metrics import SPECIAL_METRICS, load_shipped_definitions  # noqa: E402
 
-
 PROFILED_RUN = """
 import cProfile, signal, sys, time
 from reaper.cli import main
@@ -53,7 +52,9 @@ def write_config(path: Path, server: object, dbs: list[str], args: argparse.Name
     defs = load_shipped_definitions()
     metrics = defs.presets[args.preset].metrics
     if args.only != "all":  # SQL metrics alone, or the special (code-collected) ones alone
-        metrics = {n: v for n, v in metrics.items() if (n in SPECIAL_METRICS or defs.metrics[n].special) == (args.only == "special")}
+        want_special = args.only == "special"
+        metrics = {n: v for n, v in metrics.items()
+                   if (n in SPECIAL_METRICS or defs.metrics[n].special) == want_special}
     timed = ", ".join(f"{name} = {args.interval}" for name in sorted(metrics))
     lines = ["[collector]", f'state_dir = "{state}"', "", "[presets.prof]", f"metrics = {{ {timed} }}", ""]
     for i in range(args.sources):
@@ -80,7 +81,8 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
         cmd += ["-m", "reaper.cli", "run", "--config", str(config)]
     else:  # CPU time of the trio thread (not wall time: a loopback send() preempted by the server is not CPU)
         cmd += ["-c", PROFILED_RUN, str(profile), str(config)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(state / "log", "ab"))
+    with open(state / "log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     ps = psutil.Process(proc.pid)
     time.sleep(warm)  # start-up and the first full ticks are not the steady state
     if profile is not None:
