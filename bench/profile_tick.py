@@ -11,6 +11,7 @@ both; the numbers are for comparing two builds on one machine, not for the repor
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import pstats
@@ -36,7 +37,7 @@ PROFILED_RUN = """
 import cProfile, signal, sys, time
 from reaper.cli import main
 prof = cProfile.Profile(time.thread_time)
-signal.signal(signal.SIGUSR2, lambda *_: prof.enable())  # the steady window only, not start-up
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())  # the steady window only, not start-up
 try:
     main(["run", "--config", sys.argv[2]])
 except SystemExit:
@@ -74,7 +75,29 @@ def ticks(state: Path) -> tuple[int, int]:
     return (sum(int(s.get("ticks", 0)) for s in items), sum(int(s.get("rows", 0)) for s in items))
 
 
-def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Path | None) -> dict[str, float]:
+def spy_summary(raw: Path, top: int) -> None:
+    """py-spy's raw stacks (samples of the trio thread while it is not waiting in epoll), by function."""
+    own: collections.Counter[str] = collections.Counter()
+    within: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count.isdigit() or any("get_events" in f for f in frames[-2:]):
+            continue
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            within[frame] += int(count)
+    print(f"py-spy: {total} busy samples")
+    for title, counter in (("self", own), ("on the stack", within)):
+        print(f"--- {title}")
+        for frame, n in counter.most_common(top):
+            print(f"{100 * n / max(1, total):5.1f} {frame[:150]}")
+
+
+def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Path | None,
+            spy: Path | None = None) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     cmd = [sys.executable]
     if profile is None:
@@ -86,18 +109,25 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     ps = psutil.Process(proc.pid)
     time.sleep(warm)  # start-up and the first full ticks are not the steady state
     if profile is not None:
-        proc.send_signal(signal.SIGUSR2)
+        proc.send_signal(signal.SIGUSR1)
     t0, rows0 = ticks(state)
     c0 = sum(ps.cpu_times()[:2])
-    time.sleep(seconds)
+    s0 = ps.cpu_times().system
+    if spy is not None:
+        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid), "-r", "500",
+                        "-d", str(int(seconds)), "-f", "raw", "-o", str(spy)], capture_output=True)
+    else:
+        time.sleep(seconds)
     t1, rows1 = ticks(state)
     c1 = sum(ps.cpu_times()[:2])
+    s1 = ps.cpu_times().system
     rss = ps.memory_info().rss
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     n = max(1, t1 - t0)
     return {"ticks": t1 - t0, "rows": rows1 - rows0, "cpu_s": c1 - c0, "ms_per_tick": 1000 * (c1 - c0) / n,
-            "us_per_row": 1e6 * (c1 - c0) / max(1, rows1 - rows0), "rss_mb": rss / 1e6}
+            "us_per_row": 1e6 * (c1 - c0) / max(1, rows1 - rows0),
+            "system_share": (s1 - s0) / max(1e-9, c1 - c0), "rss_mb": rss / 1e6}
 
 
 def main() -> int:
@@ -105,15 +135,17 @@ def main() -> int:
     p.add_argument("--preset", default="debug")
     p.add_argument("--sources", type=int, default=6)
     p.add_argument("--interval", type=int, default=2)
+    p.add_argument("--databases", type=int, help="fewer databases than sources (sources share them)")
     p.add_argument("--seconds", type=float, default=40)
     p.add_argument("--warm", type=float, default=12)
     p.add_argument("--top", type=int, default=45)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--spy", action="store_true", help="py-spy the plain run's trio thread (busy samples)")
     p.add_argument("--only", choices=("all", "sql", "special"), default="all", help="which of the preset's metrics")
     args = p.parse_args()
     server = lab.start_server(max_connections=4 * args.sources + 20)
     try:
-        dbs = lab.database_names(args.sources)
+        dbs = lab.database_names(min(args.sources, args.databases or args.sources))
         lab.prepare(server, dbs)
         work = lab.Workload(server, dbs, rate=20)
         work.start()
@@ -126,8 +158,11 @@ def main() -> int:
                 config = state / "reaper.toml"
                 write_config(config, server, dbs, args, state, state / "out.ndjson")
                 prof = state / "prof.out" if kind == "cprofile" else None
-                results[kind] = one_run(config, state, args.seconds, args.warm, prof)
+                spy = state / "spy.txt" if kind == "plain" and args.spy else None
+                results[kind] = one_run(config, state, args.seconds, args.warm, prof, spy)
                 print(kind, json.dumps({k: round(v, 3) for k, v in results[kind].items()}), flush=True)
+                if spy is not None and spy.exists():
+                    spy_summary(spy, args.top)
                 if prof is not None and prof.exists():
                     stats = pstats.Stats(str(prof))
                     stats.sort_stats("tottime").print_stats(args.top)
