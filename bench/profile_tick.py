@@ -65,9 +65,16 @@ def write_config(path: Path, server: object, dbs: list[str], args: argparse.Name
     path.write_text("\n".join(lines))
 
 
-def ticks(state: Path) -> tuple[int, int]:
+def ticks(state: Path, pid: int) -> tuple[int, int]:
+    """Ticks and rows of all sources from a status file the daemon writes when asked (SIGUSR2)."""
+    path = state / "status.json"
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not path.exists() or path.stat().st_mtime_ns == before):
+        time.sleep(0.05)
     try:
-        st = json.loads((state / "status.json").read_bytes())
+        st = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return 0, 0
     sources = st.get("sources", {})
@@ -110,7 +117,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     time.sleep(warm)  # start-up and the first full ticks are not the steady state
     if profile is not None:
         proc.send_signal(signal.SIGUSR1)
-    t0, rows0 = ticks(state)
+    t0, rows0 = ticks(state, proc.pid)
     c0 = sum(ps.cpu_times()[:2])
     s0 = ps.cpu_times().system
     if spy is not None:
@@ -118,7 +125,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
                         "-d", str(int(seconds)), "-f", "raw", "-o", str(spy)], capture_output=True)
     else:
         time.sleep(seconds)
-    t1, rows1 = ticks(state)
+    t1, rows1 = ticks(state, proc.pid)
     c1 = sum(ps.cpu_times()[:2])
     s1 = ps.cpu_times().system
     rss = ps.memory_info().rss
