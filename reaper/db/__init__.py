@@ -22,6 +22,7 @@ from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
 from reaper.db.rows import RowShape, go_rows, row_shape
+from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
 
 log = logging.getLogger("reaper.db")
@@ -62,55 +63,6 @@ def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> No
 
     handler.reaper_tolerant = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handler)
-
-
-@attrs.frozen
-class ServerInfo:
-    version_num: int
-    version: str
-    in_recovery: bool
-    database: str
-    system_identifier: str | None
-    extensions: frozenset[str]
-    is_local: bool
-    address: str = ""  # host:port (or the unix socket) this connection reached
-
-    @property
-    def major(self) -> int:
-        return self.version_num // 10000
-
-
-@attrs.frozen
-class SoloQuery:
-    sql: str
-    statement_timeout_seconds: float | None = None
-
-
-@attrs.frozen
-class TickRequest:
-    """What one tick asks of the server.
-
-    `batch` metrics share one combined statement. `timed` metrics (those with their own
-    statement_timeout_seconds) share one more combined statement per distinct timeout, run in a
-    read-only transaction under that timeout. `solo` metrics (degraded ones) run alone.
-    """
-
-    batch: Mapping[str, str]
-    solo: Mapping[str, SoloQuery] = attrs.field(factory=dict)
-    timed: Mapping[str, SoloQuery] = attrs.field(factory=dict)
-    count_active: bool = False  # also count the server's active client backends (in the batch's statement)
-
-
-@attrs.frozen
-class TickOutcome:
-    rows: dict[str, list[dict[str, Any]]]
-    errors: dict[str, str]
-    in_recovery: bool | None
-    statements: int  # statements executed for this tick (1 when the batch went through whole)
-    isolated: bool  # the combined statement failed and its metrics were re-run one by one
-    seconds: dict[str, float] = attrs.field(factory=dict)  # metric -> server time it took (see _combined_statement)
-    active_backends: int | None = None  # when asked for: other client backends in state 'active'
-    go_ready: frozenset[str] = frozenset()  # metrics whose rows' numbers are in Go's JSON form (reaper.db.rows)
 
 
 def is_connection_error(exc: BaseException) -> bool:

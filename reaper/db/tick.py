@@ -1,0 +1,58 @@
+"""What a tick asks of a monitored server and what it gets back, and the server's facts: plain data that
+the daemon and the special metrics read (re-exported by reaper.db)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class ServerInfo:
+    version_num: int
+    version: str
+    in_recovery: bool
+    database: str
+    system_identifier: str | None
+    extensions: frozenset[str]
+    is_local: bool
+    address: str = ""  # host:port (or the unix socket) this connection reached
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+@attrs.frozen
+class SoloQuery:
+    sql: str
+    statement_timeout_seconds: float | None = None
+
+
+@attrs.frozen
+class TickRequest:
+    """What one tick asks of the server.
+
+    `batch` metrics share one combined statement. `timed` metrics (those with their own
+    statement_timeout_seconds) share one more combined statement per distinct timeout, run in a
+    read-only transaction under that timeout. `solo` metrics (degraded ones) run alone.
+    """
+
+    batch: Mapping[str, str]
+    solo: Mapping[str, SoloQuery] = attrs.field(factory=dict)
+    timed: Mapping[str, SoloQuery] = attrs.field(factory=dict)
+    count_active: bool = False  # also count the server's active client backends (in the batch's statement)
+
+
+@attrs.frozen
+class TickOutcome:
+    rows: dict[str, list[dict[str, Any]]]
+    errors: dict[str, str]
+    in_recovery: bool | None
+    statements: int  # statements executed for this tick (1 when the batch went through whole)
+    isolated: bool  # the combined statement failed and its metrics were re-run one by one
+    seconds: dict[str, float] = attrs.field(factory=dict)  # metric -> server time it took (see _combined_statement)
+    active_backends: int | None = None  # when asked for: other client backends in state 'active'
+    go_ready: frozenset[str] = frozenset()  # metrics whose rows' numbers are in Go's JSON form (reaper.db.rows)
