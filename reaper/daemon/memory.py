@@ -7,6 +7,10 @@ dynamic mmap threshold climbs after the first large free, which also raises the 
 start-up) fixes both thresholds and caps the arenas; `trim()` (after each round of ticks, see
 `trim_every`) hands free heap pages back. Both do nothing off glibc, and never raise.
 
+attrs and cattrs also keep the source text of every method they generate in `linecache` (for debuggers:
+~0.5 MB for reaper's, trio's and the config's classes); `forget_generated_sources` drops it (a traceback
+through such a method still names it, without its source line).
+
 Python's own small-object allocator (pymalloc) takes 1 MiB arenas straight from mmap and frees an
 arena when it is empty; none of this applies to it.
 """
@@ -14,6 +18,7 @@ arena when it is empty; none of this applies to it.
 from __future__ import annotations
 
 import ctypes
+import linecache
 import logging
 import os
 from typing import Any
@@ -31,6 +36,7 @@ ARENA_MAX = 2  # the trio thread, and one for every worker thread (DNS, file wri
 MMAP_THRESHOLD = 256 * 1024  # a block this big is mmapped and unmapped when freed (a large result's list)
 TRIM_THRESHOLD = 512 * 1024  # free heap beyond this at the top goes back to the OS at once
 TRIM_SECONDS = 30.0
+GENERATED = ("<attrs generated ", "<cattrs generated ")  # linecache names of generated methods' sources
 
 
 def _glibc() -> Any | None:
@@ -67,10 +73,18 @@ def trim() -> bool:
     return bool(_LIBC.malloc_trim(0))
 
 
+def forget_generated_sources() -> int:
+    """Drop the linecache entries of attrs' and cattrs' generated methods; how many went."""
+    names = [name for name in list(linecache.cache) if name.startswith(GENERATED)]
+    for name in names:
+        linecache.cache.pop(name, None)
+    return len(names)
+
+
 async def trim_every(seconds: float = TRIM_SECONDS) -> None:
-    """Trim the heap every `seconds` (a few hundred microseconds each; no-op off glibc)."""
-    if _LIBC is None:
-        return
+    """Every `seconds`: forget generated sources made since (config reloads generate more), then trim
+    the heap (a few hundred microseconds each; the trim is a no-op off glibc)."""
     while True:
         await trio.sleep(seconds)
+        forget_generated_sources()
         trim()
