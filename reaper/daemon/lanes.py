@@ -13,8 +13,10 @@ statement is handed here as a `Job`:
   under the slow lane's lock), so a source never holds more than two connections.
 
 A job whose metric is still queued or running in its lane when it comes due again is skipped and
-counted (`LaneState.skipped`): work never queues up behind a slow metric. The lanes report what
-they sent in `LaneState` (statements of the last job, total), shown by `reaper status`.
+counted (`LaneState.skipped`): work never queues up behind a slow metric. Of the jobs of one tick, a
+lane first runs those under the statement_timeout its connection has now (a change of timeout costs one
+statement, reaper.db.SET_TIMEOUT), so two timeouts alternate once per tick, not at every job. The lanes
+report what they sent in `LaneState` (statements of the last job, total), shown by `reaper status`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import attrs
 import trio
 
 from reaper.config.schema import MetricDef
-from reaper.db import ServerInfo, SoloQuery, TickOutcome, TickRequest
+from reaper.db import ServerInfo, SoloQuery, TickOutcome, TickRequest, timeout_ms
 from reaper.db.link import Row, SourceLink
 from reaper.errors import SourceUnavailable
 from reaper.special import SpecialSpec
@@ -48,6 +50,11 @@ class Job:
     deadline: float  # seconds the whole job may take (client side)
     query: SoloQuery | None = None
     spec: SpecialSpec | None = None
+
+    @property
+    def timeout_ms(self) -> str | None:
+        """The session statement_timeout the job runs under (None: the connection's default)."""
+        return timeout_ms(None if self.query is None else self.query.statement_timeout_seconds)
 
 
 @attrs.define
@@ -85,6 +92,7 @@ class Lane:
         self.link: SourceLink | None = None
         self.lock = trio.Lock()  # one statement at a time on this lane's connection
         self._send, self._receive = trio.open_memory_channel[Job](LANE_CAPACITY)
+        self._queue: list[Job] = []  # received, not run yet (see _next_job)
         self._pending: set[str] = set()
         self._skip_warned: set[str] = set()
         self._longest = 0.0
@@ -124,20 +132,36 @@ class Lane:
         task_status.started()
         try:
             while True:
-                with trio.move_on_after(self.idle_seconds) as idle:
-                    job = await self._receive.receive()
-                if idle.cancelled_caught:
-                    if self.link is not None:
-                        log.info("source %s: %s lane idle for %gs; closing its connection", self.owner.name,
-                                 self.state.name, self.idle_seconds)
-                        await self.close()
-                    continue
+                if not self._queue:
+                    with trio.move_on_after(self.idle_seconds) as idle:
+                        self._queue.append(await self._receive.receive())
+                    if idle.cancelled_caught:
+                        if self.link is not None:
+                            log.info("source %s: %s lane idle for %gs; closing its connection", self.owner.name,
+                                     self.state.name, self.idle_seconds)
+                            await self.close()
+                        continue
+                job = self._next_job()
                 try:
                     await self._run(job)
                 finally:
                     self._pending.discard(job.metric.name)
         finally:
             await self.close()
+
+    def _next_job(self) -> Job:
+        """The oldest tick's job under the connection's current statement_timeout, else the oldest job."""
+        while True:
+            try:
+                self._queue.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        current = getattr(self.link, "timeout", None)  # a link that does not track it: its default
+        oldest = self._queue[0].wall_ns
+        for i, job in enumerate(self._queue):
+            if job.wall_ns == oldest and job.timeout_ms == current:
+                return self._queue.pop(i)
+        return self._queue.pop(0)
 
     async def _run(self, job: Job) -> None:
         if self.lease is not None:
