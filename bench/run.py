@@ -416,7 +416,7 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
         sampler.start()
         t_start = sampler.now()
         reaper = start_reaper(config, run_dir / "reaper.log")
-        asker = StatusAsker(reaper)
+        asker = StatusAsker(reaper, every=max(3.0, sc.sources / 100))  # building it costs per source
         sampler.add("reaper", reaper.pid)
         if peer_bin is not None:
             peer = peer_mod.Peer(peer_bin, server.dsn(user=lab.PEER_ROLE, dbname="postgres") + "?sslmode=disable",
@@ -719,7 +719,7 @@ def alloc_probe(config: Path, run_dir: Path, state_dir: Path, sc: Scenario, seco
     env = {"LD_PRELOAD": str(shim), "PYTHONMALLOC": "malloc", "ALLOCSHIM_OUT": str(out)}
     log.info("%s: allocation probe: reaper under the counting shim, %.0fs after start-up", sc.name, seconds)
     proc = start_reaper(config, run_dir / "reaper-alloc.log", env)
-    asker = StatusAsker(proc)
+    asker = StatusAsker(proc, every=max(3.0, sc.sources / 100))
     t0 = time.monotonic()
     marks: list[float] = []
     up_timeout = 120.0 + 0.4 * sc.sources
