@@ -37,7 +37,7 @@ PROFILED_RUN = """
 import cProfile, signal, sys, time
 from reaper.cli import main
 prof = cProfile.Profile(time.thread_time)
-signal.signal(signal.SIGUSR1, lambda *_: prof.enable())  # the steady window only, not start-up
+signal.signal(signal.SIGRTMIN + 5, lambda *_: prof.enable())  # the steady window only, not start-up
 try:
     main(["run", "--config", sys.argv[2]])
 except SystemExit:
@@ -116,7 +116,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     ps = psutil.Process(proc.pid)
     time.sleep(warm)  # start-up and the first full ticks are not the steady state
     if profile is not None:
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGRTMIN + 5)
     t0, rows0 = ticks(state, proc.pid)
     c0 = sum(ps.cpu_times()[:2])
     s0 = ps.cpu_times().system
