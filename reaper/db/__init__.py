@@ -44,7 +44,7 @@ def check_callbacks_only_in_debug(loop: asyncio.AbstractEventLoop) -> None:
     trio-asyncio's checks every one, which was 5 % of a fleet's CPU (inspect.iscoroutinefunction per
     asyncpg callback). Same behaviour as asyncio: the check stays on with PYTHONASYNCIODEBUG."""
     if not loop.get_debug() and hasattr(loop, "_check_callback"):
-        loop._check_callback = _no_callback_check  # type: ignore[attr-defined]
+        loop._check_callback = _no_callback_check
 
 
 def _no_callback_check(callback: Any, method: str) -> None:
