@@ -128,7 +128,8 @@ ACTIVE_BACKENDS_SQL = ("(select count(*) from pg_stat_activity where state = 'ac
 def _combined_statement(names: Sequence[str], batch: Mapping[str, str], count_active: bool = False) -> str:
     parts = ["pg_is_in_recovery()", "clock_timestamp() as c0"]
     for i, n in enumerate(names):
-        parts += [f"(select array_agg(t) from ({batch[n].strip()}) t) as m{i}", f"clock_timestamp() as c{i + 1}"]
+        # t.* is the subquery's whole row even when the metric has a column named t (array_agg(t) would be that column)
+        parts += [f"(select array_agg(t.*) from ({batch[n].strip()}) t) as m{i}", f"clock_timestamp() as c{i + 1}"]
     if count_active:
         parts.append(f"{ACTIVE_BACKENDS_SQL} as active_backends")
     return "select " + ",\n  ".join(parts) + f"\nfrom {READ_ONLY_GUARD}"
