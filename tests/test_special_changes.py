@@ -177,3 +177,20 @@ async def test_changes_are_delivered_by_the_source_and_survive_an_update(pg15, f
     assert row["real_dbname"] == fresh_db
     assert tables["table_changes"].tags == {"a": "b"}
     assert "tables: 1/0/0" in tables["change_events"].rows[0]["details"]
+
+
+def test_an_unchanged_category_is_not_compared_row_by_row_and_a_change_still_is(monkeypatch) -> None:
+    """The signature fast path (issue 14): the same rows in the same order skip compare(); any change in
+    a key or a compared column (or a new order) goes through it and is reported."""
+    from reaper.special import changes
+
+    category = next(c for c in changes.CATEGORIES if c.hashes == "table_hashes")
+    rows = [{"epoch_ns": 1, "tag_table": f"public.t{i}", "md5": f"h{i}"} for i in range(50)]
+    first = changes.signature(category, rows)
+    later = [{**r, "epoch_ns": 2} for r in rows]  # a later run: only the time differs
+    assert changes.signature(category, later) == first
+    altered = [dict(r) for r in later]
+    altered[7]["md5"] = "changed"
+    assert changes.signature(category, altered) != first
+    assert changes.signature(category, list(reversed(later))) != first
+    assert changes.signature(category, [{"epoch_ns": 1}]) is None  # a row without the columns: compared

@@ -373,11 +373,11 @@ async def _read_password_file(path: str) -> str:
 # asyncpg's per-connection LRU of prepared statements (each entry: the text, its row description and codecs).
 # A source's connection produces few distinct texts: one combined statement per distinct set of due metrics,
 # one per distinct timeout group, one per degraded metric run alone, and the slow lane's few specials' reads.
-# asyncpg caches no text over its max_cacheable_statement_size (15 KiB), so a big preset's combined statement
-# is prepared unnamed each tick and holds nothing. Of the shipped presets' sets (basic 2, standard 9,
-# exhaustive 11, full 34 in a week), at most 24 are cacheable (recommendations'; every other preset's <= 10;
-# tests/test_memory.py counts them): 32 holds them all with margin; 200 (what reaper asked for) held memory.
-STATEMENT_CACHE_SIZE = 32
+# reaper lifts asyncpg's size limit on cached texts (max_cacheable_statement_size, 15 KiB by default): a big
+# preset's combined statement was otherwise prepared, sent whole and planned by the server every tick. The
+# shipped presets' distinct sets (basic 2, standard 9, exhaustive 11, full 34 in a week; tests/test_memory.py
+# counts them): 40 holds them all with margin; 200 (what reaper asked for) held memory.
+STATEMENT_CACHE_SIZE = 40
 
 # Bytes asked of the socket per recv: asyncio's default is 256 KiB, and each recv allocates that much
 # before the bytes object shrinks to what arrived. 32 KiB needs no more reads than 256 KiB for 6 debug

@@ -20,6 +20,7 @@ message); when all five fail the run fails with their errors.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +56,7 @@ class Category:
     key_columns: tuple[str, ...]  # identify an object; also the columns of a drop/revoke row
     value: Callable[[Mapping[str, Any]], str]  # what is compared between runs
     events: tuple[str, str, str]  # create, alter, drop
+    compared: tuple[str, ...]  # the columns `value` reads
     report_drops: bool = True
 
     def key(self, row: Mapping[str, Any]) -> Key:
@@ -63,18 +65,18 @@ class Category:
 
 CATEGORIES: tuple[Category, ...] = (
     Category("sproc_hashes", "sproc_changes", "functions", ("tag_sproc", "tag_oid"),
-             lambda r: _text(r, "md5"), ("create", "alter", "drop")),
+             lambda r: _text(r, "md5"), ("create", "alter", "drop"), ("md5",)),
     Category("table_hashes", "table_changes", "tables", ("tag_table",),
-             lambda r: _text(r, "md5"), ("create", "alter", "drop")),
+             lambda r: _text(r, "md5"), ("create", "alter", "drop"), ("md5",)),
     Category("index_hashes", "index_changes", "indexes", ("tag_index",),
-             lambda r: _text(r, "md5") + _text(r, "is_valid"), ("create", "alter", "drop")),
+             lambda r: _text(r, "md5") + _text(r, "is_valid"), ("create", "alter", "drop"), ("md5", "is_valid")),
     # pgwatch never reports a vanished setting (one that an unloaded library defined): neither do we
     Category("configuration_hashes", "configuration_changes", "settings", ("tag_setting",),
-             lambda r: _text(r, "value"), ("create", "alter", "drop"), report_drops=False),
+             lambda r: _text(r, "value"), ("create", "alter", "drop"), ("value",), report_drops=False),
     # a privilege is there or not: its "value" never changes, so there is no alter
     Category("privilege_changes", "privilege_changes", "privileges",
              ("object_type", "tag_role", "tag_object", "privilege_type"),
-             lambda r: "", ("GRANT", "GRANT", "REVOKE")),
+             lambda r: "", ("GRANT", "GRANT", "REVOKE"), ()),
 )
 
 
@@ -87,6 +89,17 @@ class Counts:
     @property
     def total(self) -> int:
         return self.created + self.altered + self.dropped
+
+
+def signature(category: Category, rows: Rows) -> list[Any] | None:
+    """What compare() reads of the rows, in their order, gathered at C speed: the same signature as the
+    last run's means nothing changed (most runs), so the per-row comparison is skipped. None when a
+    row lacks a column (compare() says what that means)."""
+    getter = operator.itemgetter(*category.key_columns, *category.compared)
+    try:
+        return list(map(getter, rows))
+    except KeyError:
+        return None
 
 
 def compare(category: Category, previous: dict[Key, str] | None, rows: Rows,
@@ -149,6 +162,7 @@ async def change_events(ctx: SpecialContext) -> Result:
         state["identity"] = identity
     hashes: dict[str, dict[Key, str]] = state.setdefault("hashes", {})
     warned: set[tuple[str, str]] = state.setdefault("warned", set())
+    signatures: dict[str, list[Any] | None] = state.setdefault("signatures", {})
     batch = hash_queries(ctx.server.major)
     if not batch:
         raise MetricError(NAME, f"no hash queries for PostgreSQL {ctx.server.major}")
@@ -166,12 +180,16 @@ async def change_events(ctx: SpecialContext) -> Result:
         counts[category.label] = Counts()
         if rows is None:
             continue
+        sig = signature(category, rows)
+        if sig is not None and category.hashes in hashes and sig == signatures.get(category.hashes):
+            continue  # the same objects with the same values, in the same order: no change
         if len(rows) <= INLINE_COMPARE_ROWS:
             new, changes, found = compare(category, hashes.get(category.hashes), rows, ctx.wall_ns)
         else:
             new, changes, found = await trio.to_thread.run_sync(compare, category, hashes.get(category.hashes),
                                                                 rows, ctx.wall_ns)
         hashes[category.hashes] = new
+        signatures[category.hashes] = sig  # with the state it describes (not before: a cancelled compare)
         counts[category.label] = found
         if changes:
             result.append((category.table, changes))
