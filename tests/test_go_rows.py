@@ -50,3 +50,16 @@ def test_arrays_and_records_are_left_to_the_encoder() -> None:
     _, ready = go_rows(("a", "n"), shape, [([1.0, 2.5], 3)])
     assert not ready
     assert row_shape([attribute("n", "int8"), attribute("t", "text")]) is None
+
+
+def test_the_instance_cache_keeps_whether_its_rows_are_go_ready() -> None:
+    """Rows another source of the instance fetched keep their readiness (shared deliveries skip the
+    encoder's own pass too)."""
+    from reaper.daemon.cache import InstanceCache
+
+    cache = InstanceCache(30.0)
+    cache.put("ready", 0.0, [{"x": 1}], source="a", go_ready=True)
+    cache.put("plain", 0.0, [{"x": 1.5}], source="a")
+    ready, plain = cache.get("ready", 1.0, source="b"), cache.get("plain", 1.0, source="b")
+    assert ready is not None and ready.go_ready
+    assert plain is not None and not plain.go_ready

@@ -28,6 +28,7 @@ class CacheEntry:
     fetched_at: float  # trio clock
     rows: Rows
     owner: str  # the source that fetched the rows
+    go_ready: bool = False  # the rows' numbers are in Go's JSON form (Measurement.go_ready)
     serial: int = attrs.field(factory=lambda: next(_serials))
 
 
@@ -51,8 +52,8 @@ class InstanceCache:
         self.hits += 1
         return entry
 
-    def put(self, key: Hashable, now: float, rows: Rows, *, source: str = "") -> CacheEntry:
-        entry = self._entries[key] = CacheEntry(now, rows, source)
+    def put(self, key: Hashable, now: float, rows: Rows, *, source: str = "", go_ready: bool = False) -> CacheEntry:
+        entry = self._entries[key] = CacheEntry(now, rows, source, go_ready)
         if len(self._entries) > 10_000:  # bounded: forget the oldest half
             for k, _ in sorted(self._entries.items(), key=lambda kv: kv[1].fetched_at)[: len(self._entries) // 2]:
                 del self._entries[k]

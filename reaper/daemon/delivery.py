@@ -160,12 +160,13 @@ class Output:
         if entry is None:
             return False
         self._cache_seen[metric.name] = entry.serial
-        self.deliver(metric, entry.rows, wall_ns, shared=True)
+        self.deliver(metric, entry.rows, wall_ns, shared=True, go_ready=entry.go_ready)
         self.reaper.state.last_fetch[metric.name] = now
         return True
 
-    def remember(self, metric: MetricDef, now: float, rows: list[dict[str, Any]]) -> None:
+    def remember(self, metric: MetricDef, now: float, rows: list[dict[str, Any]], *, go_ready: bool = False) -> None:
         key = self._cache_key(self.reaper.conn, metric)
         cache = self.reaper.instance_cache
         if key is not None and cache is not None:
-            self._cache_seen[metric.name] = cache.put(key, now, rows, source=self.reaper.config.name).serial
+            entry = cache.put(key, now, rows, source=self.reaper.config.name, go_ready=go_ready)
+            self._cache_seen[metric.name] = entry.serial

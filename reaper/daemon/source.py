@@ -268,8 +268,9 @@ class SourceReaper:
                 continue  # the role changed under this tick: its rows would describe the wrong role
             if name == "db_stats" and rows:
                 self.out.detect_restart(rows[0], wall_ns)
-            self.out.deliver(metrics[name], rows, wall_ns, go_ready=name in outcome.go_ready)
-            self.out.remember(metrics[name], now, rows)
+            ready = name in outcome.go_ready
+            self.out.deliver(metrics[name], rows, wall_ns, go_ready=ready)
+            self.out.remember(metrics[name], now, rows, go_ready=ready)
             st.last_fetch[name] = now
             self.cost.record(name, now, outcome.seconds.get(name, 0.0), rows)
         for name, message in outcome.errors.items():
