@@ -100,6 +100,10 @@ def test_an_expensive_metric_shows_its_server_time_per_minute(pg15, fresh_db, tm
     assert sleepy is not None and abs(sleepy.server_ms_per_minute - 6000) <= 600, sleepy
     assert sleepy.server_seconds_total >= 0.2 * 5
     assert status.sources[0].cost.metrics[0].metric == "sleepy"  # the most expensive first
+    # the view rides in the tick's one statement: no slow-lane run, no second connection (issue 14: in a
+    # 1000-source fleet, a second connection per source every window exhausted the server's slots)
+    slow = next(lane for lane in status.sources[0].lanes if lane.name == "slow")
+    assert slow.runs == 0 and not slow.connected and slow.statements_total == 0, slow
     assert cost_of(status, "db_stats").server_ms_per_minute < 600
     rows = {row["tag_metric"]: row for row in self_rows(daemon, "reaper_cost")[-1]}
     assert abs(rows["sleepy"]["server_ms_per_minute"] - 6000) <= 600, rows

@@ -39,20 +39,19 @@ from typing import Any
 
 import attrs
 import orjson
-import trio
 
 from reaper.config.schema import CollectorConfig, MetricDef, SourceConfig
-from reaper.daemon.lanes import Job
 from reaper.daemon.status import CostStatus, SourceStatus
 from reaper.daemon.status import MetricCostStatus as MetricFigures
 from reaper.db.link import SourceLink
-from reaper.special import SpecialSpec
+from reaper.db.tick import TickOutcome
 
 log = logging.getLogger("reaper.daemon.cost")
 
 STEP_BACK_SHARE = 0.7  # under this share of the budget, stretched intervals step back
 STEPS_PER_WINDOW = 6  # the controller looks this many times per window
 SERVER_VIEW = "pg_stat_statements"  # the pseudo-metric under which the server's own view is reported
+SERVER_VIEW_KEY = "reaper:server_view"  # its name in a tick's batch (no metric name has a colon)
 SERVER_VIEW_SQL = """
 select coalesce(sum(total_exec_time), 0)::float8 as exec_ms, coalesce(sum(calls), 0)::int8 as calls,
        coalesce(sum(shared_blks_hit), 0)::int8 as hit, coalesce(sum(shared_blks_read), 0)::int8 as read,
@@ -146,6 +145,7 @@ class SourceCost:
         self._stuck = False  # over budget with nothing left to stretch (logged once per episode)
         self.active_backends: int | None = None
         self.view_unavailable = False
+        self.view_wanted = False  # read pg_stat_statements' view in the next tick (once per window)
         self._next_emit: float | None = None
         self.heavy_paused = False
 
@@ -351,12 +351,27 @@ class SourceCost:
         self._next_emit = now + self.settings.window_seconds
         return self.self_measurements(now, wall_ns, definitions)
 
-    def server_view_job(self, link: SourceLink, wall_ns: int, deadline: float) -> Job | None:
-        """The slow-lane job that reads pg_stat_statements' view of reaper's statements, where it can."""
-        if self.view_unavailable or not link.combines or "pg_stat_statements" not in link.server.extensions:
-            return None
-        spec = SpecialSpec(handler=self.read_server_view, deadline_seconds=deadline)
-        return Job(MetricDef(name=SERVER_VIEW), wall_ns, self.settings.window_seconds, deadline, spec=spec)
+    def add_server_view(self, link: SourceLink, batch: dict[str, str]) -> None:
+        """Once per window (view_wanted), pg_stat_statements' view of reaper's statements rides in the tick's
+        one statement as a pseudo-metric (SERVER_VIEW_KEY), where the server can answer it. Its own
+        statement on a second connection had each source of a big fleet open that connection every window."""
+        if (self.view_wanted and not self.view_unavailable and link.combines
+                and "pg_stat_statements" in link.server.extensions):
+            batch[SERVER_VIEW_KEY] = SERVER_VIEW_SQL
+
+    def take_server_view_outcome(self, now: float, outcome: TickOutcome) -> None:
+        """Take the view's row (or its error) out of a tick's outcome, before its metrics are delivered."""
+        rows = outcome.rows.pop(SERVER_VIEW_KEY, None)
+        error = outcome.errors.pop(SERVER_VIEW_KEY, None)
+        outcome.seconds.pop(SERVER_VIEW_KEY, None)
+        if error is not None:
+            self.view_unavailable = True
+            log.info("source %s: pg_stat_statements cannot be read (%s); the cost figures come from reaper's own "
+                     "timings only", self.source, error.splitlines()[0] if error else "error")
+        if rows is not None or error is not None:
+            self.view_wanted = False
+        if rows:
+            self.take_server_view(now, rows[0])
 
     def status(self, now: float) -> CostStatus:
         figures = self.figures(now)
@@ -374,23 +389,6 @@ class SourceCost:
         if self.settings.budget_ms_per_minute is not None or self.factors:
             result.append(("reaper_budget", self.budget_rows(wall_ns, definitions)))
         return [(name, rows) for name, rows in result if rows]
-
-    async def read_server_view(self, ctx: Any) -> list[tuple[str, list[dict[str, Any]]]]:
-        """A slow-lane job (a special handler's shape, delivering nothing): one pg_stat_statements reading."""
-        if self.view_unavailable:
-            return []
-        try:
-            rows = await ctx.conn.fetch(SERVER_VIEW_SQL)
-        except Exception as e:
-            if getattr(e, "sqlstate", None) is None:
-                raise
-            self.view_unavailable = True
-            log.info("source %s: pg_stat_statements cannot be read (%s); the cost figures come from reaper's own "
-                     "timings only", self.source, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            return []
-        if rows:
-            self.take_server_view(trio.current_time(), rows[0])
-        return []
 
     def budget_rows(self, wall_ns: int, definitions: Mapping[str, MetricDef]) -> list[dict[str, Any]]:
         """The rows of a `reaper_budget` self-measurement: each active metric's effective interval."""

@@ -194,6 +194,7 @@ class SourceReaper:
             active = self.active_intervals()  # the role may have changed since this tick's set was chosen
             metrics = {name: m for name, m in metrics.items() if name in active}
         batch, jobs = self._route_all(link, self.cost.skip_heavy(metrics), wall_ns)
+        self.cost.add_server_view(link, batch)  # once per window, in this statement (no second connection)
         count_active = settings.pause_when_active_backends_over is not None
         try:
             with trio.fail_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
@@ -206,6 +207,7 @@ class SourceReaper:
             return
         st.statements_last_tick = link.statements - before
         st.statements_total += st.statements_last_tick
+        self.cost.take_server_view_outcome(trio.current_time(), outcome)  # taken out of the metrics' rows
         self._take_outcome(metrics, outcome, wall_ns)
         self.cost.observe_active(outcome.active_backends if count_active else None)
         self._cost_step(link, wall_ns)
@@ -279,14 +281,13 @@ class SourceReaper:
 
     def _cost_step(self, link: SourceLink, wall_ns: int) -> None:
         """The budget's step (the fast lane re-reads the effective intervals next); once per window the
-        cost self-measurements and the job that reads pg_stat_statements in the slow lane."""
+        cost self-measurements, and pg_stat_statements' view read in the next tick's statement."""
         done = self.cost.step(trio.current_time(), wall_ns, self.catalog.metrics)
         for metric, rows in done or ():
             self.emit(Measurement.from_rows(source=self.name, metric=metric, table=metric, rows=rows,
                                             tags=self.config.tags, wall_ns=wall_ns))
-        job = self.cost.server_view_job(link, wall_ns, self.config.query_timeout_seconds) if done is not None else None
-        if job is not None and self.slow is not None:
-            self.slow.offer(job)
+        if done is not None:
+            self.cost.view_wanted = True
 
     # -- work outside the tick (the lanes call these) --------------------------------------------
 
