@@ -8,6 +8,7 @@ metrics) is one. asyncpg errors are translated here into reaper's vocabulary.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -126,10 +127,18 @@ ACTIVE_BACKENDS_SQL = ("(select count(*) from pg_stat_activity where state = 'ac
 
 
 def _combined_statement(names: Sequence[str], batch: Mapping[str, str], count_active: bool = False) -> str:
+    return _combined_text(tuple(batch[n] for n in names), count_active)
+
+
+@functools.lru_cache(maxsize=1024)
+def _combined_text(sqls: tuple[str, ...], count_active: bool) -> str:
+    """One text per distinct set of metric queries, built once and shared by every source that sends it:
+    each connection's statement cache keeps the text it prepared, and a fleet's sources send the same
+    few texts (each tens of KB for a big preset)."""
     parts = ["pg_is_in_recovery()", "clock_timestamp() as c0"]
-    for i, n in enumerate(names):
+    for i, sql in enumerate(sqls):
         # t.* is the subquery's whole row even when the metric has a column named t (array_agg(t) would be that column)
-        parts += [f"(select array_agg(t.*) from ({batch[n].strip()}) t) as m{i}", f"clock_timestamp() as c{i + 1}"]
+        parts += [f"(select array_agg(t.*) from ({sql.strip()}) t) as m{i}", f"clock_timestamp() as c{i + 1}"]
     if count_active:
         parts.append(f"{ACTIVE_BACKENDS_SQL} as active_backends")
     return "select " + ",\n  ".join(parts) + f"\nfrom {READ_ONLY_GUARD}"
