@@ -144,3 +144,16 @@ class FakeConnector:
 
     def open_connections(self) -> int:
         return sum(not c.closed for c in (self.conn, *self.others) if c is not self.conn or self._handed)
+
+
+def count_spawns(monkeypatch: Any) -> list[Any]:
+    """Every trio.run_process call from now on (the real process still runs): the list of their args."""
+    spawns: list[Any] = []
+    real = trio.run_process
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        spawns.append(args)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(trio, "run_process", counted)
+    return spawns

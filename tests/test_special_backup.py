@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from fakes import count_spawns
 from pgserver import PgServer, _as_server_user, _is_root, _server_user_ids
 
 from reaper import db
@@ -119,14 +120,7 @@ async def test_pgbackrest_reports_the_age_of_the_backup_just_taken(repo: Repo) -
 
 @pytest.mark.pg
 async def test_a_working_pgbackrest_runs_every_time(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
-    spawns: list[Any] = []
-    real_run_process = trio.run_process
-
-    async def spawned(*args: Any, **kwargs: Any) -> Any:
-        spawns.append(args)
-        return await real_run_process(*args, **kwargs)
-
-    monkeypatch.setattr(trio, "run_process", spawned)
+    spawns = count_spawns(monkeypatch)
     async with special_runner(repo.server.dsn(), pgbackrest_config=str(repo.conf), pgbackrest_stanza="demo") as run:
         rows = [await run("backup_age_pgbackrest") for _ in range(3)]
     assert len(spawns) == 3
@@ -164,14 +158,7 @@ async def test_pgbackrest_without_a_stanza_says_why_once(repo: Repo, caplog: pyt
         return await handler(ctx)
 
     monkeypatch.setattr(backup, "backup_age_pgbackrest", counted)
-    spawns: list[Any] = []
-    real_run_process = trio.run_process
-
-    async def spawned(*args: Any, **kwargs: Any) -> Any:
-        spawns.append(args)
-        return await real_run_process(*args, **kwargs)
-
-    monkeypatch.setattr(trio, "run_process", spawned)
+    spawns = count_spawns(monkeypatch)
     config = SourceConfig(name="nostanza", dsn=repo.server.dsn(), metrics={"backup_age_pgbackrest": 1},
                           specials=SpecialsConfig(pgbackrest_config=str(repo.empty_conf)))
     got: list[Measurement] = []

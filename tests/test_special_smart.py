@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+from fakes import count_spawns
 from pgserver import PgServer
 
 from reaper import db
@@ -172,14 +173,7 @@ def test_device_labels_and_sysfs_disks(tmp_path: Path) -> None:
 async def test_a_device_without_smart_is_not_asked_every_run(server: PgServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 14: the scan and a device's "unsupported" answer are kept (tools.VERDICT_SECONDS); only
     devices with SMART are asked every run. The rows stay the same, with each run's time."""
-    spawns: list[Any] = []
-    real = trio.run_process
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        spawns.append(args)
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(trio, "run_process", counted)
+    spawns = count_spawns(monkeypatch)
     async with smart_runner(server.dsn()) as run:
         first = await run()
         first_spawns = len(spawns)
