@@ -130,7 +130,7 @@ def _combined_statement(names: Sequence[str], batch: Mapping[str, str], count_ac
     return _combined_text(tuple(batch[n] for n in names), count_active)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)  # a few per preset and server version: tens of KB each
 def _combined_text(sqls: tuple[str, ...], count_active: bool) -> str:
     """One text per distinct set of metric queries, built once and shared by every source that sends it:
     each connection's statement cache keeps the text it prepared, and a fleet's sources send the same
