@@ -210,7 +210,7 @@ class SourceReaper:
         self.cost.take_server_view_outcome(trio.current_time(), outcome)  # taken out of the metrics' rows
         self._take_outcome(metrics, outcome, wall_ns)
         self.cost.observe_active(outcome.active_backends if count_active else None)
-        self._cost_step(link, wall_ns)
+        self._cost_step(wall_ns)
         if self.slow is not None and self.local is not None:
             for job in jobs:
                 (self.local if job.spec is not None and job.spec.local_only else self.slow).offer(job)
@@ -279,7 +279,7 @@ class SourceReaper:
             st.last_fetch[name] = now
             self._metric_failed(name, message)
 
-    def _cost_step(self, link: SourceLink, wall_ns: int) -> None:
+    def _cost_step(self, wall_ns: int) -> None:
         """The budget's step (the fast lane re-reads the effective intervals next); once per window the
         cost self-measurements, and pg_stat_statements' view read in the next tick's statement."""
         done = self.cost.step(trio.current_time(), wall_ns, self.catalog.metrics)
