@@ -137,6 +137,39 @@ def check_no_orphan(rec: Reconciler) -> None:
         assert name in rec.sources or name in rec.parents, f"{name} is configured but not running"
 
 
+def check_child_lists(rec: Reconciler) -> None:
+    """What a reader sees at ANY moment, mid-request too (the status file, `reaper reload --plan`): every
+    running found source runs for a live parent that lists it, and a parent lists at most one source that
+    is not running (the one being started or restarted right now), never a stopped one."""
+    for name, running in rec.sources.items():
+        if running.parent is not None:
+            parent = rec.parents.get(running.parent)
+            assert parent is not None, f"{name} runs for {running.parent}, which is gone"
+            assert name in parent.children, f"{name} runs, but {running.parent} does not list it"
+    for name, parent in rec.parents.items():
+        missing = [c for c in parent.children if (r := rec.sources.get(c)) is None or r.parent != name]
+        assert len(missing) <= 1, f"{name} lists {missing}, which do not run for it"
+
+
+@attrs.define(eq=False)
+class EveryStep(trio.abc.Instrument):
+    """Checks the child lists after every task step (every checkpoint of every task); keeps the first failure
+    (an instrument that raises is only logged and removed by trio)."""
+
+    rec: Reconciler | None = None
+    steps: int = 0
+    failure: str | None = None
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.rec is None or self.failure is not None:
+            return
+        self.steps += 1
+        try:
+            check_child_lists(self.rec)
+        except AssertionError as e:
+            self.failure = f"after a step of {task.name}: {e}"
+
+
 async def settle(resolver: ScriptedResolver, rec: Reconciler) -> None:
     """Stop the resolver failing, let every pending discovery result land and every source tick."""
     resolver.failure_rate = 0.0
@@ -145,7 +178,7 @@ async def settle(resolver: ScriptedResolver, rec: Reconciler) -> None:
     await trio.sleep(6.0)
 
 
-def run_scenario(seed: int) -> None:
+def run_scenario(seed: int, every_step: EveryStep | None = None) -> None:
     rng = random.Random(seed)
     harness = Harness()
     resolver = ScriptedResolver(rng, databases={f"db{i}" for i in range(rng.randint(0, 5))},
@@ -163,6 +196,8 @@ def run_scenario(seed: int) -> None:
 
     async def main() -> None:
         rec = harness.reconciler(random_config(), resolver)
+        if every_step is not None:
+            every_step.rec = rec
         async with trio.open_nursery() as root, trio.open_nursery() as sources_nursery:
             await root.start(rec.run, sources_nursery)
             for _ in range(rng.randint(3, 10)):
@@ -187,7 +222,8 @@ def run_scenario(seed: int) -> None:
             assert harness.connector.open_names() == set()  # shutdown closed every connection
             assert sum(harness.running.values()) == 0
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0),
+             instruments=() if every_step is None else (every_step,))
 
 
 def test_1000_random_interleavings_of_reloads_and_discovery_leave_no_orphan_and_no_double_collector() -> None:
@@ -196,6 +232,18 @@ def test_1000_random_interleavings_of_reloads_and_discovery_leave_no_orphan_and_
             run_scenario(seed)
         except BaseException as e:
             raise AssertionError(f"seed {seed}: {e!r}") from e
+
+
+def test_a_parents_list_names_its_running_children_at_every_step_of_every_task() -> None:
+    """Not only between requests: while the reconciler starts and stops children (it awaits each), a
+    reader never sees a child its parent does not list, nor a stopped child still listed."""
+    checked = 0
+    for seed in range(300):
+        every_step = EveryStep()
+        run_scenario(seed, every_step)
+        assert every_step.failure is None, f"seed {seed}: {every_step.failure}"
+        checked += every_step.steps
+    assert checked > 10_000  # the instrument ran (at every step of every scenario)
 
 
 # -- the races, one at a time -----------------------------------------------------------------------

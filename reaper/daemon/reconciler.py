@@ -323,6 +323,8 @@ class Reconciler:
         if running is not None and running.parent is not None:  # a configured source takes a found one's name
             log.warning("source %s: configured now; it was found by %s, which no longer owns it", name,
                         running.parent)
+            if (finder := self.parents.get(running.parent)) is not None:
+                finder.children.pop(name, None)  # out of its list before it stops
             await self._stop_many([name], "configured explicitly")
             running = None
         if running is None:
@@ -355,18 +357,29 @@ class Reconciler:
         name = parent.config.name
         mine = [c for c, r in self.sources.items() if r.parent == name]
         gone = [c for c in mine if c not in found]
+        # parent.children stays true at every await (a reader, e.g. the status file, may look in between):
+        # a gone child leaves the list before it is stopped, a new one enters it as it starts
+        for child in gone:
+            parent.children.pop(child, None)
         await self._stop_many(gone, f"no longer found by {name}")
         new = 0
         for child, config in found.items():
             running = self.sources.get(child)
             if running is not None and running.parent == name:
+                parent.children[child] = config
                 await self._update(child, config)
             elif running is not None or child in self.parents:
+                parent.children.pop(child, None)
                 if child not in parent.clashes:
                     parent.clashes.add(child)
                     log.error("source %s: found %s, but a source of that name exists already; skipped", name, child)
             else:
-                await self._start(config, name)
+                parent.children[child] = config
+                try:
+                    await self._start(config, name)
+                finally:
+                    if child not in self.sources:
+                        parent.children.pop(child, None)
                 new += 1
         parent.children = {c: cfg for c, cfg in found.items()
                            if (r := self.sources.get(c)) is not None and r.parent == name}
@@ -433,9 +446,7 @@ class Reconciler:
     async def _replace_parent(self, parent: RunningParent, config: SourceConfig) -> None:
         """A discovery source whose config changed: a new task (a new generation) resolves at once;
         its children keep running until its first list says otherwise."""
-        name = parent.config.name
-        del self.parents[name]
-        parent.scope.cancel()
+        parent.scope.cancel()  # it stays registered (its children run for it) until the new one replaces it
         await parent.done.wait()
         await self._start(config, children=parent.children)
 
