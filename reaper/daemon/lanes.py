@@ -7,10 +7,15 @@ statement is handed here as a `Job`:
   special metrics that talk to the server (change_events, server log) one after the other, on its
   own connection (the source's second and last one). The connection is opened when a job needs it
   and closed after the lane has been idle for `idle_seconds` (twice its longest interval, at least
-  MIN_IDLE_SECONDS).
+  MIN_IDLE_SECONDS): the fast lane asks at each tick (`close_if_idle`).
 - the **local lane** runs the collectors that read the host (OS metrics via psutil); the few server
   facts they need are read through the slow lane's connection (`LeasedLink`, one statement at a time
   under the slow lane's lock), so a source never holds more than two connections.
+
+A lane holds no task while it has no work (at 1000 sources, 2000 tasks fewer): `offer()` starts its
+serving task in the source's nursery (`attach`) when none runs, and that task ends when the queue is
+empty; the connection stays open meanwhile. An unexpected error in a job ends the source's nursery,
+as a bug anywhere in the source does (its supervisor restarts it).
 
 A job whose metric is still queued or running in its lane when it comes due again is skipped and
 counted (`LaneState.skipped`): work never queues up behind a slow metric. Of the jobs of one tick, a
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import attrs
@@ -37,7 +44,7 @@ from reaper.special import SpecialSpec
 log = logging.getLogger("reaper.daemon.source")
 
 MIN_IDLE_SECONDS = 60.0
-LANE_CAPACITY = 64  # jobs waiting in a lane; a metric is in it at most once
+LANE_CAPACITY = 64  # jobs waiting in a lane; a metric is in it at most once (more are skipped)
 
 
 @attrs.frozen
@@ -81,7 +88,8 @@ class LaneOwner(Protocol):
 
 
 class Lane:
-    """Runs the jobs handed to it one after the other. `offer()` never blocks the caller."""
+    """Runs the jobs handed to it one after the other, in a task that lives while it has work.
+    `offer()` never blocks the caller."""
 
     def __init__(self, name: str, owner: LaneOwner, *, lease: Lane | None = None,
                  min_idle: float = MIN_IDLE_SECONDS) -> None:
@@ -91,8 +99,10 @@ class Lane:
         self.min_idle = min_idle
         self.link: SourceLink | None = None
         self.lock = trio.Lock()  # one statement at a time on this lane's connection
-        self._send, self._receive = trio.open_memory_channel[Job](LANE_CAPACITY)
-        self._queue: list[Job] = []  # received, not run yet (see _next_job)
+        self._nursery: trio.Nursery | None = None  # the source's (attach); the serving task runs in it
+        self._busy = False  # a task of this lane runs (serving its queue, or closing its idle connection)
+        self._idle_since = 0.0  # when its connection was last used
+        self._queue: list[Job] = []  # offered, not run yet (see _next_job)
         self._pending: set[str] = set()
         self._skip_warned: set[str] = set()
         self._longest = 0.0
@@ -105,21 +115,50 @@ class Lane:
     def idle_seconds(self) -> float:
         return max(self.min_idle, 2 * self._longest)
 
+    def attach(self, nursery: trio.Nursery) -> None:
+        """The source's nursery: the lane's tasks run in it (and end with it)."""
+        self._nursery = nursery
+
     def offer(self, job: Job) -> bool:
         """Queue `job` unless its metric is still queued or running here (then skip it and count)."""
         name = job.metric.name
-        if name in self._pending:
+        if name in self._pending or len(self._queue) >= LANE_CAPACITY:
             self._skip(name)
             return False
-        try:
-            self._send.send_nowait(job)
-        except trio.WouldBlock:
-            self._skip(name)
-            return False
+        self._queue.append(job)
         self._pending.add(name)
         if math.isfinite(job.interval):
             self._longest = max(self._longest, job.interval)
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        if not self._busy and self._queue and self._nursery is not None:
+            self._busy = True
+            self._nursery.start_soon(self._serve)
+
+    def close_if_idle(self) -> None:
+        """The fast lane's call at each tick: a connection unused for idle_seconds is closed (in a
+        short task; no task of the lane runs otherwise)."""
+        if (self.link is not None and not self._busy and self._nursery is not None
+                and trio.current_time() - self._idle_since >= self.idle_seconds):
+            self._busy = True
+            self._nursery.start_soon(self._close_idle)
+
+    async def _close_idle(self) -> None:
+        try:
+            async with self.lock:  # not under a statement of the local lane (LeasedLink)
+                if self.link is not None and trio.current_time() - self._idle_since >= self.idle_seconds:
+                    log.info("source %s: %s lane idle for %gs; closing its connection", self.owner.name,
+                             self.state.name, self.idle_seconds)
+                    await self.close()
+        finally:
+            self._busy = False
+            self._wake()  # work offered meanwhile
+
+    def touch(self) -> None:
+        """Its connection was used now (by this lane or over a LeasedLink)."""
+        self._idle_since = trio.current_time()
 
     def _skip(self, name: str) -> None:
         self.state.skipped += 1
@@ -128,34 +167,21 @@ class Lane:
             log.warning("source %s: metric %s: still running in the %s lane when due again; that run is skipped "
                         "(counted in status; reported once)", self.owner.name, name, self.state.name)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+    async def _serve(self) -> None:
+        """Run the queued jobs, then end (the connection stays open until close_if_idle)."""
         try:
-            while True:
-                if not self._queue:
-                    with trio.move_on_after(self.idle_seconds) as idle:
-                        self._queue.append(await self._receive.receive())
-                    if idle.cancelled_caught:
-                        if self.link is not None:
-                            log.info("source %s: %s lane idle for %gs; closing its connection", self.owner.name,
-                                     self.state.name, self.idle_seconds)
-                            await self.close()
-                        continue
+            while self._queue:
                 job = self._next_job()
                 try:
                     await self._run(job)
                 finally:
                     self._pending.discard(job.metric.name)
+                    self.touch()
         finally:
-            await self.close()
+            self._busy = False
 
     def _next_job(self) -> Job:
         """The oldest tick's job under the connection's current statement_timeout, else the oldest job."""
-        while True:
-            try:
-                self._queue.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                break
         current = getattr(self.link, "timeout", None)  # a link that does not track it: its default
         oldest = self._queue[0].wall_ns
         for i, job in enumerate(self._queue):
@@ -226,6 +252,21 @@ class Lane:
             await link.close()
 
 
+@asynccontextmanager
+async def open_lanes(owner: LaneOwner, *, min_idle: float = MIN_IDLE_SECONDS) -> AsyncIterator[tuple[Lane, Lane]]:
+    """A source's slow and local lanes (the local one over the slow one's connection), their tasks in a
+    nursery around the caller's body (the fast lane); the connection is closed when it ends."""
+    slow = Lane("slow", owner, min_idle=min_idle)
+    local = Lane("local", owner, lease=slow, min_idle=min_idle)
+    try:
+        async with trio.open_nursery() as nursery:
+            slow.attach(nursery)
+            local.attach(nursery)
+            yield slow, local
+    finally:
+        await slow.close()  # shielded and bounded (reaper.db.close_or_terminate)
+
+
 class LeasedLink:
     """The slow lane's connection as seen by a local collector: each call takes the slow lane's lock,
     so the two never send statements at the same time, and counts in the slow lane's statements."""
@@ -261,6 +302,7 @@ class LeasedLink:
             finally:
                 self.statements += link.statements - before
                 self._lane.count(link.statements - before)
+                self._lane.touch()
 
     async def run_tick(self, request: TickRequest) -> TickOutcome:
         outcome: TickOutcome = await self._call("run_tick", request)

@@ -35,7 +35,7 @@ from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import SourceCost
 from reaper.daemon.delivery import Output
-from reaper.daemon.lanes import MIN_IDLE_SECONDS, Job, Lane, LaneState
+from reaper.daemon.lanes import MIN_IDLE_SECONDS, Job, Lane, LaneState, open_lanes
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
 from reaper.daemon.supervise import TooManyRestarts, supervise
@@ -113,13 +113,10 @@ class SourceReaper:
     # -- the nursery ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The source's nursery: the slow lane and the local collectors beside the fast lane."""
+        """The source's nursery: the slow lane and the local collectors (tasks only while they have
+        work) beside the fast lane."""
         try:
-            async with trio.open_nursery() as nursery:
-                self.slow = Lane("slow", self, min_idle=self.min_idle)
-                self.local = Lane("local", self, lease=self.slow, min_idle=self.min_idle)
-                await nursery.start(self.slow.run)
-                await nursery.start(self.local.run)
+            async with open_lanes(self, min_idle=self.min_idle) as (self.slow, self.local):
                 await self._fast_lane(task_status)
         finally:
             self.slow = self.local = None
@@ -142,6 +139,8 @@ class SourceReaper:
                 continue
             due = sched.take(k)
             self.state.lateness.append(trio.current_time() - when)
+            if self.slow is not None:
+                self.slow.close_if_idle()  # unused for idle_seconds: its connection closes
             await self.tick(due)
 
     def status(self) -> SourceStatus:

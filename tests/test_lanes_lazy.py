@@ -1,0 +1,121 @@
+"""A source's slow and local lanes hold no task while they have no work (issue 14: few tasks per source),
+under trio's MockClock with the scripted fake database (tests/fakes.py).
+
+`Lane.offer` starts the lane's serving task when none runs and the task ends when its queue is empty;
+the slow lane's connection stays open between runs (closed after idle_seconds by the fast lane's tick,
+tests/test_lanes.py), the local lane's collectors run over it, and stopping the source mid-job closes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+from fakes import FakeConnector, catalog, source, sql_metric
+
+import reaper.daemon.source
+from reaper.config.schema import MetricDef
+from reaper.daemon.source import SourceReaper
+from reaper.measurement import Measurement
+from reaper.special import SpecialContext, SpecialSpec
+
+
+def lane_tasks() -> list[str]:
+    """The names of the lanes' tasks running now (every task of the run, walked from the root)."""
+    names: list[str] = []
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        names.append(task.name)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return [name for name in names if ".Lane." in name]
+
+
+async def sample_lane_tasks(seconds: float, every: float = 0.1) -> list[int]:
+    counts = []
+    deadline = trio.current_time() + seconds
+    while trio.current_time() < deadline:
+        counts.append(len(lane_tasks()))
+        await trio.sleep(every)
+    return counts
+
+
+async def test_a_source_without_lane_work_runs_no_lane_task(autojump_clock) -> None:
+    connector = FakeConnector()
+    reaper = SourceReaper(source(metrics={"fast": 1}), catalog(sql_metric("fast")), lambda m: None,
+                          connector=connector)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        counts = await sample_lane_tasks(30)
+        assert reaper.slow is not None and reaper.local is not None  # the lanes exist...
+        n.cancel_scope.cancel()
+    assert max(counts) == 0  # ...but hold no task
+    assert len(connector.conn.requests) >= 29 and not connector.others
+
+
+async def test_a_lanes_task_lives_only_while_it_has_work_and_keeps_its_connection(autojump_clock) -> None:
+    connector = FakeConnector()
+    connector.conn.slow["slow"] = 1.0  # runs 1 s every 10 s
+    cat = catalog(sql_metric("fast"), sql_metric("slow", statement_timeout_seconds=5.0))
+    reaper = SourceReaper(source(metrics={"fast": 1, "slow": 10}), cat, lambda m: None, connector=connector)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        counts = await sample_lane_tasks(100)
+        assert reaper.slow is not None
+        runs = reaper.slow.state.runs
+        n.cancel_scope.cancel()
+    assert max(counts) == 1  # one task while a job runs...
+    assert counts.count(0) >= 0.8 * len(counts)  # ...none the other 9 s of every 10
+    assert runs >= 9 and len(connector.others) == 1  # every run on the one slow connection, kept between runs
+    assert connector.others[0].closed  # closed when the source stopped
+
+
+async def test_stopping_a_source_mid_job_ends_the_lane_task_and_closes_its_connection(autojump_clock) -> None:
+    connector = FakeConnector()
+    connector.conn.slow["slow"] = 30.0
+    cat = catalog(sql_metric("fast"), sql_metric("slow", statement_timeout_seconds=60.0))
+    reaper = SourceReaper(source(metrics={"fast": 1, "slow": 60}), cat, lambda m: None, connector=connector)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as n:
+            n.start_soon(reaper.run)
+            while not connector.others or not connector.others[0].runs:
+                await trio.sleep(0.5)
+            assert len(lane_tasks()) == 1
+            scope.cancel()
+    assert lane_tasks() == []
+    assert connector.others[0].closed and connector.open_connections() == 0
+    assert reaper.slow is None and reaper.local is None
+
+
+async def test_a_local_collector_runs_over_the_slow_lanes_connection_in_a_task_of_its_own(
+        autojump_clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []  # the task of each run
+
+    async def host_figures(ctx: SpecialContext) -> list[tuple[str | None, list[dict[str, Any]]]]:
+        seen.append(trio.lowlevel.current_task().name)
+        rows = await ctx.conn.fetch("select 1")  # a server fact, through the slow lane's connection
+        await trio.sleep(0.5)  # reading the host
+        return [(None, [{"epoch_ns": 1, "host": rows[0]["bytes"]}])]
+
+    spec = SpecialSpec(host_figures, local_only=True, deadline_seconds=5.0)
+    monkeypatch.setattr(reaper.daemon.source, "special_spec", lambda name: spec if name == "host" else None)
+    host = MetricDef(name="host", description="host", special=True)
+    got: list[Measurement] = []
+    connector = FakeConnector()
+    src = SourceReaper(source(metrics={"fast": 1, "host": 5}), catalog(sql_metric("fast"), host), got.append,
+                       connector=connector)
+    async with trio.open_nursery() as n:
+        await n.start(src.run)
+        counts = await sample_lane_tasks(60)
+        assert src.slow is not None and src.local is not None
+        slow, local, connected = src.slow.state, src.local.state, src.slow.state.connected
+        n.cancel_scope.cancel()
+    assert len(seen) >= 11 and all(".Lane." in task for task in seen)
+    assert sum(m.metric == "host" for m in got) == len(seen)
+    assert len(connector.others) == 1 and connector.others[0].fetches.count("select 1") == len(seen)
+    assert local.runs == len(seen) and slow.runs == 0  # run by the local lane...
+    assert slow.statements_total == len(seen) and connected  # ...counted on the slow lane's connection
+    assert max(counts) == 1 and counts.count(0) >= 0.8 * len(counts)  # a task only while it runs
