@@ -37,6 +37,7 @@ from reaper.config.load import load_config
 from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import CostSettings
+from reaper.daemon.memory import GcSettler
 from reaper.daemon.plan import refused
 from reaper.daemon.reconciler import (
     Reconciler,
@@ -65,6 +66,7 @@ __all__ = ["Daemon", "RunningParent", "RunningSink", "RunningSource", "build_sin
 log = logging.getLogger("reaper.daemon.app")
 
 PAUSE_CHECK_SECONDS = 2.0
+SETTLE_MARGIN_SECONDS = 30.0  # after the phase spread, until a started or reloaded fleet has connected
 SideTask = Callable[["Daemon"], Awaitable[None]]
 
 
@@ -123,6 +125,7 @@ class Daemon:
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
         self.status_writer = StatusWriter(self)
+        self.gc = GcSettler()  # freezes the long-lived heap while the fleet settles (reaper.daemon.memory)
 
     def __repr__(self) -> str:
         paused = " paused" if self.controls.paused else ""
@@ -209,6 +212,7 @@ class Daemon:
         grace = self.config.collector.shutdown_grace_seconds
         # a large fleet's ticks are spread wider (50 ms per source, at least PHASE_SPREAD, at most a tick)
         self.controls.phase_spread = max(PHASE_SPREAD, 0.05 * len(self.wanted_sources(self.config)))
+        self.gc.settle(self.settle_seconds())  # the first round of ticks connects every source
         listen = self.config.collector.http_listen
         health_sock = None
         if listen:  # the HTTP stack is imported only when the health endpoints are configured
@@ -229,6 +233,7 @@ class Daemon:
                             await root.start(self.fleet.run)
                         root.start_soon(self._watch_pause_file)
                         root.start_soon(self.status_writer.run)
+                        root.start_soon(self.gc.run)
                         task_status.started()
                         await self._stop.wait()
                         await self.reconciler.submit(Shutdown())  # stops every source, closes connections
@@ -241,6 +246,11 @@ class Daemon:
                           "spill queues for the next start", grace)
             await self.status_writer.write()
             root.cancel_scope.cancel()
+
+    def settle_seconds(self) -> float:
+        """How long the fleet takes to settle after a start or reload: its first ticks all come within the
+        phase spread; the margin covers the connects queued behind the connect limiter."""
+        return self.controls.phase_spread + SETTLE_MARGIN_SECONDS
 
     # -- reload ----------------------------------------------------------------------------------
 
@@ -268,6 +278,7 @@ class Daemon:
             log.warning("reload: %s not applied: shutting down", path)
             return False
         self.reloads += 1
+        self.gc.settle(self.settle_seconds())  # new sources connect within their phase spread
         log.info("reload: applied %s: %s", path, outcome.summary())
         if outcome.plan is not None:
             for line in outcome.plan.lines():

@@ -1,0 +1,73 @@
+"""reaper.daemon.memory.GcSettler: the long-lived heap is frozen while a fleet settles (so Python's full
+collections do not walk it and stall the loop), and the frozen objects are collected again periodically
+(their cyclic garbage is not kept forever)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from reaper.daemon.memory import GcSettler
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen() -> Iterator[None]:
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_step_freezes_only_while_settling() -> None:
+    settler = GcSettler(refreeze_seconds=100.0)
+    settler.until = 10.0
+    keep = [Cycle() for _ in range(10)]
+    assert not settler.step(5.0, last_refreeze=0.0)
+    assert gc.get_freeze_count() >= len(keep)
+    assert settler.freezes == 1
+    gc.unfreeze()
+    assert not settler.step(11.0, last_refreeze=0.0)  # settled, nothing frozen: nothing to do
+    assert gc.get_freeze_count() == 0 and settler.freezes == 1 and settler.refreezes == 0
+
+
+def test_refreeze_collects_cyclic_garbage_among_frozen_objects() -> None:
+    settler = GcSettler(refreeze_seconds=100.0)
+    settler.until = 10.0
+    garbage = Cycle()
+    survivor = Cycle()
+    gone, kept = weakref.ref(garbage), weakref.ref(survivor)
+    settler.step(1.0, last_refreeze=0.0)  # frozen while still referenced
+    del garbage
+    gc.collect()
+    assert gone() is not None  # a collection does not look at frozen objects
+    assert not settler.step(50.0, last_refreeze=0.0)  # settled, but the refreeze period has not passed
+    assert gone() is not None
+    assert settler.step(150.0, last_refreeze=0.0)
+    assert settler.refreezes == 1
+    assert gone() is None  # the frozen cycle was collected
+    assert kept() is survivor and gc.get_freeze_count() > 0  # the survivors frozen again
+
+
+def test_settle_extends_the_window_from_now() -> None:
+    async def main() -> None:
+        settler = GcSettler(freeze_seconds=5.0, refreeze_seconds=1e9)
+        settler.settle(30.0)
+        settler.settle(10.0)  # a shorter request does not cut a longer window
+        assert settler.until == pytest.approx(trio.current_time() + 30.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(settler.run)
+            await trio.sleep(61.0)
+            nursery.cancel_scope.cancel()
+        assert settler.freezes == 6  # at 5, 10, ... 30 s; none after
+        assert settler.refreezes == 0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
