@@ -22,6 +22,7 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
+from reaper.db.aioloop import check_callbacks_only_in_debug, run_ready_callbacks_in_batches
 from reaper.db.rows import RowShape, go_rows, row_shape
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
@@ -37,19 +38,8 @@ async def open_loop() -> AsyncIterator[None]:
     async with trio_asyncio.open_loop() as loop:
         tolerate_abandoned_connection_futures(loop)
         check_callbacks_only_in_debug(loop)
+        run_ready_callbacks_in_batches(loop)
         yield
-
-
-def check_callbacks_only_in_debug(loop: asyncio.AbstractEventLoop) -> None:
-    """asyncio's own loop checks a call_soon callback (is it a coroutine function?) only in debug mode;
-    trio-asyncio's checks every one, which was 5 % of a fleet's CPU (inspect.iscoroutinefunction per
-    asyncpg callback). Same behaviour as asyncio: the check stays on with PYTHONASYNCIODEBUG."""
-    if not loop.get_debug() and hasattr(loop, "_check_callback"):
-        loop._check_callback = _no_callback_check
-
-
-def _no_callback_check(callback: Any, method: str) -> None:
-    return None
 
 
 def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> None:
