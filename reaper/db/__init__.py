@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -23,6 +23,7 @@ from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
 from reaper.db.aioloop import check_callbacks_only_in_debug, run_ready_callbacks_in_batches
+from reaper.db.describe import describe_text, split_description
 from reaper.db.rows import RowShape, go_rows, row_shape
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
@@ -203,6 +204,9 @@ class SourceConnection:
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
         every = {**request.batch, **{n: q.sql for n, q in (*request.solo.items(), *request.timed.items())}}
+        new = sorted({sql for sql in every.values() if sql not in self.columns})
+        if len(new) > 1:  # all new metrics described in one round trip; any failure: each alone below
+            await self._describe_together(new)
         for name, sql in every.items():
             if sql not in self.columns:
                 try:
@@ -248,6 +252,19 @@ class SourceConnection:
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=self.statements - before,
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
                            go_ready=frozenset(ready))
+
+    async def _describe_together(self, sqls: Sequence[str]) -> None:
+        """Learn the columns of several new metric queries in one round trip (reaper.db.describe). Nothing is
+        learnt when it fails (a metric that does not parse): the caller describes each alone then, so the
+        failing metric gets its own error and the others run."""
+        try:
+            prepared = await self._conn.prepare(describe_text(sqls))
+        except asyncpg.PostgresError as e:
+            if is_connection_error(e):
+                raise
+            return
+        for sql, (columns, shape) in (split_description(sqls, prepared.get_attributes()) or {}).items():
+            self.columns[sql], self.shapes[sql] = columns, shape
 
     async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
                             rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
@@ -431,18 +448,22 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
         raise
 
 
+SERVER_FACTS_SQL = ("select current_setting('server_version_num')::int as num, current_setting('server_version') as v,"
+                    " pg_is_in_recovery() as rec, current_database() as db,"
+                    " inet_server_addr() is null as via_socket,"
+                    " array(select extname::text from pg_extension) as exts")
+SYSTEM_ID_SQL = "(select system_identifier from pg_control_system())"
+
+
 async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
     conn = await asyncpg.connect(dsn, **kwargs)
     small_reads(conn)
     try:
-        row = await conn.fetchrow(
-            "select current_setting('server_version_num')::int as num, current_setting('server_version') as v,"
-            " pg_is_in_recovery() as rec, current_database() as db,"
-            " inet_server_addr() is null as via_socket,"
-            " array(select extname::text from pg_extension) as exts")
-        sysid = None
-        with suppress(asyncpg.InsufficientPrivilegeError):
-            sysid = str(await conn.fetchval("select system_identifier from pg_control_system()"))
+        try:  # one round trip when the role may read pg_control_system() (most can), two when not
+            row = await conn.fetchrow(SERVER_FACTS_SQL + f", {SYSTEM_ID_SQL} as sysid")
+            sysid = None if row["sysid"] is None else str(row["sysid"])
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError):
+            row, sysid = await conn.fetchrow(SERVER_FACTS_SQL), None
         host = _host_of(conn)
         addr = conn._addr
         server = ServerInfo(
