@@ -91,6 +91,9 @@ class Lane:
     """Runs the jobs handed to it one after the other, in a task that lives while it has work.
     `offer()` never blocks the caller."""
 
+    __slots__ = ("_busy", "_down", "_idle_since", "_longest", "_nursery", "_pending", "_queue", "_skip_warned",
+                 "lease", "link", "lock", "min_idle", "owner", "state")  # two per source: no __dict__ each
+
     def __init__(self, name: str, owner: LaneOwner, *, lease: Lane | None = None,
                  min_idle: float = MIN_IDLE_SECONDS) -> None:
         self.state = LaneState(name)
@@ -98,7 +101,8 @@ class Lane:
         self.lease = lease  # run jobs over another lane's connection instead of owning one
         self.min_idle = min_idle
         self.link: SourceLink | None = None
-        self.lock = trio.Lock()  # one statement at a time on this lane's connection
+        # one statement at a time on this lane's connection (a leasing lane's runs take its lender's, in LeasedLink)
+        self.lock: trio.Lock = trio.Lock() if lease is None else lease.lock
         self._nursery: trio.Nursery | None = None  # the source's (attach); the serving task runs in it
         self._busy = False  # a task of this lane runs (serving its queue, or closing its idle connection)
         self._idle_since = 0.0  # when its connection was last used
