@@ -56,6 +56,38 @@ async def test_sink_task_writes_everything_queued_before_the_channel_closes(tmp_
     assert [json.loads(line)["data"][0]["v"] for line in lines] == list(range(700))
 
 
+async def test_measurements_that_trickle_in_share_one_write(tmp_path: Path, autojump_clock) -> None:
+    """Sources of a fleet emit a moment apart: within the sink's gather window they make one write
+    (one wake-up, one write(2)), not one each; a shutdown inside the window still writes them."""
+    path = tmp_path / "out.ndjson"
+    sink = JsonFileSink(JsonFileSinkConfig(path=str(path)))
+    batches: list[int] = []
+    write = sink.write
+
+    async def counted(batch: list[Measurement]) -> None:
+        batches.append(len(batch))
+        await write(batch)
+
+    sink.write = counted  # type: ignore[method-assign]
+    send, receive = trio.open_memory_channel[Measurement](100)
+    async with trio.open_nursery() as n:
+        await n.start(run_sink, sink, receive)
+        with trio.fail_after(60):  # the sink opens its file in a worker thread (real time)
+            while sink._file is None:
+                await trio.sleep(0.001)
+        async with send:
+            for i in range(5):  # five sources' ticks, 20 ms apart
+                send.send_nowait(measurement(v=i))
+                await trio.sleep(0.02)
+            await trio.sleep(1)
+            assert batches == [5]
+            for i in range(5, 8):  # then the channel closes inside a gather window
+                send.send_nowait(measurement(v=i))
+                await trio.sleep(0.01)
+    assert [json.loads(line)["data"][0]["v"] for line in path.read_text().splitlines()] == list(range(8))
+    assert batches == [5, 3]
+
+
 async def test_fanout_never_blocks_and_counts_what_a_full_sink_cannot_take(tmp_path: Path, caplog) -> None:
     fast_send, fast_receive = trio.open_memory_channel[Measurement](100)
     slow_send, slow_receive = trio.open_memory_channel[Measurement](3)

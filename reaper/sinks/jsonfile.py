@@ -26,6 +26,10 @@ from reaper.measurement import Measurement
 from reaper.sinks.encode import dumps, dumps_ready
 
 INLINE_WRITE_BYTES = 256 * 1024
+# One write per this many seconds at most when measurements trickle in (reaper.sinks.runner): a fleet of
+# 300 sources made ~4 writes per source tick (each source's measurements arrive in 2-3 bursts), each a
+# wake-up of the sink's task, an encode call and a write(2).
+GATHER_SECONDS = 0.2
 
 
 def encode_measurement(m: Measurement) -> bytes:
@@ -59,6 +63,7 @@ class JsonFileSink:
         self.label = config.label
         self._file: IO[bytes] | None = None
         self.written = 0
+        self.gather_seconds = GATHER_SECONDS
 
     def __repr__(self) -> str:
         return f"<JsonFileSink {self.config.path} written={self.written}>"

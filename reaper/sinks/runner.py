@@ -44,7 +44,11 @@ TRANSIENT_ERRORS = (OSError, SinkError)  # an outage: kept, spilled, retried
 class Sink(Protocol):
     """What a sink does. `open` runs inside the sink's task (retried while it raises); `write` gets batches
     in order and either stores the whole batch or raises: a transient error (OSError, SinkError) when the
-    same batch may succeed later, anything else (SinkRejected, TypeError, ...) when its content is refused."""
+    same batch may succeed later, anything else (SinkRejected, TypeError, ...) when its content is refused.
+
+    A sink may have `gather_seconds`: after the first measurement arrives at an idle sink, the runner
+    waits that long for more before writing, so a fleet's ticks share one write (what is in hand is
+    written, or kept, at shutdown like any batch)."""
 
     label: str
 
@@ -113,6 +117,10 @@ class SinkRunner:
                 except trio.EndOfChannel:
                     return
                 open_ = _drain(self.receive, in_hand)
+                gather = getattr(self.sink, "gather_seconds", 0.0)
+                if gather > 0 and open_ and len(in_hand) < MAX_WRITE_BATCH:
+                    await trio.sleep(gather)  # what other sources emit meanwhile joins this write
+                    open_ = _drain(self.receive, in_hand)
                 await self._deliver(in_hand)
                 in_hand = []
         finally:
