@@ -55,7 +55,7 @@ from reaper.daemon.statuswrite import StatusWriter
 from reaper.errors import ConfigError
 from reaper.kinds import resolve
 from reaper.measurement import Measurement
-from reaper.schedule import PHASE_SPREAD
+from reaper.schedule import fleet_phase_spread
 from reaper.sinks import FanOut, Sink
 
 if TYPE_CHECKING:
@@ -210,8 +210,8 @@ class Daemon:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until request_stop(); assumes db.open_loop() is already open."""
         grace = self.config.collector.shutdown_grace_seconds
-        # a large fleet's ticks are spread wider (50 ms per source, at least PHASE_SPREAD, at most a tick)
-        self.controls.phase_spread = max(PHASE_SPREAD, 0.05 * len(self.wanted_sources(self.config)))
+        # a large fleet's ticks are spread wider (100 ms per source, at least PHASE_SPREAD, at most a tick)
+        self.controls.phase_spread = fleet_phase_spread(len(self.wanted_sources(self.config)))
         self.gc.settle(self.settle_seconds())  # the first round of ticks connects every source
         listen = self.config.collector.http_listen
         health_sock = None
@@ -278,6 +278,7 @@ class Daemon:
             log.warning("reload: %s not applied: shutting down", path)
             return False
         self.reloads += 1
+        self.controls.phase_spread = fleet_phase_spread(len(self.wanted_sources(new)))  # for sources started now on
         self.gc.settle(self.settle_seconds())  # new sources connect within their phase spread
         log.info("reload: applied %s: %s", path, outcome.summary())
         if outcome.plan is not None:
