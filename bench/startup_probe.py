@@ -2,11 +2,11 @@
 
 A lighter lab than `bench/run.py fleet1000` (no workload, no peer, no yardsticks, no one-source run): it starts
 its own PostgreSQL 15 with 100 databases, runs a real `reaper run` with N `basic` sources for `--seconds`, and
-prints reaper's CPU in each 5 s window from its start (issue 14: none over 15 % of a core), the first tick's
-spread, and the lateness the status file reports (the worst source's p99 and max, the median p50).
-`--py-spy SECONDS` records a profile of the first seconds (bench/.. `py-spy record --nonblocking`); `--gc-log`
-makes the run log every garbage collection's generation and duration (through a sitecustomize on
-PYTHONPATH) and prints the slowest.
+prints reaper's CPU seconds over its first 8 s and in each 5 s window from its start (issue 14: none over
+15 % of a core), and the lateness the status file reports (the worst source's p99 and max, the median p50).
+`--py-spy SECONDS` records a profile of the first seconds (`py-spy record --nonblocking`, raw; use --keep);
+`--gc-log` makes the run log every garbage collection's generation and duration (a sitecustomize on
+PYTHONPATH) and prints them per generation.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -73,6 +74,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--preset", default="basic")
     parser.add_argument("--py-spy", type=float, default=0.0, help="profile the first SECONDS (0: none)")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory under /var/tmp")
     parser.add_argument("--gc-log", action="store_true")
     parser.add_argument("--freeze-every", type=float, default=0.0, help="experiment (with --gc-log): gc.freeze() "
                         "every SECONDS of the first 70 s, then count what a full collection frees")
@@ -117,8 +119,10 @@ def main() -> int:
                 break
         if spy is not None:
             spy.wait(timeout=60)
-            print(f"py-spy: {run_dir / 'spy.txt'}")
+            print(f"py-spy: {run_dir / 'spy.txt'} (kept with --keep)")
         windows = measure.startup_windows(sampler.samples["reaper"], 0.0, args.seconds, 5.0)
+        early = [s for s in sampler.samples["reaper"] if s["t"] <= 8.0]
+        print("cpu s by t (first 8 s):", " ".join(f"{s['t']:.1f}:{s['cpu']:.2f}" for s in early))
         print("cpu % per 5 s:", " ".join(f"{w:.0f}" for w in windows))
         print(f"peak 5 s window: {max(windows):.1f} %   mean over {args.seconds:.0f} s: "
               f"{statistics.mean(windows):.1f} %")
@@ -139,7 +143,8 @@ def main() -> int:
                     print(f"gc gen{gen}: {len(d)} collections, total {sum(d):.0f} ms, max {max(d):.1f} ms")
         if (run_dir / "gc.log.freeze").exists():
             print((run_dir / "gc.log.freeze").read_text().strip())
-        print(f"run dir: {run_dir}")
+        if args.keep:
+            print(f"run dir: {run_dir}")
         print(json.dumps({"windows": [round(w, 1) for w in windows]}))
     finally:
         sampler.stop()
@@ -151,6 +156,8 @@ def main() -> int:
                 reaper.kill()
         if server is not None:
             server.cleanup()
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 
