@@ -123,6 +123,9 @@ def main() -> int:
         windows = measure.startup_windows(sampler.samples["reaper"], 0.0, args.seconds, 5.0)
         early = [s for s in sampler.samples["reaper"] if s["t"] <= 8.0]
         print("cpu s by t (first 8 s):", " ".join(f"{s['t']:.1f}:{s['cpu']:.2f}" for s in early))
+        late = [x["rss"] for x in sampler.samples["reaper"] if x["t"] >= args.seconds - 10]
+        if late:
+            print(f"rss over the last 10 s (median): {statistics.median(late) / 2**20:.1f} MiB")
         print("cpu % per 5 s:", " ".join(f"{w:.0f}" for w in windows))
         print(f"peak 5 s window: {max(windows):.1f} %   mean over {args.seconds:.0f} s: "
               f"{statistics.mean(windows):.1f} %")

@@ -125,7 +125,9 @@ class Daemon:
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
         self.status_writer = StatusWriter(self)
-        self.gc = GcSettler()  # freezes the long-lived heap while the fleet settles (reaper.daemon.memory)
+        # freezes the long-lived heap while the fleet settles (reaper.daemon.memory); its task runs in the
+        # daemon's process only (reaper.daemon.root), not in a test's that runs a Daemon beside other things
+        self.gc = GcSettler()
 
     def __repr__(self) -> str:
         paused = " paused" if self.controls.paused else ""
@@ -233,7 +235,6 @@ class Daemon:
                             await root.start(self.fleet.run)
                         root.start_soon(self._watch_pause_file)
                         root.start_soon(self.status_writer.run)
-                        root.start_soon(self.gc.run)
                         task_status.started()
                         await self._stop.wait()
                         await self.reconciler.submit(Shutdown())  # stops every source, closes connections

@@ -82,6 +82,7 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
             async def signal_task(d: Daemon) -> None:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(memory.trim_every)
+                    nursery.start_soon(d.gc.run)  # gc.freeze() while the fleet settles (reaper.daemon.memory)
                     await watch_signals(signals, d, config_path, force_exit)
                     nursery.cancel_scope.cancel()
 
