@@ -45,9 +45,9 @@ def snapshot() -> tracemalloc.Snapshot:
     return tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
 
 
-async def main(dsn: str, n: int, interval: float, settle: float, top: int) -> None:
+async def main(dsn: str, n: int, interval: float, settle: float, top: int, preset: str = "basic") -> None:
     catalog = Catalog.for_config()
-    metrics = dict.fromkeys(catalog.presets["basic"].metrics, int(interval))
+    metrics = dict.fromkeys(catalog.presets[preset].metrics, int(interval))
     controls = FleetControls()
     rows = [0]
 
@@ -55,7 +55,7 @@ async def main(dsn: str, n: int, interval: float, settle: float, top: int) -> No
         rows[0] += 1
 
     def make(i: int) -> SourceReaper:
-        src = SourceConfig(name=f"s{i:04d}", dsn=dsn, preset="basic", metrics=metrics)
+        src = SourceConfig(name=f"s{i:04d}", dsn=dsn, preset=preset, metrics=metrics)
         return SourceReaper(src, catalog, emit, controls=controls)
 
     async with db.open_loop(), trio.open_nursery() as nursery:
@@ -89,10 +89,11 @@ if __name__ == "__main__":
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--settle", type=float, default=20.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--preset", default="basic", help="the preset each source runs (re-timed to --interval)")
     args = parser.parse_args()
     server = PgServer.create(major=15, settings={"max_connections": str(2 * args.sources + 20)})
     try:
         tracemalloc.start(1)
-        trio.run(main, server.dsn(), args.sources, args.interval, args.settle, args.top)
+        trio.run(main, server.dsn(), args.sources, args.interval, args.settle, args.top, args.preset)
     finally:
         server.cleanup()

@@ -91,14 +91,16 @@ class Counts:
         return self.created + self.altered + self.dropped
 
 
-def signature(category: Category, rows: Rows) -> list[Any] | None:
-    """What compare() reads of the rows, in their order, gathered at C speed: the same signature as the
-    last run's means nothing changed (most runs), so the per-row comparison is skipped. None when a
-    row lacks a column (compare() says what that means)."""
+def signature(category: Category, rows: Rows) -> int | None:
+    """A digest of what compare() reads of the rows, in their order, gathered at C speed: the same
+    signature as the last run's means nothing changed (most runs), so the per-row comparison is skipped.
+    A digest (Python's hash of the tuple), not the values themselves: those are in the state already, and a
+    second copy of every object's key and hash doubled what a source of a big database keeps. None when a
+    row lacks a column (compare() says what that means) or holds a value that cannot be hashed."""
     getter = operator.itemgetter(*category.key_columns, *category.compared)
     try:
-        return list(map(getter, rows))
-    except KeyError:
+        return hash(tuple(map(getter, rows)))
+    except (KeyError, TypeError):  # TypeError: a value that cannot be hashed (a list): compared row by row
         return None
 
 
@@ -162,7 +164,7 @@ async def change_events(ctx: SpecialContext) -> Result:
         state["identity"] = identity
     hashes: dict[str, dict[Key, str]] = state.setdefault("hashes", {})
     warned: set[tuple[str, str]] = state.setdefault("warned", set())
-    signatures: dict[str, list[Any] | None] = state.setdefault("signatures", {})
+    signatures: dict[str, int | None] = state.setdefault("signatures", {})
     batch = hash_queries(ctx.server.major)
     if not batch:
         raise MetricError(NAME, f"no hash queries for PostgreSQL {ctx.server.major}")
