@@ -36,6 +36,7 @@ from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import SourceCost
 from reaper.daemon.delivery import Output
 from reaper.daemon.lanes import MIN_IDLE_SECONDS, Job, Lane, LaneState, open_lanes
+from reaper.daemon.route import route_sql
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
 from reaper.daemon.supervise import TooManyRestarts, supervise
@@ -66,6 +67,7 @@ class SourceReaper:
         self.controls = controls or FleetControls()
         self.instance_cache = instance_cache
         self._special_state: dict[str, dict[str, Any]] = {}  # per special metric, kept across updates
+        self._intervals: tuple[tuple[Any, ...], dict[str, int]] | None = None  # active_intervals()
         self._extensions_tried = False
         self._skip_reason: str | None = None  # why the source is connected but not collected
         self._size_checked_at: float | None = None
@@ -107,8 +109,13 @@ class SourceReaper:
         self._changed.set()
 
     def active_intervals(self) -> dict[str, int]:
-        standby = bool(self.state.in_recovery)
-        return self.catalog.intervals(self.config, standby=standby)
+        """Metric -> interval for the current config, catalog and role: computed once per change of them (it
+        is read several times a tick; update() and the reconciler replace the objects). Not to be changed."""
+        key = (self.config, self.catalog, bool(self.state.in_recovery))
+        cached = self._intervals
+        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
+            cached = self._intervals = (key, self.catalog.intervals(self.config, standby=key[2]))
+        return cached[1]
 
     # -- the nursery ---------------------------------------------------------------------------
 
@@ -242,7 +249,7 @@ class SourceReaper:
                 continue
             if self.out.deliver_cached(conn, metric, now, interval, wall_ns):
                 continue
-            sql = self._route(conn, metric)
+            sql = route_sql(conn.server, metric, self._warn_once)
             if sql is None:
                 continue
             timeout = metric.statement_timeout_seconds
@@ -396,23 +403,6 @@ class SourceReaper:
         return reason is None
 
     # -- routing -------------------------------------------------------------------------------
-
-    def _route(self, conn: SourceLink, metric: MetricDef) -> str | None:
-        """The SQL to run for a due metric on this server, or None (unsupported here: warned once)."""
-        server = conn.server
-        sql = metric.sql_for(server.major)
-        if sql is None:
-            self._warn_once(metric.name, "version",
-                            f"has no SQL for PostgreSQL {server.major} (versions: "
-                            f"{', '.join(map(str, sorted(metric.sql)))}); skipped")
-            return None
-        missing = [e for e in metric.requires_extension if e not in server.extensions]
-        if missing:
-            self._warn_once(metric.name, "extension",
-                            f"needs the extension {', '.join(missing)}, which is not installed in "
-                            f"database {server.database}; skipped")
-            return None
-        return sql
 
     def _special(self, metric: MetricDef) -> SpecialSpec | None:
         spec = special_spec(metric.name)
