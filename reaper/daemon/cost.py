@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import orjson
@@ -91,8 +91,7 @@ class CostSettings:
         return self.window_seconds / STEPS_PER_WINDOW
 
 
-@attrs.frozen
-class Run:
+class Run(NamedTuple):  # (a tuple: built for every metric of every tick, twice as fast as a frozen attrs class)
     at: float  # trio time it completed
     seconds: float  # server time
     rows: int
@@ -156,13 +155,17 @@ class SourceCost:
     # -- measuring -------------------------------------------------------------------------------
 
     def record(self, metric: str, now: float, seconds: float, rows: Sequence[Mapping[str, Any]]) -> None:
-        cost = self.metrics.setdefault(metric, MetricCost())
+        cost = self.metrics.get(metric)
+        if cost is None:  # (not setdefault: that builds a MetricCost for every run of every tick)
+            cost = self.metrics[metric] = MetricCost()
+        runs = cost.runs
+        if runs and runs[0].at < now - self.settings.window_seconds:  # else none is out of the kept span
+            self._prune(metric, cost, now)
         run = Run(now, max(0.0, seconds), len(rows), estimate_bytes(rows))
-        cost.runs.append(run)
+        runs.append(run)
         cost.seconds_total += run.seconds
         cost.rows_total += run.rows
         cost.bytes_total += run.nbytes
-        self._prune(metric, cost, now)
 
     def forget_changed(self, old: Mapping[str, MetricDef], new: Mapping[str, MetricDef]) -> None:
         """A metric whose definition changed (a reload): its past runs say nothing about its cost now."""
