@@ -202,11 +202,14 @@ class SourceCost:
             effective = self.effective_interval(name)
             per_minute = 60.0 / effective if cost.runs and effective > 0 else 0.0
             n = max(1, len(cost.runs))
+            # the runs' columns at C speed (the same sums in the same order; this runs for every metric of
+            # every source at each status write)
+            _, seconds, rows, nbytes = zip(*cost.runs, strict=True) if cost.runs else ((), (), (), ())
             result.append(MetricFigures(
                 metric=name,
-                server_ms_per_minute=1000.0 * sum(r.seconds for r in cost.runs) / n * per_minute,
-                rows_per_minute=sum(r.rows for r in cost.runs) / n * per_minute,
-                bytes_per_minute=sum(r.nbytes for r in cost.runs) / n * per_minute,
+                server_ms_per_minute=1000.0 * sum(seconds) / n * per_minute,
+                rows_per_minute=sum(rows) / n * per_minute,
+                bytes_per_minute=sum(nbytes) / n * per_minute,
                 server_seconds_total=cost.seconds_total, rows_total=cost.rows_total, bytes_total=cost.bytes_total,
                 interval=self.intervals[name], effective_interval=effective))
         result.sort(key=lambda f: (-f.server_ms_per_minute, f.metric))
