@@ -17,6 +17,7 @@ read once per connection (reaper.special.facts), not every run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -236,27 +237,39 @@ async def psutil_disk(ctx: SpecialContext) -> Result:
 # -- vmstat (Linux: /proc) -------------------------------------------------------------------------
 
 
-def _read_keyed(path: str) -> dict[str, list[str]]:
+def _keyed(names: str) -> re.Pattern[str]:
+    """The first number of the lines of a /proc file that start with one of `names` (then ':' or blanks)."""
+    return re.compile(rf"^({names}):?[ \t]+(\d+)", re.MULTILINE)
+
+
+# only the lines vmstat_row reads, found at C speed: splitting every line (/proc/stat's intr line holds
+# hundreds of numbers, /proc/vmstat ~170 lines) took ~100 us per sample
+_STAT = _keyed("procs_running|procs_blocked|intr|ctxt")
+_VMSTAT = _keyed("pswpin|pswpout|pgpgin|pgpgout")
+_MEMINFO = _keyed("MemTotal|MemFree|Buffers|Cached|SwapTotal|SwapFree|SReclaimable")
+
+
+def _read_keyed(path: str, pattern: re.Pattern[str]) -> dict[str, int]:
     with open(path, encoding="ascii", errors="replace") as f:
-        return {parts[0].rstrip(":"): parts[1:] for parts in (line.split() for line in f) if parts}
+        return {key: int(value) for key, value in pattern.findall(f.read())}
 
 
 def vmstat_sample() -> dict[str, Any]:
     """The counters and levels vmstat shows, read from /proc (Linux only)."""
-    stat = _read_keyed("/proc/stat")
-    vm = _read_keyed("/proc/vmstat")
-    mem = {k: int(v[0]) * 1024 for k, v in _read_keyed("/proc/meminfo").items() if v and v[0].isdigit()}
+    stat = _read_keyed("/proc/stat", _STAT)
+    vm = _read_keyed("/proc/vmstat", _VMSTAT)
+    mem = {k: v * 1024 for k, v in _read_keyed("/proc/meminfo", _MEMINFO).items()}
     cpu = psutil.cpu_times()
     return {
         "cpu": cpu,
-        "r": int(stat.get("procs_running", ["0"])[0]),
-        "b": int(stat.get("procs_blocked", ["0"])[0]),
-        "intr": int(stat.get("intr", ["0"])[0]),
-        "ctxt": int(stat.get("ctxt", ["0"])[0]),
-        "pswpin": int(vm.get("pswpin", ["0"])[0]),
-        "pswpout": int(vm.get("pswpout", ["0"])[0]),
-        "pgpgin": int(vm.get("pgpgin", ["0"])[0]),  # KiB
-        "pgpgout": int(vm.get("pgpgout", ["0"])[0]),
+        "r": stat.get("procs_running", 0),
+        "b": stat.get("procs_blocked", 0),
+        "intr": stat.get("intr", 0),
+        "ctxt": stat.get("ctxt", 0),
+        "pswpin": vm.get("pswpin", 0),
+        "pswpout": vm.get("pswpout", 0),
+        "pgpgin": vm.get("pgpgin", 0),  # KiB
+        "pgpgout": vm.get("pgpgout", 0),
         "mem": mem,
     }
 
