@@ -71,3 +71,29 @@ def test_settle_extends_the_window_from_now() -> None:
         assert settler.refreezes == 0
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_settled_daemon_wakes_only_for_the_refreeze_and_never_walks_the_frozen_heap(monkeypatch) -> None:
+    """Idle, the freezer sleeps until the next refreeze (a settle() wakes it early), and it never calls
+    gc.get_freeze_count(), which walks the whole permanent generation: asked every 5 s, that walk was
+    most of an idle daemon's CPU."""
+
+    def walk() -> int:
+        raise AssertionError("gc.get_freeze_count() walks every frozen object")
+
+    monkeypatch.setattr(gc, "get_freeze_count", walk)
+
+    async def main() -> None:
+        settler = GcSettler(freeze_seconds=5.0, refreeze_seconds=3600.0)
+        settler.settle(30.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(settler.run)
+            await trio.sleep(2 * 3600 + 60)
+            assert settler.freezes == 6 and settler.refreezes == 2
+            assert settler.wakeups == 6 + 1 + 2  # settling, the first after it, two refreezes (not 1452)
+            settler.settle(10.0)  # a reload: freezing again at once, every 5 s
+            await trio.sleep(10.5)
+            assert settler.freezes == 8
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
