@@ -56,7 +56,8 @@ def write_config(path: Path, server: object, dbs: list[str], args: argparse.Name
         want_special = args.only == "special"
         metrics = {n: v for n, v in metrics.items()
                    if (n in SPECIAL_METRICS or defs.metrics[n].special) == want_special}
-    timed = ", ".join(f"{name} = {args.interval}" for name in sorted(metrics))
+    # --interval 0: the preset's own intervals (the seed scenario's mix of ticks), else all re-timed
+    timed = ", ".join(f"{name} = {args.interval or interval}" for name, interval in sorted(metrics.items()))
     lines = ["[collector]", f'state_dir = "{state}"', "", "[presets.prof]", f"metrics = {{ {timed} }}", ""]
     for i in range(args.sources):
         dsn = server.dsn(user=lab.REAPER_ROLE, dbname=dbs[i % len(dbs)])  # type: ignore[attr-defined]
@@ -141,7 +142,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="debug")
     p.add_argument("--sources", type=int, default=6)
-    p.add_argument("--interval", type=int, default=2)
+    p.add_argument("--interval", type=int, default=2, help="every metric's interval (0: the preset's own)")
     p.add_argument("--databases", type=int, help="fewer databases than sources (sources share them)")
     p.add_argument("--seconds", type=float, default=40)
     p.add_argument("--warm", type=float, default=12)
