@@ -197,3 +197,21 @@ def handles_signal(pid: int, signum: int) -> bool:
     except (OSError, ValueError):
         return False
     return False
+
+
+def window_lateness(st0: dict[str, Any], st1: dict[str, Any]) -> dict[str, float | int | None]:
+    """Every source's ticks between two status documents, pooled (reaper.daemon.status.LatenessBuckets):
+    their count and the p50 / p99 bucket bounds in ms (None when the daemon does not report the histogram)."""
+    from reaper.daemon.status import LatenessBuckets  # the bench's own checkout
+
+    def buckets(doc: dict[str, Any]) -> LatenessBuckets | None:
+        h = doc.get("tick_lateness")
+        return None if not h else LatenessBuckets(le=tuple(h["le"]), counts=tuple(h["counts"]), sum=h["sum"])
+
+    end = buckets(st1)
+    if end is None:
+        return {"ticks": None, "p50_ms": None, "p99_ms": None}
+    window = end.since(buckets(st0))
+    q50, q99 = window.quantile(0.5), window.quantile(0.99)
+    return {"ticks": window.total, "p50_ms": None if q50 is None else 1000 * q50,
+            "p99_ms": None if q99 is None else 1000 * q99}

@@ -32,6 +32,7 @@ from reaper.catalog.metrics import Catalog
 from reaper.config.load import load_config
 from reaper.config.schema import PrometheusSinkConfig, SourceConfig
 from reaper.daemon.app import Daemon
+from reaper.daemon.sourcestate import LatenessHistogram
 from reaper.daemon.status import DaemonStatus, SinkStatus, SourceStatus
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
@@ -232,9 +233,12 @@ def daemon_status() -> DaemonStatus:
                         last_error="refused", last_tick_wall=None, next_tick_in=None, lateness_p50=0.0,
                         lateness_p99=0.0, lateness_max=0.0)
     sink = SinkStatus(label="pg", queued=4, sent=100, dropped=2, spilled=10, spill_bytes=4096)
+    lateness = LatenessHistogram()
+    for late in (0.0004, 0.001, 0.003, 0.003, 0.2, 30.0):
+        lateness.observe(late)
     return DaemonStatus(pid=1, version="0.1.0", started_wall=1700000000.0, updated_wall=1700000100.0,
                         config_path="x.toml", reloads=3, reload_failures=1, tasks=12, sources=(up, down),
-                        sinks=(sink,))
+                        sinks=(sink,), tick_lateness=lateness.snapshot())
 
 
 async def test_self_metrics_come_from_the_daemon_status() -> None:
@@ -263,6 +267,15 @@ async def test_self_metrics_come_from_the_daemon_status() -> None:
     assert values("reaper_reloads") == {"-": 3.0}
     assert values("reaper_reload_failures") == {"-": 1.0}
     assert values("reaper_tasks") == {"-": 12.0}
+    # every source's ticks in one histogram: cumulative buckets, a tick on a bound counted in that bucket
+    histogram = fams["reaper_tick_lateness_seconds"]
+    assert histogram.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in histogram.samples if s.name.endswith("_bucket")}
+    assert (buckets["0.001"], buckets["0.0025"], buckets["0.005"], buckets["0.1"], buckets["0.25"],
+            buckets["10.0"], buckets["+Inf"]) == (2, 2, 4, 4, 5, 5, 6)
+    totals = {s.name: s.value for s in histogram.samples if not s.name.endswith("_bucket")}
+    assert totals["reaper_tick_lateness_seconds_count"] == 6
+    assert totals["reaper_tick_lateness_seconds_sum"] == pytest.approx(30.2074)
     assert all(f.documentation for f in fams.values())
     assert not [name for name in fams if not name.startswith("reaper_")]
 

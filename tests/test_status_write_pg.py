@@ -71,3 +71,8 @@ def test_the_status_file_is_written_on_change_and_on_request_not_per_tick(pg15, 
     out = subprocess.run([*REAPER, "status", "--state-dir", str(daemon.state), "--format", "plain"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "\tnot running\t" in out.stdout.splitlines()[0]
+    # every tick of the run in the fleet-wide lateness line: as many as the source's own count
+    lines = {line.split("\t")[0]: line.split("\t") for line in out.stdout.splitlines()}
+    ticks = int(lines["source"][5])
+    assert ticks > 6 and int(lines["lateness"][1]) == ticks
+    assert float(lines["lateness"][3]) >= float(lines["lateness"][2]) > 0

@@ -33,6 +33,7 @@ from reaper.daemon.status import (
     CostStatus,
     DaemonStatus,
     LaneStatus,
+    LatenessBuckets,
     read_status_file,
 )
 
@@ -135,6 +136,8 @@ def show_status(args: argparse.Namespace) -> int:
                   f"{status.reloads} reloads ({status.reload_failures} rejected), "
                   f"{status.tasks - status.io_tasks} tasks (+{status.io_tasks} socket watchers); "
                   f"status written {age:.0f}s ago")
+    if status.tick_lateness is not None and status.tick_lateness.total:
+        console.print(f"ticks behind schedule (all sources, since start): {_lateness_text(status.tick_lateness)}")
     sources = Table(title=f"{len(status.sources)} sources", title_justify="left")
     for col in ("source", "status", "last tick", "next tick", "ticks", "rows", "errors", "degraded", "lateness p99",
                 "lanes (statements last/total)", "server cost (top 3; stretched)", "last error"):
@@ -165,15 +168,29 @@ def show_status(args: argparse.Namespace) -> int:
     return code
 
 
+def _lateness_text(buckets: LatenessBuckets) -> str:
+    """`p50 <= 1 ms, p99 <= 10 ms over 1234 ticks` (bucket bounds: upper bounds of the quantiles)."""
+    def bound(q: float) -> str:
+        value = buckets.quantile(q)
+        return "-" if value is None else ("over 10 s" if value == float("inf") else f"<= {value * 1000:g} ms")
+    return f"p50 {bound(0.5)}, p99 {bound(0.99)} over {buckets.total} ticks"
+
+
 def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
     """`daemon<TAB>pid<TAB>state<TAB>version<TAB>config<TAB>uptime s<TAB>reloads<TAB>rejected<TAB>status age s`,
     then `source<TAB>name<TAB>status<TAB>last tick s ago<TAB>next tick in s<TAB>ticks<TAB>rows<TAB>errors
     <TAB>degraded<TAB>lateness p99 ms<TAB>last error` per source, each followed by `cost<TAB>source<TAB>metric
     <TAB>server ms per minute<TAB>rows per minute<TAB>interval s<TAB>effective interval s` per metric (most
-    expensive first), and `sink<TAB>label<TAB>queued<TAB>sent<TAB>spilled<TAB>bytes on disk<TAB>dropped` per sink."""
+    expensive first), and `sink<TAB>label<TAB>queued<TAB>sent<TAB>spilled<TAB>bytes on disk<TAB>dropped` per sink;
+    `lateness<TAB>ticks<TAB>p50 ms<TAB>p99 ms` after the daemon line: all sources' ticks since start, each
+    quantile as the upper bound of its bucket (`inf` over 10 s)."""
     print_plain("daemon", status.pid, state, status.version, status.config_path,
                 round(status.updated_wall - status.started_wall), status.reloads, status.reload_failures,
                 round(now - status.updated_wall))
+    if status.tick_lateness is not None:
+        quantiles = [status.tick_lateness.quantile(q) for q in (0.5, 0.99)]
+        print_plain("lateness", status.tick_lateness.total, *(None if v is None else f"{v * 1000:g}"
+                                                              for v in quantiles))
     for s in status.sources:
         print_plain("source", s.name, s.status, None if s.last_tick_wall is None else round(now - s.last_tick_wall),
                     None if s.next_tick_in is None else round(s.next_tick_in), s.ticks, s.rows, s.metric_errors,

@@ -180,7 +180,8 @@ class Daemon:
                             reload_failures=self.reload_failures, tasks=tasks, io_tasks=io_tasks,
                             running=self.reconciler.running_state(), last_reload=self.last_reload,
                             sources=tuple(sources), sinks=tuple(sinks),
-                            fleet=self.fleet.status() if self.fleet is not None else None)
+                            fleet=self.fleet.status() if self.fleet is not None else None,
+                            tick_lateness=self.controls.lateness.snapshot())
 
     def emit(self, measurement: Measurement) -> None:
         self.fanout.send(measurement)

@@ -145,7 +145,9 @@ class SourceReaper:
                 self._changed = trio.Event()
                 continue
             due = sched.take(k)
-            self.state.lateness.append(trio.current_time() - when)
+            late = trio.current_time() - when
+            self.state.lateness.append(late)
+            self.controls.lateness.observe(late)
             if self.slow is not None:
                 self.slow.close_if_idle()  # unused for idle_seconds: its connection closes
             await self.tick(due)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterator
 
 import attrs
@@ -11,6 +12,7 @@ import trio
 from reaper import db
 from reaper.config.schema import SourceConfig
 from reaper.daemon.cost import CostSettings
+from reaper.daemon.status import LATENESS_BOUNDS, LatenessBuckets
 from reaper.db.link import SourceLink
 from reaper.schedule import PHASE_SPREAD
 
@@ -29,6 +31,8 @@ class FleetControls:
     cost: CostSettings = attrs.field(factory=CostSettings)  # [collector]'s server budget (reaper.daemon.cost)
     # at most this many sources connect at the same moment (a fleet's start must not storm the servers)
     connects: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(MAX_PARALLEL_CONNECTS))
+    # every source's ticks: how late they started (status, `reaper status`, reaper_tick_lateness_seconds)
+    lateness: LatenessHistogram = attrs.field(factory=lambda: LatenessHistogram())
 
 
 async def connect_source(config: SourceConfig, *, application_name: str = db.APPLICATION_NAME) -> SourceLink:
@@ -44,6 +48,29 @@ async def connect_source(config: SourceConfig, *, application_name: str = db.APP
     return await db.open_source_connection(
         config.dsn, statement_timeout_seconds=config.query_timeout_seconds,
         password_file=config.password_file, application_name=application_name)
+
+
+class LatenessHistogram:
+    """How late the ticks of all sources started, counted in fixed buckets (LATENESS_BOUNDS) since the
+    daemon started: one bisect and one increment per tick, a fleet-wide p99 for any window from two
+    snapshots (a source's own ring, `Recent`, holds too few ticks of a slow interval for a p99)."""
+
+    __slots__ = ("_counts", "_sum")
+
+    def __init__(self) -> None:
+        self._counts = array("q", bytes(8 * (len(LATENESS_BOUNDS) + 1)))  # the last one: over every bound
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect_left(LATENESS_BOUNDS, seconds)] += 1
+        self._sum += seconds
+
+    def snapshot(self) -> LatenessBuckets:
+        cumulative, total = [], 0
+        for count in self._counts:
+            total += count
+            cumulative.append(total)
+        return LatenessBuckets(le=LATENESS_BOUNDS, counts=tuple(cumulative), sum=self._sum)
 
 
 class Recent:

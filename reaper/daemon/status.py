@@ -127,6 +127,44 @@ class ReloadRecord:
     plan: Plan
 
 
+# Upper bounds (seconds) of the tick-lateness buckets: Prometheus' default buckets with finer ones below 5 ms
+LATENESS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@attrs.frozen
+class LatenessBuckets:
+    """How late the ticks of all sources started since the daemon started, in buckets: `counts[i]` ticks
+    were at most `le[i]` seconds late (cumulative, as Prometheus histograms are); the last count, one more
+    than `le`, is every tick; `sum` their total lateness in seconds."""
+
+    le: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    @property
+    def total(self) -> int:
+        return self.counts[-1] if self.counts else 0
+
+    def since(self, earlier: LatenessBuckets | None) -> LatenessBuckets:
+        """The ticks counted after `earlier` (a snapshot of the same daemon; None: all of them)."""
+        if earlier is None or earlier.le != self.le:
+            return self
+        counts = tuple(a - b for a, b in zip(self.counts, earlier.counts, strict=True))
+        return LatenessBuckets(le=self.le, counts=counts, sum=self.sum - earlier.sum)
+
+    def quantile(self, q: float) -> float | None:
+        """The bucket bound under which a share `q` of the ticks started (an upper bound of the q-quantile);
+        None without ticks, inf when it is over the last bound."""
+        total = self.total
+        if not total:
+            return None
+        wanted = q * total
+        for bound, count in zip(self.le, self.counts, strict=False):
+            if count >= wanted:
+                return bound
+        return float("inf")
+
+
 @attrs.frozen
 class DaemonStatus:
     pid: int
@@ -143,6 +181,7 @@ class DaemonStatus:
     running: RunningState | None = None  # what runs, without secrets: `reaper reload --plan` compares a config to it
     last_reload: ReloadRecord | None = None
     fleet: FleetStatus | None = None  # [fleet] only
+    tick_lateness: LatenessBuckets | None = None  # every source's ticks since start
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

@@ -50,16 +50,15 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from reaper.catalog.metrics import Catalog
 from reaper.config.schema import MetricDef, PrometheusSinkConfig, SourceConfig
-from reaper.daemon.cost import cost_families
 from reaper.daemon.status import DaemonStatus
 from reaper.errors import ConfigError
 from reaper.measurement import Measurement
 from reaper.sinks.http_serve import answers_get, serve_bounded
+from reaper.sinks.selfmetrics import family_adders, status_families
 
 log = logging.getLogger("reaper.sinks.prometheus")
 http_log = logging.getLogger("reaper.sinks.prometheus.http")  # hypercorn's errors
@@ -389,66 +388,11 @@ class PrometheusSink:
         return [families[name] for name in sorted(families) if families[name].lines]
 
     def self_families(self, status: DaemonStatus | None) -> list[Metric]:
-        """reaper's own health: sources, sinks, reloads, tasks, and this endpoint."""
+        """reaper's own health: sources, sinks, reloads, tasks (reaper.sinks.selfmetrics), and this endpoint."""
         out: list[Metric] = []
-
-        def gauge(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]]) -> None:
-            family = GaugeMetricFamily(name, doc, labels=labels)
-            for values, value in rows:
-                family.add_metric(values, value)
-            out.append(family)
-
-        def counter(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]]) -> None:
-            family = CounterMetricFamily(name, doc, labels=labels)  # exposed as <name>_total
-            for values, value in rows:
-                family.add_metric(values, value)
-            out.append(family)
-
         if status is not None:
-            src, snk = status.sources, status.sinks
-            gauge("reaper_source_up", "1 when the source's server answers, else 0.", ["source"],
-                  (([s.name], 1.0 if s.status == "up" else 0.0) for s in src))
-            counter("reaper_source_ticks", "Ticks the source has run.", ["source"],
-                    (([s.name], s.ticks) for s in src))
-            counter("reaper_source_measurements", "Measurements the source has delivered.", ["source"],
-                    (([s.name], s.measurements) for s in src))
-            counter("reaper_source_rows", "Rows the source has delivered.", ["source"],
-                    (([s.name], s.rows) for s in src))
-            counter("reaper_source_metric_errors", "Metric queries of the source that failed.", ["source"],
-                    (([s.name], s.metric_errors) for s in src))
-            gauge("reaper_source_degraded_metrics", "Metrics of the source running alone after a failure.",
-                  ["source"], (([s.name], len(s.degraded)) for s in src))
-            gauge("reaper_source_statements_last_tick", "Statements sent to the server in the source's last tick.",
-                  ["source"], (([s.name], s.statements_last_tick) for s in src))
-            gauge("reaper_source_tick_lateness_p50_seconds", "Median delay of the source's ticks behind schedule.",
-                  ["source"], (([s.name], s.lateness_p50) for s in src))
-            gauge("reaper_source_tick_lateness_p99_seconds", "99th percentile delay of the source's ticks behind "
-                  "schedule.", ["source"], (([s.name], s.lateness_p99) for s in src))
-            for kind, name, doc, labels, rows in cost_families(src):  # reaper.daemon.cost
-                (counter if kind == "counter" else gauge)(name, doc, labels, rows)
-            gauge("reaper_sink_queue_depth", "Measurements waiting in the sink's memory queue.", ["sink"],
-                  (([s.label], s.queued) for s in snk))
-            counter("reaper_sink_sent", "Measurements handed to the sink's queue.", ["sink"],
-                    (([s.label], s.sent) for s in snk))
-            counter("reaper_sink_spilled", "Measurements written to the sink's on-disk spill queue.", ["sink"],
-                    (([s.label], s.spilled) for s in snk))
-            counter("reaper_sink_dropped", "Measurements lost for the sink (queue and spill full).", ["sink"],
-                    (([s.label], s.dropped) for s in snk))
-            gauge("reaper_sink_spill_bytes", "Bytes in the sink's on-disk spill queue.", ["sink"],
-                  (([s.label], s.spill_bytes) for s in snk))
-            counter("reaper_reloads", "Configuration reloads applied.", [], [([], status.reloads)])
-            counter("reaper_reload_failures", "Configuration reloads rejected (invalid file).", [],
-                    [([], status.reload_failures)])
-            gauge("reaper_tasks", "Live trio tasks in the daemon (reaper's own, without trio-asyncio's "
-                  "socket watchers).", [], [([], status.tasks - status.io_tasks)])
-            gauge("reaper_start_time_seconds", "When the daemon started (unix time).", [], [([], status.started_wall)])
-            gauge("reaper_build_info", "reaper's version (value 1).", ["version"], [([status.version], 1.0)])
-            if status.fleet is not None:
-                gauge("reaper_fleet_members", "Live members of the fleet, as this member saw at its last refresh.",
-                      [], [([], len(status.fleet.members))])
-                gauge("reaper_fleet_sources_owned", "Sources each live member owns (holds the lock of).", ["member"],
-                      [([m.name], len(m.sources)) for m in status.fleet.members]
-                      or [([status.fleet.member], status.fleet.owned)])
+            status_families(status, out)
+        gauge, counter = family_adders(out)
         counter("reaper_prometheus_scrapes", "Scrapes this endpoint has answered.", ["sink"],
                 [([self.label], self.scrapes)])
         gauge("reaper_prometheus_last_scrape_duration_seconds", "Time the previous scrape took to render.",
