@@ -20,6 +20,7 @@ MIN_TICK = 1
 IDLE_TICK = 60  # how often a source with no active metric still wakes up
 PHASE_SPREAD = 5.0  # default: sources start within this many seconds of each other (and stay spread by it)
 PHASE_SPREAD_PER_SOURCE = 0.1  # a fleet's spread grows with it, up to a whole tick (phase_seconds' bound)
+SOURCES_PER_SLOT = 16  # about this many sources of a fleet share each tick instant (tick_slot_seconds)
 
 
 def tick_seconds(intervals: Mapping[str, int]) -> int:
@@ -45,6 +46,18 @@ def phase_seconds(name: str, tick: int, spread: float = PHASE_SPREAD) -> float:
     return (zlib.crc32(name.encode()) % spread_ms) / 1000.0
 
 
+def tick_slot_seconds(tick: int, spread: float, sources: int) -> float:
+    """The grid on which a source's ticks start, so that about SOURCES_PER_SLOT sources of a fleet of `sources`
+    tick at the same instant (0: no grid). A source's tick is a wake-up of the process that runs with cold CPU
+    caches when it runs alone: ticks spread one by one over the whole tick (1000 sources at 60 s: one every
+    60 ms) cost twice the CPU of the same ticks woken by 16 at a time (bench/profile_tick.py: 2.21 vs 1.25 ms
+    per source tick), and a tick woken with others starts at most the others' first steps later (a
+    millisecond or so each, before their statements are sent)."""
+    if spread <= 0 or sources <= 0:
+        return 0.0
+    return min(tick, spread) / max(1, round(sources / SOURCES_PER_SLOT))  # a whole number of slots in the spread
+
+
 @attrs.define
 class Schedule:
     """The tick grid of one source and the next due time of each of its metrics."""
@@ -58,9 +71,18 @@ class Schedule:
 
     @classmethod
     def starting(cls, now: float, name: str, intervals: Mapping[str, int],
-                 spread: float = PHASE_SPREAD) -> Schedule:
+                 spread: float = PHASE_SPREAD, fleet: int = 0) -> Schedule:
+        """The schedule of a source starting at `now`: its first tick after its phase in the fleet's spread,
+        moved on to the fleet's tick grid (tick_slot_seconds) when `fleet` (the number of sources) is given."""
         tick = tick_seconds(intervals)
-        sched = cls(origin=now + phase_seconds(name, tick, spread), tick=tick)
+        phase = phase_seconds(name, tick, spread)
+        slot = tick_slot_seconds(tick, spread, fleet)
+        if slot > 0:  # the phase's slot, then the next instant of the grid: still within one spread of now
+            phase = math.floor(phase / slot) * slot
+            origin = math.ceil((now + phase) / slot) * slot
+        else:
+            origin = now + phase
+        sched = cls(origin=origin, tick=tick)
         sched.set_intervals(intervals)
         return sched
 

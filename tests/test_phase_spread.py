@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from reaper.schedule import PHASE_SPREAD, Schedule, fleet_phase_spread, phase_seconds
 
 
@@ -31,3 +33,22 @@ def test_the_spread_never_pushes_a_first_tick_past_one_tick() -> None:
             sched = Schedule.starting(1000.0, f"src{i}", tick_intervals, spread)
             _, when = sched.next_tick(1000.0)
             assert 1000.0 <= when < 1000.0 + sched.tick
+
+
+def test_a_fleet_ticks_by_groups_on_a_grid_and_still_within_one_spread() -> None:
+    """reaper.schedule.tick_slot_seconds: ~16 sources share each tick instant (a wake-up with warm caches),
+    and the grid never pushes a first tick past the spread (nor past one tick)."""
+    for sources, tick_intervals in ((1000, {"a": 60}), (100, {"a": 60, "b": 300}), (6, {"a": 30}), (1, {"a": 60})):
+        spread = fleet_phase_spread(sources)
+        starts = [999.37 + i * 0.001 for i in range(sources)]  # started one after the other
+        firsts = []
+        for i, now in enumerate(starts):
+            sched = Schedule.starting(now, f"s{i + 1:04d}", tick_intervals, spread, sources)
+            k, when = sched.next_tick(now)
+            assert now <= when < now + min(sched.tick, spread), (sources, i)
+            assert sched.tick_time(k + 1) - when == pytest.approx(sched.tick)
+            firsts.append(when)
+        instants = Counter(round(w, 6) for w in firsts)
+        assert len(instants) <= max(1, round(sources / 16)) + 1  # a grid step may fall inside the start-up
+        if sources >= 100:
+            assert max(instants.values()) <= 4 * 16  # groups, not one burst

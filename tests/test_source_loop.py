@@ -297,3 +297,17 @@ async def test_a_fleet_connects_at_most_32_at_a_time_and_spreads_its_ticks(autoj
     assert all(r.state.ticks >= 1 for r in reapers)
     starts = sorted(r.connector.attempts[0] for r in reapers)
     assert starts[-1] - starts[0] > 20  # the first ticks are spread over the phase spread, not one instant
+
+
+async def test_a_fleet_ticks_by_groups_on_its_grid(autojump_clock) -> None:
+    """FleetControls.fleet_size puts the sources' ticks on a grid (reaper.schedule.tick_slot_seconds): 64
+    sources over a 60 s tick wake in 4 groups, each tick of a group at the same instant, none later than
+    one spread after its start."""
+    controls = FleetControls(phase_spread=60.0, fleet_size=64)
+    made = [make(source(f"s{i}", metrics={"a": 60}), catalog(sql_metric("a")), controls=controls) for i in range(64)]
+    reapers = [r for r, _, _ in made]
+    await run_for(130, *reapers)
+    firsts = [connector.conn.requests[0][0] for _, _, connector in made]
+    assert len(set(firsts)) <= 4 + 1  # 4 slots (a grid step may fall inside the start-up)
+    assert max(firsts) - min(firsts) < 60
+    assert all(len(c.conn.requests) >= 2 and c.conn.requests[1][0] - c.conn.requests[0][0] == 60 for _, _, c in made)

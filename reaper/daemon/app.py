@@ -213,8 +213,10 @@ class Daemon:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until request_stop(); assumes db.open_loop() is already open."""
         grace = self.config.collector.shutdown_grace_seconds
-        # a large fleet's ticks are spread wider (100 ms per source, at least PHASE_SPREAD, at most a tick)
-        self.controls.phase_spread = fleet_phase_spread(len(self.wanted_sources(self.config)))
+        # a large fleet's ticks are spread wider (100 ms per source, at least PHASE_SPREAD, at most a tick),
+        # on a grid that wakes ~16 sources at a time (reaper.schedule.tick_slot_seconds)
+        self.controls.fleet_size = len(self.wanted_sources(self.config))
+        self.controls.phase_spread = fleet_phase_spread(self.controls.fleet_size)
         self.gc.settle(self.settle_seconds())  # the first round of ticks connects every source
         listen = self.config.collector.http_listen
         health_sock = None
@@ -280,7 +282,8 @@ class Daemon:
             log.warning("reload: %s not applied: shutting down", path)
             return False
         self.reloads += 1
-        self.controls.phase_spread = fleet_phase_spread(len(self.wanted_sources(new)))  # for sources started now on
+        self.controls.fleet_size = len(self.wanted_sources(new))  # for sources started now on
+        self.controls.phase_spread = fleet_phase_spread(self.controls.fleet_size)
         self.gc.settle(self.settle_seconds())  # new sources connect within their phase spread
         log.info("reload: applied %s: %s", path, outcome.summary())
         if outcome.plan is not None:

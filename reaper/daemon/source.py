@@ -133,7 +133,7 @@ class SourceReaper:
 
     async def _fast_lane(self, task_status: trio.TaskStatus[None]) -> None:
         sched = Schedule.starting(trio.current_time(), self.config.name, self.active_intervals(),
-                                  self.controls.phase_spread)
+                                  self.controls.phase_spread, self.controls.fleet_size)
         task_status.started()
         while True:
             sched.set_intervals(self.cost.effective(self.active_intervals()))  # stretched by the budget

@@ -28,6 +28,7 @@ class FleetControls:
     min_db_size_mb: int = 0
     create_extensions: tuple[str, ...] = ()
     phase_spread: float = PHASE_SPREAD  # seconds over which the sources' ticks are spread
+    fleet_size: int = 0  # the sources the daemon runs (their ticks share a grid: reaper.schedule.tick_slot_seconds)
     cost: CostSettings = attrs.field(factory=CostSettings)  # [collector]'s server budget (reaper.daemon.cost)
     # at most this many sources connect at the same moment (a fleet's start must not storm the servers)
     connects: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(MAX_PARALLEL_CONNECTS))
