@@ -38,7 +38,7 @@ def test_the_spread_never_pushes_a_first_tick_past_one_tick() -> None:
 def test_a_fleet_ticks_by_groups_on_a_grid_and_still_within_one_spread() -> None:
     """reaper.schedule.tick_slot_seconds: ~16 sources share each tick instant (a wake-up with warm caches),
     and the grid never pushes a first tick past the spread (nor past one tick)."""
-    for sources, tick_intervals in ((1000, {"a": 60}), (100, {"a": 60, "b": 300}), (6, {"a": 30}), (1, {"a": 60})):
+    for sources, tick_intervals in ((1000, {"a": 60}), (100, {"a": 60, "b": 300}), (20, {"a": 30}), (16, {"a": 60})):
         spread = fleet_phase_spread(sources)
         starts = [999.37 + i * 0.001 for i in range(sources)]  # started one after the other
         firsts = []
@@ -52,3 +52,10 @@ def test_a_fleet_ticks_by_groups_on_a_grid_and_still_within_one_spread() -> None
         assert len(instants) <= max(1, round(sources / 16)) + 1  # a grid step may fall inside the start-up
         if sources >= 100:
             assert max(instants.values()) <= 4 * 16  # groups, not one burst
+
+
+def test_a_small_fleet_keeps_its_ticks_spread() -> None:
+    """Under 16 sources there is no grid: each first tick at the source's own phase."""
+    firsts = {Schedule.starting(999.37, f"s{i}", {"a": 30}, fleet_phase_spread(6), 6).next_tick(999.37)[1]
+              for i in range(6)}
+    assert len(firsts) == 6
