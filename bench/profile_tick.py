@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import pstats
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def main() -> int:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--spy", action="store_true", help="py-spy the plain run's trio thread (busy samples)")
     p.add_argument("--only", choices=("all", "sql", "special"), default="all", help="which of the preset's metrics")
+    p.add_argument("--save", type=Path, help="keep the cProfile output here (for pstats or snakeviz)")
     args = p.parse_args()
     server = lab.start_server(max_connections=4 * args.sources + 20)
     try:
@@ -172,6 +174,8 @@ def main() -> int:
                 if spy is not None and spy.exists():
                     spy_summary(spy, args.top)
                 if prof is not None and prof.exists():
+                    if args.save:
+                        shutil.copyfile(prof, args.save)
                     stats = pstats.Stats(str(prof))
                     stats.sort_stats("tottime").print_stats(args.top)
                     stats.sort_stats("cumulative").print_stats(args.top)
