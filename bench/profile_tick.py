@@ -123,8 +123,8 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     c0 = sum(ps.cpu_times()[:2])
     s0 = ps.cpu_times().system
     if spy is not None:
-        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid), "-r", "500",
-                        "-d", str(int(seconds)), "-f", "raw", "-o", str(spy)], capture_output=True)
+        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid), "-r", "250",
+                        "--gil", "--nonblocking", "-d", str(int(seconds)), "-f", "raw", "-o", str(spy)], capture_output=True)
     else:
         time.sleep(seconds)
     t1, rows1 = ticks(state, proc.pid)

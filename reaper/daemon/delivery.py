@@ -47,6 +47,8 @@ class Output:
         self._down_sent_tick: int | None = None  # the tick in which instance_up = 0 was sent on going down
         self._last_uptime: float | None = None
         self._topn: dict[str, TopNState] = {}  # metric -> its top-N folding state (reaper.daemon.topn)
+        # metric -> (definition, config, catalog, standby, its resolved top-N setting), compared by identity
+        self._topn_resolved: dict[str, tuple[MetricDef, SourceConfig, Catalog, bool, ActiveTopN | None]] = {}
 
     def deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
                 shared: bool = False, go_ready: bool = False) -> None:
@@ -87,21 +89,33 @@ class Output:
         r = self.reaper
         config = r.config
         standby = bool(r.state.in_recovery) and bool(config.standby_preset or config.standby_metrics)
-        preset_name = config.standby_preset if standby else config.preset
-        preset = r.catalog.presets.get(preset_name) if preset_name else None
-        try:
-            settings: ActiveTopN | None = resolve(metric.top_n, preset.top_n.get(metric.name) if preset else None,
-                                                  config.top_n.get(metric.name))
-        except ValueError:  # refused by `reaper check` / load_config: only a config built in code gets here
-            settings = None
-        state = self._topn.get(metric.name)
+        # resolved once per (definition, config, catalog, role): this runs for every measurement of every tick
+        known = self._topn_resolved.get(metric.name)
+        if (known is not None and known[0] is metric and known[1] is config and known[2] is r.catalog
+                and known[3] == standby):
+            settings = known[4]
+        else:
+            settings = self._resolve_topn(metric, standby)
+            self._topn_resolved[metric.name] = (metric, config, r.catalog, standby, settings)
         if settings is None:
-            self._topn.pop(metric.name, None)
+            if self._topn:
+                self._topn.pop(metric.name, None)
             return None
+        state = self._topn.get(metric.name)
         if state is None or state.settings != settings:
             state = self._topn[metric.name] = TopNState(settings, metric.is_gauge)
         state.is_gauge = metric.is_gauge  # a reload may have changed the definition's gauges
         return state
+
+    def _resolve_topn(self, metric: MetricDef, standby: bool) -> ActiveTopN | None:
+        config = self.reaper.config
+        preset_name = config.standby_preset if standby else config.preset
+        preset = self.reaper.catalog.presets.get(preset_name) if preset_name else None
+        try:
+            return resolve(metric.top_n, preset.top_n.get(metric.name) if preset else None,
+                           config.top_n.get(metric.name))
+        except ValueError:  # refused by `reaper check` / load_config: only a config built in code gets here
+            return None
 
     # -- instance_up -----------------------------------------------------------------------------
 
