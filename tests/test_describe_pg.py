@@ -122,3 +122,27 @@ async def test_a_role_that_may_not_read_the_system_identifier_still_connects(pg1
     server, sent = await connect_counting(pg15.dsn(dbname=fresh_db, user=name, password=password), monkeypatch)
     assert server.system_identifier is None and server.database == fresh_db
     assert len(sent) == 2  # the facts with the identifier refused, then the facts alone
+
+
+async def test_a_new_connection_first_tick_does_not_introspect_record_arrays(pg15, fresh_db, monkeypatch) -> None:
+    """Each metric's rows come back as a record[]: its codec is given at connect (reaper.db.RECORD_TYPES), so
+    asyncpg does not introspect it in three extra round trips on every connection's first tick."""
+    import asyncpg.connection
+
+    introspected: list[list[int]] = []
+    real = asyncpg.connection.Connection._introspect_types
+
+    async def noting(self: Any, typeoids: Any, *args: Any) -> Any:
+        introspected.append(sorted(typeoids))
+        return await real(self, typeoids, *args)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "_introspect_types", noting)
+    batch = {"rows": "select g as n, g::float8 / 3 as f, array[g, 2] as a, 'x' || g as s from generate_series(1, 3) g",
+             "nested": "select row(1, 'y')::record as r, array[row(2, 'z')] as ra"}
+    (first,), _ = await tick(pg15.dsn(dbname=fresh_db), [batch])
+    assert not first.errors
+    assert [r["n"] for r in first.rows["rows"]] == [1, 2, 3] and first.rows["rows"][0]["a"] == [1, 2]
+    assert first.rows["nested"][0]["r"] == (1, "y") and first.rows["nested"][0]["ra"] == [(2, "z")]
+    # record and record[] never (an array column of a metric, int4[] here, is still introspected once, at the
+    # connection's first description of it)
+    assert not [oids for oids in introspected if {2249, 2287} & set(oids)]

@@ -23,6 +23,8 @@ from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
 from reaper.db.aioloop import check_callbacks_only_in_debug, run_ready_callbacks_in_batches
+from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
+from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
 from reaper.db.rows import RowShape, go_rows, row_shape
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
@@ -395,10 +397,6 @@ async def _read_password_file(path: str) -> str:
 # counts them): 40 holds them all with margin; 200 (what reaper asked for) held memory.
 STATEMENT_CACHE_SIZE = 40
 
-# Bytes asked of the socket per recv: asyncio's default is 256 KiB, and each recv allocates that much
-# before the bytes object shrinks to what arrived. 32 KiB needs no more reads than 256 KiB for 6 debug
-# sources' ticks (measured: ~5 reads a tick either way; 16 KiB needs 30% more).
-RECV_BYTES = 32 * 1024
 
 
 async def connect_options(*, statement_timeout_seconds: float, password_file: str | None,
@@ -457,7 +455,7 @@ SYSTEM_ID_SQL = "(select system_identifier from pg_control_system())"
 
 async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
     conn = await asyncpg.connect(dsn, **kwargs)
-    small_reads(conn)
+    tune(conn)
     try:
         try:  # one round trip when the role may read pg_control_system() (most can), two when not
             row = await conn.fetchrow(SERVER_FACTS_SQL + f", {SYSTEM_ID_SQL} as sysid")
@@ -476,13 +474,6 @@ async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
         conn.terminate()
         raise
     return SourceConnection(conn, server)
-
-
-def small_reads(conn: Any) -> None:
-    """Read the connection's socket RECV_BYTES at a time (asyncio's selector transport's `max_size`)."""
-    transport = getattr(conn, "_transport", None)  # asyncpg keeps the asyncio transport it reads from
-    if transport is not None and getattr(transport, "max_size", 0) > RECV_BYTES:
-        transport.max_size = RECV_BYTES
 
 
 def _host_of(conn: Any) -> str | None:
