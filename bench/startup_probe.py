@@ -32,6 +32,17 @@ import lab  # noqa: E402
 import measure  # noqa: E402
 from run import Scenario, die_with_parent, read_status, start_reaper, write_config  # noqa: E402
 
+PROFILE_HOOK = """
+import cProfile, os, signal, time
+_prof = cProfile.Profile(time.process_time)
+def _dump(*_):
+    _prof.disable()
+    _prof.dump_stats(os.environ["REAPER_PROBE_PROFILE"])
+signal.signal(signal.SIGALRM, _dump)
+signal.setitimer(signal.ITIMER_REAL, float(os.environ["REAPER_PROBE_PROFILE_SECONDS"]))
+_prof.enable()
+"""
+
 GC_HOOK = '''
 import gc, os, time, atexit
 _path = os.environ.get("REAPER_PROBE_GC_LOG")
@@ -76,6 +87,9 @@ def main() -> int:
     parser.add_argument("--py-spy", type=float, default=0.0, help="profile the first SECONDS (0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory under /var/tmp")
     parser.add_argument("--gc-log", action="store_true")
+    parser.add_argument("--cprofile", type=float, default=0.0,
+                        help="cProfile the first SECONDS of the process, imports included (CPU time; kept in "
+                             "the run directory as startup.prof; use --keep)")
     parser.add_argument("--freeze-every", type=float, default=0.0, help="experiment (with --gc-log): gc.freeze() "
                         "every SECONDS of the first 70 s, then count what a full collection frees")
     args = parser.parse_args()
@@ -91,6 +105,13 @@ def main() -> int:
         (site / "sitecustomize.py").write_text(GC_HOOK)
         env = {"PYTHONPATH": str(site), "REAPER_PROBE_GC_LOG": str(run_dir / "gc.log"),
                "REAPER_PROBE_FREEZE": str(args.freeze_every)}
+    if args.cprofile:
+        site = run_dir / "site"
+        site.mkdir(exist_ok=True)
+        hook = (site / "sitecustomize.py").read_text() if (site / "sitecustomize.py").exists() else ""
+        (site / "sitecustomize.py").write_text(hook + PROFILE_HOOK)
+        env.update({"PYTHONPATH": str(site), "REAPER_PROBE_PROFILE": str(run_dir / "startup.prof"),
+                    "REAPER_PROBE_PROFILE_SECONDS": str(args.cprofile)})
     try:
         server = lab.start_server(args.sources + 150)
         lab.prepare(server, lab.database_names(sc.databases))
@@ -146,6 +167,8 @@ def main() -> int:
                     print(f"gc gen{gen}: {len(d)} collections, total {sum(d):.0f} ms, max {max(d):.1f} ms")
         if (run_dir / "gc.log.freeze").exists():
             print((run_dir / "gc.log.freeze").read_text().strip())
+        if args.cprofile and (run_dir / "startup.prof").exists():
+            print(f"cProfile of the first {args.cprofile:g} s: {run_dir / 'startup.prof'}")
         if args.keep:
             print(f"run dir: {run_dir}")
         print(json.dumps({"windows": [round(w, 1) for w in windows]}))

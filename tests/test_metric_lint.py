@@ -107,6 +107,15 @@ def test_catalogue_is_not_empty() -> None:
     assert METRICS and PRESETS
 
 
+def test_the_shipped_definitions_pass_every_check_the_daemon_skips_for_them() -> None:
+    """load_shipped_definitions() does not lint the shipped SQL at every start (check_sql=False): this is
+    where it is linted, with every check a config's own metric gets (ConfigError on any problem)."""
+    from reaper.catalog.metrics import load_definition_dir, presets_dir
+
+    checked = load_definition_dir(presets_dir(), check_sql=True)
+    assert checked == DEFS
+
+
 @pytest.mark.parametrize(("name", "version"), SQL_CASES, ids=[f"{n}-{v}" for n, v in SQL_CASES])
 def test_sql(name: str, version: int) -> None:
     metric = METRICS[name]
