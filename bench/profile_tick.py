@@ -124,7 +124,8 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     s0 = ps.cpu_times().system
     if spy is not None:
         subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid), "-r", "250",
-                        "--gil", "--nonblocking", "-d", str(int(seconds)), "-f", "raw", "-o", str(spy)], capture_output=True)
+                        "--gil", "--nonblocking", "-d", str(int(seconds)), "-f", "raw", "-o", str(spy)],
+                       capture_output=True)
     else:
         time.sleep(seconds)
     t1, rows1 = ticks(state, proc.pid)

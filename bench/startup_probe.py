@@ -123,7 +123,8 @@ def main() -> int:
         spy = None
         if args.py_spy:
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(reaper.pid),
-                                    "--nonblocking", "--duration", str(int(args.py_spy)), "--format", "raw",
+                                    "--nonblocking", "--gil", "--rate", "500",
+                                    "--duration", str(max(1, round(args.py_spy))), "--format", "raw",
                                     "-o", str(run_dir / "spy.txt")], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         while sampler.now() < args.seconds:
