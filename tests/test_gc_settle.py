@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from reaper.daemon import memory
 from reaper.daemon.memory import GcSettler
 
 
@@ -37,6 +38,26 @@ def test_step_freezes_only_while_settling() -> None:
     gc.unfreeze()
     assert not settler.step(11.0, last_refreeze=0.0)  # settled, nothing frozen: nothing to do
     assert gc.get_freeze_count() == 0 and settler.freezes == 1 and settler.refreezes == 0
+
+
+def test_collections_paused_at_start_up_resume_at_the_first_freeze_even_when_not_settling() -> None:
+    """`reaper run` turns automatic collections off before its imports and config; the settler's first
+    wake-up freezes what is alive and turns them back on, whether or not the fleet is still settling."""
+    assert gc.isenabled()
+    settler = GcSettler(refreeze_seconds=100.0)
+    settler.until = -1.0  # (a fleet that settled before the first wake-up)
+    try:
+        memory.pause_collections_until_settled()
+        assert not gc.isenabled()
+        start_up = [Cycle() for _ in range(10)]
+        assert not settler.step(5.0, last_refreeze=0.0)
+        assert gc.isenabled() and settler.freezes == 1 and gc.get_freeze_count() >= len(start_up)
+        gc.unfreeze()
+        assert not settler.step(10.0, last_refreeze=0.0)  # from then on as before: settled, nothing to do
+        assert gc.isenabled() and settler.freezes == 1 and gc.get_freeze_count() == 0
+    finally:
+        memory._resume_collections()
+        gc.enable()
 
 
 def test_refreeze_collects_cyclic_garbage_among_frozen_objects() -> None:

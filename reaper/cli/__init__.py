@@ -290,6 +290,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from reaper.daemon.memory import pause_collections_until_settled
+
+    pause_collections_until_settled()  # until the fleet's first freeze: start-up makes hardly any garbage
     from reaper.cli.limits import raise_open_files_limit
     from reaper.daemon.root import run_daemon
 

@@ -104,6 +104,28 @@ FREEZE_SECONDS = 5.0  # while settling, survivors are frozen this often
 REFREEZE_SECONDS = 3600.0  # one full collection of the frozen objects (their cyclic garbage) this often
 
 
+_paused = False  # automatic collections are off until the GcSettler's first freeze (`reaper run`)
+
+
+def pause_collections_until_settled() -> None:
+    """`reaper run`, before its imports and its config: no automatic collection until the GcSettler's first
+    freeze (FREEZE_SECONDS into the run), which moves everything alive then into the permanent generation
+    and turns collections back on. Start-up makes objects that live as long as the process (modules, the
+    config, the sources) and hardly any garbage; its full collections walked them again and again (1000
+    sources: 17 and 61 ms in the first half second, 106 ms of collections in the first second of a ~0.5 s
+    start)."""
+    global _paused
+    gc.disable()
+    _paused = True
+
+
+def _resume_collections() -> None:
+    global _paused
+    if _paused:
+        _paused = False
+        gc.enable()
+
+
 class GcSettler:
     """Freezes the long-lived heap while the fleet settles (see the module's note); `run()` is its task.
 
@@ -129,9 +151,10 @@ class GcSettler:
     def step(self, now: float, last_refreeze: float) -> bool:
         """One wake-up: freeze while settling; past the refreeze period, collect the frozen objects and freeze
         again. True when it refroze."""
-        if now <= self.until:
+        if now <= self.until or _paused:
             gc.freeze()
             self.freezes += 1
+            _resume_collections()
         elif self.freezes and now - last_refreeze >= self.refreeze_seconds:
             gc.unfreeze()
             gc.collect()
