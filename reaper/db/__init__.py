@@ -229,7 +229,10 @@ class SourceConnection:
         in_recovery: bool | None = None
         isolated = False
         ready: set[str] = set()  # metrics whose rows came out Go-ready (reaper.db.rows)
-        for limit in sorted([None, *groups], key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
+        # timed metrics alone (the slow lane's groups, reaper.daemon.jobs): no batch statement for an empty batch
+        alone = request.timed and not request.batch and not request.count_active
+        limits: list[float | None] = [*groups] if alone else [None, *groups]
+        for limit in sorted(limits, key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
             if limit is None:
                 in_recovery, part_isolated = await self._run_combined(batch, None, rows, errors, seconds,
                                                                       active if request.count_active else None,
@@ -284,6 +287,11 @@ class SourceConnection:
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
+            if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # its own timeout: each alone
+                for name in names:  # would run as long again, past the caller's deadline; each alone next time
+                    errors[name] = describe_error(e) + (f" (in one statement with {len(names) - 1} other metrics)"
+                                                        if len(names) > 1 else "")
+                return None, True
             for name in names:
                 started = time.perf_counter()
                 try:
