@@ -287,10 +287,9 @@ class SourceConnection:
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
-            if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # its own timeout: each alone
-                for name in names:  # would run as long again, past the caller's deadline; each alone next time
-                    errors[name] = describe_error(e) + (f" (in one statement with {len(names) - 1} other metrics)"
-                                                        if len(names) > 1 else "")
+            if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # past its own timeout: each
+                shared = f" (in one statement with {len(names) - 1} other metrics)" if len(names) > 1 else ""
+                errors.update({n: describe_error(e) + shared for n in names})  # alone would take as long again
                 return None, True
             for name in names:
                 started = time.perf_counter()
