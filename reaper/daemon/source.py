@@ -331,6 +331,7 @@ class SourceReaper:
         return timeout_share(job, self.cost, self.state.degraded)
 
     def job_done(self, job: Job, rows: list[dict[str, Any]], seconds: float, *, go_ready: bool = False) -> None:
+        """A job's rows (its metric's run alone, or its part of a group's): delivered, costed, recovered."""
         name, now = job.metric.name, trio.current_time()
         self.cost.record(name, now, seconds, rows)
         self.out.deliver(job.metric, rows, job.wall_ns, go_ready=go_ready)
