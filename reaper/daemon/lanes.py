@@ -20,7 +20,9 @@ as a bug anywhere in the source does (its supervisor restarts it).
 A job whose metric is still queued or running in its lane when it comes due again is skipped and
 counted (`LaneState.skipped`): work never queues up behind a slow metric. Of the jobs of one tick, a
 lane first runs those under the statement_timeout its connection has now (a change of timeout costs one
-statement, reaper.db.SET_TIMEOUT), so two timeouts alternate once per tick, not at every job. The lanes
+statement, reaper.db.SET_TIMEOUT), so two timeouts alternate once per tick, not at every job; and the timed
+SQL jobs of one tick under one timeout that are known to be cheap run as ONE combined statement
+(reaper.daemon.jobs), each still skipped, delivered, costed and failed as its own metric. The lanes
 report what they sent in `LaneState` (statements of the last job, total), shown by `reaper status`.
 """
 
@@ -35,33 +37,15 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from reaper.config.schema import MetricDef
-from reaper.db import ServerInfo, SoloQuery, TickOutcome, TickRequest, timeout_ms
+from reaper.daemon.jobs import Job, JobOwner, run_group, take_group
+from reaper.db import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.db.link import Row, SourceLink
 from reaper.errors import SourceUnavailable
-from reaper.special import SpecialSpec
 
 log = logging.getLogger("reaper.daemon.source")
 
 MIN_IDLE_SECONDS = 60.0
 LANE_CAPACITY = 64  # jobs waiting in a lane; a metric is in it at most once (more are skipped)
-
-
-@attrs.frozen
-class Job:
-    """One metric's run outside the tick: an SQL metric alone (`query`) or a special handler (`spec`)."""
-
-    metric: MetricDef
-    wall_ns: int
-    interval: float  # seconds between its runs (the lane's idle time follows the longest)
-    deadline: float  # seconds the whole job may take (client side)
-    query: SoloQuery | None = None
-    spec: SpecialSpec | None = None
-
-    @property
-    def timeout_ms(self) -> str | None:
-        """The session statement_timeout the job runs under (None: the connection's default)."""
-        return timeout_ms(None if self.query is None else self.query.statement_timeout_seconds)
 
 
 @attrs.define
@@ -74,7 +58,7 @@ class LaneState:
     skipped: int = 0  # jobs dropped because the same metric was still queued or running
 
 
-class LaneOwner(Protocol):
+class LaneOwner(JobOwner, Protocol):
     """What a lane needs from its source (reaper.daemon.source.SourceReaper)."""
 
     @property
@@ -83,6 +67,8 @@ class LaneOwner(Protocol):
     async def open_link(self) -> SourceLink: ...
 
     async def run_job(self, job: Job, link: SourceLink) -> None: ...
+
+    def timeout_share(self, job: Job) -> float | None: ...
 
     def job_timed_out(self, job: Job) -> None: ...
 
@@ -175,14 +161,23 @@ class Lane:
         """Run the queued jobs, then end (the connection stays open until close_if_idle)."""
         try:
             while self._queue:
-                job = self._next_job()
+                jobs = self._next_jobs()
                 try:
-                    await self._run(job)
+                    await self._run(jobs)
                 finally:
-                    self._pending.discard(job.metric.name)
+                    self._pending.difference_update(job.metric.name for job in jobs)
                     self.touch()
         finally:
             self._busy = False
+
+    def _next_jobs(self) -> list[Job]:
+        """The next job, with the timed jobs of its tick that share its statement (reaper.daemon.jobs) when the
+        connection combines statements (a closed one is reopened for one job alone, its next run groups)."""
+        job = self._next_job()
+        link = self.link
+        if self.lease is not None or link is None or link.is_closed or not link.combines:
+            return [job]
+        return take_group(job, self._queue, self.owner.timeout_share)
 
     def _next_job(self) -> Job:
         """The oldest tick's job under the connection's current statement_timeout, else the oldest job."""
@@ -193,10 +188,10 @@ class Lane:
                 return self._queue.pop(i)
         return self._queue.pop(0)
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, jobs: list[Job]) -> None:
         if self.lease is not None:
             link: SourceLink = LeasedLink(self.lease)
-            await self._run_on(job, link)
+            await self._run_on(jobs, link)
             return
         async with self.lock:
             try:
@@ -205,20 +200,23 @@ class Lane:
                 return
             before = link.statements
             try:
-                await self._run_on(job, link)
+                await self._run_on(jobs, link)
             finally:
                 self.count(link.statements - before)
 
-    async def _run_on(self, job: Job, link: SourceLink) -> None:
+    async def _run_on(self, jobs: list[Job], link: SourceLink) -> None:
+        """One run: a job alone, or a group of timed jobs in one statement (each member's timeout and lost
+        connection reported as when it runs alone)."""
         self.state.runs += 1
         try:
-            await self.owner.run_job(job, link)
+            await (self.owner.run_job(jobs[0], link) if len(jobs) == 1 else run_group(self.owner, jobs, link))
         except trio.TooSlowError:
-            self.owner.job_timed_out(job)
+            for job in jobs:
+                self.owner.job_timed_out(job)
             (self.lease or self).drop()  # a statement may still be running on it: its state is unknown
         except SourceUnavailable as e:
             log.warning("source %s: %s lane: connection lost (%s); metric %s skipped this time", self.owner.name,
-                        self.state.name, e, job.metric.name)
+                        self.state.name, e, ", ".join(job.metric.name for job in jobs))
             (self.lease or self).drop()
 
     def count(self, statements: int) -> None:

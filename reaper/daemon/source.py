@@ -35,7 +35,8 @@ from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import SourceCost
 from reaper.daemon.delivery import Output
-from reaper.daemon.lanes import MIN_IDLE_SECONDS, Job, Lane, LaneState, open_lanes
+from reaper.daemon.jobs import Job, timeout_share
+from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
 from reaper.daemon.route import route_sql
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
@@ -318,19 +319,29 @@ class SourceReaper:
                     self.cost.record(job.metric.name, trio.current_time(), trio.current_time() - started, ())
                 return
             assert job.query is not None
-            name = job.metric.name
             try:
-                rows = await link.run_one(name, job.query)
+                rows = await link.run_one(job.metric.name, job.query)
             except MetricError as e:
-                self.state.last_fetch[name] = trio.current_time()
-                self._metric_failed(name, e.message)
+                self.job_failed(job, e.message)
                 return
-        now = trio.current_time()
-        self.cost.record(name, now, now - started, rows)  # alone in its statement: its duration is its cost
-        self.out.deliver(job.metric, rows, job.wall_ns)
-        self.out.remember(job.metric, now, rows)
+        self.job_done(job, rows, trio.current_time() - started)  # alone in its statement: its duration is its cost
+
+    def timeout_share(self, job: Job) -> float | None:
+        """Whether (and how cheaply) the job may share a statement with others of its tick (reaper.daemon.jobs)."""
+        return timeout_share(job, self.cost, self.state.degraded)
+
+    def job_done(self, job: Job, rows: list[dict[str, Any]], seconds: float, *, go_ready: bool = False) -> None:
+        """A job's rows (its metric's run alone, or its part of a group's): delivered, costed, recovered."""
+        name, now = job.metric.name, trio.current_time()
+        self.cost.record(name, now, seconds, rows)
+        self.out.deliver(job.metric, rows, job.wall_ns, go_ready=go_ready)
+        self.out.remember(job.metric, now, rows, go_ready=go_ready)
         self.state.last_fetch[name] = now
         self._recovered(name, back_in_batch=job.metric.statement_timeout_seconds is None)
+
+    def job_failed(self, job: Job, message: str) -> None:
+        self.state.last_fetch[job.metric.name] = trio.current_time()
+        self._metric_failed(job.metric.name, message)
 
     def job_timed_out(self, job: Job) -> None:
         self._metric_failed(job.metric.name, f"timed out after {job.deadline:g}s", special=job.spec is not None)

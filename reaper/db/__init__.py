@@ -231,7 +231,10 @@ class SourceConnection:
         in_recovery: bool | None = None
         isolated = False
         ready: set[str] = set()  # metrics whose rows came out Go-ready (reaper.db.rows)
-        for limit in sorted([None, *groups], key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
+        # timed metrics alone (the slow lane's groups, reaper.daemon.jobs): no batch statement for an empty batch
+        alone = request.timed and not request.batch and not request.count_active
+        limits: list[float | None] = [*groups] if alone else [None, *groups]
+        for limit in sorted(limits, key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
             if limit is None:
                 in_recovery, part_isolated = await self._run_combined(batch, None, rows, errors, seconds,
                                                                       active if request.count_active else None,
@@ -286,6 +289,10 @@ class SourceConnection:
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
+            if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # past its own timeout: each
+                shared = f" (in one statement with {len(names) - 1} other metrics)" if len(names) > 1 else ""
+                errors.update({n: describe_error(e) + shared for n in names})  # alone would take as long again
+                return None, True
             for name in names:
                 started = time.perf_counter()
                 try:

@@ -37,7 +37,9 @@ class TickRequest:
 
     `batch` metrics share one combined statement. `timed` metrics (those with their own
     statement_timeout_seconds) share one more combined statement per distinct timeout, run in a
-    read-only transaction under that timeout. `solo` metrics (degraded ones) run alone.
+    read-only transaction under that timeout (a group cancelled by its timeout fails every member: each
+    alone would take as long again). `solo` metrics (degraded ones) run alone. Timed metrics without a
+    batch (the slow lane's groups, reaper.daemon.jobs) send no batch statement: `in_recovery` is None then.
     """
 
     batch: Mapping[str, str]
