@@ -33,7 +33,7 @@ active client backends; while there are more than N, the metrics marked `heavy` 
 from __future__ import annotations
 
 import logging
-from collections import deque
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -47,6 +47,8 @@ from reaper.db.link import SourceLink
 from reaper.db.tick import TickOutcome
 
 log = logging.getLogger("reaper.daemon.cost")
+_BY_METRIC = operator.attrgetter("metric")
+_BY_SERVER_MS = operator.attrgetter("server_ms_per_minute")
 
 STEP_BACK_SHARE = 0.7  # under this share of the budget, stretched intervals step back
 STEPS_PER_WINDOW = 6  # the controller looks this many times per window
@@ -91,19 +93,37 @@ class CostSettings:
         return self.window_seconds / STEPS_PER_WINDOW
 
 
-class Run(NamedTuple):  # (a tuple: built for every metric of every tick, twice as fast as a frozen attrs class)
+class Run(NamedTuple):  # one run of a metric, as MetricCost.run_list() gives them
     at: float  # trio time it completed
     seconds: float  # server time
     rows: int
     nbytes: int
 
 
+RUN_FIELDS = len(Run._fields)
+
+
 @attrs.define
 class MetricCost:
-    runs: deque[Run] = attrs.field(factory=deque)
+    # the recent runs, flat: at, seconds, rows, nbytes of the oldest, then of the next... (one small list: no
+    # tuple per run, a column is a slice that sum() adds at C speed in the runs' order, and pruning is one
+    # `del`; an empty deque alone is 760 bytes per metric)
+    runs: list[float] = attrs.field(factory=list)
     seconds_total: float = 0.0
     rows_total: int = 0
     bytes_total: int = 0
+
+    def run_list(self) -> list[Run]:
+        runs = self.runs
+        return [Run(runs[i], runs[i + 1], int(runs[i + 2]), int(runs[i + 3])) for i in range(0, len(runs), RUN_FIELDS)]
+
+    def prune(self, horizon: float) -> None:
+        """Forget the runs completed before `horizon`."""
+        runs = self.runs
+        i, end = 0, len(runs)
+        while i < end and runs[i] < horizon:
+            i += RUN_FIELDS
+        del runs[:i]
 
 
 @attrs.frozen
@@ -159,13 +179,19 @@ class SourceCost:
         if cost is None:  # (not setdefault: that builds a MetricCost for every run of every tick)
             cost = self.metrics[metric] = MetricCost()
         runs = cost.runs
-        if runs and runs[0].at < now - self.settings.window_seconds:  # else none is out of the kept span
-            self._prune(metric, cost, now)
-        run = Run(now, max(0.0, seconds), len(rows), estimate_bytes(rows))
-        runs.append(run)
-        cost.seconds_total += run.seconds
-        cost.rows_total += run.rows
-        cost.bytes_total += run.nbytes
+        window = self.settings.window_seconds
+        if runs and runs[0] < now - window:  # else none is out of the kept span
+            # (inline: _keep_seconds costs three calls, and this runs for every metric of every tick)
+            horizon = now - max(window, 2.0 * (self.intervals.get(metric, 0) * self.factors.get(metric, 1)))
+            if runs[0] < horizon:
+                cost.prune(horizon)
+        seconds = max(0.0, seconds)
+        count = len(rows)
+        nbytes = estimate_bytes(rows) if count else 0
+        runs += (now, seconds, count, nbytes)
+        cost.seconds_total += seconds
+        cost.rows_total += count
+        cost.bytes_total += nbytes
 
     def forget_changed(self, old: Mapping[str, MetricDef], new: Mapping[str, MetricDef]) -> None:
         """A metric whose definition changed (a reload): its past runs say nothing about its cost now."""
@@ -173,14 +199,6 @@ class SourceCost:
             cost = self.metrics.get(name)
             if cost is not None and old.get(name, metric) != metric:
                 cost.runs.clear()
-
-    def _keep_seconds(self, metric: str) -> float:
-        return max(self.settings.window_seconds, 2.0 * self.effective_interval(metric))
-
-    def _prune(self, metric: str, cost: MetricCost, now: float) -> None:
-        horizon = now - self._keep_seconds(metric)
-        while cost.runs and cost.runs[0].at < horizon:
-            cost.runs.popleft()
 
     def effective_interval(self, metric: str) -> int:
         return self.intervals.get(metric, 0) * self.factors.get(metric, 1)
@@ -195,24 +213,35 @@ class SourceCost:
     def figures(self, now: float) -> list[MetricFigures]:
         """Every measured metric that is still active, most expensive first."""
         result = []
+        intervals, factors, window = self.intervals, self.factors, self.settings.window_seconds
+        # (this runs for every metric of every source at each status write: _prune and
+        # effective_interval inlined, the runs' columns summed from slices at C speed, in the same order)
         for name, cost in self.metrics.items():
-            if name not in self.intervals:
+            interval = intervals.get(name)
+            if interval is None:
                 continue
-            self._prune(name, cost, now)
-            effective = self.effective_interval(name)
-            per_minute = 60.0 / effective if cost.runs and effective > 0 else 0.0
-            n = max(1, len(cost.runs))
-            # the runs' columns at C speed (the same sums in the same order; this runs for every metric of
-            # every source at each status write)
-            _, seconds, rows, nbytes = zip(*cost.runs, strict=True) if cost.runs else ((), (), (), ())
+            effective = interval * factors.get(name, 1)
+            runs = cost.runs
+            if runs and runs[0] < now - window:
+                horizon = now - max(window, 2.0 * effective)
+                if runs[0] < horizon:
+                    cost.prune(horizon)
+            if runs:
+                per_minute = 60.0 / effective if effective > 0 else 0.0
+                n = len(runs) // RUN_FIELDS
+                seconds, rows, nbytes = sum(runs[1::RUN_FIELDS]), sum(runs[2::RUN_FIELDS]), sum(runs[3::RUN_FIELDS])
+            else:
+                per_minute, n, seconds, rows, nbytes = 0.0, 1, 0, 0, 0
             result.append(MetricFigures(
                 metric=name,
-                server_ms_per_minute=1000.0 * sum(seconds) / n * per_minute,
-                rows_per_minute=sum(rows) / n * per_minute,
-                bytes_per_minute=sum(nbytes) / n * per_minute,
+                server_ms_per_minute=1000.0 * seconds / n * per_minute,
+                rows_per_minute=rows / n * per_minute,
+                bytes_per_minute=nbytes / n * per_minute,
                 server_seconds_total=cost.seconds_total, rows_total=cost.rows_total, bytes_total=cost.bytes_total,
-                interval=self.intervals[name], effective_interval=effective))
-        result.sort(key=lambda f: (-f.server_ms_per_minute, f.metric))
+                interval=interval, effective_interval=effective))
+        # most expensive first, then by name: two stable sorts, no key tuple per metric
+        result.sort(key=_BY_METRIC)
+        result.sort(key=_BY_SERVER_MS, reverse=True)
         return result
 
     def server_ms_per_minute(self, now: float) -> float:
