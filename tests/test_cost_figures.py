@@ -93,5 +93,10 @@ def test_figures_equal_a_recomputation_from_the_runs_after_random_sequences() ->
             else:
                 assert cost.figures(now) == ref.figures(cost, now)
         assert cost.figures(now) == ref.figures(cost, now)
+        assert cost.cost_rows(now, 7) == [  # as they were made from figures()
+            {"epoch_ns": 7, "tag_metric": f.metric, "server_ms_per_minute": round(f.server_ms_per_minute, 3),
+             "rows_per_minute": round(f.rows_per_minute, 3), "bytes_per_minute": round(f.bytes_per_minute, 1),
+             "server_seconds_total": round(f.server_seconds_total, 6), "rows_total": f.rows_total,
+             "bytes_total": f.bytes_total} for f in ref.figures(cost, now)]
         for name, metric in cost.metrics.items():
             assert metric.run_list() == list(ref.runs[name])

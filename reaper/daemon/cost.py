@@ -47,8 +47,11 @@ from reaper.db.link import SourceLink
 from reaper.db.tick import TickOutcome
 
 log = logging.getLogger("reaper.daemon.cost")
-_BY_METRIC = operator.attrgetter("metric")
-_BY_SERVER_MS = operator.attrgetter("server_ms_per_minute")
+_METRIC = operator.itemgetter(0)
+_SERVER_MS = operator.itemgetter(1)
+# a metric's figures as a tuple, in MetricFigures' field order: metric, server ms, rows and bytes per minute,
+# server seconds, rows and bytes in total, configured and effective interval
+Figures = tuple[str, float, float, float, float, int, int, int, int]
 
 STEP_BACK_SHARE = 0.7  # under this share of the budget, stretched intervals step back
 STEPS_PER_WINDOW = 6  # the controller looks this many times per window
@@ -212,10 +215,14 @@ class SourceCost:
 
     def figures(self, now: float) -> list[MetricFigures]:
         """Every measured metric that is still active, most expensive first."""
-        result = []
+        return [MetricFigures(*f) for f in self._figures(now)]
+
+    def _figures(self, now: float) -> list[Figures]:
+        """figures() as tuples in MetricFigures' field order (cost_rows needs no object per metric)."""
+        result: list[Figures] = []
         intervals, factors, window = self.intervals, self.factors, self.settings.window_seconds
-        # (this runs for every metric of every source at each status write: _prune and
-        # effective_interval inlined, the runs' columns summed from slices at C speed, in the same order)
+        # (this runs for every metric of every source at each status write: the pruning and the effective
+        # interval inline, the runs' columns summed from slices at C speed, in the runs' order)
         for name, cost in self.metrics.items():
             interval = intervals.get(name)
             if interval is None:
@@ -232,16 +239,11 @@ class SourceCost:
                 seconds, rows, nbytes = sum(runs[1::RUN_FIELDS]), sum(runs[2::RUN_FIELDS]), sum(runs[3::RUN_FIELDS])
             else:
                 per_minute, n, seconds, rows, nbytes = 0.0, 1, 0, 0, 0
-            result.append(MetricFigures(
-                metric=name,
-                server_ms_per_minute=1000.0 * seconds / n * per_minute,
-                rows_per_minute=rows / n * per_minute,
-                bytes_per_minute=nbytes / n * per_minute,
-                server_seconds_total=cost.seconds_total, rows_total=cost.rows_total, bytes_total=cost.bytes_total,
-                interval=interval, effective_interval=effective))
+            result.append((name, 1000.0 * seconds / n * per_minute, rows / n * per_minute, nbytes / n * per_minute,
+                           cost.seconds_total, cost.rows_total, cost.bytes_total, interval, effective))
         # most expensive first, then by name: two stable sorts, no key tuple per metric
-        result.sort(key=_BY_METRIC)
-        result.sort(key=_BY_SERVER_MS, reverse=True)
+        result.sort(key=_METRIC)
+        result.sort(key=_SERVER_MS, reverse=True)
         return result
 
     def server_ms_per_minute(self, now: float) -> float:
@@ -359,11 +361,10 @@ class SourceCost:
     def cost_rows(self, now: float, wall_ns: int) -> list[dict[str, Any]]:
         """The rows of a `reaper_cost` self-measurement: one per metric (and the server's own view)."""
         rows: list[dict[str, Any]] = [
-            {"epoch_ns": wall_ns, "tag_metric": f.metric, "server_ms_per_minute": round(f.server_ms_per_minute, 3),
-             "rows_per_minute": round(f.rows_per_minute, 3), "bytes_per_minute": round(f.bytes_per_minute, 1),
-             "server_seconds_total": round(f.server_seconds_total, 6), "rows_total": f.rows_total,
-             "bytes_total": f.bytes_total}
-            for f in self.figures(now)]
+            {"epoch_ns": wall_ns, "tag_metric": metric, "server_ms_per_minute": round(server_ms, 3),
+             "rows_per_minute": round(rows_pm, 3), "bytes_per_minute": round(bytes_pm, 1),
+             "server_seconds_total": round(seconds, 6), "rows_total": rows, "bytes_total": nbytes}
+            for metric, server_ms, rows_pm, bytes_pm, seconds, rows, nbytes, _, _ in self._figures(now)]
         view = self.server_view
         if view is not None:
             rows.append({"epoch_ns": wall_ns, "tag_metric": SERVER_VIEW,
