@@ -100,3 +100,12 @@ def test_figures_equal_a_recomputation_from_the_runs_after_random_sequences() ->
              "bytes_total": f.bytes_total} for f in ref.figures(cost, now)]
         for name, metric in cost.metrics.items():
             assert metric.run_list() == list(ref.runs[name])
+
+
+def test_over_budget_of_two_equally_expensive_metrics_the_last_by_name_is_stretched() -> None:
+    cost = SourceCost("s", CostSettings(budget_ms_per_minute=100.0))
+    cost.effective({"a": 2, "b": 2, "c": 2})
+    for name in ("a", "b", "c"):
+        cost.record(name, 0.0, 0.5 if name != "c" else 0.1, [])
+    assert cost.adjust(0.0, {name: sql_metric(name) for name in ("a", "b", "c")})
+    assert cost.factors == {"b": 2}

@@ -303,15 +303,15 @@ class SourceCost:
                 self.factors.clear()
                 return True
             return False
-        figures = {f.metric: f for f in self.figures(now)}
-        total = sum(f.server_ms_per_minute for f in figures.values())
+        spent = {f[0]: f[1] for f in self._figures(now)}  # metric -> server ms per minute, most expensive first
+        total = sum(spent.values())
         limit = self.settings.max_interval_factor
         for name, factor in list(self.factors.items()):  # the limit may have been lowered by a reload
             if factor > limit:
                 self.factors[name] = limit
         if total > budget:
-            candidates = [f for f in figures.values() if self.factors.get(f.metric, 1) < limit
-                          and f.server_ms_per_minute > 0 and not _exempt(definitions, f.metric)]
+            candidates = [(ms, name) for name, ms in spent.items() if self.factors.get(name, 1) < limit
+                          and ms > 0 and not _exempt(definitions, name)]
             if not candidates:
                 if not self._stuck:
                     self._stuck = True
@@ -319,28 +319,27 @@ class SourceCost:
                                 "left to stretch (the others are budget_exempt or at max_interval_factor %d)",
                                 self.source, total, budget, limit)
                 return False
-            top = max(candidates, key=lambda f: (f.server_ms_per_minute, f.metric))
-            self._set(top, min(limit, 2 * self.factors.get(top.metric, 1)), total, budget, "over")
+            ms, name = max(candidates)  # the most expensive (of equals, the last by name)
+            self._set(name, ms, min(limit, 2 * self.factors.get(name, 1)), total, budget, "over")
             return True
         self._stuck = False
         if total < STEP_BACK_SHARE * budget:
             steps = []
             for name, factor in self.factors.items():
-                f = figures.get(name)
-                if factor <= 1 or f is None:
+                now_ms = spent.get(name)
+                if factor <= 1 or now_ms is None:
                     continue
                 back = _step_back(factor)
-                added = f.server_ms_per_minute * (factor / back - 1.0)
+                added = now_ms * (factor / back - 1.0)
                 if total + added <= budget:
-                    steps.append((added, name, f, back))
+                    steps.append((added, name, now_ms, back))
             if steps:
-                _, _, f, back = min(steps, key=lambda s: (s[0], s[1]))
-                self._set(f, back, total, budget, "under")
+                _, name, now_ms, back = min(steps, key=lambda s: (s[0], s[1]))
+                self._set(name, now_ms, back, total, budget, "under")
                 return True
         return False
 
-    def _set(self, figures: MetricFigures, factor: int, total: float, budget: float, why: str) -> None:
-        name = figures.metric
+    def _set(self, name: str, server_ms: float, factor: int, total: float, budget: float, why: str) -> None:
         old = self.effective_interval(name)
         if factor <= 1:
             self.factors.pop(name, None)
@@ -350,7 +349,7 @@ class SourceCost:
         if why == "over":
             log.warning("source %s: budget: %.0f server ms per minute, over the budget of %.0f; metric %s (%.0f ms "
                         "per minute) stretched: interval %ds -> %ds", self.source, total, budget, name,
-                        figures.server_ms_per_minute, old, new)
+                        server_ms, old, new)
         else:
             log.warning("source %s: budget: %.0f server ms per minute, under %.0f%% of the budget of %.0f; metric %s "
                         "steps back: interval %ds -> %ds%s", self.source, total, 100 * STEP_BACK_SHARE, budget, name,
