@@ -33,7 +33,7 @@ active client backends; while there are more than N, the metrics marked `heavy` 
 from __future__ import annotations
 
 import logging
-from collections import deque
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -47,6 +47,11 @@ from reaper.db.link import SourceLink
 from reaper.db.tick import TickOutcome
 
 log = logging.getLogger("reaper.daemon.cost")
+_METRIC = operator.itemgetter(0)
+_SERVER_MS = operator.itemgetter(1)
+# a metric's figures as a tuple, in MetricFigures' field order: metric, server ms, rows and bytes per minute,
+# server seconds, rows and bytes in total, configured and effective interval
+Figures = tuple[str, float, float, float, float, int, int, int, int]
 
 STEP_BACK_SHARE = 0.7  # under this share of the budget, stretched intervals step back
 STEPS_PER_WINDOW = 6  # the controller looks this many times per window
@@ -91,19 +96,37 @@ class CostSettings:
         return self.window_seconds / STEPS_PER_WINDOW
 
 
-class Run(NamedTuple):  # (a tuple: built for every metric of every tick, twice as fast as a frozen attrs class)
+class Run(NamedTuple):  # one run of a metric, as MetricCost.run_list() gives them
     at: float  # trio time it completed
     seconds: float  # server time
     rows: int
     nbytes: int
 
 
+RUN_FIELDS = len(Run._fields)
+
+
 @attrs.define
 class MetricCost:
-    runs: deque[Run] = attrs.field(factory=deque)
+    # the recent runs, flat: at, seconds, rows, nbytes of the oldest, then of the next... (one small list: no
+    # tuple per run, a column is a slice that sum() adds at C speed in the runs' order, and pruning is one
+    # `del`; an empty deque alone is 760 bytes per metric)
+    runs: list[float] = attrs.field(factory=list)
     seconds_total: float = 0.0
     rows_total: int = 0
     bytes_total: int = 0
+
+    def run_list(self) -> list[Run]:
+        runs = self.runs
+        return [Run(runs[i], runs[i + 1], int(runs[i + 2]), int(runs[i + 3])) for i in range(0, len(runs), RUN_FIELDS)]
+
+    def prune(self, horizon: float) -> None:
+        """Forget the runs completed before `horizon`."""
+        runs = self.runs
+        i, end = 0, len(runs)
+        while i < end and runs[i] < horizon:
+            i += RUN_FIELDS
+        del runs[:i]
 
 
 @attrs.frozen
@@ -159,13 +182,19 @@ class SourceCost:
         if cost is None:  # (not setdefault: that builds a MetricCost for every run of every tick)
             cost = self.metrics[metric] = MetricCost()
         runs = cost.runs
-        if runs and runs[0].at < now - self.settings.window_seconds:  # else none is out of the kept span
-            self._prune(metric, cost, now)
-        run = Run(now, max(0.0, seconds), len(rows), estimate_bytes(rows))
-        runs.append(run)
-        cost.seconds_total += run.seconds
-        cost.rows_total += run.rows
-        cost.bytes_total += run.nbytes
+        window = self.settings.window_seconds
+        if runs and runs[0] < now - window:  # else none is out of the kept span
+            # (inline: _keep_seconds costs three calls, and this runs for every metric of every tick)
+            horizon = now - max(window, 2.0 * (self.intervals.get(metric, 0) * self.factors.get(metric, 1)))
+            if runs[0] < horizon:
+                cost.prune(horizon)
+        seconds = max(0.0, seconds)
+        count = len(rows)
+        nbytes = estimate_bytes(rows) if count else 0
+        runs += (now, seconds, count, nbytes)
+        cost.seconds_total += seconds
+        cost.rows_total += count
+        cost.bytes_total += nbytes
 
     def forget_changed(self, old: Mapping[str, MetricDef], new: Mapping[str, MetricDef]) -> None:
         """A metric whose definition changed (a reload): its past runs say nothing about its cost now."""
@@ -173,14 +202,6 @@ class SourceCost:
             cost = self.metrics.get(name)
             if cost is not None and old.get(name, metric) != metric:
                 cost.runs.clear()
-
-    def _keep_seconds(self, metric: str) -> float:
-        return max(self.settings.window_seconds, 2.0 * self.effective_interval(metric))
-
-    def _prune(self, metric: str, cost: MetricCost, now: float) -> None:
-        horizon = now - self._keep_seconds(metric)
-        while cost.runs and cost.runs[0].at < horizon:
-            cost.runs.popleft()
 
     def effective_interval(self, metric: str) -> int:
         return self.intervals.get(metric, 0) * self.factors.get(metric, 1)
@@ -194,25 +215,35 @@ class SourceCost:
 
     def figures(self, now: float) -> list[MetricFigures]:
         """Every measured metric that is still active, most expensive first."""
-        result = []
+        return [MetricFigures(*f) for f in self._figures(now)]
+
+    def _figures(self, now: float) -> list[Figures]:
+        """figures() as tuples in MetricFigures' field order (cost_rows needs no object per metric)."""
+        result: list[Figures] = []
+        intervals, factors, window = self.intervals, self.factors, self.settings.window_seconds
+        # (this runs for every metric of every source at each status write: the pruning and the effective
+        # interval inline, the runs' columns summed from slices at C speed, in the runs' order)
         for name, cost in self.metrics.items():
-            if name not in self.intervals:
+            interval = intervals.get(name)
+            if interval is None:
                 continue
-            self._prune(name, cost, now)
-            effective = self.effective_interval(name)
-            per_minute = 60.0 / effective if cost.runs and effective > 0 else 0.0
-            n = max(1, len(cost.runs))
-            # the runs' columns at C speed (the same sums in the same order; this runs for every metric of
-            # every source at each status write)
-            _, seconds, rows, nbytes = zip(*cost.runs, strict=True) if cost.runs else ((), (), (), ())
-            result.append(MetricFigures(
-                metric=name,
-                server_ms_per_minute=1000.0 * sum(seconds) / n * per_minute,
-                rows_per_minute=sum(rows) / n * per_minute,
-                bytes_per_minute=sum(nbytes) / n * per_minute,
-                server_seconds_total=cost.seconds_total, rows_total=cost.rows_total, bytes_total=cost.bytes_total,
-                interval=self.intervals[name], effective_interval=effective))
-        result.sort(key=lambda f: (-f.server_ms_per_minute, f.metric))
+            effective = interval * factors.get(name, 1)
+            runs = cost.runs
+            if runs and runs[0] < now - window:
+                horizon = now - max(window, 2.0 * effective)
+                if runs[0] < horizon:
+                    cost.prune(horizon)
+            if runs:
+                per_minute = 60.0 / effective if effective > 0 else 0.0
+                n = len(runs) // RUN_FIELDS
+                seconds, rows, nbytes = sum(runs[1::RUN_FIELDS]), sum(runs[2::RUN_FIELDS]), sum(runs[3::RUN_FIELDS])
+            else:
+                per_minute, n, seconds, rows, nbytes = 0.0, 1, 0, 0, 0
+            result.append((name, 1000.0 * seconds / n * per_minute, rows / n * per_minute, nbytes / n * per_minute,
+                           cost.seconds_total, cost.rows_total, cost.bytes_total, interval, effective))
+        # most expensive first, then by name: two stable sorts, no key tuple per metric
+        result.sort(key=_METRIC)
+        result.sort(key=_SERVER_MS, reverse=True)
         return result
 
     def server_ms_per_minute(self, now: float) -> float:
@@ -272,15 +303,15 @@ class SourceCost:
                 self.factors.clear()
                 return True
             return False
-        figures = {f.metric: f for f in self.figures(now)}
-        total = sum(f.server_ms_per_minute for f in figures.values())
+        spent = {f[0]: f[1] for f in self._figures(now)}  # metric -> server ms per minute, most expensive first
+        total = sum(spent.values())
         limit = self.settings.max_interval_factor
         for name, factor in list(self.factors.items()):  # the limit may have been lowered by a reload
             if factor > limit:
                 self.factors[name] = limit
         if total > budget:
-            candidates = [f for f in figures.values() if self.factors.get(f.metric, 1) < limit
-                          and f.server_ms_per_minute > 0 and not _exempt(definitions, f.metric)]
+            candidates = [(ms, name) for name, ms in spent.items() if self.factors.get(name, 1) < limit
+                          and ms > 0 and not _exempt(definitions, name)]
             if not candidates:
                 if not self._stuck:
                     self._stuck = True
@@ -288,28 +319,27 @@ class SourceCost:
                                 "left to stretch (the others are budget_exempt or at max_interval_factor %d)",
                                 self.source, total, budget, limit)
                 return False
-            top = max(candidates, key=lambda f: (f.server_ms_per_minute, f.metric))
-            self._set(top, min(limit, 2 * self.factors.get(top.metric, 1)), total, budget, "over")
+            ms, name = max(candidates)  # the most expensive (of equals, the last by name)
+            self._set(name, ms, min(limit, 2 * self.factors.get(name, 1)), total, budget, "over")
             return True
         self._stuck = False
         if total < STEP_BACK_SHARE * budget:
             steps = []
             for name, factor in self.factors.items():
-                f = figures.get(name)
-                if factor <= 1 or f is None:
+                now_ms = spent.get(name)
+                if factor <= 1 or now_ms is None:
                     continue
                 back = _step_back(factor)
-                added = f.server_ms_per_minute * (factor / back - 1.0)
+                added = now_ms * (factor / back - 1.0)
                 if total + added <= budget:
-                    steps.append((added, name, f, back))
+                    steps.append((added, name, now_ms, back))
             if steps:
-                _, _, f, back = min(steps, key=lambda s: (s[0], s[1]))
-                self._set(f, back, total, budget, "under")
+                _, name, now_ms, back = min(steps, key=lambda s: (s[0], s[1]))
+                self._set(name, now_ms, back, total, budget, "under")
                 return True
         return False
 
-    def _set(self, figures: MetricFigures, factor: int, total: float, budget: float, why: str) -> None:
-        name = figures.metric
+    def _set(self, name: str, server_ms: float, factor: int, total: float, budget: float, why: str) -> None:
         old = self.effective_interval(name)
         if factor <= 1:
             self.factors.pop(name, None)
@@ -319,7 +349,7 @@ class SourceCost:
         if why == "over":
             log.warning("source %s: budget: %.0f server ms per minute, over the budget of %.0f; metric %s (%.0f ms "
                         "per minute) stretched: interval %ds -> %ds", self.source, total, budget, name,
-                        figures.server_ms_per_minute, old, new)
+                        server_ms, old, new)
         else:
             log.warning("source %s: budget: %.0f server ms per minute, under %.0f%% of the budget of %.0f; metric %s "
                         "steps back: interval %ds -> %ds%s", self.source, total, 100 * STEP_BACK_SHARE, budget, name,
@@ -330,11 +360,10 @@ class SourceCost:
     def cost_rows(self, now: float, wall_ns: int) -> list[dict[str, Any]]:
         """The rows of a `reaper_cost` self-measurement: one per metric (and the server's own view)."""
         rows: list[dict[str, Any]] = [
-            {"epoch_ns": wall_ns, "tag_metric": f.metric, "server_ms_per_minute": round(f.server_ms_per_minute, 3),
-             "rows_per_minute": round(f.rows_per_minute, 3), "bytes_per_minute": round(f.bytes_per_minute, 1),
-             "server_seconds_total": round(f.server_seconds_total, 6), "rows_total": f.rows_total,
-             "bytes_total": f.bytes_total}
-            for f in self.figures(now)]
+            {"epoch_ns": wall_ns, "tag_metric": metric, "server_ms_per_minute": round(server_ms, 3),
+             "rows_per_minute": round(rows_pm, 3), "bytes_per_minute": round(bytes_pm, 1),
+             "server_seconds_total": round(seconds, 6), "rows_total": rows, "bytes_total": nbytes}
+            for metric, server_ms, rows_pm, bytes_pm, seconds, rows, nbytes, _, _ in self._figures(now)]
         view = self.server_view
         if view is not None:
             rows.append({"epoch_ns": wall_ns, "tag_metric": SERVER_VIEW,
