@@ -95,9 +95,9 @@ async def test_cheap_timed_metrics_run_in_one_statement_each_with_its_rows_and_t
         assert len(first) == len(last) == 1 and {**first[0], "epoch_ns": 0} == {**last[0], "epoch_ns": 0}, name
     assert rows_of(got, "a")[-1][0]["v"] == 1
     assert len(rows_of(got, "a")) == len(rows_of(got, "b")) >= 3  # one delivery per run each
-    a, b = (reaper.cost.metrics[m].runs[-1] for m in ("a", "b"))  # the group's time, apportioned
+    a, b = (reaper.cost.metrics[m].last_run() for m in ("a", "b"))  # the group's time, apportioned
     assert 0.05 <= b.seconds < 0.3 and a.seconds < 0.05 and a.rows == b.rows == 1
-    assert reaper.cost.metrics["heavy"].runs[-1].seconds >= 0.4
+    assert reaper.cost.metrics["heavy"].last_run().seconds >= 0.4
     assert not reaper.state.degraded and reaper.state.metric_errors == 0
 
 
@@ -114,7 +114,7 @@ async def test_a_members_failing_sql_keeps_the_others_rows_and_reports_its_error
         delivered = len(rows_of(got, "a"))
         await wait_for(lambda: "bad" in reaper.state.degraded, limit=15)
         failed_run = spied.calls[-1]
-        a_cost = reaper.cost.metrics["a"].runs[-1]
+        a_cost = reaper.cost.metrics["a"].last_run()
         seen = len(spied.calls)
         await wait_for(lambda: ["bad"] in [names for names, _, _ in spied.calls[seen:]], limit=15)
         n.cancel_scope.cancel()

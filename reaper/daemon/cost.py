@@ -120,6 +120,13 @@ class MetricCost:
         runs = self.runs
         return [Run(runs[i], runs[i + 1], int(runs[i + 2]), int(runs[i + 3])) for i in range(0, len(runs), RUN_FIELDS)]
 
+    def last_run(self) -> Run | None:
+        runs = self.runs
+        if not runs:
+            return None
+        at, seconds, rows, nbytes = runs[-RUN_FIELDS:]
+        return Run(at, seconds, int(rows), int(nbytes))
+
     def prune(self, horizon: float) -> None:
         """Forget the runs completed before `horizon`."""
         runs = self.runs

@@ -62,9 +62,10 @@ def timeout_share(job: Job, cost: SourceCost, degraded: Set[str]) -> float | Non
     if query is None or not query.statement_timeout_seconds or job.metric.name in degraded:
         return None
     past = cost.metrics.get(job.metric.name)
-    if past is None or not past.runs:
+    last = None if past is None else past.last_run()
+    if last is None:
         return None
-    return past.runs[-1].seconds / query.statement_timeout_seconds
+    return last.seconds / query.statement_timeout_seconds
 
 
 def take_group(first: Job, queue: list[Job], share: Callable[[Job], float | None]) -> list[Job]:
