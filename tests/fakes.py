@@ -37,7 +37,8 @@ SERVER = db.ServerInfo(version_num=150004, version="15.4", in_recovery=False, da
 @attrs.define(eq=False)
 class FakeConnection:
     """A scripted reaper.db.link.SourceLink. Answers each tick: rows for every metric, errors for the
-    ones named in `failing`; `slow` gives a metric run alone (`run_one`) a latency in seconds."""
+    ones named in `failing`; `slow` gives a metric run alone (`run_one`) a latency in seconds; a metric in
+    `over_timeout` makes its timed group's statement come back cancelled, and fails alone as past its timeout."""
 
     combines = True
     checks_size = True
@@ -54,6 +55,7 @@ class FakeConnection:
     slow: dict[str, float] = attrs.field(factory=dict)
     runs: list[tuple[float, str]] = attrs.field(factory=list)  # (trio time, metric) of each run_one
     statements: int = 0
+    over_timeout: set[str] = attrs.field(factory=set)
 
     @property
     def product(self) -> str:
@@ -76,7 +78,9 @@ class FakeConnection:
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
         names = list(request.batch) + list(request.solo) + list(request.timed)
-        for name in names:
+        cancelled = frozenset(request.timed) if len(request.timed) > 1 and self.over_timeout & set(request.timed) \
+            else frozenset()
+        for name in (n for n in names if n not in cancelled):
             if name in self.failing:
                 errors[name] = "division by zero"
             else:
@@ -84,7 +88,7 @@ class FakeConnection:
         isolated = any(n in self.failing for n in request.batch)
         outcome = db.TickOutcome(rows=rows, errors=errors, in_recovery=self.in_recovery,
                                  statements=1 + (len(request.batch) if isolated else 0) + len(request.solo),
-                                 isolated=isolated)
+                                 isolated=isolated, cancelled=cancelled)
         self.statements += outcome.statements
         return outcome
 
@@ -96,6 +100,8 @@ class FakeConnection:
             raise SourceUnavailable("connection reset")
         if name in self.failing:
             raise MetricError(name, "division by zero")
+        if name in self.over_timeout:
+            raise MetricError(name, "canceling statement due to statement timeout")
         return [{"epoch_ns": 1, name: 1}]
 
     async def fetch(self, sql: str, *args: object) -> list[dict[str, Any]]:
@@ -134,7 +140,7 @@ class FakeConnector:
             raise SourceUnavailable("connection refused")
         if self._handed and not self.conn.closed:
             other = FakeConnection(failing=self.conn.failing, in_recovery=self.conn.in_recovery,
-                                   slow=self.conn.slow)
+                                   slow=self.conn.slow, over_timeout=self.conn.over_timeout)
             self.others.append(other)
             return other
         self._handed = True

@@ -112,3 +112,51 @@ async def test_a_failing_member_is_reported_and_runs_alone_until_it_recovers(aut
     names = [name for _, name in link.runs]
     assert names.count(failing) == 1 + 2  # its first run, then alone while degraded and once to recover
     assert [sorted(r.timed) for _, r in link.requests][-1] == ["a", "b"]  # then grouped again
+
+
+async def test_a_member_turning_slow_costs_the_others_no_sample(autojump_clock, caplog) -> None:
+    """A group's statement past its timeout: each member runs again alone at once; the healthy one delivers
+    that tick's rows, only the slow one fails (and is isolated)."""
+    connector = FakeConnector()
+    got: list[Measurement] = []
+    reaper = timed_source(connector, got)
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        while not connector.others or not connector.others[0].requests:
+            await trio.sleep(1)
+        connector.conn.over_timeout.add("b")
+        before = [m.metric for m in got].count("a"), len(connector.others[0].requests)
+        while "b" not in reaper.state.degraded:
+            await trio.sleep(1)
+        n.cancel_scope.cancel()
+    link = connector.others[0]
+    assert len(link.requests) == before[1] + 1 and link.requests[-1][1].timed.keys() == {"a", "b"}  # cancelled
+    assert [name for _, name in link.runs if name != "heavy"][-2:] == ["a", "b"]  # then each alone, right away
+    assert [m.metric for m in got].count("a") == before[0] + 1 and reaper.state.degraded == {"b"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("metrics a, b shared a statement that hit their 5s statement_timeout" in m for m in messages)
+    assert [m for m in messages if "failed" in m] == [
+        "source src: metric b: failed: canceling statement due to statement timeout; isolated (it runs alone in "
+        "the slow lane until it succeeds, the other metrics are unaffected)"]
+
+
+async def test_a_member_hanging_alone_after_its_groups_timeout_drops_the_connection(autojump_clock,
+                                                                                  caplog) -> None:
+    connector = FakeConnector()
+    reaper = timed_source(connector, [])
+    caplog.set_level(logging.WARNING)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        while not connector.others or not connector.others[0].requests:
+            await trio.sleep(1)
+        connector.conn.over_timeout.add("a")
+        connector.conn.slow["a"] = 100.0  # alone, "a" hangs past its deadline (5 s + grace)
+        while len(connector.others) < 2:
+            await trio.sleep(1)
+        n.cancel_scope.cancel()
+    assert connector.others[0].closed and "a" in reaper.state.degraded and "b" not in reaper.state.degraded
+    assert [name for _, name in connector.others[0].runs][-1] == "a"  # "b" was not run on the hung connection
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("metric a: failed: timed out after 10s" in m for m in messages)
+    assert any("connection dropped after a metric hung; metric b skipped this time" in m for m in messages)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from reaper.daemon.jobs import Job, JobOwner, run_group, take_group
+from reaper.daemon.jobs import GroupAbandoned, Job, JobOwner, run_group, take_group
 from reaper.db import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.db.link import Row, SourceLink
 from reaper.errors import SourceUnavailable
@@ -61,16 +61,9 @@ class LaneState:
 class LaneOwner(JobOwner, Protocol):
     """What a lane needs from its source (reaper.daemon.source.SourceReaper)."""
 
-    @property
-    def name(self) -> str: ...
-
     async def open_link(self) -> SourceLink: ...
 
-    async def run_job(self, job: Job, link: SourceLink) -> None: ...
-
     def timeout_share(self, job: Job) -> float | None: ...
-
-    def job_timed_out(self, job: Job) -> None: ...
 
 
 class Lane:
@@ -162,10 +155,11 @@ class Lane:
         try:
             while self._queue:
                 jobs = self._next_jobs()
+                running = {job.metric.name for job in jobs}
                 try:
-                    await self._run(jobs)
+                    await self._run(jobs, running)
                 finally:
-                    self._pending.difference_update(job.metric.name for job in jobs)
+                    self._pending.difference_update(running)
                     self.touch()
         finally:
             self._busy = False
@@ -188,10 +182,10 @@ class Lane:
                 return self._queue.pop(i)
         return self._queue.pop(0)
 
-    async def _run(self, jobs: list[Job]) -> None:
+    async def _run(self, jobs: list[Job], running: set[str]) -> None:
         if self.lease is not None:
             link: SourceLink = LeasedLink(self.lease)
-            await self._run_on(jobs, link)
+            await self._run_on(jobs, link, running)
             return
         async with self.lock:
             try:
@@ -200,20 +194,32 @@ class Lane:
                 return
             before = link.statements
             try:
-                await self._run_on(jobs, link)
+                await self._run_on(jobs, link, running)
             finally:
                 self.count(link.statements - before)
 
-    async def _run_on(self, jobs: list[Job], link: SourceLink) -> None:
+    async def _run_on(self, jobs: list[Job], link: SourceLink, running: set[str]) -> None:
         """One run: a job alone, or a group of timed jobs in one statement (each member's timeout and lost
-        connection reported as when it runs alone)."""
+        connection reported as when it runs alone). A group member whose run is over leaves `running` (and
+        the pending set) before the others: its next run may be queued while they re-run (reaper.daemon.jobs)."""
+
+        def settled(job: Job) -> None:
+            running.discard(job.metric.name)
+            self._pending.discard(job.metric.name)
+
         self.state.runs += 1
         try:
-            await (self.owner.run_job(jobs[0], link) if len(jobs) == 1 else run_group(self.owner, jobs, link))
+            await (self.owner.run_job(jobs[0], link) if len(jobs) == 1
+                   else run_group(self.owner, jobs, link, settled))
         except trio.TooSlowError:
             for job in jobs:
                 self.owner.job_timed_out(job)
             (self.lease or self).drop()  # a statement may still be running on it: its state is unknown
+        except GroupAbandoned as e:
+            if e.skipped:
+                log.warning("source %s: %s lane: connection dropped after a metric hung; metric %s skipped this "
+                            "time", self.owner.name, self.state.name, e)
+            (self.lease or self).drop()
         except SourceUnavailable as e:
             log.warning("source %s: %s lane: connection lost (%s); metric %s skipped this time", self.owner.name,
                         self.state.name, e, ", ".join(job.metric.name for job in jobs))

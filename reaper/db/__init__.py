@@ -231,6 +231,7 @@ class SourceConnection:
         in_recovery: bool | None = None
         isolated = False
         ready: set[str] = set()  # metrics whose rows came out Go-ready (reaper.db.rows)
+        cancelled: set[str] = set()  # timed groups cancelled by their timeout (TickOutcome.cancelled)
         # timed metrics alone (the slow lane's groups, reaper.daemon.jobs): no batch statement for an empty batch
         alone = request.timed and not request.batch and not request.count_active
         limits: list[float | None] = [*groups] if alone else [None, *groups]
@@ -241,7 +242,7 @@ class SourceConnection:
                                                                       go_ready=ready)
             else:
                 _, part_isolated = await self._run_combined(groups[limit], limit, rows, errors, seconds,
-                                                            go_ready=ready)
+                                                            go_ready=ready, cancelled=cancelled)
             isolated = isolated or part_isolated
         for name, query in request.solo.items():
             if name in errors:
@@ -256,7 +257,7 @@ class SourceConnection:
             seconds[name] = time.perf_counter() - started
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=self.statements - before,
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
-                           go_ready=frozenset(ready))
+                           go_ready=frozenset(ready), cancelled=frozenset(cancelled))
 
     async def _describe_together(self, sqls: Sequence[str]) -> None:
         """Learn the columns of several new metric queries in one round trip (reaper.db.describe). Nothing is
@@ -274,10 +275,13 @@ class SourceConnection:
     async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
                             rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
                             seconds: dict[str, float], active: list[int] | None = None, *,
-                            go_ready: set[str] | None = None) -> tuple[bool | None, bool]:
+                            go_ready: set[str] | None = None,
+                            cancelled: set[str] | None = None) -> tuple[bool | None, bool]:
         """One combined statement for `queries` under the timeout `limit` (also reporting pg_is_in_recovery(),
         and the active backends into `active` when given); when it fails, each query alone, so the good ones
-        are kept. Each metric's server time goes to `seconds`. Returns (in recovery, isolated)."""
+        are kept, except a timed group cancelled by its timeout: its names go to `cancelled` (each alone may
+        take the timeout again: the caller decides). Each metric's server time goes to `seconds`. Returns
+        (in recovery, isolated)."""
         conn = self._conn
         names = sorted(queries)
         sqls = {n: queries[n].sql for n in names}
@@ -289,9 +293,11 @@ class SourceConnection:
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
-            if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # past its own timeout: each
-                shared = f" (in one statement with {len(names) - 1} other metrics)" if len(names) > 1 else ""
-                errors.update({n: describe_error(e) + shared for n in names})  # alone would take as long again
+            if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # past its own timeout
+                if len(names) > 1 and cancelled is not None:
+                    cancelled.update(names)
+                else:
+                    errors.update({n: describe_error(e) for n in names})
                 return None, True
             for name in names:
                 started = time.perf_counter()

@@ -37,9 +37,10 @@ class TickRequest:
 
     `batch` metrics share one combined statement. `timed` metrics (those with their own
     statement_timeout_seconds) share one more combined statement per distinct timeout, run in a
-    read-only transaction under that timeout (a group cancelled by its timeout fails every member: each
-    alone would take as long again). `solo` metrics (degraded ones) run alone. Timed metrics without a
-    batch (the slow lane's groups, reaper.daemon.jobs) send no batch statement: `in_recovery` is None then.
+    read-only transaction under that timeout (a group of two or more cancelled by its timeout comes back
+    in `TickOutcome.cancelled`: which member was slow is unknown, the caller re-runs each alone). `solo`
+    metrics (degraded ones) run alone. Timed metrics without a batch (the slow lane's groups,
+    reaper.daemon.jobs) send no batch statement: `in_recovery` is None then.
     """
 
     batch: Mapping[str, str]
@@ -58,3 +59,4 @@ class TickOutcome:
     seconds: dict[str, float] = attrs.field(factory=dict)  # metric -> server time it took (see _combined_statement)
     active_backends: int | None = None  # when asked for: other client backends in state 'active'
     go_ready: frozenset[str] = frozenset()  # metrics whose rows' numbers are in Go's JSON form (reaper.db.rows)
+    cancelled: frozenset[str] = frozenset()  # timed metrics whose shared statement hit its timeout: no rows, no error
