@@ -205,7 +205,7 @@ async def test_min_db_size_skips_small_databases(autojump_clock) -> None:
     connector.conn.db_size_bytes = 10 * 1024 * 1024
     await run_for(30, reaper)
     assert got == [] and reaper.state.status == "skipped"
-    assert len(connector.conn.fetches) == 1  # the size is checked once per SIZE_CHECK_SECONDS, not per tick
+    assert len(connector.conn.fetches) == 1  # the size is checked once per fleetrules.SIZE_CHECK_SECONDS, not per tick
 
 
 class Boom(Exception):

@@ -35,6 +35,7 @@ from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import SourceCost
 from reaper.daemon.delivery import Output
+from reaper.daemon.fleetrules import FleetRules
 from reaper.daemon.jobs import Job, timeout_share
 from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
 from reaper.daemon.route import route_sql
@@ -54,8 +55,6 @@ log = logging.getLogger("reaper.daemon.source")
 Connector = Callable[[SourceConfig], Awaitable[SourceLink]]
 Emit = Callable[[Measurement], None]
 QUERY_GRACE_SECONDS = 5.0
-SIZE_CHECK_SECONDS = 600.0
-DB_SIZE_SQL = "select (sum(relpages)::int8 * current_setting('block_size')::int8) as bytes from pg_class"
 
 
 class SourceReaper:
@@ -69,10 +68,7 @@ class SourceReaper:
         self.instance_cache = instance_cache
         self._special_state: dict[str, dict[str, Any]] = {}  # per special metric, kept across updates
         self._intervals: tuple[tuple[Any, ...], dict[str, int]] | None = None  # active_intervals()
-        self._extensions_tried = False
-        self._skip_reason: str | None = None  # why the source is connected but not collected
-        self._size_checked_at: float | None = None
-        self._too_small = False
+        self.rules = FleetRules()  # only_if_primary, min_db_size_mb, create_extensions
         self.config = config
         self.catalog = catalog
         self.emit = emit
@@ -197,7 +193,7 @@ class SourceReaper:
         assert link is not None
         before = link.statements
         self.cost.settings = settings = self.controls.cost.for_source(self.config)
-        if not await self._should_collect(link):
+        if not await self.rules.should_collect(self.config, self.controls, st, link):
             metrics = {}  # the tick only probes the recovery state (to notice a promotion)
         elif st.in_recovery is not None:
             active = self.active_intervals()  # the role may have changed since this tick's set was chosen
@@ -385,36 +381,6 @@ class SourceReaper:
         if len(result) == 1 and result[0][0] in (None, metric.table):
             self.out.remember(metric, now, result[0][1])  # instance-level ones only (the cache's rule)
 
-    async def _should_collect(self, conn: SourceLink) -> bool:
-        """Fleet rules: only_if_primary and min_db_size_mb. Logged once per change of verdict."""
-        reason = None
-        if self.config.only_if_primary and self.state.in_recovery:
-            reason = "the server is in recovery and only_if_primary is set"
-        elif self.controls.min_db_size_mb > 0 and conn.checks_size:
-            now = trio.current_time()
-            if self._size_checked_at is None or now - self._size_checked_at >= SIZE_CHECK_SECONDS:
-                self._size_checked_at = now
-                try:
-                    with trio.fail_after(self.config.query_timeout_seconds):
-                        rows = await conn.fetch(DB_SIZE_SQL)
-                    size_mb = int(rows[0]["bytes"] or 0) / 1024 / 1024
-                    self._too_small = size_mb < self.controls.min_db_size_mb
-                except (SourceUnavailable, trio.TooSlowError):
-                    pass  # the next tick's batch reports the connection state
-            if self._too_small:
-                reason = f"the database is smaller than min_db_size_mb ({self.controls.min_db_size_mb} MB)"
-        if reason != self._skip_reason:
-            if reason:
-                log.warning("source %s: not collecting: %s", self.state.name, reason)
-            elif self._skip_reason:
-                log.warning("source %s: collecting again", self.state.name)
-            self._skip_reason = reason
-        if reason:
-            self.state.status = "skipped"
-        elif self.state.status == "skipped":
-            self.state.status = "up"
-        return reason is None
-
     # -- routing -------------------------------------------------------------------------------
 
     def _special(self, metric: MetricDef) -> SpecialSpec | None:
@@ -454,30 +420,12 @@ class SourceReaper:
             log.info("source %s: connected (%s, database %s%s)", st.name, conn.product,
                      server.database, ", in recovery" if server.in_recovery else "")
         st.status, st.last_error, st.server_version = "up", None, server.version
-        await self._create_extensions(conn)
+        await self.rules.create_extensions(self.config, self.controls, conn)
         if st.in_recovery != server.in_recovery:
             self._changed.set()  # the metric set follows the role: re-read the intervals at once
         st.in_recovery = server.in_recovery
         self._backoff, self._down_since = 0.0, None
         return True
-
-    async def _create_extensions(self, conn: SourceLink) -> None:
-        """Opt-in ([collector] create_extensions): create the listed extensions on a primary, once."""
-        wanted = [e for e in self.controls.create_extensions if e not in conn.server.extensions]
-        if not conn.creates_extensions or not wanted or conn.server.in_recovery or self._extensions_tried:
-            return
-        self._extensions_tried = True
-        try:
-            with trio.fail_after(self.config.query_timeout_seconds):
-                result = await conn.create_extensions(wanted)
-        except (SourceUnavailable, trio.TooSlowError) as e:
-            log.warning("source %s: could not create extensions %s: %s", self.state.name, ", ".join(wanted), e)
-            return
-        for name, error in result.items():
-            if error is None:
-                log.info("source %s: created extension %s", self.state.name, name)
-            else:
-                log.warning("source %s: could not create extension %s: %s", self.state.name, name, error)
 
     def _mark_down(self, reason: str) -> None:
         """Note the outage; on the transition to down, emit instance_up = 0 at once (if it is collected)."""
