@@ -29,7 +29,7 @@ import trio
 
 from reaper.config.schema import MetricDef
 from reaper.daemon.cost import SourceCost
-from reaper.db import SoloQuery, TickRequest, timeout_ms
+from reaper.db import SoloQuery, TickOutcome, TickRequest, timeout_ms
 from reaper.db.link import SourceLink
 from reaper.special import SpecialSpec
 
@@ -48,6 +48,7 @@ class Job:
     deadline: float  # seconds the whole job may take (client side)
     query: SoloQuery | None = None
     spec: SpecialSpec | None = None
+    given: TickOutcome | None = None  # a special's reads, done in the fast lane's statement (reaper.daemon.rides)
 
     @property
     def timeout_ms(self) -> str | None:

@@ -38,6 +38,7 @@ from reaper.daemon.delivery import Output
 from reaper.daemon.fleetrules import FleetRules
 from reaper.daemon.jobs import Job, timeout_share
 from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
+from reaper.daemon.rides import Rides
 from reaper.daemon.route import route_sql
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
@@ -86,6 +87,7 @@ class SourceReaper:
         self._down_since: float | None = None
         self._warned: set[tuple[str, str]] = set()
         self.out = Output(self)
+        self.rides = Rides(config.name)  # specials whose reads ride in the fast lane's statement
         self._changed = trio.Event()
 
     def __repr__(self) -> str:
@@ -199,6 +201,7 @@ class SourceReaper:
             active = self.active_intervals()  # the role may have changed since this tick's set was chosen
             metrics = {name: m for name, m in metrics.items() if name in active}
         batch, jobs = self._route_all(link, self.cost.skip_heavy(metrics), wall_ns)
+        rides = self.rides.plan(jobs, link.server, batch, self.cost)  # cheap specials' reads, in this statement
         self.cost.add_server_view(link, batch)  # once per window, in this statement (no second connection)
         count_active = settings.pause_when_active_backends_over is not None
         try:
@@ -213,6 +216,7 @@ class SourceReaper:
         st.statements_last_tick = link.statements - before
         st.statements_total += st.statements_last_tick
         self.cost.take_server_view_outcome(trio.current_time(), outcome)  # taken out of the metrics' rows
+        outcome, jobs = self.rides.take(rides, outcome, jobs)
         self._take_outcome(metrics, outcome, wall_ns)
         self.cost.observe_active(outcome.active_backends if count_active else None)
         self._cost_step(wall_ns)
@@ -310,9 +314,10 @@ class SourceReaper:
         started = trio.current_time()
         with trio.fail_after(job.deadline):
             if job.spec is not None:
-                await self._run_special(job.metric, job.spec, job.wall_ns, link)
-                if not job.spec.local_only:  # its server time: the duration of its statements
-                    self.cost.record(job.metric.name, trio.current_time(), trio.current_time() - started, ())
+                await self._run_special(job.metric, job.spec, job.wall_ns, link, job.given)
+                if not job.spec.local_only:  # its server time: its statements' duration, or its reads' in the tick's
+                    seconds = trio.current_time() - started if job.given is None else sum(job.given.seconds.values())
+                    self.cost.record(job.metric.name, trio.current_time(), seconds, ())
                 return
             assert job.query is not None
             try:
@@ -362,10 +367,11 @@ class SourceReaper:
         else:
             log.debug("source %s: metric %s: still failing: %s", st.name, name, message)
 
-    async def _run_special(self, metric: MetricDef, spec: SpecialSpec, wall_ns: int, link: SourceLink) -> None:
+    async def _run_special(self, metric: MetricDef, spec: SpecialSpec, wall_ns: int, link: SourceLink,
+                           given: db.TickOutcome | None = None) -> None:
         server = self.conn.server if self.conn is not None else link.server  # one server, two connections
         ctx = SpecialContext(source=self.config, server=server, conn=link, metric=metric,
-                             wall_ns=wall_ns, state=self._special_state.setdefault(metric.name, {}))
+                             wall_ns=wall_ns, state=self._special_state.setdefault(metric.name, {}), given=given)
         try:
             result = await spec.handler(ctx)
         except MetricUnavailable as e:
@@ -425,6 +431,7 @@ class SourceReaper:
             self._changed.set()  # the metric set follows the role: re-read the intervals at once
         st.in_recovery = server.in_recovery
         self._backoff, self._down_since = 0.0, None
+        self.rides.blocked.clear()  # a special whose reads failed in a tick's statement may try again
         return True
 
     def _mark_down(self, reason: str) -> None:

@@ -5,19 +5,21 @@ Each special metric has a handler `async (ctx) -> [(table, rows), ...]`; one run
 for several tables (change_events writes sproc_changes, table_changes, ...). A handler keeps what
 it must remember between runs (baselines, log file offsets) in `ctx.state`, which lives as long as
 the source's task, so an in-place config update (SIGHUP) keeps it. Handlers run after the tick's
-batch, each under its own deadline; a failing one costs nobody else.
+batch, each under its own deadline; a failing one costs nobody else. A handler whose server reads are
+plain queries names them (`reads`): they may ride in the fast lane's statement (reaper.daemon.rides), and
+the handler then finds their outcome in `ctx.given` instead of sending its own statement.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
 
 from reaper.config.schema import MetricDef, SourceConfig
-from reaper.db import ServerInfo
+from reaper.db import ServerInfo, TickOutcome
 from reaper.db.link import SourceLink
 from reaper.special.registry import REGISTRY
 
@@ -33,6 +35,7 @@ class SpecialContext:
     metric: MetricDef
     wall_ns: int
     state: dict[str, Any]
+    given: TickOutcome | None = None  # its `reads`, done in the fast lane's statement of this tick
 
 
 Handler = Callable[[SpecialContext], Awaitable[Result]]
@@ -43,6 +46,12 @@ class SpecialSpec:
     handler: Handler
     local_only: bool = False  # needs reaper on the server's host (OS metrics, local log files)
     deadline_seconds: float = 60.0
+    reads: Callable[[ServerInfo], Mapping[str, str]] | None = None  # queries that may ride in the fast tick
+
+
+def _function(path: str) -> Any:
+    module, _, function = path.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def special_spec(name: str) -> SpecialSpec | None:
@@ -53,6 +62,5 @@ def special_spec(name: str) -> SpecialSpec | None:
     entry = REGISTRY.get(name)
     if entry is None or entry.collector is None or ":" not in entry.collector:
         return None
-    module, _, function = entry.collector.partition(":")
-    handler = getattr(importlib.import_module(module), function)
-    return SpecialSpec(handler, entry.local_only, entry.deadline_seconds)
+    return SpecialSpec(_function(entry.collector), entry.local_only, entry.deadline_seconds,
+                       _function(entry.reads) if entry.reads else None)

@@ -21,6 +21,9 @@ class SpecialEntry:
     local_only: bool = False  # needs reaper on the server's host (OS metrics, local files)
     deadline_seconds: float = 60.0
     pgwatch_special: bool = False  # pgwatch collects it with its own code too (its SQL, if any, is not used)
+    # "module:function" `(ServerInfo) -> {name: SQL}`: the server reads of one run, when they are plain queries
+    # that may ride in the fast lane's statement (reaper.daemon.rides); the handler then gets their outcome
+    reads: str | None = None
     how: str = ""  # how it is collected, for docs/metrics.md (reaper.catalog.docs)
 
     @property
@@ -56,7 +59,7 @@ _SMART = ("reaper runs `smartctl --scan-open --json` and then `smartctl --json -
 ENTRIES: tuple[SpecialEntry, ...] = (
     SpecialEntry("instance_up", "source", pgwatch_special=True),
     SpecialEntry("change_events", "reaper.special.changes:change_events", deadline_seconds=120,
-                 pgwatch_special=True),
+                 pgwatch_special=True, reads="reaper.special.changes:reads"),
     SpecialEntry("server_log_event_counts", "reaper.special.serverlog:server_log_event_counts",
                  deadline_seconds=120, pgwatch_special=True),
     SpecialEntry("cpu_load", f"{_OS}:cpu_load", local_only=True, deadline_seconds=15),
