@@ -6,6 +6,8 @@ its client deadline. The combined statement itself is tested against PostgreSQL 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 from fakes import FakeConnector, catalog, source, sql_metric
@@ -30,6 +32,19 @@ def test_a_group_holds_its_ticks_cheap_jobs_under_the_same_timeout_within_the_sh
     assert [j.metric.name for j in queue] == ["other_tick", "other_timeout", "heavy", "new", "over"]
     for alone in ("heavy", "new"):  # its own last run too expensive, or no history
         assert take_group(job(alone), [job("b")], lambda j: shares[j.metric.name]) == [job(alone)]
+
+
+@asynccontextmanager
+async def grouping(got: list[Measurement] | None = None) -> AsyncIterator[tuple[SourceReaper, FakeConnector]]:
+    """A running timed source (`timed_source`) whose slow lane has run its first group; stopped on exit."""
+    connector = FakeConnector()
+    reaper = timed_source(connector, [] if got is None else got)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        while not connector.others or not connector.others[0].requests:
+            await trio.sleep(1)
+        yield reaper, connector
+        n.cancel_scope.cancel()
 
 
 def timed_source(connector: FakeConnector, got: list[Measurement]) -> SourceReaper:
@@ -66,19 +81,13 @@ async def test_cheap_timed_metrics_share_a_statement_after_running_alone_once(au
 
 async def test_a_group_past_its_deadline_times_out_each_member_which_then_runs_alone(autojump_clock,
                                                                                      caplog) -> None:
-    connector = FakeConnector()
-    reaper = timed_source(connector, [])
     caplog.set_level(logging.ERROR)
-    async with trio.open_nursery() as n:
-        await n.start(reaper.run)
-        while not connector.others or not connector.others[0].requests:
-            await trio.sleep(1)
+    async with grouping() as (reaper, connector):
         connector.others[0].latency = 100.0  # the next group hangs past its deadline (5 s + grace)
         while len(connector.others) < 2:  # the hung connection is dropped; the lane opens another
             await trio.sleep(1)
         assert {"a", "b"} <= reaper.state.degraded
         await trio.sleep(25)
-        n.cancel_scope.cancel()
     assert connector.others[0].closed
     timeouts = [r.getMessage() for r in caplog.records if "timed out after 10s" in r.getMessage()]
     assert len(timeouts) == 2 and any("metric a:" in t for t in timeouts) and any("metric b:" in t for t in timeouts)
@@ -91,13 +100,8 @@ async def test_a_group_past_its_deadline_times_out_each_member_which_then_runs_a
 
 async def test_a_failing_member_is_reported_and_runs_alone_until_it_recovers(autojump_clock) -> None:
     failing = "b"
-    connector = FakeConnector()
     got: list[Measurement] = []
-    reaper = timed_source(connector, got)
-    async with trio.open_nursery() as n:
-        await n.start(reaper.run)
-        while not connector.others or not connector.others[0].requests:
-            await trio.sleep(1)
+    async with grouping(got) as (reaper, connector):
         connector.conn.failing.add(failing)  # shared with the slow lane's link
         delivered = [m.metric for m in got].count("a")
         await trio.sleep(10)
@@ -106,7 +110,6 @@ async def test_a_failing_member_is_reported_and_runs_alone_until_it_recovers(aut
         await trio.sleep(10)  # failing again, now alone: still one error per run
         connector.conn.failing.clear()
         await trio.sleep(20)
-        n.cancel_scope.cancel()
     link = connector.others[0]
     assert reaper.state.metric_errors == 2 and not reaper.state.degraded
     names = [name for _, name in link.runs]
@@ -117,19 +120,13 @@ async def test_a_failing_member_is_reported_and_runs_alone_until_it_recovers(aut
 async def test_a_member_turning_slow_costs_the_others_no_sample(autojump_clock, caplog) -> None:
     """A group's statement past its timeout: each member runs again alone at once; the healthy one delivers
     that tick's rows, only the slow one fails (and is isolated)."""
-    connector = FakeConnector()
     got: list[Measurement] = []
-    reaper = timed_source(connector, got)
     caplog.set_level(logging.INFO)
-    async with trio.open_nursery() as n:
-        await n.start(reaper.run)
-        while not connector.others or not connector.others[0].requests:
-            await trio.sleep(1)
+    async with grouping(got) as (reaper, connector):
         connector.conn.over_timeout.add("b")
         before = [m.metric for m in got].count("a"), len(connector.others[0].requests)
         while "b" not in reaper.state.degraded:
             await trio.sleep(1)
-        n.cancel_scope.cancel()
     link = connector.others[0]
     assert len(link.requests) == before[1] + 1 and link.requests[-1][1].timed.keys() == {"a", "b"}  # cancelled
     assert [name for _, name in link.runs if name != "heavy"][-2:] == ["a", "b"]  # then each alone, right away
@@ -143,18 +140,12 @@ async def test_a_member_turning_slow_costs_the_others_no_sample(autojump_clock, 
 
 async def test_a_member_hanging_alone_after_its_groups_timeout_drops_the_connection(autojump_clock,
                                                                                   caplog) -> None:
-    connector = FakeConnector()
-    reaper = timed_source(connector, [])
     caplog.set_level(logging.WARNING)
-    async with trio.open_nursery() as n:
-        await n.start(reaper.run)
-        while not connector.others or not connector.others[0].requests:
-            await trio.sleep(1)
+    async with grouping() as (reaper, connector):
         connector.conn.over_timeout.add("a")
         connector.conn.slow["a"] = 100.0  # alone, "a" hangs past its deadline (5 s + grace)
         while len(connector.others) < 2:
             await trio.sleep(1)
-        n.cancel_scope.cancel()
     assert connector.others[0].closed and "a" in reaper.state.degraded and "b" not in reaper.state.degraded
     assert [name for _, name in connector.others[0].runs][-1] == "a"  # "b" was not run on the hung connection
     messages = [r.getMessage() for r in caplog.records]
