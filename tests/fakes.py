@@ -37,8 +37,9 @@ SERVER = db.ServerInfo(version_num=150004, version="15.4", in_recovery=False, da
 @attrs.define(eq=False)
 class FakeConnection:
     """A scripted reaper.db.link.SourceLink. Answers each tick: rows for every metric, errors for the
-    ones named in `failing`; `slow` gives a metric run alone (`run_one`) a latency in seconds; a metric in
-    `over_timeout` makes its timed group's statement come back cancelled, and fails alone as past its timeout."""
+    ones named in `failing`; `slow` gives a metric run alone (`run_one`), or a `fetch` of the SQL it names,
+    a latency in seconds; a metric in `over_timeout` makes its timed group's statement come back cancelled,
+    and fails alone as past its timeout."""
 
     combines = True
     checks_size = True
@@ -107,6 +108,7 @@ class FakeConnection:
     async def fetch(self, sql: str, *args: object) -> list[dict[str, Any]]:
         self.fetches.append(sql)
         self.statements += 1
+        await trio.sleep(self.slow.get(sql, 0.0))  # `slow` may name a fetch's SQL too
         return [{"bytes": self.db_size_bytes}]
 
     async def create_extensions(self, names: Any) -> dict[str, str | None]:

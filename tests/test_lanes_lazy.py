@@ -119,3 +119,58 @@ async def test_a_local_collector_runs_over_the_slow_lanes_connection_in_a_task_o
     assert local.runs == len(seen) and slow.runs == 0  # run by the local lane...
     assert slow.statements_total == len(seen) and connected  # ...counted on the slow lane's connection
     assert max(counts) == 1 and counts.count(0) >= 0.8 * len(counts)  # a task only while it runs
+
+
+async def test_a_local_collector_past_its_deadline_leaves_the_slow_lanes_statement_alone(
+        autojump_clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host collector waiting for the slow lane's connection (busy with a 30 s metric) times out: it fails
+    alone. Its statement never started, so the slow lane's connection and the metric running on it are kept
+    (dropping them cut a healthy metric's run: 'connection lost', a reconnect)."""
+
+    async def host_figures(ctx: SpecialContext) -> list[tuple[str | None, list[dict[str, Any]]]]:
+        await trio.sleep(1)  # reading the host; meanwhile the slow metric takes the connection
+        rows = await ctx.conn.fetch("select 1")
+        return [(None, [{"epoch_ns": 1, "host": rows[0]["bytes"]}])]
+
+    spec = SpecialSpec(host_figures, local_only=True, deadline_seconds=5.0)
+    monkeypatch.setattr(reaper.daemon.source, "special_spec", lambda name: spec if name == "host" else None)
+    host = MetricDef(name="host", description="host", special=True)
+    got: list[Measurement] = []
+    connector = FakeConnector()
+    connector.conn.slow["slow"] = 30.0
+    cat = catalog(sql_metric("fast"), sql_metric("slow", statement_timeout_seconds=60.0), host)
+    src = SourceReaper(source(metrics={"fast": 1, "slow": 100, "host": 100}), cat, got.append, connector=connector)
+    async with trio.open_nursery() as n:
+        await n.start(src.run)
+        await trio.sleep(40)
+        assert src.slow is not None
+        slow_connection_kept = len(connector.others) == 1 and not connector.others[0].closed
+        errors, degraded = src.state.metric_errors, set(src.state.degraded)
+        n.cancel_scope.cancel()
+    assert sum(m.metric == "slow" for m in got) == 1  # the slow metric's run delivered...
+    assert slow_connection_kept  # ...on its connection, never dropped under it
+    assert not any(m.metric == "host" for m in got) and errors == 1 and "host" in degraded  # the collector failed alone
+
+
+async def test_a_local_collector_cut_off_mid_statement_drops_the_connection_it_used(
+        autojump_clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side: a host collector whose statement is still running at its deadline leaves the
+    connection in an unknown state, so the slow lane drops it and its next job connects again."""
+
+    async def host_figures(ctx: SpecialContext) -> list[tuple[str | None, list[dict[str, Any]]]]:
+        rows = await ctx.conn.fetch("select hangs")
+        return [(None, [{"epoch_ns": 1, "host": rows[0]["bytes"]}])]
+
+    spec = SpecialSpec(host_figures, local_only=True, deadline_seconds=5.0)
+    monkeypatch.setattr(reaper.daemon.source, "special_spec", lambda name: spec if name == "host" else None)
+    host = MetricDef(name="host", description="host", special=True)
+    connector = FakeConnector()
+    connector.conn.slow["select hangs"] = 30.0
+    src = SourceReaper(source(metrics={"fast": 1, "host": 100}), catalog(sql_metric("fast"), host),
+                       lambda m: None, connector=connector)
+    async with trio.open_nursery() as n:
+        await n.start(src.run)
+        await trio.sleep(10)
+        dropped = len(connector.others) == 1 and connector.others[0].closed
+        n.cancel_scope.cancel()
+    assert dropped and src.state.metric_errors == 1

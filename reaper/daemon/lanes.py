@@ -218,7 +218,10 @@ class Lane:
         except trio.TooSlowError:
             for job in jobs:
                 self.owner.job_timed_out(job)
-            (self.lease or self).drop()  # a statement may still be running on it: its state is unknown
+            # a statement cut off may still be running on the connection: its state is unknown. A lease that
+            # was only waiting for its lender's connection (busy with another lane's job) leaves it alone.
+            if not isinstance(link, LeasedLink) or link.cut:
+                (self.lease or self).drop()
         except GroupAbandoned as e:
             if e.skipped:
                 log.warning("source %s: %s lane: connection dropped after a metric hung; metric %s skipped this "
@@ -290,6 +293,7 @@ class LeasedLink:
     def __init__(self, lane: Lane) -> None:
         self._lane = lane
         self.statements = 0
+        self.cut = False  # a call was cancelled while it had the connection (a statement may still run)
 
     @property
     def server(self) -> ServerInfo:
@@ -311,6 +315,9 @@ class LeasedLink:
             before = link.statements
             try:
                 return await getattr(link, op)(*args)
+            except trio.Cancelled:
+                self.cut = True
+                raise
             finally:
                 self.statements += link.statements - before
                 self._lane.count(link.statements - before)
