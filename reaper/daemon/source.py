@@ -68,6 +68,7 @@ class SourceReaper:
         self.controls = controls or FleetControls()
         self.instance_cache = instance_cache
         self._special_state: dict[str, dict[str, Any]] = {}  # per special metric, kept across updates
+        self._specs: dict[str, SpecialSpec | None] = {}  # special_spec() per name (it imports and builds one)
         self._intervals: tuple[tuple[Any, ...], dict[str, int]] | None = None  # active_intervals()
         self.rules = FleetRules()  # only_if_primary, min_db_size_mb, create_extensions
         self.config = config
@@ -390,7 +391,9 @@ class SourceReaper:
     # -- routing -------------------------------------------------------------------------------
 
     def _special(self, metric: MetricDef) -> SpecialSpec | None:
-        spec = special_spec(metric.name)
+        if metric.name not in self._specs:  # (this runs for every due special of every tick)
+            self._specs[metric.name] = special_spec(metric.name)
+        spec = self._specs[metric.name]
         if spec is None:
             self._warn_once(metric.name, "special", "is not collected by this version of reaper; skipped")
             return None
