@@ -62,8 +62,8 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    # 600 s: the peer's CPU over the window is then ~0.1 s, not a few of the 10 ms clock ticks psutil reads
-    # (in 150 s runs its per-series figure moved 6.0-9.0 us between runs of one build)
+    # 600 s: the peer's CPU over the window is then ~0.1 s (in 150 s runs, read in utime+stime's 10 ms clock
+    # ticks, its per-series figure moved 6.0-9.0 us between runs of one build; the CPU is now read exactly)
     "seed": Scenario("seed", "6 sources x `debug` (every metric at 30 s): the batch redesign's setup",
                      sources=6, preset="debug", databases=6, duration=600.0),
     "fleet100": Scenario("fleet100", "100 sources x `exhaustive`: pgwatch's sizing-guide fleet",
@@ -571,7 +571,7 @@ def compute(sc: Scenario, sampler: measure.Sampler, statuses: list[tuple[float, 
             peer: peer_mod.Peer | None) -> dict[str, Any]:
     rs = sampler.samples["reaper"]
     win = t_end - t_warm
-    cpu_w = measure.at(rs, t_end, "cpu") - measure.at(rs, t_warm, "cpu")
+    cpu_w = measure.cpu_between(rs, t_warm, t_end)
     rss_win = [s["rss"] for s in measure.window(rs, t_warm, t_end)]
     cpu_series = measure.cpu_percent_series(rs)
     cpu_peaks = [c for t, c in cpu_series if t >= t_warm]
@@ -639,7 +639,7 @@ def compute(sc: Scenario, sampler: measure.Sampler, statuses: list[tuple[float, 
         ps = sampler.samples["peer"]
         scrapes = [s for s in peer.scrapes if t_warm <= s["t"] <= t_end]
         n = len(scrapes)
-        p_cpu = measure.at(ps, t_end, "cpu") - measure.at(ps, t_warm, "cpu")
+        p_cpu = measure.cpu_between(ps, t_warm, t_end)
         series = statistics.mean(s["series"] for s in scrapes) if scrapes else 0
         pg_series = statistics.mean(s["pg_series"] for s in scrapes) if scrapes else 0
         rss_p = [s["rss"] for s in measure.window(ps, t_warm, t_end)]

@@ -73,3 +73,38 @@ def test_targets_table_has_issue_14s_rows_met_and_not_met() -> None:
     assert bad["steady RSS ≤ 90 MB (issue 14)"][3] is False
     assert bad["start-up: no 5 s window of the first minute over 15 % CPU (issue 14)"][3] is False
     assert bad["fast lane: 1 statement per source tick (issue 14; slow lane counted apart)"][3] is False
+
+
+def test_exact_cpu_counts_every_thread_in_ns_and_keeps_an_ended_ones_time() -> None:
+    """The sampler's exact CPU (threads' schedstat run times): a thread's work is counted while it runs and
+    stays counted after it ends; the window's figure prefers it to the 10 ms utime+stime ticks."""
+    import os
+    import threading
+    import time
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    exact = measure.ExactCpu()
+    start = exact.read(os.getpid())
+    go, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        burn(0.05)
+        go.set()
+        done.wait()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    go.wait()
+    during = exact.read(os.getpid())  # the worker is alive, its 50 ms counted
+    done.set()
+    t.join()
+    after = exact.read(os.getpid())  # ended: its time is kept
+    assert start is not None and during is not None and after is not None
+    assert during - start >= 0.05 and after >= during
+    samples = [{"t": 0.0, "cpu": 1.0, "cpu_exact": 1.0}, {"t": 1.0, "cpu": 1.01, "cpu_exact": 1.0042}]
+    assert measure.cpu_between(samples, 0.0, 1.0) == pytest.approx(0.0042)
+    assert measure.cpu_between([{"t": 0.0, "cpu": 1.0}, {"t": 1.0, "cpu": 1.01}], 0.0, 1.0) == pytest.approx(0.01)
