@@ -43,6 +43,13 @@ async def sample_lane_tasks(seconds: float, every: float = 0.1) -> list[int]:
     return counts
 
 
+def host_collector(monkeypatch: pytest.MonkeyPatch, handler: Any) -> MetricDef:
+    """A special metric `host` that runs `handler` as a local (host) collector with a 5 s deadline."""
+    spec = SpecialSpec(handler, local_only=True, deadline_seconds=5.0)
+    monkeypatch.setattr(reaper.daemon.source, "special_spec", lambda name: spec if name == "host" else None)
+    return MetricDef(name="host", description="host", special=True)
+
+
 async def test_a_source_without_lane_work_runs_no_lane_task(autojump_clock) -> None:
     connector = FakeConnector()
     reaper = SourceReaper(source(metrics={"fast": 1}), catalog(sql_metric("fast")), lambda m: None,
@@ -100,9 +107,7 @@ async def test_a_local_collector_runs_over_the_slow_lanes_connection_in_a_task_o
         await trio.sleep(0.5)  # reading the host
         return [(None, [{"epoch_ns": 1, "host": rows[0]["bytes"]}])]
 
-    spec = SpecialSpec(host_figures, local_only=True, deadline_seconds=5.0)
-    monkeypatch.setattr(reaper.daemon.source, "special_spec", lambda name: spec if name == "host" else None)
-    host = MetricDef(name="host", description="host", special=True)
+    host = host_collector(monkeypatch, host_figures)
     got: list[Measurement] = []
     connector = FakeConnector()
     src = SourceReaper(source(metrics={"fast": 1, "host": 5}), catalog(sql_metric("fast"), host), got.append,
@@ -132,9 +137,7 @@ async def test_a_local_collector_past_its_deadline_leaves_the_slow_lanes_stateme
         rows = await ctx.conn.fetch("select 1")
         return [(None, [{"epoch_ns": 1, "host": rows[0]["bytes"]}])]
 
-    spec = SpecialSpec(host_figures, local_only=True, deadline_seconds=5.0)
-    monkeypatch.setattr(reaper.daemon.source, "special_spec", lambda name: spec if name == "host" else None)
-    host = MetricDef(name="host", description="host", special=True)
+    host = host_collector(monkeypatch, host_figures)
     got: list[Measurement] = []
     connector = FakeConnector()
     connector.conn.slow["slow"] = 30.0
@@ -161,9 +164,7 @@ async def test_a_local_collector_cut_off_mid_statement_drops_the_connection_it_u
         rows = await ctx.conn.fetch("select hangs")
         return [(None, [{"epoch_ns": 1, "host": rows[0]["bytes"]}])]
 
-    spec = SpecialSpec(host_figures, local_only=True, deadline_seconds=5.0)
-    monkeypatch.setattr(reaper.daemon.source, "special_spec", lambda name: spec if name == "host" else None)
-    host = MetricDef(name="host", description="host", special=True)
+    host = host_collector(monkeypatch, host_figures)
     connector = FakeConnector()
     connector.conn.slow["select hangs"] = 30.0
     src = SourceReaper(source(metrics={"fast": 1, "host": 100}), catalog(sql_metric("fast"), host),
