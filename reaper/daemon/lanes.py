@@ -306,6 +306,11 @@ class LeasedLink:
         return self._lane.link is None or self._lane.link.is_closed
 
     @property
+    def busy(self) -> bool:
+        """A statement of the slow lane (or of another local collector) has the connection now."""
+        return self._lane.lock.locked()
+
+    @property
     def product(self) -> str:
         return "" if self._lane.link is None else self._lane.link.product
 

@@ -5,7 +5,8 @@ is a unix socket; the server log metric needs the logging settings and which fil
 the role may execute. All of it is ONE statement (`FACTS_SQL`), read the first time a special needs it
 on a connection and kept for the life of that connection, shared by every special metric of the
 source, and read again after FACTS_SECONDS (a reloaded log_directory or a new tablespace is noticed
-within that) or on a new connection.
+within that; not while a local collector's lease finds the connection busy with a slow-lane statement)
+or on a new connection.
 
 "The connection" is known by its ServerInfo object (`link.server`): reaper.db makes one per connection,
 and a local collector's leased link hands out the slow lane's. A failed read is not kept (the next run
@@ -82,11 +83,14 @@ def _server_of(ctx: SpecialContext) -> ServerInfo | None:
         return None
 
 
-def _kept(server: ServerInfo | None, now: float) -> ServerFacts | None:
+def _kept(server: ServerInfo | None, now: float, *, busy: bool = False) -> ServerFacts | None:
+    """The facts kept for this connection, if read less than FACTS_SECONDS ago, or at any time while the
+    connection is `busy`: a local collector's lease waits for the slow lane's lock, held for as long as a
+    slow metric's statement runs; the facts of ten minutes ago beat failing at the collector's deadline."""
     if server is None:
         return None
     kept = _KEPT.get(id(server))
-    if kept is None or kept.server() is not server or now - kept.read_at >= FACTS_SECONDS:
+    if kept is None or kept.server() is not server or (now - kept.read_at >= FACTS_SECONDS and not busy):
         return None
     return kept.facts
 
@@ -113,7 +117,7 @@ async def server_facts(ctx: SpecialContext) -> ServerFacts:
     Raises MetricError (for ctx.metric) when the role may not read the settings.
     """
     now = trio.current_time()
-    facts = _kept(_server_of(ctx), now)
+    facts = _kept(_server_of(ctx), now, busy=bool(getattr(ctx.conn, "busy", False)))
     if facts is not None:
         return facts
     try:
