@@ -106,7 +106,7 @@ def spy_summary(raw: Path, top: int) -> None:
 
 
 def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Path | None,
-            spy: Path | None = None) -> dict[str, float]:
+            spy: Path | None = None, rate: int = 250) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     cmd = [sys.executable]
     if profile is None:
@@ -123,7 +123,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     c0 = sum(ps.cpu_times()[:2])
     s0 = ps.cpu_times().system
     if spy is not None:
-        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid), "-r", "250",
+        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid), "-r", str(rate),
                         "--gil", "--nonblocking", "-d", str(int(seconds)), "-f", "raw", "-o", str(spy)],
                        capture_output=True)
     else:
@@ -151,6 +151,7 @@ def main() -> int:
     p.add_argument("--top", type=int, default=45)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--spy", action="store_true", help="py-spy the plain run's trio thread (busy samples)")
+    p.add_argument("--rate", type=int, default=250, help="py-spy's samples per second (--spy)")
     p.add_argument("--only", choices=("all", "sql", "special"), default="all", help="which of the preset's metrics")
     p.add_argument("--save", type=Path, help="keep the cProfile output here (for pstats or snakeviz)")
     args = p.parse_args()
@@ -170,7 +171,7 @@ def main() -> int:
                 write_config(config, server, dbs, args, state, state / "out.ndjson")
                 prof = state / "prof.out" if kind == "cprofile" else None
                 spy = state / "spy.txt" if kind == "plain" and args.spy else None
-                results[kind] = one_run(config, state, args.seconds, args.warm, prof, spy)
+                results[kind] = one_run(config, state, args.seconds, args.warm, prof, spy, args.rate)
                 print(kind, json.dumps({k: round(v, 3) for k, v in results[kind].items()}), flush=True)
                 if spy is not None and spy.exists():
                     spy_summary(spy, args.top)

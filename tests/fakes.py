@@ -14,6 +14,7 @@ from reaper import db
 from reaper.catalog.metrics import Catalog
 from reaper.config.schema import MetricDef, PresetDef, SourceConfig
 from reaper.errors import MetricError, SourceUnavailable
+from reaper.special.facts import FACTS_SQL
 
 
 def sql_metric(name: str, **kwargs: Any) -> MetricDef:
@@ -32,6 +33,9 @@ def source(name: str = "src", **kwargs: Any) -> SourceConfig:
 
 SERVER = db.ServerInfo(version_num=150004, version="15.4", in_recovery=False, database="app",
                        system_identifier="1", extensions=frozenset(), is_local=False)
+FACTS_ROW = {"via_socket": True, "data_directory": "/fake/data", "log_directory": "log", "logging_collector": "on",
+             "log_destination": "stderr", "role": "reaper", "can_read_binary": False, "can_read_text": False,
+             "tablespaces": "[]"}  # what reaper.special.facts reads first on a slow lane's new connection
 
 
 @attrs.define(eq=False)
@@ -62,9 +66,14 @@ class FakeConnection:
     def product(self) -> str:
         return "PostgreSQL 15.4"
 
+    _server: db.ServerInfo = attrs.field(init=False, factory=lambda: attrs.evolve(SERVER))  # its own object
+
     @property
     def server(self) -> db.ServerInfo:
-        return attrs.evolve(SERVER, in_recovery=self.in_recovery)
+        """One object for the connection's life, as reaper.db's (facts are kept per connection)."""
+        if self._server.in_recovery != self.in_recovery:
+            self._server = attrs.evolve(SERVER, in_recovery=self.in_recovery)
+        return self._server
 
     @property
     def is_closed(self) -> bool:
@@ -109,7 +118,7 @@ class FakeConnection:
         self.fetches.append(sql)
         self.statements += 1
         await trio.sleep(self.slow.get(sql, 0.0))  # `slow` may name a fetch's SQL too
-        return [{"bytes": self.db_size_bytes}]
+        return [dict(FACTS_ROW)] if sql == FACTS_SQL else [{"bytes": self.db_size_bytes}]
 
     async def create_extensions(self, names: Any) -> dict[str, str | None]:
         return {name: None for name in names}
@@ -125,11 +134,12 @@ class FakeConnection:
 class FakeConnector:
     """Hands out `conn` (the fast lane's) when it is not in use, else a second connection (the slow
     lane's, kept in `others`, sharing `conn`'s script); raises SourceUnavailable while `down`; hangs
-    forever while `hang`."""
+    forever while `hang`; takes `seconds` to connect."""
 
     conn: FakeConnection = attrs.field(factory=FakeConnection)
     down: bool = False
     hang: bool = False
+    seconds: float = 0.0
     attempts: list[float] = attrs.field(factory=list)
     others: list[FakeConnection] = attrs.field(factory=list)
     _handed: bool = False
@@ -138,6 +148,7 @@ class FakeConnector:
         self.attempts.append(trio.current_time())
         if self.hang:
             await trio.sleep_forever()
+        await trio.sleep(self.seconds)
         if self.down:
             raise SourceUnavailable("connection refused")
         if self._handed and not self.conn.closed:

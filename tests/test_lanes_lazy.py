@@ -20,6 +20,7 @@ from reaper.config.schema import MetricDef
 from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
 from reaper.special import SpecialContext, SpecialSpec
+from reaper.special.facts import FACTS_SQL, server_facts
 
 
 def lane_tasks() -> list[str]:
@@ -122,7 +123,8 @@ async def test_a_local_collector_runs_over_the_slow_lanes_connection_in_a_task_o
     assert sum(m.metric == "host" for m in got) == len(seen)
     assert len(connector.others) == 1 and connector.others[0].fetches.count("select 1") == len(seen)
     assert local.runs == len(seen) and slow.runs == 0  # run by the local lane...
-    assert slow.statements_total == len(seen) and connected  # ...counted on the slow lane's connection
+    assert connector.others[0].fetches.count(FACTS_SQL) == 1  # read first on the new connection, once
+    assert slow.statements_total == len(seen) + 1 and connected  # ...counted on the slow lane's connection
     assert max(counts) == 1 and counts.count(0) >= 0.8 * len(counts)  # a task only while it runs
 
 
@@ -175,3 +177,34 @@ async def test_a_local_collector_cut_off_mid_statement_drops_the_connection_it_u
         dropped = len(connector.others) == 1 and connector.others[0].closed
         n.cancel_scope.cancel()
     assert dropped and src.state.metric_errors == 1
+
+
+async def test_a_local_collectors_first_facts_do_not_wait_behind_the_slow_metric_on_a_new_connection(
+        autojump_clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slow lane opens its connection (2 s) for a 30 s metric; a host collector asks for its server facts
+    meanwhile. The facts are read on the new connection before the slow metric takes it, and the collector
+    waits for the opening only, not for the statement after it (it waited 30 s and failed at its 5 s deadline)."""
+
+    async def host_figures(ctx: SpecialContext) -> list[tuple[str | None, list[dict[str, Any]]]]:
+        await trio.sleep(0.5)  # reading the host; meanwhile the slow lane is opening its connection
+        facts = await server_facts(ctx)
+        return [(None, [{"epoch_ns": 1, "data_directory": facts.data_directory}])]
+
+    host = host_collector(monkeypatch, host_figures)
+    got: list[Measurement] = []
+    connector = FakeConnector(seconds=2.0)
+    connector.conn.slow["slow"] = 30.0
+    cat = catalog(sql_metric("fast"), sql_metric("slow", statement_timeout_seconds=60.0), host)
+    src = SourceReaper(source(metrics={"fast": 1, "slow": 100, "host": 100}), cat, got.append, connector=connector)
+    async with trio.open_nursery() as n:
+        await n.start(src.run)
+        with trio.fail_after(10):
+            while not any(m.metric == "host" for m in got):
+                await trio.sleep(0.1)
+        delivered_at = trio.current_time()
+        assert not any(m.metric == "slow" for m in got)  # the slow metric still runs
+        await trio.sleep(40)
+        n.cancel_scope.cancel()
+    assert delivered_at < 6  # connect (2 s), the first tick, the slow lane's connect (2 s): not 30 s later
+    assert src.state.metric_errors == 0 and sum(m.metric == "slow" for m in got) == 1
+    assert len(connector.others) == 1 and connector.others[0].fetches.count(FACTS_SQL) == 1  # read once, first

@@ -310,6 +310,23 @@ class SourceReaper:
             except trio.TooSlowError as e:
                 raise SourceUnavailable(f"connect timed out after {self.config.connect_timeout_seconds:g}s") from e
 
+    async def link_opened(self, link: SourceLink) -> None:
+        """What the slow lane's new connection reads before any job takes it: the local collectors' server
+        facts, which they would otherwise wait for behind a slow metric's statement (reaper.special.facts)."""
+        if self._has_local_collectors():
+            from reaper.special.facts import prime_facts  # (only a source with OS metrics imports it)
+
+            await prime_facts(link, self.config.connect_timeout_seconds)
+
+    def _has_local_collectors(self) -> bool:
+        for name in self.active_intervals():
+            metric = self.catalog.metrics.get(name)
+            if metric is not None and (metric.special or name in SPECIAL_METRICS):
+                spec = self._special(metric)
+                if spec is not None and spec.local_only:
+                    return True
+        return False
+
     async def run_job(self, job: Job, link: SourceLink) -> None:
         """Run one job and deliver its rows. Raises SourceUnavailable, or trio.TooSlowError past its deadline."""
         started = trio.current_time()

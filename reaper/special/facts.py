@@ -3,10 +3,11 @@
 The OS metrics need the data directory, the log directory, the tablespaces and whether the connection
 is a unix socket; the server log metric needs the logging settings and which file-reading functions
 the role may execute. All of it is ONE statement (`FACTS_SQL`), read the first time a special needs it
-on a connection and kept for the life of that connection, shared by every special metric of the
-source, and read again after FACTS_SECONDS (a reloaded log_directory or a new tablespace is noticed
-within that; not while a local collector's lease finds the connection busy with a slow-lane statement)
-or on a new connection.
+on a connection (for a source with OS metrics, as soon as its slow lane opens one: `prime_facts`, so
+that a slow metric taking the new connection first cannot keep them waiting) and kept for the life of
+that connection, shared by every special metric of the source, and read again after FACTS_SECONDS (a
+reloaded log_directory or a new tablespace is noticed within that; not while a local collector's lease
+finds the connection busy with a slow-lane statement) or on a new connection.
 
 "The connection" is known by its ServerInfo object (`link.server`): reaper.db makes one per connection,
 and a local collector's leased link hands out the slow lane's. A failed read is not kept (the next run
@@ -25,6 +26,7 @@ import attrs
 import trio
 
 from reaper.db import ServerInfo
+from reaper.db.link import SourceLink
 from reaper.errors import MetricError, SourceUnavailable
 from reaper.special import SpecialContext
 
@@ -76,11 +78,12 @@ def _ref(server: ServerInfo) -> Callable[[], ServerInfo | None]:
         return lambda: server
 
 
-def _server_of(ctx: SpecialContext) -> ServerInfo | None:
+def _server_of(link: Any) -> ServerInfo | None:
     try:
-        return ctx.conn.server
+        server: ServerInfo = link.server
     except SourceUnavailable:  # a leased link whose connection is not open yet
         return None
+    return server
 
 
 def _kept(server: ServerInfo | None, now: float, *, busy: bool = False) -> ServerFacts | None:
@@ -116,20 +119,47 @@ async def server_facts(ctx: SpecialContext) -> ServerFacts:
 
     Raises MetricError (for ctx.metric) when the role may not read the settings.
     """
-    now = trio.current_time()
-    facts = _kept(_server_of(ctx), now, busy=bool(getattr(ctx.conn, "busy", False)))
+    ready = getattr(ctx.conn, "ready", None)  # a local collector's lease: the slow lane's connection, once open
+    if ready is not None:
+        await ready()
+    facts = _kept(_server_of(ctx.conn), trio.current_time(), busy=bool(getattr(ctx.conn, "busy", False)))
     if facts is not None:
         return facts
     try:
-        rows = await ctx.conn.fetch(FACTS_SQL)
+        return await _read(ctx.conn)
     except Exception as e:
         if _sqlstate(e) is None:
             raise
         raise MetricError(ctx.metric.name, f"cannot read the server's settings (data_directory, log_directory, "
                                            f"logging) ({e}); the monitoring role needs pg_monitor or "
                                            "pg_read_all_settings") from e
+
+
+async def prime_facts(link: SourceLink, seconds: float) -> None:
+    """Read the facts on a connection the slow lane has just opened, before any statement can take it.
+
+    A local collector reaches the server over the slow lane's connection and waits for its lock; if a
+    slow metric took the new connection first, the collector's first read waited behind that statement
+    and failed at its deadline. Read here, they are kept before any job runs. A read the role may not
+    make is left to the collectors (each reports it as its own error); a server that does not answer
+    within `seconds` leaves the connection in an unknown state, so it is closed (SourceUnavailable).
+    """
+    with trio.move_on_after(seconds) as scope:
+        try:
+            await _read(link)
+        except Exception as e:
+            if _sqlstate(e) is None and not isinstance(e, SourceUnavailable):
+                raise
+    if scope.cancelled_caught:
+        link.terminate()
+        raise SourceUnavailable(f"the server did not answer a read of its settings within {seconds:g}s")
+
+
+async def _read(conn: Any) -> ServerFacts:
+    rows = await conn.fetch(FACTS_SQL)
+    now = trio.current_time()
     facts = _parse(dict(rows[0]))
-    server = _server_of(ctx)
+    server = _server_of(conn)
     if server is not None:
         for key in [k for k, kept in _KEPT.items() if kept.server() is None]:
             del _KEPT[key]  # connections that are gone
