@@ -17,10 +17,11 @@ from fakes import FakeConnector, catalog, source, sql_metric
 
 import reaper.daemon.source
 from reaper.config.schema import MetricDef
+from reaper.daemon.lanes import Lane, LeasedLink
 from reaper.daemon.source import SourceReaper
 from reaper.measurement import Measurement
 from reaper.special import SpecialContext, SpecialSpec
-from reaper.special.facts import FACTS_SQL, server_facts
+from reaper.special.facts import FACTS_SQL, prime_facts, server_facts
 
 
 def lane_tasks() -> list[str]:
@@ -208,3 +209,40 @@ async def test_a_local_collectors_first_facts_do_not_wait_behind_the_slow_metric
     assert delivered_at < 6  # connect (2 s), the first tick, the slow lane's connect (2 s): not 30 s later
     assert src.state.metric_errors == 0 and sum(m.metric == "slow" for m in got) == 1
     assert len(connector.others) == 1 and connector.others[0].fetches.count(FACTS_SQL) == 1  # read once, first
+
+
+class OpeningOwner:
+    """A LaneOwner whose connections take 2 s to open and read their server facts first."""
+
+    name = "src"
+
+    def __init__(self) -> None:
+        self.connector = FakeConnector(seconds=2.0)
+
+    async def open_link(self) -> Any:
+        return await self.connector(source())
+
+    async def link_opened(self, link: Any) -> None:
+        await prime_facts(link, 5.0)
+
+
+async def test_a_lease_waits_for_the_connection_to_open_never_for_the_statement_lock(autojump_clock) -> None:
+    """The slow lane holds its lock from before it opens its connection until its statement is done; a local
+    collector asking for the connection meanwhile gets it (with its facts) once open, whichever task got to
+    open it first."""
+    owner = OpeningOwner()
+    lane = Lane("slow", owner)  # type: ignore[arg-type]
+    ready_at: list[float] = []
+
+    async def collector() -> None:
+        await LeasedLink(lane).ready()
+        ready_at.append(trio.current_time())
+
+    async with trio.open_nursery() as n:
+        async with lane.lock:  # the slow lane's job: the lock first, the connection next, then 30 s of statement
+            n.start_soon(collector)
+            await trio.sleep(0.5)
+            await lane.ensure_link()
+            await trio.sleep(30)
+    assert ready_at == [2.0]  # the open the collector started (the slow lane's waited for it): not 30 s later
+    assert len(owner.connector.others) == 0 and owner.connector.conn.fetches == [FACTS_SQL]  # one connection

@@ -73,7 +73,7 @@ class Lane:
     `offer()` never blocks the caller."""
 
     __slots__ = ("_busy", "_down", "_idle_since", "_longest", "_nursery", "_pending", "_queue", "_skip_warned",
-                 "lease", "link", "lock", "min_idle", "opening", "owner", "state")  # two per source: no __dict__ each
+                 "lease", "link", "lock", "min_idle", "opener", "owner", "state")  # two per source: no __dict__ each
 
     def __init__(self, name: str, owner: LaneOwner, *, lease: Lane | None = None,
                  min_idle: float = MIN_IDLE_SECONDS) -> None:
@@ -82,7 +82,7 @@ class Lane:
         self.lease = lease  # run jobs over another lane's connection instead of owning one
         self.min_idle = min_idle
         self.link: SourceLink | None = None
-        self.opening: trio.Event | None = None  # set when the connection being opened now is open (or not)
+        self.opener: trio.Lock | None = None  # held while a task opens the connection (made at the first open)
         # one statement at a time on this lane's connection (a leasing lane's runs take its lender's, in LeasedLink)
         self.lock: trio.Lock = trio.Lock() if lease is None else lease.lock
         self._nursery: trio.Nursery | None = None  # the source's (attach); the serving task runs in it
@@ -240,22 +240,30 @@ class Lane:
         self.state.statements_total += statements
 
     async def ensure_link(self) -> SourceLink:
-        """This lane's connection, opened now if needed (raises SourceUnavailable, logged once per outage)."""
+        """This lane's connection, opened now if needed (raises SourceUnavailable, logged once per outage).
+        One task opens it at a time, with what a new connection reads first (the source's server facts),
+        before any statement can take it; a task that finds it being opened waits for that alone, not for
+        the statement lock (the slow lane keeps that for the statement it sends next)."""
         if self.link is not None and not self.link.is_closed:
             return self.link
-        opening = self.opening = trio.Event()
+        if self.opener is None:
+            self.opener = trio.Lock()
+        async with self.opener:
+            if self.link is not None and not self.link.is_closed:  # opened while this task waited
+                return self.link
+            return await self._open()
+
+    async def _open(self) -> SourceLink:
         try:
             link = await self.owner.open_link()
             before = link.statements
             try:
-                await self.owner.link_opened(link)  # what a new connection reads first (server facts)
+                await self.owner.link_opened(link)
             except BaseException:
                 link.terminate()
                 raise
             finally:
                 self.state.statements_total += link.statements - before
-            self.link = link
-            self.touch()
         except SourceUnavailable as e:
             if self._down is None:
                 log.warning("source %s: %s lane: cannot connect (%s); its work is skipped until it can",
@@ -263,13 +271,12 @@ class Lane:
             self._down = str(e)
             self.state.connected = False
             raise
-        finally:
-            self.opening = None
-            opening.set()
+        self.link = link
+        self.touch()
         self._down = None
         self.state.connected = True
         log.info("source %s: %s lane connected (the source's second connection)", self.owner.name, self.state.name)
-        return self.link
+        return link
 
     def drop(self) -> None:
         if self.link is not None:
@@ -332,15 +339,10 @@ class LeasedLink:
         return "" if self._lane.link is None else self._lane.link.product
 
     async def ready(self) -> None:
-        """The connection open, with what a new one reads first (its server facts): waits while another task
-        opens it, not for the statement that task sends next (the slow lane keeps its lock for that); opens
-        it when no one does. Raises SourceUnavailable."""
-        lane = self._lane
-        if lane.opening is not None:
-            await lane.opening.wait()
-        if self.is_closed:
-            async with lane.lock:
-                await lane.ensure_link()
+        """The connection open, with what a new one reads first (its server facts): opened now, or waited
+        for while another task opens it, but not for the statement that task sends next. Raises
+        SourceUnavailable."""
+        await self._lane.ensure_link()
 
     async def _call(self, op: str, *args: Any) -> Any:
         async with self._lane.lock:
