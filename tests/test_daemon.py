@@ -283,3 +283,26 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first(pg15, fr
     assert daemon.pidfile.read_text().strip() == str(daemon.proc.pid)  # the first one's pidfile is untouched
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0
+
+
+def test_a_pause_file_named_by_a_reload_pauses_collection_until_it_is_removed(pg15, fresh_db, daemon: Daemon) -> None:
+    """[collector] pause_file, added by a reload to a daemon started without one (whose watch then sleeps until a
+    reload instead of waking every 2 s): while the file exists the source is paused, after it is removed it
+    collects again."""
+    def source_status() -> str:
+        doc = daemon.status()
+        return "" if doc is None else next(s.status for s in doc.sources if s.name == "a")
+
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)])
+    daemon.start()
+    wait_until(lambda: len(daemon.times("a")) >= 2, what="collection")
+    pause = daemon.tmp / "pause"
+    pause.touch()
+    daemon.config.write_text(daemon.config.read_text().replace(
+        "shutdown_grace_seconds = 10\n", f'shutdown_grace_seconds = 10\npause_file = "{pause}"\n'))
+    assert daemon.reload().returncode == 0
+    wait_until(lambda: source_status() == "paused", what="the source paused by the pause file")
+    seen = len(daemon.times("a"))
+    pause.unlink()
+    wait_until(lambda: len(daemon.times("a")) >= seen + 2, what="collection after the pause file went")
+    assert daemon.stop() == 0

@@ -238,11 +238,11 @@ async def test_a_lease_waits_for_the_connection_to_open_never_for_the_statement_
         await LeasedLink(lane).ready()
         ready_at.append(trio.current_time())
 
-    async with trio.open_nursery() as n:
-        async with lane.lock:  # the slow lane's job: the lock first, the connection next, then 30 s of statement
-            n.start_soon(collector)
-            await trio.sleep(0.5)
-            await lane.ensure_link()
-            await trio.sleep(30)
+    # the slow lane's job: the lock first, the connection next, then 30 s of statement
+    async with trio.open_nursery() as n, lane.lock:
+        n.start_soon(collector)
+        await trio.sleep(0.5)
+        await lane.ensure_link()
+        await trio.sleep(30)
     assert ready_at == [2.0]  # the open the collector started (the slow lane's waited for it): not 30 s later
     assert len(owner.connector.others) == 0 and owner.connector.conn.fetches == [FACTS_SQL]  # one connection

@@ -120,6 +120,7 @@ class Daemon:
         self.reconciler = Reconciler(config, make_source=self._make_source, controls=self.controls,
                                      sinks=self.sinkset, groups=groups or (), resolver=resolver)
         self._stop = trio.Event()
+        self._reloaded = trio.Event()  # set by each applied reload (the pause file's watch reads the config again)
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
@@ -282,6 +283,7 @@ class Daemon:
             log.warning("reload: %s not applied: shutting down", path)
             return False
         self.reloads += 1
+        self._reloaded.set()
         self.controls.fleet_size = len(self.wanted_sources(new))  # for sources started now on
         self.controls.phase_spread = fleet_phase_spread(self.controls.fleet_size)
         self.gc.settle(self.settle_seconds())  # new sources connect within their phase spread
@@ -297,13 +299,20 @@ class Daemon:
     # -- pause file ------------------------------------------------------------------------------
 
     async def _watch_pause_file(self) -> None:
-        """While [collector] pause_file exists, no source queries its server (checked every 2 s)."""
+        """While [collector] pause_file exists, no source queries its server (checked every 2 s). Without a
+        pause_file this task sleeps until a reload (a wake-up every 2 s of an otherwise idle daemon costs
+        more CPU than its work: the machine's caches are cold after each sleep; docs/benchmarks.md)."""
         paused = self.controls.paused
         while True:
+            reloaded = self._reloaded = trio.Event()
             path = self.config.collector.pause_file
             exists = path is not None and await trio.Path(path).exists()
             if exists != paused:
                 if not await self.reconciler.submit(SetPaused(exists)):
                     return
                 paused = exists
-            await trio.sleep(PAUSE_CHECK_SECONDS)
+            if path is None:
+                await reloaded.wait()
+            else:
+                with trio.move_on_after(PAUSE_CHECK_SECONDS):
+                    await reloaded.wait()
