@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from reaper.config.load import load_config
+from reaper.daemon import statuswrite
 from reaper.daemon.app import Daemon
 from reaper.daemon.lanes import LaneState
 from reaper.daemon.reconciler import RunningSource
@@ -122,22 +123,27 @@ def test_the_writer_writes_on_change_on_request_and_on_the_heartbeat_only(tmp_pa
             await trio.sleep(1)
             assert writer.writes == 1  # at start
             inode = path.stat().st_ino
-            for _ in range(10):  # ten checks, only counters moving
+            for _ in range(10):  # ten ticks' checks, only counters moving
                 _counters(daemon)
-                await trio.sleep(STATUS_CHECK_SECONDS)
+                daemon.controls.worked()  # a source's tick is done
+                await trio.sleep(1)
             assert writer.writes == 1 and path.stat().st_ino == inode
             daemon.sources["s1"].reaper.state.status = "down"
-            await trio.sleep(STATUS_CHECK_SECONDS)
-            assert writer.writes == 2  # within one check
+            daemon.controls.worked()
+            await trio.sleep(0.1)
+            assert writer.writes == 2  # at once after the tick that saw it
             assert read_status_file(path).sources[1].status == "down"
+            daemon.sources["s2"].reaper.state.status = "down"  # a change no tick or lane run announces
+            await trio.sleep(STATUS_CHECK_SECONDS)
+            assert writer.writes == 3  # within one unprompted check
             writer.request()  # SIGUSR2
             await trio.sleep(0.01)
-            assert writer.writes == 3
+            assert writer.writes == 4
             assert read_status_file(path).sources[1].ticks == 70  # the latest counters
             await trio.sleep(STATUS_HEARTBEAT_SECONDS - STATUS_CHECK_SECONDS)
-            assert writer.writes == 3
+            assert writer.writes == 4
             await trio.sleep(2 * STATUS_CHECK_SECONDS)
-            assert writer.writes == 4  # the heartbeat
+            assert writer.writes == 5  # the heartbeat
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -183,5 +189,36 @@ def test_the_build_has_every_field_of_source_status(tmp_path: Path) -> None:
         built = await daemon.status_writer.build()
         fields = [f.name for f in attrs.fields(type(daemon.sources["s0"].reaper.status()))]
         assert list(built["sources"][0]) == fields
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_writer_checks_after_work_spaced_for_the_fleet_and_else_only_every_check_period(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No clock of its own below STATUS_CHECK_SECONDS (an idle daemon's wake-ups cost more than their work):
+    an idle minute holds one check per STATUS_CHECK_SECONDS; ticks poking 100 times a second in a 150-source
+    fleet (spacing 0.75 s; written in the trio thread, as below THREAD_FROM_SOURCES) are checked 6-7 times in 5 s."""
+    checks: list[float] = []
+    real = statuswrite.status_fingerprint
+
+    def counted(daemon: Any) -> Any:
+        checks.append(trio.current_time())
+        return real(daemon)
+
+    monkeypatch.setattr(statuswrite, "status_fingerprint", counted)
+
+    async def main() -> None:
+        daemon = make_daemon(tmp_path, sources=150)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.status_writer.run)
+            await trio.sleep(59)
+            idle = len(checks)
+            for _ in range(500):  # 5 s of ticks
+                daemon.controls.worked()
+                await trio.sleep(0.01)
+            busy = len(checks) - idle
+            nursery.cancel_scope.cancel()
+        assert idle == 1 + 59 // STATUS_CHECK_SECONDS  # at start, then one per check period
+        assert 6 <= busy <= 8, checks
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

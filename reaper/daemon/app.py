@@ -126,6 +126,7 @@ class Daemon:
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
         self.status_writer = StatusWriter(self)
+        self.controls.worked = self.status_writer.poke  # after each tick and lane run: checked while awake
         # freezes the long-lived heap while the fleet settles (reaper.daemon.memory); its task runs in the
         # daemon's process only (reaper.daemon.root), not in a test's that runs a Daemon beside other things
         self.gc = GcSettler()

@@ -65,6 +65,8 @@ class LaneOwner(JobOwner, Protocol):
 
     async def link_opened(self, link: SourceLink) -> None: ...
 
+    def worked(self) -> None: ...
+
     def timeout_share(self, job: Job) -> float | None: ...
 
 
@@ -164,6 +166,7 @@ class Lane:
                 finally:
                     self._pending.difference_update(running)
                     self.touch()
+                    self.owner.worked()  # a run's outcome may change the status file (reaper.daemon.statuswrite)
         finally:
             self._busy = False
 

@@ -151,6 +151,7 @@ class SourceReaper:
             if self.slow is not None:
                 self.slow.close_if_idle()  # unused for idle_seconds: its connection closes
             await self.tick(due)
+            self.worked()
 
     def status(self) -> SourceStatus:
         st = self.state
@@ -309,6 +310,10 @@ class SourceReaper:
                     return await self.connector(self.config)
             except trio.TooSlowError as e:
                 raise SourceUnavailable(f"connect timed out after {self.config.connect_timeout_seconds:g}s") from e
+
+    def worked(self) -> None:
+        """After a tick or a lane's run: the status file's writer checks what changed (statuswrite)."""
+        self.controls.worked()
 
     async def link_opened(self, link: SourceLink) -> None:
         """What the slow lane's new connection reads before any job takes it: the local collectors' server

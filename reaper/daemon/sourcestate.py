@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 import trio
@@ -18,6 +18,10 @@ from reaper.schedule import PHASE_SPREAD
 
 MAX_PARALLEL_CONNECTS = 32
 LATENESS_SAMPLES = 256  # the recent ticks whose lateness status reports (p50, p99, max)
+
+
+def _nothing() -> None:
+    pass
 
 
 @attrs.define(eq=False)
@@ -34,6 +38,8 @@ class FleetControls:
     connects: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(MAX_PARALLEL_CONNECTS))
     # every source's ticks: how late they started (status, `reaper status`, reaper_tick_lateness_seconds)
     lateness: LatenessHistogram = attrs.field(factory=lambda: LatenessHistogram())
+    # called after each tick and lane run: the status file's writer checks then (reaper.daemon.statuswrite)
+    worked: Callable[[], None] = _nothing
 
 
 async def connect_source(config: SourceConfig, *, application_name: str = db.APPLICATION_NAME) -> SourceLink:

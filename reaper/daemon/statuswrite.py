@@ -2,11 +2,16 @@
 
 The file is rewritten when something an operator acts on changed, not on a clock:
 
-- every `check_seconds` (STATUS_CHECK_SECONDS; longer for a large fleet) the writer compares a cheap
-  fingerprint of that state (`status_fingerprint`: each source's status, degraded metrics, last error,
-  recovery role, server version, lanes' connections and budget stretching; each sink's error, spilling
-  and losses; reloads; fleet membership; the running plan) with the one of the last write, and writes
-  when it differs;
+- after each source's tick and each lane's run (`poke`, through FleetControls.worked), at most once per
+  CHECK_PER_SOURCE_SECONDS x sources (5 s at 1000 sources), and every `check_seconds`
+  (STATUS_CHECK_SECONDS) for what no such work announces (a sink's error, fleet membership), the writer
+  compares a cheap fingerprint of that state (`status_fingerprint`: each source's status, degraded
+  metrics, last error, recovery role, server version, lanes' connections and budget stretching; each
+  sink's error, spilling and losses; reloads; fleet membership; the running plan) with the one of the
+  last write, and writes when it differs. It has no clock of its own below that: on the machines here a
+  wake-up of an idle process costs milliseconds of CPU however little it does (caches cold after a sleep),
+  and a 2 s check was most of an idle daemon's CPU (docs/benchmarks.md); after a tick it runs while the
+  process is awake anyway;
 - the counters (ticks, rows, lateness, cost figures, `updated_wall`) are refreshed by a slow heartbeat,
   at least every STATUS_HEARTBEAT_SECONDS;
 - on request: SIGUSR2 (`reaper status` sends it) writes it at once; start-up, a reload and shutdown
@@ -42,8 +47,8 @@ from reaper.sinks import FanOut
 
 log = logging.getLogger("reaper.daemon.statuswrite")
 
-STATUS_CHECK_SECONDS = 2.0  # how often the fingerprint is compared (a change shows within this)
-CHECK_PER_SOURCE_SECONDS = 0.005  # a large fleet compares less often: 5 s at 1000 sources
+STATUS_CHECK_SECONDS = 15.0  # a change that no tick or lane run announced shows within this
+CHECK_PER_SOURCE_SECONDS = 0.005  # checks after work at most this often per source: 5 s at 1000 sources
 BUILD_CHUNK = 50  # sources built between two yields to the loop
 THREAD_FROM_SOURCES = 200  # from this many sources on, dump and write in a worker thread
 
@@ -103,6 +108,7 @@ class StatusWriter:
         self.heartbeat_seconds = heartbeat_seconds
         self.writes = 0
         self._wanted = trio.Event()
+        self._wake = trio.Event()  # a poke or a request since the last check
         self._lock = trio.Lock()
         self._written: tuple[Hashable, ...] | None = None  # the fingerprint of the last write
         self._written_at = -math.inf  # trio time
@@ -116,18 +122,29 @@ class StatusWriter:
     def request(self) -> None:
         """Write it now (SIGUSR2): the writer task answers at once, whatever changed."""
         self._wanted.set()
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Work that may have changed the status was done (a tick, a lane's run): check soon."""
+        self._wake.set()
 
     async def run(self) -> None:
-        """Check every check_seconds; write on a change, on request, or when the heartbeat is due."""
+        """Check after a poke (spaced for a large fleet), every check_seconds, on request; write on a change,
+        on request, or when the heartbeat is due."""
         while True:
+            self._wake = trio.Event()  # before the check: a poke while it writes wakes the next one
+            checked = trio.current_time()
             fingerprint = status_fingerprint(self.daemon)
-            due = trio.current_time() - self._written_at >= self.heartbeat_seconds
-            if self._wanted.is_set() or due or fingerprint != self._written:
+            if self._wanted.is_set() or checked - self._written_at >= self.heartbeat_seconds \
+                    or fingerprint != self._written:
                 self._wanted = trio.Event()
                 await self.write(fingerprint)
-            check = max(self.check_seconds, CHECK_PER_SOURCE_SECONDS * len(self.daemon.sources))
-            with trio.move_on_after(check):
-                await self._wanted.wait()
+            heartbeat = self._written_at + self.heartbeat_seconds  # not after now only when the write failed
+            with trio.move_on_at(checked + self.check_seconds if heartbeat <= checked
+                                 else min(checked + self.check_seconds, heartbeat)):
+                await self._wake.wait()
+            with trio.move_on_at(checked + CHECK_PER_SOURCE_SECONDS * len(self.daemon.sources)):
+                await self._wanted.wait()  # a large fleet's ticks poke often: one check per spacing, a request at once
 
     async def write(self, fingerprint: tuple[Hashable, ...] | None = None) -> None:
         """Build the status (yielding to the loop between chunks of sources) and replace the file."""
