@@ -9,12 +9,14 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import trio
 
 from reaper.config.schema import JsonFileSinkConfig
 from reaper.measurement import Measurement
 from reaper.sinks import FanOut, run_sink, write_with_retry
-from reaper.sinks.jsonfile import JsonFileSink, encode_measurement
+from reaper.sinks.jsonfile import GATHER_SECONDS, JsonFileSink, encode_measurement
+from reaper.sinks.runner import WRITES_PER_GATHER
 
 
 def measurement(metric: str = "m", **row) -> Measurement:
@@ -56,16 +58,21 @@ async def test_sink_task_writes_everything_queued_before_the_channel_closes(tmp_
     assert [json.loads(line)["data"][0]["v"] for line in lines] == list(range(700))
 
 
-async def test_measurements_that_trickle_in_share_one_write(tmp_path: Path, autojump_clock) -> None:
-    """Sources of a fleet emit a moment apart: within the sink's gather window they make one write
-    (one wake-up, one write(2)), not one each; a shutdown inside the window still writes them."""
+async def test_a_burst_is_written_when_it_ends_and_a_busy_trickle_shares_writes(tmp_path: Path,
+                                                                                 autojump_clock) -> None:
+    """What one burst of work emits (a tick's measurements) is written when the burst ends, with no timer
+    of its own (each was one more wake-up per tick); sources that keep emitting a moment apart (a busy
+    fleet) get at most WRITES_PER_GATHER writes per gather window, what arrives meanwhile sharing the
+    next; a shutdown inside a window still writes what is in hand."""
     path = tmp_path / "out.ndjson"
     sink = JsonFileSink(JsonFileSinkConfig(path=str(path)))
     batches: list[int] = []
+    times: list[float] = []
     write = sink.write
 
     async def counted(batch: list[Measurement]) -> None:
         batches.append(len(batch))
+        times.append(trio.current_time())
         await write(batch)
 
     sink.write = counted  # type: ignore[method-assign]
@@ -76,16 +83,28 @@ async def test_measurements_that_trickle_in_share_one_write(tmp_path: Path, auto
             while sink._file is None:
                 await trio.sleep(0.001)
         async with send:
-            for i in range(5):  # five sources' ticks, 20 ms apart
+            burst = trio.current_time()
+            for i in range(5):  # one tick's measurements, emitted between checkpoints
+                send.send_nowait(measurement(v=i))
+                await trio.lowlevel.checkpoint()
+            await trio.sleep(1)
+            assert batches == [5]
+            assert times == [burst]  # when the burst ended, not GATHER_SECONDS later
+            trickle = trio.current_time()
+            for i in range(5, 15):  # ten sources' ticks, 20 ms apart
                 send.send_nowait(measurement(v=i))
                 await trio.sleep(0.02)
             await trio.sleep(1)
-            assert batches == [5]
-            for i in range(5, 8):  # then the channel closes inside a gather window
+            # the burst's write counts in the window; the 4th of the trickle comes after it left the window
+            assert batches == [5, 1, 1, 1, 1, 6]
+            assert times[1:5] == pytest.approx([trickle + 0.02 * i for i in range(4)])
+            assert all(later - earlier >= GATHER_SECONDS - 1e-9
+                       for earlier, later in zip(times, times[WRITES_PER_GATHER:], strict=False))
+            for i in range(15, 18):  # then the channel closes while it waits
                 send.send_nowait(measurement(v=i))
                 await trio.sleep(0.01)
-    assert [json.loads(line)["data"][0]["v"] for line in path.read_text().splitlines()] == list(range(8))
-    assert batches == [5, 3]
+    assert [json.loads(line)["data"][0]["v"] for line in path.read_text().splitlines()] == list(range(18))
+    assert sum(batches) == 18
 
 
 async def test_fanout_never_blocks_and_counts_what_a_full_sink_cannot_take(tmp_path: Path, caplog) -> None:

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.pg
 
 # top-level packages that only a configured feature may import
 OPTIONAL = {"hypercorn", "prometheus_client", "psycopg", "httpx", "yaml", "rich", "psutil", "matplotlib",
-            "h11", "h2", "httpcore", "tomli_w", "difflib"}
+            "h11", "h2", "httpcore", "tomli_w", "difflib",
+            "pytest", "_pytest"}  # trio.testing imports pytest when it is installed (reaper.quiet avoids it)
 # reaper's own modules that only a configured feature (or a CLI verb other than `run`) may import
 OPTIONAL_REAPER = {"reaper.daemon.fleet", "reaper.db.fleet", "reaper.daemon.health", "reaper.catalog.pgwatch",
                    "reaper.db.configdb", "reaper.sinks.prometheus", "reaper.sinks.postgres", "reaper.db.storage"}

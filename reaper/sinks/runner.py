@@ -20,6 +20,7 @@ What a failure means is decided here, once, by its type:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ import trio
 
 from reaper.errors import ConfigError, SinkError, SinkRejected
 from reaper.measurement import Measurement
+from reaper.quiet import until_quiet
 from reaper.sinks.fanout import Outlet
 from reaper.sinks.rejected import describe, rejected_directory, set_aside
 from reaper.sinks.spill import SpillQueue
@@ -38,6 +40,9 @@ log = logging.getLogger("reaper.sinks")
 MAX_WRITE_BATCH = 500
 RETRY_MAX_SECONDS = 30.0
 RETRY_FIRST_SECONDS = 0.5
+# a sink with gather_seconds writes each burst of work's measurements when the burst ends (a tick's come in
+# 2-3 bursts: fast lane, slow lane, host collectors), up to this many writes per gather_seconds
+WRITES_PER_GATHER = 4
 TRANSIENT_ERRORS = (OSError, SinkError)  # an outage: kept, spilled, retried
 
 
@@ -46,9 +51,11 @@ class Sink(Protocol):
     in order and either stores the whole batch or raises: a transient error (OSError, SinkError) when the
     same batch may succeed later, anything else (SinkRejected, TypeError, ...) when its content is refused.
 
-    A sink may have `gather_seconds`: after the first measurement arrives at an idle sink, the runner
-    waits that long for more before writing, so a fleet's ticks share one write (what is in hand is
-    written, or kept, at shutdown like any batch)."""
+    A sink may have `gather_seconds`: it then writes what arrived when the burst of work that emitted it
+    ends (reaper.quiet: no wake-up of its own after a tick), at most `gather_seconds` after the first
+    measurement; after WRITES_PER_GATHER writes within `gather_seconds` it waits out the rest of that
+    window, so a busy fleet's ticks share one write (what is in hand is written, or kept, at shutdown like
+    any batch)."""
 
     label: str
 
@@ -76,6 +83,7 @@ class SinkRunner:
     _delay: float = RETRY_FIRST_SECONDS
     _traced: set[type] = attrs.field(factory=set)  # error types already logged with a traceback
     _beside: trio.Nursery | None = None  # the sink's own nursery (run() opens it)
+    _writes: deque[float] = attrs.field(factory=lambda: deque(maxlen=WRITES_PER_GATHER))  # their trio times
 
     def __attrs_post_init__(self) -> None:
         if self.rejected_dir is None and self.spill is not None:
@@ -119,9 +127,10 @@ class SinkRunner:
                 open_ = _drain(self.receive, in_hand)
                 gather = getattr(self.sink, "gather_seconds", 0.0)
                 if gather > 0 and open_ and len(in_hand) < MAX_WRITE_BATCH:
-                    await trio.sleep(gather)  # what other sources emit meanwhile joins this write
+                    await self._gather(gather)  # what else the burst (or a busy fleet) emits joins this write
                     open_ = _drain(self.receive, in_hand)
                 await self._deliver(in_hand)
+                self._writes.append(trio.current_time())
                 in_hand = []
         finally:
             with trio.move_on_after(5, shield=True):
@@ -133,6 +142,17 @@ class SinkRunner:
                     log.warning("sink %s: closing failed: %s", self.sink.label, describe(e))
             if self.spill is not None:
                 self.spill.close()
+
+    async def _gather(self, gather: float) -> None:
+        """Before a write: wait for the end of the burst of work that emitted the first measurement in hand
+        (at most `gather` s); after WRITES_PER_GATHER writes within `gather` s (a busy fleet), for the rest
+        of that window instead, so what arrives meanwhile shares one write."""
+        recent = self._writes
+        rest = recent[0] + gather - trio.current_time() if len(recent) == recent.maxlen else 0.0
+        if rest > 0:
+            await trio.sleep(rest)
+        else:
+            await until_quiet(gather)
 
     # -- opening ---------------------------------------------------------------------------------------
 
