@@ -193,6 +193,40 @@ def test_the_build_has_every_field_of_source_status(tmp_path: Path) -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_a_small_fleet_is_checked_when_each_burst_of_work_ends_with_no_timer_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below SPACED_FROM_SOURCES, a tick's pokes are checked once its burst of work has ended, in the same
+    moment: a check on a timer a moment later (the 30 ms spacing of 6 sources) was one more wake-up of the
+    process per tick, and wake-ups are most of an idle daemon's CPU."""
+    checks: list[float] = []
+    real = statuswrite.status_fingerprint
+
+    def counted(daemon: Any) -> Any:
+        checks.append(trio.current_time())
+        return real(daemon)
+
+    monkeypatch.setattr(statuswrite, "status_fingerprint", counted)
+
+    async def main() -> None:
+        daemon = make_daemon(tmp_path, sources=6)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.status_writer.run)
+            await trio.sleep(1)
+            bursts = []
+            for _ in range(3):  # a tick: its lanes poke a few milliseconds apart
+                for _ in range(2):
+                    bursts.append(trio.current_time())
+                    for _ in range(4):  # a burst of work that pokes, then goes on a little
+                        daemon.controls.worked()
+                        await trio.lowlevel.checkpoint()
+                    await trio.sleep(0.004)
+                await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+        assert checks[1:] == bursts  # one check per burst, at its end, none in between or after
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_the_writer_checks_after_work_spaced_for_the_fleet_and_else_only_every_check_period(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No clock of its own below STATUS_CHECK_SECONDS (an idle daemon's wake-ups cost more than their work):

@@ -2,8 +2,10 @@
 
 The file is rewritten when something an operator acts on changed, not on a clock:
 
-- after each source's tick and each lane's run (`poke`, through FleetControls.worked), at most once per
-  CHECK_PER_SOURCE_SECONDS x sources (5 s at 1000 sources), and every `check_seconds`
+- after each source's tick and each lane's run (`poke`, through FleetControls.worked), once the burst of
+  work that poked has ended (reaper.quiet: in the same wake-up, never on a timer a moment later); from
+  SPACED_FROM_SOURCES sources on, at most once per CHECK_PER_SOURCE_SECONDS x sources (5 s at 1000
+  sources); and every `check_seconds`
   (STATUS_CHECK_SECONDS) for what no such work announces (a sink's error, fleet membership), the writer
   compares a cheap fingerprint of that state (`status_fingerprint`: each source's status, degraded
   metrics, last error, recovery role, server version, lanes' connections and budget stretching; each
@@ -43,12 +45,15 @@ from reaper.daemon.status import (
     unstructure,
     write_status_doc,
 )
+from reaper.quiet import until_quiet
 from reaper.sinks import FanOut
 
 log = logging.getLogger("reaper.daemon.statuswrite")
 
 STATUS_CHECK_SECONDS = 15.0  # a change that no tick or lane run announced shows within this
 CHECK_PER_SOURCE_SECONDS = 0.005  # checks after work at most this often per source: 5 s at 1000 sources
+SPACED_FROM_SOURCES = 100  # below, a check (under 20 us) follows every burst of work that poked
+QUIET_LIMIT_SECONDS = 0.5  # a check waits at most this long for the burst that poked to end
 BUILD_CHUNK = 50  # sources built between two yields to the loop
 THREAD_FROM_SOURCES = 200  # from this many sources on, dump and write in a worker thread
 
@@ -143,8 +148,16 @@ class StatusWriter:
             with trio.move_on_at(checked + self.check_seconds if heartbeat <= checked
                                  else min(checked + self.check_seconds, heartbeat)):
                 await self._wake.wait()
-            with trio.move_on_at(checked + CHECK_PER_SOURCE_SECONDS * len(self.daemon.sources)):
-                await self._wanted.wait()  # a large fleet's ticks poke often: one check per spacing, a request at once
+            if self._wanted.is_set():
+                continue
+            # after a poke, check when the burst of work that poked has ended (reaper.quiet), in the same
+            # wake-up; a large fleet's ticks poke often: there, one check per spacing, a request at once
+            sources = len(self.daemon.sources)
+            if sources >= SPACED_FROM_SOURCES:
+                with trio.move_on_at(checked + CHECK_PER_SOURCE_SECONDS * sources):
+                    await self._wanted.wait()
+            if not self._wanted.is_set():
+                await until_quiet(QUIET_LIMIT_SECONDS)
 
     async def write(self, fingerprint: tuple[Hashable, ...] | None = None) -> None:
         """Build the status (yielding to the loop between chunks of sources) and replace the file."""
