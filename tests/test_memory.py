@@ -22,6 +22,7 @@ from reaper import db
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.daemon import memory
 from reaper.daemon.sourcestate import LATENESS_SAMPLES, Recent, SourceState
+from reaper.quiet import WorkPulse
 
 
 @pytest.mark.pg
@@ -102,6 +103,32 @@ async def test_the_trim_task_trims_every_period(monkeypatch: pytest.MonkeyPatch,
     with trio.move_on_after(memory.TRIM_SECONDS * 3.5):
         await memory.trim_every()
     assert len(calls) == 3
+
+
+async def test_the_daemon_s_trim_follows_work_and_sleeps_while_there_is_none(
+        monkeypatch: pytest.MonkeyPatch, autojump_clock: Any) -> None:
+    """With the daemon's work pulse: no trim (and no wake-up) while no tick runs; with ticks every 10 s,
+    one trim per period, in the moment of a tick, never on a timer of its own."""
+    calls: list[float] = []
+    ticks: list[float] = []
+
+    def counting() -> bool:
+        calls.append(trio.current_time())
+        return True
+
+    monkeypatch.setattr(memory, "trim", counting)
+    work = WorkPulse()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(memory.trim_every, memory.TRIM_SECONDS, work.next)
+        await trio.sleep(memory.TRIM_SECONDS * 4)
+        assert calls == []
+        for _ in range(10):  # ticks every 10 s
+            ticks.append(trio.current_time())
+            work.beat()
+            await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert len(calls) == 4  # the first tick (the idle time counted), then one every 30 s
+    assert set(calls) <= set(ticks)
 
 
 def test_generated_method_sources_are_forgotten() -> None:

@@ -55,6 +55,7 @@ from reaper.daemon.statuswrite import StatusWriter
 from reaper.errors import ConfigError
 from reaper.kinds import resolve
 from reaper.measurement import Measurement
+from reaper.quiet import WorkPulse
 from reaper.schedule import fleet_phase_spread
 from reaper.sinks import FanOut, Sink
 
@@ -126,10 +127,17 @@ class Daemon:
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
         self.status_writer = StatusWriter(self)
-        self.controls.worked = self.status_writer.poke  # after each tick and lane run: checked while awake
+        self.work = WorkPulse()  # beaten after each tick and lane run: what follows work waits on it (memory trim)
+        self.controls.worked = self._worked
         # freezes the long-lived heap while the fleet settles (reaper.daemon.memory); its task runs in the
         # daemon's process only (reaper.daemon.root), not in a test's that runs a Daemon beside other things
         self.gc = GcSettler()
+
+    def _worked(self) -> None:
+        """After each tick and lane run: the status is checked, and the heap trimmed, while the process is
+        awake anyway (reaper.quiet)."""
+        self.status_writer.poke()
+        self.work.beat()
 
     def __repr__(self) -> str:
         paused = " paused" if self.controls.paused else ""

@@ -4,7 +4,7 @@ A collector allocates in bursts (one tick's rows, its encoded lines) and then id
 burst freed: each thread that ever called malloc may get its own arena (up to 8 per core), and the
 dynamic mmap threshold climbs after the first large free, which also raises the trim threshold up to
 64 MB, so big freed blocks sit in the heap instead of going back to the OS. `tune()` (once, at daemon
-start-up) fixes both thresholds and caps the arenas; `trim()` (after each round of ticks, see
+start-up) fixes both thresholds and caps the arenas; `trim()` (after a tick every 30 s, see
 `trim_every`) hands free heap pages back. Both do nothing off glibc, and never raise.
 
 attrs and cattrs also keep the source text of every method they generate in `linecache` (for debuggers:
@@ -31,9 +31,12 @@ import gc
 import linecache
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+
+from reaper.quiet import until_quiet
 
 log = logging.getLogger("reaper.daemon.memory")
 
@@ -91,13 +94,26 @@ def forget_generated_sources() -> int:
     return len(names)
 
 
-async def trim_every(seconds: float = TRIM_SECONDS) -> None:
+async def trim_every(seconds: float = TRIM_SECONDS, after_work: Callable[[], Awaitable[None]] | None = None) -> None:
     """Every `seconds`: forget generated sources made since (config reloads generate more), then trim
-    the heap (a few hundred microseconds each; the trim is a no-op off glibc)."""
+    the heap (a few hundred microseconds each; the trim is a no-op off glibc).
+
+    With `after_work` (the daemon's WorkPulse.next): at the end of the first burst of work (a tick) once
+    `seconds` have passed, on no timer of its own: a wake-up of an idle process costs more than the trim
+    (reaper.quiet), and a daemon that does no work makes nothing to trim."""
+    if after_work is None:
+        while True:
+            await trio.sleep(seconds)
+            forget_generated_sources()
+            trim()
+    last = trio.current_time()
     while True:
-        await trio.sleep(seconds)
-        forget_generated_sources()
-        trim()
+        await after_work()
+        if trio.current_time() - last >= seconds:
+            await until_quiet(seconds)
+            forget_generated_sources()
+            trim()
+            last = trio.current_time()
 
 
 FREEZE_SECONDS = 5.0  # while settling, survivors are frozen this often
