@@ -150,3 +150,38 @@ async def test_callbacks_queued_together_run_in_one_step() -> None:
         finally:
             trio.lowlevel.remove_instrument(counter)
     assert 0 < counter.steps <= 10
+
+
+async def test_a_cancelled_timer_does_not_wake_the_loop(autojump_clock) -> None:
+    """asyncpg arms a timer for a query's timeout and cancels it when the answer comes in time:
+    trio-asyncio kept it and woke its loop when it came due, for nothing (one wake-up of an idle daemon
+    per query). The loop's task takes no step while only cancelled timers are pending."""
+    counter = StepCounter()
+
+    async def arm_and_cancel() -> None:
+        loop = asyncio.get_running_loop()
+        timeout = loop.call_later(10, lambda: None)
+        await asyncio.sleep(0)
+        timeout.cancel()
+
+    async with trio_asyncio.open_loop() as loop:
+        assert run_ready_callbacks_in_batches(loop)
+        await aio_as_trio(arm_and_cancel)()
+        await trio.sleep(1)  # the loop settles: it waits for a callback or its next timer
+        counter.task = _loop_task()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            await trio.sleep(30)  # past the cancelled timer's due time
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        late: list[str] = []
+        await aio_as_trio(_call_later_and_wait)(late)
+        assert late == ["fired"]  # a live timer still fires
+    assert counter.steps == 0
+
+
+async def _call_later_and_wait(seen: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.call_later(5, lambda: (seen.append("fired"), done.set_result(None)))
+    await done
