@@ -54,8 +54,12 @@ def test_a_fleet_ticks_by_groups_on_a_grid_and_still_within_one_spread() -> None
             assert max(instants.values()) <= 4 * 16  # groups, not one burst
 
 
-def test_a_small_fleet_keeps_its_ticks_spread() -> None:
-    """Under 16 sources there is no grid: each first tick at the source's own phase."""
-    firsts = {Schedule.starting(999.37, f"s{i}", {"a": 30}, fleet_phase_spread(6), 6).next_tick(999.37)[1]
-              for i in range(6)}
-    assert len(firsts) == 6
+def test_a_small_fleet_ticks_at_one_instant_and_a_lone_source_at_its_phase() -> None:
+    """Under 16 sources the whole fleet shares one grid instant (one wake-up of the process per tick, not
+    one per source), still within one spread of the start; a lone source keeps its own phase."""
+    spread = fleet_phase_spread(6)
+    firsts = {Schedule.starting(999.37, f"s{i}", {"a": 30}, spread, 6).next_tick(999.37)[1] for i in range(6)}
+    assert len(firsts) == 1
+    assert 999.37 <= firsts.pop() < 999.37 + spread
+    alone = {Schedule.starting(999.37, f"s{i}", {"a": 30}, spread, 1).next_tick(999.37)[1] for i in range(6)}
+    assert len(alone) == 6
