@@ -193,11 +193,8 @@ def test_the_build_has_every_field_of_source_status(tmp_path: Path) -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_a_small_fleet_is_checked_when_each_burst_of_work_ends_with_no_timer_of_its_own(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below SPACED_FROM_SOURCES, a tick's pokes are checked once its burst of work has ended, in the same
-    moment: a check on a timer a moment later (the 30 ms spacing of 6 sources) was one more wake-up of the
-    process per tick, and wake-ups are most of an idle daemon's CPU."""
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The trio times of the writer's checks (each computes the status fingerprint once)."""
     checks: list[float] = []
     real = statuswrite.status_fingerprint
 
@@ -206,6 +203,15 @@ def test_a_small_fleet_is_checked_when_each_burst_of_work_ends_with_no_timer_of_
         return real(daemon)
 
     monkeypatch.setattr(statuswrite, "status_fingerprint", counted)
+    return checks
+
+
+def test_a_small_fleet_is_checked_when_each_burst_of_work_ends_with_no_timer_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below SPACED_FROM_SOURCES, a tick's pokes are checked once its burst of work has ended, in the same
+    moment: a check on a timer a moment later (the 30 ms spacing of 6 sources) was one more wake-up of the
+    process per tick, and wake-ups are most of an idle daemon's CPU."""
+    checks = _count_checks(monkeypatch)
 
     async def main() -> None:
         daemon = make_daemon(tmp_path, sources=6)
@@ -232,14 +238,7 @@ def test_the_writer_checks_after_work_spaced_for_the_fleet_and_else_only_every_c
     """No clock of its own below STATUS_CHECK_SECONDS (an idle daemon's wake-ups cost more than their work):
     an idle minute holds one check per STATUS_CHECK_SECONDS; ticks poking 100 times a second in a 150-source
     fleet (spacing 0.75 s; written in the trio thread, as below THREAD_FROM_SOURCES) are checked 6-7 times in 5 s."""
-    checks: list[float] = []
-    real = statuswrite.status_fingerprint
-
-    def counted(daemon: Any) -> Any:
-        checks.append(trio.current_time())
-        return real(daemon)
-
-    monkeypatch.setattr(statuswrite, "status_fingerprint", counted)
+    checks = _count_checks(monkeypatch)
 
     async def main() -> None:
         daemon = make_daemon(tmp_path, sources=150)
