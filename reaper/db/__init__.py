@@ -22,6 +22,7 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
+from reaper.db import tls
 from reaper.db.aioloop import check_callbacks_only_in_debug, run_ready_callbacks_in_batches
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
@@ -467,7 +468,7 @@ SYSTEM_ID_SQL = "(select system_identifier from pg_control_system())"
 
 
 async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
-    conn = await asyncpg.connect(dsn, **kwargs)
+    conn = await tls.connect(dsn, kwargs)
     tune(conn)
     try:
         try:  # one round trip when the role may read pg_control_system() (most can), two when not
