@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -79,6 +80,7 @@ def test_lateness_keeps_the_last_samples_oldest_first() -> None:
 def test_state_objects_have_no_instance_dict() -> None:
     assert not hasattr(SourceState("s"), "__dict__")
     assert not hasattr(Recent(), "__dict__")
+    assert sys.getsizeof(Recent(LATENESS_SAMPLES)._values) <= 4 * LATENESS_SAMPLES + 100  # 4 bytes a sample
 
 
 @pytest.mark.skipif(not hasattr(os, "confstr") or "CS_GNU_LIBC_VERSION" not in os.confstr_names,

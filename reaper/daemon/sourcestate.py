@@ -81,13 +81,14 @@ class LatenessHistogram:
 
 
 class Recent:
-    """The last `size` floats appended (the ticks' lateness), oldest first: a ring in an array, 8 bytes a
-    value, allocated once (a deque of floats keeps ~32 bytes a value)."""
+    """The last `size` floats appended (the ticks' lateness), oldest first: a ring in an array, allocated
+    once, 4 bytes a value (a deque of floats keeps ~32 bytes a value). A float32 keeps ~7 significant
+    digits: 12.345678 ms of lateness reads back as 12.34568 ms, far finer than status shows."""
 
     __slots__ = ("_count", "_next", "_values")
 
     def __init__(self, size: int = LATENESS_SAMPLES) -> None:
-        self._values = array("d", bytes(8 * size))
+        self._values = array("f", [0.0]) * size
         self._next = 0
         self._count = 0
 

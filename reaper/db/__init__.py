@@ -27,7 +27,7 @@ from reaper.db.aioloop import check_callbacks_only_in_debug, run_ready_callbacks
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
-from reaper.db.rows import RowShape, go_rows, row_shape
+from reaper.db.rows import RowShape, describe, go_rows
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
 
@@ -215,8 +215,7 @@ class SourceConnection:
                 try:
                     prepared = await self._conn.prepare(sql)
                     attributes = prepared.get_attributes()
-                    self.columns[sql] = tuple(a.name for a in attributes)
-                    self.shapes[sql] = row_shape(attributes)
+                    self.columns[sql], self.shapes[sql] = describe(attributes)
                 except asyncpg.PostgresError as e:
                     if is_connection_error(e):
                         raise

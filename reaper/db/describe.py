@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from reaper.db.rows import RowShape, row_shape
+from reaper.db.rows import RowShape, describe
 
 DESCRIBE_MARK = "reaper_describe_"  # the marker column before each query's columns
 
@@ -34,5 +34,5 @@ def split_description(sqls: Sequence[str], attributes: Sequence[Any]
     out = {}
     for sql, start, end in zip(sqls, marks, [*marks[1:], len(attributes)], strict=True):
         own = attributes[start + 1:end]
-        out[sql] = (tuple(a.name for a in own), row_shape(own))
+        out[sql] = describe(own)
     return out

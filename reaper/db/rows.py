@@ -25,6 +25,23 @@ _FLOAT_TYPES = frozenset({"float4", "float8"})
 _PLAIN_KINDS = frozenset({"scalar", "enum", "range", "multirange"})
 
 
+#: descriptions shared by every connection (at most this many kept; past it, each connection keeps its own)
+SHARED_DESCRIPTIONS = 4096
+_descriptions: dict[tuple[tuple[str, ...], RowShape | None], tuple[tuple[str, ...], RowShape | None]] = {}
+
+
+def describe(attributes: Sequence[Any]) -> tuple[tuple[str, ...], RowShape | None]:
+    """A metric's column names and RowShape from its prepared statement's attributes, one copy for the whole
+    process: a thousand sources running the same metric keep one tuple of names, not one each (issue 14)."""
+    key = (tuple(a.name for a in attributes), row_shape(attributes))
+    shared = _descriptions.get(key)
+    if shared is not None:
+        return shared
+    if len(_descriptions) < SHARED_DESCRIPTIONS:
+        _descriptions[key] = key
+    return key
+
+
 def row_shape(attributes: Sequence[Any]) -> RowShape | None:
     """From a prepared statement's attributes: float columns, and columns (arrays, records, json) whose
     values may hold floats at any depth. None when no column needs anything."""
