@@ -146,3 +146,25 @@ async def test_a_new_connection_first_tick_does_not_introspect_record_arrays(pg1
     # record and record[] never (an array column of a metric, int4[] here, is still introspected once, at the
     # connection's first description of it)
     assert not [oids for oids in introspected if {2249, 2287} & set(oids)]
+
+
+def test_connections_share_one_copy_of_a_metrics_columns(pg15: Any) -> None:
+    """A fleet running one preset keeps one tuple of column names per metric, not one per connection."""
+    sql = "select 1::int8 as a, 2.5::float8 as b, array[1.5]::float8[] as c"
+
+    async def describe_twice() -> list[tuple[Any, Any]]:
+        async with db.open_loop():
+            seen = []
+            for _ in range(2):
+                with trio.fail_after(10):
+                    conn = await db.open_source_connection(pg15.dsn(), statement_timeout_seconds=10)
+                try:
+                    await conn.run_tick(db.TickRequest(batch={"m": sql}))
+                    seen.append((conn.columns[sql], conn.shapes[sql]))
+                finally:
+                    await conn.close()
+        return seen
+
+    (cols1, shape1), (cols2, shape2) = trio.run(describe_twice)
+    assert cols1 == ("a", "b", "c") and cols1 is cols2
+    assert shape1 is not None and shape1.floats == ("b",) and shape1.nested == ("c",) and shape1 is shape2
