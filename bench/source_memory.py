@@ -5,7 +5,7 @@ in fleet1000 but faster) in one trio run with reaper's asyncio loop, takes a sna
 ticked a few times, starts N more, snapshots again, and prints the allocation sites that grew, in
 bytes per extra source (grouped by line, then by file), plus the trio tasks per source.
 
-    python bench/source_memory.py [--sources 100] [--interval 5] [--settle 20]
+    python bench/source_memory.py [--sources 100] [--interval 5] [--settle 20] [--frames 8]
 """
 
 from __future__ import annotations
@@ -45,7 +45,15 @@ def snapshot() -> tracemalloc.Snapshot:
     return tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
 
 
-async def main(dsn: str, n: int, interval: float, settle: float, top: int, preset: str = "basic") -> None:
+def short(filename: str) -> str:
+    for mark in ("site-packages/", "python3.11/", "/reaper/", "/bench/"):
+        if mark in filename:
+            return filename.split(mark, 1)[1]
+    return filename
+
+
+async def main(dsn: str, n: int, interval: float, settle: float, top: int, preset: str = "basic",
+               frames: int = 1) -> None:
     catalog = Catalog.for_config()
     metrics = dict.fromkeys(catalog.presets[preset].metrics, int(interval))
     controls = FleetControls()
@@ -81,6 +89,12 @@ async def main(dsn: str, n: int, interval: float, settle: float, top: int, prese
             frame = stat.traceback[0]
             where = f"{frame.filename}:{frame.lineno}" if key == "lineno" else frame.filename
             print(f"{stat.size_diff / n:10.0f} B {stat.count_diff / n:7.1f}  {where}")
+    if frames > 1:
+        print(f"\ntop {top} by traceback (innermost frame first):")
+        for stat in snap2.compare_to(snap1, "traceback")[:top]:
+            print(f"{stat.size_diff / n:10.0f} B {stat.count_diff / n:7.1f}")
+            for frame in reversed(stat.traceback):
+                print(f"{'':22}{short(frame.filename)}:{frame.lineno}")
 
 
 if __name__ == "__main__":
@@ -90,10 +104,13 @@ if __name__ == "__main__":
     parser.add_argument("--settle", type=float, default=20.0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--preset", default="basic", help="the preset each source runs (re-timed to --interval)")
+    parser.add_argument("--frames", type=int, default=1,
+                        help="frames kept per allocation; above 1 also prints the top sites with their callers")
     args = parser.parse_args()
     server = PgServer.create(major=15, settings={"max_connections": str(2 * args.sources + 20)})
     try:
-        tracemalloc.start(1)
-        trio.run(main, server.dsn(), args.sources, args.interval, args.settle, args.top, args.preset)
+        tracemalloc.start(args.frames)
+        trio.run(main, server.dsn(), args.sources, args.interval, args.settle, args.top, args.preset,
+                 args.frames)
     finally:
         server.cleanup()

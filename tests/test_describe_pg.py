@@ -92,20 +92,23 @@ async def test_a_column_named_like_the_marker_is_described_alone(pg15, fresh_db)
 
 
 async def connect_counting(dsn: str, monkeypatch: pytest.MonkeyPatch) -> tuple[db.ServerInfo, list[str]]:
-    """Connect with asyncpg's connection wrapped; the server facts and the statements sent at connect."""
+    """Connect with asyncpg's connection wrapped; the server facts and the statements sent at connect (each
+    asserted not to stay in asyncpg's statement cache: run once, they are not kept for the connection's life)."""
     made: list[CountingPrepares] = []
-    real_connect = db.asyncpg.connect
+    real_connect = db.tls.asyncpg.connect
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
         made.append(CountingPrepares(await real_connect(*args, **kwargs)))
         return made[-1]
 
-    monkeypatch.setattr(db.asyncpg, "connect", connect)
+    monkeypatch.setattr(db.tls.asyncpg, "connect", connect)
     async with db.open_loop():
         with trio.fail_after(10):
             conn = await db.open_source_connection(dsn, statement_timeout_seconds=10)
+        cached = len(made[0].real._stmt_cache)
         await conn.close()
-    return conn.server, made[0].fetched
+    assert cached == 0
+    return conn.server, made[0].texts + made[0].fetched
 
 
 async def test_connect_reads_the_server_facts_in_one_statement(pg15, fresh_db, monkeypatch) -> None:

@@ -180,8 +180,7 @@ class SourceConnection:
 
     async def run_tick(self, request: TickRequest) -> TickOutcome:
         """Run a whole tick in one crossing. Raises SourceUnavailable when the connection breaks."""
-        result: TickOutcome = await crossing(self._run_tick, request)
-        return result
+        return await crossing(self._run_tick, request)
 
     async def run_one(self, name: str, query: SoloQuery) -> list[dict[str, Any]]:
         """One metric alone, under its own statement timeout when it has one (see SET_TIMEOUT).
@@ -470,11 +469,11 @@ async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
     conn = await tls.connect(dsn, kwargs)
     tune(conn)
     try:
-        try:  # one round trip when the role may read pg_control_system() (most can), two when not
-            row = await conn.fetchrow(SERVER_FACTS_SQL + f", {SYSTEM_ID_SQL} as sysid")
+        try:  # one statement when the role may read pg_control_system() (most can), two when not
+            row = await _fetch_once(conn, SERVER_FACTS_SQL + f", {SYSTEM_ID_SQL} as sysid")
             sysid = None if row["sysid"] is None else str(row["sysid"])
         except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError):
-            row, sysid = await conn.fetchrow(SERVER_FACTS_SQL), None
+            row, sysid = await _fetch_once(conn, SERVER_FACTS_SQL), None
         host = _host_of(conn)
         addr = conn._addr
         server = ServerInfo(
@@ -487,6 +486,11 @@ async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
         conn.terminate()
         raise
     return SourceConnection(conn, server)
+
+
+async def _fetch_once(conn: Any, sql: str) -> Any:
+    """A row of a statement run once: outside asyncpg's cache, so it is not kept for the connection's life."""
+    return await (await conn.prepare(sql)).fetchrow()
 
 
 def _host_of(conn: Any) -> str | None:
