@@ -33,6 +33,7 @@ sys.path.insert(1, str(ROOT / "tests"))
 import lab  # noqa: E402
 
 from reaper.catalog.metrics import SPECIAL_METRICS, load_shipped_definitions  # noqa: E402
+from reaper.daemon.status import LatenessBuckets  # noqa: E402
 
 PROFILED_RUN = """
 import cProfile, signal, sys, time
@@ -67,8 +68,9 @@ def write_config(path: Path, server: object, dbs: list[str], args: argparse.Name
     path.write_text("\n".join(lines))
 
 
-def ticks(state: Path, pid: int) -> tuple[int, int]:
-    """Ticks and rows of all sources from a status file the daemon writes when asked (SIGUSR2)."""
+def ticks(state: Path, pid: int) -> tuple[int, int, LatenessBuckets | None]:
+    """Ticks and rows of all sources, and the daemon's tick-lateness histogram, from a status file the
+    daemon writes when asked (SIGUSR2)."""
     path = state / "status.json"
     before = path.stat().st_mtime_ns if path.exists() else 0
     os.kill(pid, signal.SIGUSR2)
@@ -78,10 +80,19 @@ def ticks(state: Path, pid: int) -> tuple[int, int]:
     try:
         st = json.loads(path.read_bytes())
     except (OSError, ValueError):
-        return 0, 0
+        return 0, 0, None
     sources = st.get("sources", {})
     items = sources.values() if isinstance(sources, dict) else sources
-    return (sum(int(s.get("ticks", 0)) for s in items), sum(int(s.get("rows", 0)) for s in items))
+    late = st.get("tick_lateness")
+    buckets = None if not late else LatenessBuckets(le=tuple(late["le"]), counts=tuple(late["counts"]),
+                                                     sum=float(late["sum"]))
+    return (sum(int(s.get("ticks", 0)) for s in items), sum(int(s.get("rows", 0)) for s in items), buckets)
+
+
+def lateness_ms(before: LatenessBuckets | None, after: LatenessBuckets | None, q: float) -> float | None:
+    """The bucket bound under which a share q of the window's ticks started, in ms."""
+    found = None if after is None else after.since(before).quantile(q)
+    return None if found is None else found * 1000
 
 
 def spy_summary(raw: Path, top: int) -> None:
@@ -119,7 +130,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     time.sleep(warm)  # start-up and the first full ticks are not the steady state
     if profile is not None:
         proc.send_signal(signal.SIGRTMIN + 5)
-    t0, rows0 = ticks(state, proc.pid)
+    t0, rows0, late0 = ticks(state, proc.pid)
     c0 = sum(ps.cpu_times()[:2])
     s0 = ps.cpu_times().system
     if spy is not None:
@@ -128,7 +139,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
                        capture_output=True)
     else:
         time.sleep(seconds)
-    t1, rows1 = ticks(state, proc.pid)
+    t1, rows1, late1 = ticks(state, proc.pid)
     c1 = sum(ps.cpu_times()[:2])
     s1 = ps.cpu_times().system
     rss = ps.memory_info().rss
@@ -137,7 +148,8 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     n = max(1, t1 - t0)
     return {"ticks": t1 - t0, "rows": rows1 - rows0, "cpu_s": c1 - c0, "ms_per_tick": 1000 * (c1 - c0) / n,
             "us_per_row": 1e6 * (c1 - c0) / max(1, rows1 - rows0),
-            "system_share": (s1 - s0) / max(1e-9, c1 - c0), "rss_mb": rss / 1e6}
+            "system_share": (s1 - s0) / max(1e-9, c1 - c0), "rss_mb": rss / 1e6,
+            "lateness_p50_ms": lateness_ms(late0, late1, 0.5), "lateness_p99_ms": lateness_ms(late0, late1, 0.99)}
 
 
 def main() -> int:

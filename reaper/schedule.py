@@ -20,7 +20,7 @@ MIN_TICK = 1
 IDLE_TICK = 60  # how often a source with no active metric still wakes up
 PHASE_SPREAD = 5.0  # default: sources start within this many seconds of each other (and stay spread by it)
 PHASE_SPREAD_PER_SOURCE = 0.1  # a fleet's spread grows with it, up to a whole tick (phase_seconds' bound)
-SOURCES_PER_SLOT = 16  # about this many sources of a fleet share each tick instant (tick_slot_seconds)
+SOURCES_PER_SLOT = 64  # about this many sources of a fleet share each tick instant (tick_slot_seconds)
 
 
 def tick_seconds(intervals: Mapping[str, int]) -> int:
@@ -51,11 +51,14 @@ def tick_slot_seconds(tick: int, spread: float, sources: int) -> float:
     tick at the same instant (0: no grid). A source's tick is a wake-up of the process that runs with cold CPU
     caches when it runs alone: ticks spread one by one over the whole tick (1000 sources at 60 s: one every
     60 ms) cost twice the CPU of the same ticks woken by 16 at a time (bench/profile_tick.py: 2.21 vs 1.25 ms
-    per source tick), and a tick woken with others starts at most the others' first steps later (a
-    millisecond or so each, before their statements are sent). A fleet smaller than SOURCES_PER_SLOT ticks
-    at one instant: the seed's 6 `debug` sources, spread over 5 s, woke the process 12 times a minute; woken
-    together, 2 (bench seed, same host, back to back: 5.49 instead of 7.12 ms per source tick, 0.78x the
-    peer's CPU per series instead of 0.96x, for 2 MB more RSS, the six ticks' rows being in memory at the
+    per source tick), and by 64 a quarter less again (400 sources of `basic` every 5 s, two runs each: 0.51 ms
+    per source tick by 16, 0.40 by 48, 0.37 by 128). A tick woken with others starts at most the others' first
+    steps later (a fraction of a millisecond each, before their statements are sent): tick lateness p99 5-10
+    ms by 16 and by 48, 25 ms by 128 (the issue's bound: 50 ms), and ~1 MB more RSS per 400 sources (more
+    ticks' rows in memory at once). A fleet smaller than SOURCES_PER_SLOT ticks at one instant: the seed's 6
+    `debug` sources, spread over 5 s, woke the process 12 times a minute; woken together, 2 (bench seed, same
+    host, back to back: 5.49 instead of 7.12 ms per source tick, 0.78x the peer's CPU per series instead of
+    0.96x, for 2 MB more RSS, the six ticks' rows being in memory at the
     same time). A lone source (or an unknown fleet: 0) has no grid."""
     if spread <= 0 or sources < 2:
         return 0.0

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from reaper.schedule import PHASE_SPREAD, Schedule, fleet_phase_spread, phase_seconds
+from reaper.schedule import PHASE_SPREAD, SOURCES_PER_SLOT, Schedule, fleet_phase_spread, phase_seconds
 
 
 def test_a_few_sources_start_within_the_default_spread() -> None:
@@ -36,9 +36,10 @@ def test_the_spread_never_pushes_a_first_tick_past_one_tick() -> None:
 
 
 def test_a_fleet_ticks_by_groups_on_a_grid_and_still_within_one_spread() -> None:
-    """reaper.schedule.tick_slot_seconds: ~16 sources share each tick instant (a wake-up with warm caches),
-    and the grid never pushes a first tick past the spread (nor past one tick)."""
-    for sources, tick_intervals in ((1000, {"a": 60}), (100, {"a": 60, "b": 300}), (20, {"a": 30}), (16, {"a": 60})):
+    """reaper.schedule.tick_slot_seconds: ~SOURCES_PER_SLOT sources share each tick instant (a wake-up with
+    warm caches), and the grid never pushes a first tick past the spread (nor past one tick)."""
+    fleets = ((1000, {"a": 60}), (100, {"a": 60, "b": 300}), (20, {"a": 30}), (16, {"a": 60}), (300, {"a": 15}))
+    for sources, tick_intervals in fleets:
         spread = fleet_phase_spread(sources)
         starts = [999.37 + i * 0.001 for i in range(sources)]  # started one after the other
         firsts = []
@@ -49,13 +50,14 @@ def test_a_fleet_ticks_by_groups_on_a_grid_and_still_within_one_spread() -> None
             assert sched.tick_time(k + 1) - when == pytest.approx(sched.tick)
             firsts.append(when)
         instants = Counter(round(w, 6) for w in firsts)
-        assert len(instants) <= max(1, round(sources / 16)) + 1  # a grid step may fall inside the start-up
-        if sources >= 100:
-            assert max(instants.values()) <= 4 * 16  # groups, not one burst
+        # (a grid step may fall inside the start-up)
+        assert len(instants) <= max(1, round(sources / SOURCES_PER_SLOT)) + 1
+        if sources >= 2 * SOURCES_PER_SLOT:
+            assert max(instants.values()) <= 2 * SOURCES_PER_SLOT  # groups, not one burst
 
 
 def test_a_small_fleet_ticks_at_one_instant_and_a_lone_source_at_its_phase() -> None:
-    """Under 16 sources the whole fleet shares one grid instant (one wake-up of the process per tick, not
+    """Under SOURCES_PER_SLOT sources the whole fleet shares one grid instant (one wake-up of the process per tick, not
     one per source), still within one spread of the start; a lone source keeps its own phase."""
     spread = fleet_phase_spread(6)
     firsts = {Schedule.starting(999.37, f"s{i}", {"a": 30}, spread, 6).next_tick(999.37)[1] for i in range(6)}

@@ -224,7 +224,7 @@ class Daemon:
         """Run until request_stop(); assumes db.open_loop() is already open."""
         grace = self.config.collector.shutdown_grace_seconds
         # a large fleet's ticks are spread wider (100 ms per source, at least PHASE_SPREAD, at most a tick),
-        # on a grid that wakes ~16 sources at a time (reaper.schedule.tick_slot_seconds)
+        # on a grid that wakes ~64 sources at a time (reaper.schedule.tick_slot_seconds)
         self.controls.fleet_size = len(self.wanted_sources(self.config))
         self.controls.phase_spread = fleet_phase_spread(self.controls.fleet_size)
         self.gc.settle(self.settle_seconds())  # the first round of ticks connects every source
