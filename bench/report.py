@@ -99,8 +99,14 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, boo
         detail = ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items()))
         slow = not_in_window(r)
         caveat = f"; {len(slow)} metric{'s' if len(slow) > 1 else ''} not due in the window" if slow else ""
-        rows.append(("one statement per source per tick (SQL metrics)", name,
-                     f"{f(total, 2)} per source tick ({detail}{caveat})", None if total is None else total <= 1.05))
+        # the slow and local lanes' runs are statements of their own by design (issue 9), counted apart as
+        # issue 14 counts them: what the fast lane's ticks sent is pg_stat_statements' total minus theirs
+        lanes_apart = sum(v.get("per_tick") or 0.0 for k, v in (st.get("lanes") or {}).items() if k != "fast")
+        ticks_only = None if total is None else total - lanes_apart
+        apart = f"; {f(lanes_apart, 2)} of it the slow and local lanes' runs" if lanes_apart else ""
+        rows.append(("one statement per source per tick (SQL metrics; the lanes' runs apart)", name,
+                     f"{f(total, 2)} per source tick ({detail}{caveat}{apart})",
+                     None if ticks_only is None else ticks_only <= 1.05))
         limit = r["sources"] + 10
         own = rp.get("tasks_own", rp["tasks"])
         rows.append((f"long-lived tasks ≤ sources + 10 = {limit}", name,
