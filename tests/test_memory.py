@@ -146,3 +146,26 @@ def test_generated_method_sources_are_forgotten() -> None:
     assert memory.forget_generated_sources() >= 1
     assert not any(name.startswith(memory.GENERATED) for name in linecache.cache)
     assert Made(1) == Made(1) and Made(2).x == 2  # the generated methods still work
+
+
+def test_the_cost_meter_keeps_a_run_in_32_bytes_and_reads_it_back_exactly() -> None:
+    """A run of a metric (when, server seconds, rows, bytes) is four doubles in one array per metric, not a
+    tuple or four number objects (~1.2 KB less per source in a fleet); rows and bytes come back exact."""
+    import tracemalloc
+
+    from reaper.daemon.cost import Run, SourceCost
+
+    cost = SourceCost("s")
+    rows = [{"a": 1, "b": "x"}] * 300  # more rows than the interpreter's cached small ints
+    cost.record("m", 100.0, 0.5, rows)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1, 1001):  # all within the window: none pruned
+            cost.record("m", 100.0 + i * 0.01, 0.001 * i, rows)
+        per_run = (tracemalloc.get_traced_memory()[0] - before) / 1000
+    finally:
+        tracemalloc.stop()
+    assert per_run <= 40, per_run  # a list of four objects per run: ~136 bytes
+    assert cost.metrics["m"].last_run() == Run(110.0, 1.0, 300, 300 * len(b'{"a":1,"b":"x"}'))
+    assert len(cost.metrics["m"].run_list()) == 1001

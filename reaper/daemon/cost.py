@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -108,10 +109,11 @@ RUN_FIELDS = len(Run._fields)
 
 @attrs.define
 class MetricCost:
-    # the recent runs, flat: at, seconds, rows, nbytes of the oldest, then of the next... (one small list: no
-    # tuple per run, a column is a slice that sum() adds at C speed in the runs' order, and pruning is one
-    # `del`; an empty deque alone is 760 bytes per metric)
-    runs: list[float] = attrs.field(factory=list)
+    # the recent runs, flat: at, seconds, rows, nbytes of the oldest, then of the next... in one array of
+    # doubles (32 bytes a run, not a tuple or four number objects: ~1.2 KB less per source; rows and bytes are
+    # exact up to 2**53), a column is a slice that sum() adds at C speed in the runs' order, and pruning is one
+    # `del` (an empty deque alone is 760 bytes per metric)
+    runs: array[float] = attrs.field(factory=lambda: array("d"))
     seconds_total: float = 0.0
     rows_total: int = 0
     bytes_total: int = 0
@@ -198,7 +200,7 @@ class SourceCost:
         seconds = max(0.0, seconds)
         count = len(rows)
         nbytes = estimate_bytes(rows) if count else 0
-        runs += (now, seconds, count, nbytes)
+        runs.extend((now, seconds, count, nbytes))
         cost.seconds_total += seconds
         cost.rows_total += count
         cost.bytes_total += nbytes
@@ -208,7 +210,7 @@ class SourceCost:
         for name, metric in new.items():
             cost = self.metrics.get(name)
             if cost is not None and old.get(name, metric) != metric:
-                cost.runs.clear()
+                del cost.runs[:]
 
     def effective_interval(self, metric: str) -> int:
         return self.intervals.get(metric, 0) * self.factors.get(metric, 1)

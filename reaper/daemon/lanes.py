@@ -91,13 +91,16 @@ class Lane:
         self._busy = False  # a task of this lane runs (serving its queue, or closing its idle connection)
         self._idle_since = 0.0  # when its connection was last used
         self._queue: list[Job] = []  # offered, not run yet (see _next_job)
-        self._pending: set[str] = set()
-        self._skip_warned: set[str] = set()
+        # metrics queued or running here, and those whose skip was logged: made at the first use (most lanes of
+        # a big fleet never get a job; two empty sets are 432 bytes)
+        self._pending: set[str] | None = None
+        self._skip_warned: set[str] | None = None
         self._longest = 0.0
         self._down: str | None = None
 
     def __repr__(self) -> str:
-        return f"<Lane {self.owner.name}/{self.state.name} pending={len(self._pending)} skipped={self.state.skipped}>"
+        pending = len(self._pending or ())
+        return f"<Lane {self.owner.name}/{self.state.name} pending={pending} skipped={self.state.skipped}>"
 
     @property
     def idle_seconds(self) -> float:
@@ -110,11 +113,14 @@ class Lane:
     def offer(self, job: Job) -> bool:
         """Queue `job` unless its metric is still queued or running here (then skip it and count)."""
         name = job.metric.name
-        if name in self._pending or len(self._queue) >= LANE_CAPACITY:
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = set()
+        if name in pending or len(self._queue) >= LANE_CAPACITY:
             self._skip(name)
             return False
         self._queue.append(job)
-        self._pending.add(name)
+        pending.add(name)
         if math.isfinite(job.interval):
             self._longest = max(self._longest, job.interval)
         self._wake()
@@ -150,6 +156,8 @@ class Lane:
 
     def _skip(self, name: str) -> None:
         self.state.skipped += 1
+        if self._skip_warned is None:
+            self._skip_warned = set()
         if name not in self._skip_warned:
             self._skip_warned.add(name)
             log.warning("source %s: metric %s: still running in the %s lane when due again; that run is skipped "
@@ -164,7 +172,8 @@ class Lane:
                 try:
                     await self._run(jobs, running)
                 finally:
-                    self._pending.difference_update(running)
+                    if self._pending is not None:
+                        self._pending.difference_update(running)
                     self.touch()
                     self.owner.worked()  # a run's outcome may change the status file (reaper.daemon.statuswrite)
         finally:
@@ -215,7 +224,8 @@ class Lane:
 
         def settled(job: Job) -> None:
             running.discard(job.metric.name)
-            self._pending.discard(job.metric.name)
+            if self._pending is not None:
+                self._pending.discard(job.metric.name)
 
         self.state.runs += 1
         try:
