@@ -135,3 +135,12 @@ def test_which_dsns_share_the_context(monkeypatch: pytest.MonkeyPatch, tmp_path:
         (tmp_path / ".postgresql").mkdir()
         (tmp_path / ".postgresql" / home_file).write_text("x")
     assert tls.default_tls_mode("postgresql://u@db.example:5432/app" + suffix) == expected
+
+
+def test_the_memory_of_plain_servers_is_bounded(pg15: PgServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discovery's databases come and go: at most PLAIN_MEMORY_DSNS servers are remembered, the newest kept."""
+    monkeypatch.setattr(tls, "PLAIN_MEMORY_DSNS", 2)
+    dsns = [pg15.dsn() + f"?application_name=reaper{i}" for i in range(3)]
+    for dsn in dsns:
+        assert trio.run(open_several, dsn, 1)[0] == [False]
+    assert len(tls._plain_since) <= 2 and dsns[-1] in tls._plain_since

@@ -37,6 +37,7 @@ OWN_CONTEXT_ENV = ("PGSSLCERT", "PGSSLKEY", "PGSSLROOTCERT", "PGSSLCRL", "PGSSLN
                    "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION", "SSLKEYLOGFILE")
 #: how long a server that declined TLS is asked for plain at once
 PLAIN_MEMORY_SECONDS = 3600.0
+PLAIN_MEMORY_DSNS = 10_000  # at most this many remembered
 REFUSED_MARK = "rejected SSL upgrade"  # asyncpg's ConnectionError when the server answers the TLS request "no"
 
 _context: ssl.SSLContext | None = None
@@ -99,7 +100,11 @@ async def connect(dsn: str, kwargs: dict[str, Any]) -> Any:
     except ConnectionError as e:
         if REFUSED_MARK not in str(e):
             raise
-        _plain_since[dsn] = time.monotonic()
+        now = time.monotonic()
+        if len(_plain_since) >= PLAIN_MEMORY_DSNS:  # discovery's databases come and go: keep the recent
+            for old in [d for d, t in _plain_since.items() if now - t >= PLAIN_MEMORY_SECONDS] or list(_plain_since):
+                del _plain_since[old]
+        _plain_since[dsn] = now
     except asyncpg.PostgresError:
         pass  # the server took TLS and then refused the session: prefer tries plain, as libpq does
     return await asyncpg.connect(dsn, ssl=False, **kwargs)
