@@ -453,8 +453,8 @@ def collector_section(r: dict[str, Any]) -> list[str]:
             + ", ".join(f"{w:.0f}" for w in su["windows_pct"]) + " %)", "-")]
           if su.get("peak_5s_pct") is not None else []),
         ("trio tasks / OS threads (most seen)",
-         f"{rp['tasks']} tasks ({rp['tasks'] - rp['tasks_own']} of them trio-asyncio's socket readers, one per "
-         f"connection) / {rp['threads']} threads" if "tasks_own" in rp else f"{rp['tasks']} / {rp['threads']}", "-"),
+         f"{rp['tasks']} tasks ({rp['tasks'] - rp['tasks_own']} of them the loop's socket watchers) / "
+         f"{rp['threads']} threads" if "tasks_own" in rp else f"{rp['tasks']} / {rp['threads']}", "-"),
         ("cycles in window", f"{rp['ticks_window']} source ticks ({st.get('combined_in_window')} combined statements)",
          f"{pe['scrapes_window']} scrapes" if pe else "-"),
         ("data per cycle", f"{f(rp['rows_per_source_tick'])} rows per source tick"

@@ -1,17 +1,21 @@
 """reaper.db.aioloop: trio-asyncio's loop running ready callbacks in batches keeps asyncio's order
 (FIFO, a callback's own call_soon in a later step, timers when due), never starves trio's tasks, and
-takes one loop step for callbacks that were queued together (counted, not timed)."""
+takes one loop step for callbacks that were queued together (counted, not timed); and that every socket's
+reader runs from one task on one epoll: readers fire, stop when removed or cancelled, survive a callback's
+exception and a descriptor's reuse."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from reaper import db
-from reaper.db.aioloop import run_ready_callbacks_in_batches
+from reaper.daemon.app import count_tasks
+from reaper.db.aioloop import READERS_TASK, readers_on_one_epoll, run_ready_callbacks_in_batches
 
 
 class StepCounter(trio.abc.Instrument):
@@ -26,12 +30,12 @@ class StepCounter(trio.abc.Instrument):
             self.steps += 1
 
 
-def _loop_task() -> trio.lowlevel.Task:
-    """trio-asyncio's task that runs the asyncio callbacks."""
+def _loop_task(suffix: str = "._main_loop") -> trio.lowlevel.Task:
+    """trio-asyncio's task that runs the asyncio callbacks (or the task whose name ends with `suffix`)."""
     found = []
 
     def walk(task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("._main_loop"):
+        if task.name.endswith(suffix):
             found.append(task)
         for nursery in task.child_nurseries:
             for child in nursery.child_tasks:
@@ -185,3 +189,144 @@ async def _call_later_and_wait(seen: list[str]) -> None:
     done = loop.create_future()
     loop.call_later(5, lambda: (seen.append("fired"), done.set_result(None)))
     await done
+
+
+# -- every socket's reader from one task (readers_on_one_epoll) ----------------------------------------
+
+
+async def test_many_sockets_are_read_by_one_task() -> None:
+    """40 sockets read through asyncio streams: one task watches them all (trio-asyncio ran one per
+    socket), and each stream gets its own bytes."""
+    pairs = [socket.socketpair() for _ in range(40)]
+    try:
+        async with db.open_loop():
+            loop = asyncio.get_event_loop()
+            assert readers_on_one_epoll(loop) is False  # already: not twice
+            streams = [await aio_as_trio(asyncio.open_connection)(sock=a) for a, _ in pairs]
+            _, io = count_tasks()
+            assert io == 1
+            assert not any(t.name.endswith("._io_task") for t in _all_tasks())
+            for i, (_, b) in enumerate(pairs):
+                b.send(b"line %d\n" % i)
+            got = [await aio_as_trio(reader.readline)() for reader, _ in streams]
+            assert got == [b"line %d\n" % i for i in range(40)]
+            for _, writer in streams:
+                writer.close()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def _all_tasks() -> list[trio.lowlevel.Task]:
+    found: list[trio.lowlevel.Task] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        found.append(task)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
+    return found
+
+
+async def test_a_removed_reader_stops_and_its_descriptor_can_be_reused() -> None:
+    seen: list[str] = []
+    first, first_peer = socket.socketpair()
+    async with db.open_loop():
+        loop = asyncio.get_event_loop()
+        arrived = trio.Event()
+
+        def read(sock: socket.socket, tag: str) -> None:
+            seen.append(f"{tag}:{sock.recv(100).decode()}")
+            arrived.set()
+
+        loop.add_reader(first.fileno(), read, first, "first")
+        first_peer.send(b"a")
+        await arrived.wait()
+        assert loop.remove_reader(first.fileno()) is True
+        first_peer.send(b"b")  # nobody reads it now
+        fd = first.fileno()
+        first.close()
+        first_peer.close()
+        second, second_peer = socket.socketpair()  # the lowest free descriptors: the first's again
+        try:
+            assert fd in (second.fileno(), second_peer.fileno())
+            reader = second if second.fileno() == fd else second_peer
+            other = second_peer if reader is second else second
+            arrived = trio.Event()
+            loop.add_reader(reader.fileno(), read, reader, "second")
+            other.send(b"c")
+            await arrived.wait()
+            loop.remove_reader(reader.fileno())
+        finally:
+            second.close()
+            second_peer.close()
+    assert seen == ["first:a", "second:c"]
+
+
+async def test_a_failing_reader_is_reported_and_the_others_go_on() -> None:
+    reported: list[str] = []
+    (bad, bad_peer), (good, good_peer) = socket.socketpair(), socket.socketpair()
+    try:
+        async with db.open_loop():
+            loop = asyncio.get_event_loop()
+            loop.set_exception_handler(lambda _loop, context: reported.append(str(context.get("exception"))))
+            arrived = trio.Event()
+
+            def fail() -> None:
+                bad.recv(100)
+                raise ValueError("a reader's bug")
+
+            def read() -> None:
+                good.recv(100)
+                arrived.set()
+
+            loop.add_reader(bad.fileno(), fail)
+            loop.add_reader(good.fileno(), read)
+            bad_peer.send(b"x")
+            good_peer.send(b"y")
+            await arrived.wait()
+            for _ in range(5):  # the failing reader's turn comes in the same round or the next
+                await trio.lowlevel.checkpoint()
+            loop.remove_reader(bad.fileno())
+            loop.remove_reader(good.fileno())
+    finally:
+        for s in (bad, bad_peer, good, good_peer):
+            s.close()
+    assert reported == ["a reader's bug"]
+
+
+async def test_a_reader_cancelled_by_its_handle_is_not_run_again() -> None:
+    """A handle cancelled without remove_reader, on a socket that stays readable: its callback does not
+    run, and the readers' task does not spin on the ready descriptor (counted in task steps)."""
+    calls = 0
+    sock, peer = socket.socketpair()
+    try:
+        async with db.open_loop():
+            loop = asyncio.get_event_loop()
+
+            def never() -> None:
+                nonlocal calls
+                calls += 1
+
+            handle = loop.add_reader(sock.fileno(), never)
+            handle.cancel()
+            peer.send(b"unread")  # readable from now on
+            counter = StepCounter()
+            counter.task = _loop_task(READERS_TASK)
+            trio.lowlevel.add_instrument(counter)
+            try:
+                for _ in range(50):
+                    await trio.lowlevel.checkpoint()
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            loop.remove_reader(sock.fileno())
+    finally:
+        sock.close()
+        peer.close()
+    assert calls == 0
+    assert counter.steps <= 3

@@ -52,6 +52,7 @@ from reaper.daemon.sinkset import RunningSink, SinkSet, build_sink
 from reaper.daemon.source import Connector, FleetControls, SourceReaper, connect_source
 from reaper.daemon.status import DaemonStatus, ReloadRecord, SinkStatus
 from reaper.daemon.statuswrite import StatusWriter
+from reaper.db.aioloop import READERS_TASK
 from reaper.errors import ConfigError
 from reaper.kinds import resolve
 from reaper.measurement import Measurement
@@ -72,12 +73,13 @@ SideTask = Callable[["Daemon"], Awaitable[None]]
 
 
 def count_tasks() -> tuple[int, int]:
-    """Live trio tasks in this run: (all of them, those that are trio-asyncio's socket watchers).
+    """Live trio tasks in this run: (all of them, those that watch the asyncio loop's sockets).
 
-    trio-asyncio runs one task per socket asyncio watches (one per database connection); they are
-    the loop's plumbing, not reaper's own tasks."""
+    The loop's plumbing, not reaper's own tasks: the one task that runs the readers of every socket
+    (reaper.db.aioloop), and trio-asyncio's task per socket it watches otherwise (a writer while a
+    socket's send buffer is full; every socket on a loop without that change)."""
     def walk(task: trio.lowlevel.Task) -> tuple[int, int]:
-        total, io = 1, int(task.name.endswith("._io_task"))
+        total, io = 1, int(task.name.endswith("._io_task") or task.name == READERS_TASK)
         for nursery in task.child_nurseries:
             for child in nursery.child_tasks:
                 t, i = walk(child)

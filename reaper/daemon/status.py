@@ -177,7 +177,7 @@ class DaemonStatus:
     tasks: int  # trio tasks alive (long-lived ones dominate)
     sources: tuple[SourceStatus, ...]
     sinks: tuple[SinkStatus, ...]
-    io_tasks: int = 0  # of `tasks`: trio-asyncio's socket watchers (one per connection), not reaper's own
+    io_tasks: int = 0  # of `tasks`: the asyncio loop's socket watchers (app.count_tasks), not reaper's own
     running: RunningState | None = None  # what runs, without secrets: `reaper reload --plan` compares a config to it
     last_reload: ReloadRecord | None = None
     fleet: FleetStatus | None = None  # [fleet] only

@@ -23,7 +23,7 @@ from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
 from reaper.db import tls
-from reaper.db.aioloop import check_callbacks_only_in_debug, run_ready_callbacks_in_batches
+from reaper.db.aioloop import make_cheap
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
@@ -41,8 +41,7 @@ async def open_loop() -> AsyncIterator[None]:
     """The process's one asyncio loop, opened outermost around the whole task tree."""
     async with trio_asyncio.open_loop() as loop:
         tolerate_abandoned_connection_futures(loop)
-        check_callbacks_only_in_debug(loop)
-        run_ready_callbacks_in_batches(loop)
+        make_cheap(loop)
         yield
 
 

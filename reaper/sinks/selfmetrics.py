@@ -83,7 +83,7 @@ def status_families(status: DaemonStatus, out: list[Metric]) -> None:
     counter("reaper_reloads", "Configuration reloads applied.", [], [([], status.reloads)])
     counter("reaper_reload_failures", "Configuration reloads rejected (invalid file).", [],
             [([], status.reload_failures)])
-    gauge("reaper_tasks", "Live trio tasks in the daemon (reaper's own, without trio-asyncio's "
+    gauge("reaper_tasks", "Live trio tasks in the daemon (reaper's own, without the asyncio loop's "
           "socket watchers).", [], [([], status.tasks - status.io_tasks)])
     gauge("reaper_start_time_seconds", "When the daemon started (unix time).", [], [([], status.started_wall)])
     gauge("reaper_build_info", "reaper's version (value 1).", ["version"], [([status.version], 1.0)])
