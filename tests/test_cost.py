@@ -15,7 +15,8 @@ from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
 
 from reaper import db
 from reaper.config.schema import CollectorConfig, SourceConfig
-from reaper.daemon.cost import CostSettings, SourceCost, cost_families, estimate_bytes
+from reaper.daemon import cost as cost_module
+from reaper.daemon.cost import SIZE_EVERY, CostSettings, SourceCost, cost_families, estimate_bytes
 from reaper.daemon.source import FleetControls, SourceReaper
 from reaper.measurement import Measurement
 
@@ -61,6 +62,28 @@ def test_bytes_are_estimated_from_the_first_row() -> None:
     assert estimate_bytes([{"ab": "xyz", "n": None}] * 3) == len(b'{"ab":"xyz","n":null}') * 3
     assert estimate_bytes([{"big": 2**70}] * 2) == (3 + 22) * 2  # beyond orjson: the text of the values
     assert estimate_bytes([]) == 0
+
+
+def test_a_metric_s_row_size_is_measured_once_every_size_every_runs(monkeypatch) -> None:
+    """Writing a row as JSON at every run of every metric was ~4 % of a fleet's CPU: the size is measured at
+    the first run with rows and at every SIZE_EVERY-th after, and a changed definition measures it again."""
+    measured: list[int] = []
+
+    def counting(row: dict[str, object]) -> int:
+        measured.append(1)
+        return len(str(row["k"]))
+
+    monkeypatch.setattr(cost_module, "row_bytes", counting)
+    cost = SourceCost("s")
+    cost.effective({"m": 10})
+    cost.record("m", 1.0, 0.0, [])  # no rows: nothing to measure
+    for i in range(2 * SIZE_EVERY + 1):
+        cost.record("m", 2.0 + i, 0.0, [{"k": "x" * (1 + i)}] * 3)
+    assert len(measured) == 3
+    assert cost.metrics["m"].bytes_total == 3 * (SIZE_EVERY * 1 + SIZE_EVERY * (SIZE_EVERY + 1) + 2 * SIZE_EVERY + 1)
+    cost.forget_changed({"m": sql_metric("m")}, {"m": sql_metric("m", heavy=True)})
+    cost.record("m", 100.0, 0.0, [{"k": "y"}])
+    assert len(measured) == 4
 
 
 def test_over_budget_the_most_expensive_metric_doubles_until_under_and_exempt_ones_never_move(caplog) -> None:
