@@ -104,6 +104,7 @@ class FleetMember:
         self.names_by_key: dict[int, set[str]] = {}
         self.error: str | None = None
         self.leaving = False
+        self.refreshed = False  # the session's first refresh is over: its sources are claimed and started
         self._leave = trio.Event()
 
     def __repr__(self) -> str:
@@ -168,11 +169,13 @@ class FleetMember:
         try:
             while not self._leave.is_set():
                 await self._refresh(session)
+                self.refreshed = True
                 await self._wait_next(session)
         except trio.TooSlowError:
             raise SourceUnavailable(f"fleet coordination database: no answer within {self._deadline():g}s") from None
         finally:
             self.session = None
+            self.refreshed = False
             self.held.clear()
             self.members = []  # without a session this member knows of no live member (itself included)
             try:

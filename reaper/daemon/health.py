@@ -85,6 +85,8 @@ def not_ready_reasons(daemon: Daemon) -> list[str]:
             reasons.append(f"fleet member {fleet.member}: {fleet.error}")
         elif fleet.session is None:
             reasons.append(f"fleet member {fleet.member} has no coordination session (not joined yet)")
+        elif not fleet.refreshed:  # joined: its sources are claimed and started by its first refresh
+            reasons.append(f"fleet member {fleet.member} has joined and is taking its sources")
     # a first tick attempt is over once the source is no longer "starting" (its connect ended: up, down,
     # skipped or paused); a connect that hangs keeps it starting until connect_timeout_seconds
     waiting = sorted(name for name, running in daemon.sources.items()
