@@ -206,11 +206,14 @@ class SourceReaper:
         rides = self.rides.plan(jobs, link.server, batch, self.cost)  # cheap specials' reads, in this statement
         self.cost.add_server_view(link, batch)  # once per window, in this statement (no second connection)
         count_active = settings.pause_when_active_backends_over is not None
-        try:
-            with trio.fail_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
+        outcome: db.TickOutcome | None = None
+        reason = "query timed out"
+        try:  # (a plain scope: trio.fail_after is a generator-based context manager, and this runs every tick)
+            with trio.move_on_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
                 outcome = await link.run_tick(db.TickRequest(batch=batch, count_active=count_active))
-        except (SourceUnavailable, trio.TooSlowError) as e:
-            reason = "query timed out" if isinstance(e, trio.TooSlowError) else str(e)
+        except SourceUnavailable as e:
+            reason = str(e)
+        if outcome is None:
             self._drop_connection()
             self._mark_down(reason)
             self.out.instance_up(metrics, 0, wall_ns)
