@@ -110,8 +110,8 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, boo
         limit = r["sources"] + 10
         own = rp.get("tasks_own", rp["tasks"])
         rows.append((f"long-lived tasks ≤ sources + 10 = {limit}", name,
-                     f"{own} of reaper's own ({rp['tasks']} trio tasks in all, {rp['tasks'] - own} of them "
-                     "trio-asyncio's socket watchers)", own <= limit))
+                     f"{own} of reaper's own, trio's and trio-asyncio's 4 among them ({rp['tasks']} trio tasks in "
+                     f"all, {rp['tasks'] - own} of them the loop's socket watchers)", own <= limit))
         peak = r.get("reaper_peak_rss")
         if name == "seed":
             rows.append(("RSS ≤ 50 MB", name, f"peak {mb(peak)}, steady {mb(rp['rss_steady'])}",
