@@ -32,18 +32,7 @@ class StepCounter(trio.abc.Instrument):
 
 def _loop_task(suffix: str = "._main_loop") -> trio.lowlevel.Task:
     """trio-asyncio's task that runs the asyncio callbacks (or the task whose name ends with `suffix`)."""
-    found = []
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        if task.name.endswith(suffix):
-            found.append(task)
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    walk(root)
+    found = [task for task in _all_tasks() if task.name.endswith(suffix)]
     assert len(found) == 1, found
     return found[0]
 
