@@ -73,9 +73,10 @@ def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> No
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """Errors that mean the connection (not the query) is broken."""
-    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | OSError
-                  | asyncio.TimeoutError | ConnectionError | EOFError):
+    """Errors that mean the connection (not the query) is broken; asyncpg's InternalClientError too: its protocol
+    is confused, e.g. by a server's FATAL message (a forced drop database) read while the connection was idle."""
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError
+                  | OSError | asyncio.TimeoutError | ConnectionError | EOFError):
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""

@@ -144,8 +144,7 @@ def _translate(exc: BaseException) -> StorageError | StorageRejected:
     if isinstance(exc, _CLIENT_DATA_ERROR) or (isinstance(exc, asyncpg.PostgresError)
                                                and str(getattr(exc, "sqlstate", "")).startswith("22")):
         return StorageRejected(describe_error(exc))
-    lost = is_connection_error(exc) or isinstance(exc, asyncpg.InternalClientError)
-    return StorageError(describe_error(exc), connection_lost=lost)
+    return StorageError(describe_error(exc), connection_lost=is_connection_error(exc))
 
 
 class StorageConnection:
