@@ -40,6 +40,22 @@ def status_of(pid: int) -> dict[str, int]:
     return out
 
 
+def smaps_summary(pid: int, top: int = 12) -> str:
+    """The process's resident memory by mapping: the heap, glibc's thread arenas, the stacks, each shared
+    object (summed over its segments), largest first."""
+    rss: dict[str, int] = {}
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else "[anon]"
+            name = name.rsplit("/", 1)[-1]
+        elif head[0] == "Rss:":
+            rss[name] = rss.get(name, 0) + int(head[1]) * 1024
+    lines = [f"  {kb / 1e6:6.2f} MB  {what}" for what, kb in sorted(rss.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines)
+
+
 def write_config(path: Path, tmp: str, dsn: str, preset: str, sources: int, interval: int | None) -> None:
     lines = ["[collector]", f'state_dir = "{tmp}/state"', "", "[[sinks]]", 'type = "jsonfile"',
              f'path = "{tmp}/out.ndjson"', ""]
@@ -57,7 +73,7 @@ def write_config(path: Path, tmp: str, dsn: str, preset: str, sources: int, inte
 
 
 def one_run(tree: Path, dsn: str, preset: str, seconds: float, *, sources: int = 1, interval: int | None = None,
-            alloc: bool = False) -> dict[str, float]:
+            alloc: bool = False, smaps: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="reaper-rss-") as tmp:
         config = Path(tmp) / "reaper.toml"
         write_config(config, tmp, dsn, preset, sources, interval)
@@ -84,6 +100,10 @@ def one_run(tree: Path, dsn: str, preset: str, seconds: float, *, sources: int =
                 proc.send_signal(measure.ALLOC_SIGNAL)
                 time.sleep(0.3)
             figures.update(status_of(proc.pid))
+            if smaps:
+                print(smaps_summary(proc.pid), flush=True)
+                if os.environ.get("RSS_HOOK"):
+                    subprocess.run([sys.executable, os.environ["RSS_HOOK"], str(proc.pid)])
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -113,13 +133,14 @@ def main() -> None:
                     help="also run with N sources and print the RSS each source beyond the first adds")
     ap.add_argument("--interval", type=int, help="re-time every metric of the preset to this many seconds")
     ap.add_argument("--alloc", action="store_true", help="count allocations (needs a C compiler)")
+    ap.add_argument("--smaps", action="store_true", help="print where the resident memory lies, by mapping")
     ap.add_argument("--tree", action="append", type=Path, help="a directory holding the reaper package")
     args = ap.parse_args()
     server = start_server(2 * max(args.sources, args.marginal or 0) + 20)
     try:
         server.psql("create extension if not exists pg_stat_statements")
         for tree in args.tree or [ROOT]:
-            kw = {"interval": args.interval, "alloc": args.alloc}
+            kw = {"interval": args.interval, "alloc": args.alloc, "smaps": args.smaps}
             f = one_run(tree, server.dsn(), args.preset, args.seconds, sources=args.sources, **kw)
             print(f"{tree}: {args.sources} x {args.preset}: {describe(f)}", flush=True)
             if args.marginal:

@@ -42,6 +42,29 @@ async def test_a_source_connection_reads_small_chunks_and_bounds_its_statement_c
             await conn.close()
 
 
+@pytest.mark.pg
+async def test_a_source_connection_shares_its_empty_listener_sets_and_still_works_and_closes(
+        pg15: Any, fresh_db: str) -> None:
+    """conntune.slim: the three listener sets are one shared empty set, the writing_allowed event waits on a
+    list; a statement far over the socket's send buffer (the event cleared and set again) and a close
+    (which clears the sets) work as before, on a connection that has them and on one that does not."""
+    from reaper.db.conntune import NO_CALLBACKS, UNUSED_LISTENERS
+
+    async with db.open_loop():
+        conns = [await db.open_source_connection(pg15.dsn(dbname=fresh_db), statement_timeout_seconds=10)
+                 for _ in range(2)]
+        raws = [c._conn for c in conns]
+        assert all(getattr(raw, name) is NO_CALLBACKS for raw in raws for name in UNUSED_LISTENERS)
+        assert all(type(raw._protocol.writing_allowed._waiters) is list for raw in raws)
+        big = "x" * (8 * 1024 * 1024)  # far over the transport's high-water mark: writing pauses and resumes
+        assert await conns[0].fetch("select length($1::text) as n", big) == [{"n": len(big)}]
+        with pytest.raises(RuntimeError, match="register no listener"):
+            raws[1].add_log_listener(lambda *a: None)
+        for conn in conns:
+            await conn.close()
+        assert all(raw.is_closed() for raw in raws) and not NO_CALLBACKS
+
+
 def test_the_statement_cache_holds_what_every_shipped_preset_can_cache_with_margin() -> None:
     """One combined statement per distinct set of due metrics (the fixed grid repeats every LCM of the
     intervals; a week of it for presets with daily-ish intervals); reaper lets asyncpg cache them whatever
@@ -77,10 +100,19 @@ def test_lateness_keeps_the_last_samples_oldest_first() -> None:
     assert next(iter(state.lateness)) == 10.0  # the oldest ones went
 
 
+def test_lateness_keeps_three_significant_digits_and_a_huge_value() -> None:
+    ring = Recent(8)
+    for v in (0.0123456, 1.2345, 30.5, 1e9, 0.0):
+        ring.append(v)
+    back = list(ring)
+    assert abs(back[0] - 0.0123456) / 0.0123456 < 1e-3 and abs(back[1] - 1.2345) / 1.2345 < 1e-3
+    assert back[2] == 30.5 and back[3] == 65504.0 and back[4] == 0.0  # a lateness past 18 h reads as 18.2 h
+
+
 def test_state_objects_have_no_instance_dict() -> None:
     assert not hasattr(SourceState("s"), "__dict__")
     assert not hasattr(Recent(), "__dict__")
-    assert sys.getsizeof(Recent(LATENESS_SAMPLES)._values) <= 4 * LATENESS_SAMPLES + 100  # 4 bytes a sample
+    assert sys.getsizeof(Recent(LATENESS_SAMPLES)._values) <= 2 * LATENESS_SAMPLES + 100  # 2 bytes a sample
 
 
 @pytest.mark.skipif(not hasattr(os, "confstr") or "CS_GNU_LIBC_VERSION" not in os.confstr_names,

@@ -38,7 +38,7 @@ class Rides:
     """One source's riding specials: which may not ride (until the source reconnects)."""
 
     source: str
-    blocked: set[str] = attrs.field(factory=set)
+    blocked: frozenset[str] = frozenset()  # replaced, not changed: an empty set is 216 bytes a source
 
     def plan(self, jobs: list[Job], server: ServerInfo, batch: dict[str, str], cost: SourceCost) -> Plan:
         """Add the reads of the due specials that may ride to `batch` (sharing the entry of a due metric with
@@ -72,7 +72,7 @@ class Rides:
             private.update(key for read, key in keys.items() if key != read)
             errors = {read: outcome.errors[key] for read, key in keys.items() if key in outcome.errors}
             if errors:
-                self.blocked.add(name)
+                self.blocked |= {name}
                 log.info("source %s: metric %s: its reads failed in the tick's statement (%s); it sends its own "
                          "statement in the slow lane from now on", self.source, name,
                          "; ".join(f"{read}: {message}" for read, message in sorted(errors.items())))

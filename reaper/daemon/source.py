@@ -86,7 +86,7 @@ class SourceReaper:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._down_since: float | None = None
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: frozenset[tuple[str, str]] = frozenset()  # rarely added to (an empty set: 216 bytes)
         self.out = Output(self)
         self.rides = Rides(config.name)  # specials whose reads ride in the fast lane's statement
         self._changed = trio.Event()
@@ -426,7 +426,7 @@ class SourceReaper:
 
     def _warn_once(self, metric: str, why: str, text: str) -> None:
         if (metric, why) not in self._warned:
-            self._warned.add((metric, why))
+            self._warned |= {(metric, why)}
             log.warning("source %s: metric %s %s", self.state.name, metric, text)
 
     # -- connection state ----------------------------------------------------------------------
@@ -459,7 +459,7 @@ class SourceReaper:
             self._changed.set()  # the metric set follows the role: re-read the intervals at once
         st.in_recovery = server.in_recovery
         self._backoff, self._down_since = 0.0, None
-        self.rides.blocked.clear()  # a special whose reads failed in a tick's statement may try again
+        self.rides.blocked = frozenset()  # a special whose reads failed in a tick's statement may try again
         return True
 
     def _mark_down(self, reason: str) -> None:

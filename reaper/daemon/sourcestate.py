@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
@@ -80,20 +81,25 @@ class LatenessHistogram:
         return LatenessBuckets(le=LATENESS_BOUNDS, counts=tuple(cumulative), sum=self._sum)
 
 
+_HALF = struct.Struct("e")  # IEEE 754 half precision: 11 significant bits, up to 65504
+_BITS = struct.Struct("H")
+
+
 class Recent:
-    """The last `size` floats appended (the ticks' lateness), oldest first: a ring in an array, allocated
-    once, 4 bytes a value (a deque of floats keeps ~32 bytes a value). A float32 keeps ~7 significant
-    digits: 12.345678 ms of lateness reads back as 12.34568 ms, far finer than status shows."""
+    """The last `size` floats appended (the ticks' lateness, seconds), oldest first: a ring in an array,
+    allocated once, 2 bytes a value (a half float: a deque of floats keeps ~32 bytes a value, 1000 sources
+    x 256 samples). 11 significant bits: 12.3456 ms of lateness reads back as 12.344 ms, 1.2345 s as
+    1.2344 s, far finer than status shows; beyond 65504 s it reads 65504."""
 
     __slots__ = ("_count", "_next", "_values")
 
     def __init__(self, size: int = LATENESS_SAMPLES) -> None:
-        self._values = array("f", [0.0]) * size
+        self._values = array("H", [0]) * size
         self._next = 0
         self._count = 0
 
     def append(self, value: float) -> None:
-        self._values[self._next] = value
+        self._values[self._next] = _BITS.unpack(_HALF.pack(max(-65504.0, min(value, 65504.0))))[0]
         self._next = (self._next + 1) % len(self._values)
         self._count = min(self._count + 1, len(self._values))
 
@@ -101,9 +107,9 @@ class Recent:
         return self._count
 
     def __iter__(self) -> Iterator[float]:
-        if self._count < len(self._values):
-            return iter(self._values[:self._count])
-        return iter(self._values[self._next:] + self._values[:self._next])
+        values = self._values
+        ordered = values[:self._count] if self._count < len(values) else values[self._next:] + values[:self._next]
+        return iter(struct.unpack(f"{len(ordered)}e", ordered.tobytes()))
 
 
 @attrs.define(eq=False)

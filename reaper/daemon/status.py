@@ -11,7 +11,7 @@ import attrs
 import cattrs
 import orjson
 
-from reaper.daemon.plan import Plan, RunningState
+from reaper.daemon.plan import Plan, RunningState, SinkDescription, SourceDescription
 from reaper.fsutil import make_private_dir
 
 STATUS_FILE = "status.json"
@@ -19,6 +19,16 @@ STATUS_FILE = "status.json"
 # for its counters (reaper.daemon.statuswrite); `reaper status` asks for a fresh one
 STATUS_HEARTBEAT_SECONDS = 60.0
 _converter = cattrs.Converter()
+
+
+def _as_is(obj: Any) -> dict[str, Any]:
+    """A description's fields as they are: its dicts are already JSON values, shared between the sources
+    of a fleet (reaper.daemon.plan._Shared), and never changed; copying them would undo the sharing."""
+    return {field.name: getattr(obj, field.name) for field in attrs.fields(type(obj))}
+
+
+_converter.register_unstructure_hook(SourceDescription, _as_is)
+_converter.register_unstructure_hook(SinkDescription, _as_is)
 
 
 @attrs.frozen
