@@ -4,7 +4,7 @@ Measuring (issue 15 item 3). Every run of an SQL metric is recorded with its ser
 an estimate of its bytes:
 
 - in the fast lane's one statement, a `clock_timestamp()` column before and after each metric's
-  subquery brackets that subquery's execution (reaper.db._combined_statement), so the statement's
+  subquery brackets that subquery's execution (reaper.db.combined), so the statement's
   server time is apportioned exactly, metric by metric;
 - in the slow lane, a metric runs alone: its time is the duration of its statement(s);
 - where pg_stat_statements is installed in the source's database, the server's own view is added once

@@ -33,13 +33,13 @@ from reaper import db
 from reaper.catalog.metrics import SPECIAL_METRICS, Catalog
 from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.cache import InstanceCache
-from reaper.daemon.cost import SourceCost
+from reaper.daemon.cost import SERVER_VIEW_KEY, SERVER_VIEW_SQL, SourceCost
 from reaper.daemon.delivery import Output
 from reaper.daemon.fleetrules import FleetRules
 from reaper.daemon.jobs import Job, timeout_share
 from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
 from reaper.daemon.rides import Rides
-from reaper.daemon.route import route_sql
+from reaper.daemon.route import BatchMembers, route_sql
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
 from reaper.daemon.supervise import TooManyRestarts, supervise
@@ -90,6 +90,7 @@ class SourceReaper:
         self.out = Output(self)
         self.rides = Rides(config.name)  # specials whose reads ride in the fast lane's statement
         self._changed = trio.Event()
+        self._batch = BatchMembers()
 
     def __repr__(self) -> str:
         s = self.state
@@ -210,7 +211,8 @@ class SourceReaper:
         reason = "query timed out"
         try:  # (a plain scope: trio.fail_after is a generator-based context manager, and this runs every tick)
             with trio.move_on_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
-                outcome = await link.run_tick(db.TickRequest(batch=batch, count_active=count_active))
+                outcome = await link.run_tick(db.TickRequest(batch=batch, count_active=count_active,
+                                                              universe=self._universe(link)))
         except SourceUnavailable as e:
             reason = str(e)
         if outcome is None:
@@ -235,6 +237,15 @@ class SourceReaper:
                 except (SourceUnavailable, trio.TooSlowError):
                     self.job_timed_out(job)
         self.out.instance_up(metrics, 1, wall_ns)
+
+    def _universe(self, link: SourceLink) -> Mapping[str, str]:
+        """The batch statement's members now (route.BatchMembers), pg_stat_statements' view among them when
+        the cost meter can read it; none on a pooler's console (each command alone, reaper.db.simple)."""
+        if not link.combines:
+            return {}
+        view = not self.cost.view_unavailable and "pg_stat_statements" in link.server.extensions
+        return self._batch.members(link.server, self.catalog.metrics, self.active_intervals(), self.state.degraded,
+                                   SPECIAL_METRICS, ((SERVER_VIEW_KEY, SERVER_VIEW_SQL),) if view else ())
 
     def _route_all(self, conn: SourceLink, metrics: Mapping[str, MetricDef], wall_ns: int
                    ) -> tuple[dict[str, str], list[Job]]:

@@ -8,7 +8,6 @@ metrics) is one. asyncpg errors are translated here into reaper's vocabulary.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ from trio_asyncio import aio_as_trio
 from reaper.config.redact import scrub
 from reaper.db import tls
 from reaper.db.aioloop import make_cheap
+from reaper.db.combined import combined_text
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
@@ -111,33 +111,6 @@ def read_only(sql: str) -> str:
     return f"select reaper_q.* from {READ_ONLY_GUARD},\n  lateral ({sql.strip()}) as reaper_q"
 
 
-# Per-metric server time inside the one statement: each metric's subquery is an InitPlan that PostgreSQL
-# runs lazily, when the target list reaches its column, and the target list is evaluated in order; so a
-# clock_timestamp() column before and after each subquery brackets exactly that subquery's execution
-# (tests/test_cost_pg.py measures it with pg_sleep metrics). Column k of the record: 0 in recovery,
-# 1 the first clock, then per metric i its rows at 2 + 2i and the clock after it at 3 + 2i.
-ACTIVE_BACKENDS_SQL = ("(select count(*) from pg_stat_activity where state = 'active'"
-                       " and backend_type = 'client backend' and pid <> pg_backend_pid())::int")
-
-
-def _combined_statement(names: Sequence[str], batch: Mapping[str, str], count_active: bool = False) -> str:
-    return _combined_text(tuple(batch[n] for n in names), count_active)
-
-
-@functools.lru_cache(maxsize=256)  # a few per preset and server version: tens of KB each
-def _combined_text(sqls: tuple[str, ...], count_active: bool) -> str:
-    """One text per distinct set of metric queries, built once and shared by every source that sends it:
-    each connection's statement cache keeps the text it prepared, and a fleet's sources send the same
-    few texts (each tens of KB for a big preset)."""
-    parts = ["pg_is_in_recovery()", "clock_timestamp() as c0"]
-    for i, sql in enumerate(sqls):
-        # t.* is the subquery's whole row even when the metric has a column named t (array_agg(t) would be that column)
-        parts += [f"(select array_agg(t.*) from ({sql.strip()}) t) as m{i}", f"clock_timestamp() as c{i + 1}"]
-    if count_active:
-        parts.append(f"{ACTIVE_BACKENDS_SQL} as active_backends")
-    return "select " + ",\n  ".join(parts) + f"\nfrom {READ_ONLY_GUARD}"
-
-
 # A metric's own statement_timeout_seconds is a SESSION setting that the connection remembers: a run under the
 # timeout the session has sends one statement, a change one set_config first (RESET: back to the connect value).
 SET_TIMEOUT = f"select set_config('statement_timeout', $1, false) from {READ_ONLY_GUARD}"
@@ -165,6 +138,7 @@ class SourceConnection:
         self.shapes: dict[str, RowShape | None] = {}  # sql text -> which of its columns need Go's number form
         self.statements = 0  # counted where each statement is sent (the asyncio side)
         self.timeout: str | None = None  # the session's statement_timeout as last set (None: the connect default)
+        self.members: dict[str, str] = {}  # name -> sql: the batch statement's metrics (reaper.db.combined)
 
     @property
     def product(self) -> str:
@@ -206,9 +180,11 @@ class SourceConnection:
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
         every = {**request.batch, **{n: q.sql for n, q in (*request.solo.items(), *request.timed.items())}}
-        new = sorted({sql for sql in every.values() if sql not in self.columns})
+        new = {sql for sql in every.values() if sql not in self.columns}
+        if new:  # the source's other batched metrics are described in the same round trip (combined.py)
+            new.update(sql for sql in request.universe.values() if sql not in self.columns)
         if len(new) > 1:  # all new metrics described in one round trip; any failure: each alone below
-            await self._describe_together(new)
+            await self._describe_together(sorted(new))
         for name, sql in every.items():
             if sql not in self.columns:
                 try:
@@ -236,9 +212,10 @@ class SourceConnection:
         limits: list[float | None] = [*groups] if alone else [None, *groups]
         for limit in sorted(limits, key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
             if limit is None:
+                members = self._members(request.universe, batch)
                 in_recovery, part_isolated = await self._run_combined(batch, None, rows, errors, seconds,
                                                                       active if request.count_active else None,
-                                                                      go_ready=ready)
+                                                                      go_ready=ready, members=members)
             else:
                 _, part_isolated = await self._run_combined(groups[limit], limit, rows, errors, seconds,
                                                             go_ready=ready, cancelled=cancelled)
@@ -258,6 +235,19 @@ class SourceConnection:
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
                            go_ready=frozenset(ready), cancelled=frozenset(cancelled))
 
+    def _members(self, universe: Mapping[str, str], batch: Mapping[str, SoloQuery]) -> dict[str, str]:
+        """The batch statement's members: what it had, the source's batched metrics (`universe`) and the due
+        ones, each with its current SQL, once described. Grows rarely (a special's reads riding the first
+        time): each growth is a new statement text; a failed statement starts the set again."""
+        members = self.members
+        for name, sql in universe.items():
+            if members.get(name) != sql and sql in self.columns:
+                members[name] = sql
+        for name, query in batch.items():
+            if members.get(name) != query.sql:
+                members[name] = query.sql
+        return members
+
     async def _describe_together(self, sqls: Sequence[str]) -> None:
         """Learn the columns of several new metric queries in one round trip (reaper.db.describe). Nothing is
         learnt when it fails (a metric that does not parse): the caller describes each alone then, so the
@@ -275,7 +265,8 @@ class SourceConnection:
                             rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
                             seconds: dict[str, float], active: list[int] | None = None, *,
                             go_ready: set[str] | None = None,
-                            cancelled: set[str] | None = None) -> tuple[bool | None, bool]:
+                            cancelled: set[str] | None = None,
+                            members: Mapping[str, str] | None = None) -> tuple[bool | None, bool]:
         """One combined statement for `queries` under the timeout `limit` (also reporting pg_is_in_recovery(),
         and the active backends into `active` when given); when it fails, each query alone, so the good ones
         are kept, except a timed group cancelled by its timeout: its names go to `cancelled` (each alone may
@@ -284,14 +275,18 @@ class SourceConnection:
         conn = self._conn
         names = sorted(queries)
         sqls = {n: queries[n].sql for n in names}
-        statement = _combined_statement(names, sqls, active is not None)
+        listed = sorted(members) if members is not None else names  # the statement's members, due or not
+        statement = combined_text(tuple((members or sqls)[n] for n in listed), active is not None, READ_ONLY_GUARD)
         try:
             await self._use_timeout(limit)
             self.statements += 1
-            record = await conn.fetchrow(statement)
+            record = await (conn.fetchrow(statement, [n in queries for n in listed]) if listed
+                            else conn.fetchrow(statement))
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
+            if members is not None:
+                self.members = {}  # a member gone bad (a dropped table) must not fail every tick: the set starts again
             if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # past its own timeout
                 if len(names) > 1 and cancelled is not None:
                     cancelled.update(names)
@@ -308,7 +303,9 @@ class SourceConnection:
                     errors[name] = describe_error(e2)
                 seconds[name] = time.perf_counter() - started
             return None, True
-        for i, name in enumerate(names):
+        for i, name in enumerate(listed):
+            if name not in sqls:
+                continue
             sql = sqls[name]
             rows[name], ready = go_rows(self.columns[sql], self.shapes.get(sql), record[2 + 2 * i] or ())
             if ready and go_ready is not None:
@@ -423,6 +420,8 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
             "default_transaction_read_only": "on" if read_only else "off",
             "statement_timeout": str(int(statement_timeout_seconds * 1000)),
             "jit": "off",
+            # one plan per backend for the batch's statement (reaper.db.combined), whatever is due
+            "plan_cache_mode": "force_generic_plan",
         },
         "statement_cache_size": statement_cache_size,
         # a big preset's combined statement is far over asyncpg's 15 KiB default: uncached, it was parsed, sent

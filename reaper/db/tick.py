@@ -47,6 +47,8 @@ class TickRequest:
     solo: Mapping[str, SoloQuery] = attrs.field(factory=dict)
     timed: Mapping[str, SoloQuery] = attrs.field(factory=dict)
     count_active: bool = False  # also count the server's active client backends (in the batch's statement)
+    # the source's batched metrics, due or not (name -> SQL): members of the batch's one statement (combined.py)
+    universe: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -56,7 +58,7 @@ class TickOutcome:
     in_recovery: bool | None
     statements: int  # statements executed for this tick (1 when the batch went through whole)
     isolated: bool  # the combined statement failed and its metrics were re-run one by one
-    seconds: dict[str, float] = attrs.field(factory=dict)  # metric -> server time it took (see _combined_statement)
+    seconds: dict[str, float] = attrs.field(factory=dict)  # metric -> server time it took (reaper.db.combined)
     active_backends: int | None = None  # when asked for: other client backends in state 'active'
     go_ready: frozenset[str] = frozenset()  # metrics whose rows' numbers are in Go's JSON form (reaper.db.rows)
     cancelled: frozenset[str] = frozenset()  # timed metrics whose shared statement hit its timeout: no rows, no error
