@@ -34,6 +34,8 @@ async def test_a_source_connection_reads_small_chunks_and_bounds_its_statement_c
             raw = conn._conn
             assert raw._transport.max_size == db.RECV_BYTES < 256 * 1024
             assert raw._stmt_cache.get_max_size() == db.STATEMENT_CACHE_SIZE
+            assert raw._stmt_cache.get_max_lifetime() == 0  # kept for the connection's life: no timer, no re-prepare
+            assert await conn.fetch("select current_setting('plan_cache_mode') as m") == [{"m": "force_generic_plan"}]
             # ~1.2 MB of rows: many reads of RECV_BYTES each, every row intact
             rows = await conn.fetch("select g, repeat('x', 1000) as pad from generate_series(1, 1200) g")
             assert [r["g"] for r in rows] == list(range(1, 1201))

@@ -420,8 +420,6 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
             "default_transaction_read_only": "on" if read_only else "off",
             "statement_timeout": str(int(statement_timeout_seconds * 1000)),
             "jit": "off",
-            # one plan per backend for the batch's statement (reaper.db.combined), whatever is due
-            "plan_cache_mode": "force_generic_plan",
         },
         "statement_cache_size": statement_cache_size,
         # a big preset's combined statement is far over asyncpg's 15 KiB default: uncached, it was parsed, sent
@@ -447,6 +445,9 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
     kwargs = await connect_options(statement_timeout_seconds=statement_timeout_seconds,
                                    password_file=password_file, application_name=application_name,
                                    read_only=read_only)
+    # one plan per backend for the batch's statement, whatever is due (reaper.db.combined); a source's few statements
+    # stay prepared for the connection's life (asyncpg's default re-prepares each every 300 s, with a timer each)
+    kwargs["server_settings"]["plan_cache_mode"], kwargs["max_cached_statement_lifetime"] = "force_generic_plan", 0
     try:
         return await aio_as_trio(_connect)(dsn, kwargs)
     except trio.Cancelled:
