@@ -280,7 +280,7 @@ class SourceConnection:
         try:
             await self._use_timeout(limit)
             self.statements += 1
-            record = await (conn.fetchrow(statement, [n in queries for n in listed]) if listed
+            record = await (conn.fetchrow(statement, "".join("t" if n in queries else "f" for n in listed)) if listed
                             else conn.fetchrow(statement))
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
