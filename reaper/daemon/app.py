@@ -241,6 +241,7 @@ class Daemon:
                 root.start_soon(signal_task, self)
             if health_sock is not None:  # /liveness, /readiness, /status for the daemon's whole life
                 await root.start(serve_health, self, health_sock)
+            await root.start(self.controls.alarms.run)  # the sources' ticks wake on it, ~64 at a time
             async with trio.open_nursery() as sinks_nursery:
                 await self.sinkset.start_all(sinks_nursery, self.config.sinks, self._extra_sinks)
                 try:

@@ -32,6 +32,7 @@ import trio
 from reaper import db
 from reaper.catalog.metrics import SPECIAL_METRICS, Catalog
 from reaper.config.schema import MetricDef, SourceConfig
+from reaper.daemon.alarms import Sleeper
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import SERVER_VIEW_KEY, SERVER_VIEW_SQL, SourceCost
 from reaper.daemon.delivery import Output
@@ -89,7 +90,7 @@ class SourceReaper:
         self._warned: frozenset[tuple[str, str]] = frozenset()  # rarely added to (an empty set: 216 bytes)
         self.out = Output(self)
         self.rides = Rides(config.name)  # specials whose reads ride in the fast lane's statement
-        self._changed = trio.Event()
+        self._sleep = Sleeper(self.controls.alarms)  # until the next tick; poked when config or role change
         self._batch = BatchMembers()
 
     def __repr__(self) -> str:
@@ -107,7 +108,7 @@ class SourceReaper:
         """Apply a new preset/metrics/tags without reconnecting; takes effect at the next tick."""
         self.cost.forget_changed(self.catalog.metrics, catalog.metrics)
         self.config, self.catalog = config, catalog
-        self._changed.set()
+        self._sleep.poke()
 
     def active_intervals(self) -> dict[str, int]:
         """Metric -> interval for the current config, catalog and role: computed once per change of them (it
@@ -140,10 +141,9 @@ class SourceReaper:
             sched.set_intervals(self.cost.effective(self.active_intervals()))  # stretched by the budget
             k, when = sched.next_tick(trio.current_time())
             self.state.next_tick = when
-            with trio.move_on_at(when):
-                await self._changed.wait()
-            if self._changed.is_set():  # config changed: re-read intervals before sleeping on
-                self._changed = trio.Event()
+            await self._sleep.until(when)
+            if self._sleep.poked:  # config changed: re-read intervals before sleeping on
+                self._sleep.poked = False
                 continue
             due = sched.take(k)
             late = trio.current_time() - when
@@ -288,7 +288,7 @@ class SourceReaper:
                             "in recovery" if outcome.in_recovery else "a primary",
                             "standby" if outcome.in_recovery else "primary")
             st.in_recovery = outcome.in_recovery
-            self._changed.set()
+            self._sleep.poke()
         role = None if outcome.in_recovery is None else ("standby" if outcome.in_recovery else "primary")
         for name, rows in outcome.rows.items():
             if role is not None and metrics[name].node_status not in (None, role):
@@ -467,7 +467,7 @@ class SourceReaper:
         st.status, st.last_error, st.server_version = "up", None, server.version
         await self.rules.create_extensions(self.config, self.controls, conn)
         if st.in_recovery != server.in_recovery:
-            self._changed.set()  # the metric set follows the role: re-read the intervals at once
+            self._sleep.poke()  # the metric set follows the role: re-read the intervals at once
         st.in_recovery = server.in_recovery
         self._backoff, self._down_since = 0.0, None
         self.rides.blocked = frozenset()  # a special whose reads failed in a tick's statement may try again

@@ -12,6 +12,7 @@ import trio
 
 from reaper import db
 from reaper.config.schema import SourceConfig
+from reaper.daemon.alarms import Alarms
 from reaper.daemon.cost import CostSettings
 from reaper.daemon.status import LATENESS_BOUNDS, LatenessBuckets
 from reaper.db.link import SourceLink
@@ -41,6 +42,7 @@ class FleetControls:
     lateness: LatenessHistogram = attrs.field(factory=lambda: LatenessHistogram())
     # called after each tick and lane run: the status file's writer checks then (reaper.daemon.statuswrite)
     worked: Callable[[], None] = _nothing
+    alarms: Alarms = attrs.field(factory=Alarms)  # the sources' next ticks, on one timer (the daemon runs it)
 
 
 async def connect_source(config: SourceConfig, *, application_name: str = db.APPLICATION_NAME) -> SourceLink:
