@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import pstats
+import re
 import shutil
 import signal
 import subprocess
@@ -102,7 +103,7 @@ def spy_summary(raw: Path, top: int) -> None:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # by function, not by line
         if not count.isdigit() or any("get_events" in f for f in frames[-2:]):
             continue
         total += int(count)

@@ -198,9 +198,9 @@ def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     checks: list[float] = []
     real = statuswrite.status_fingerprint
 
-    def counted(daemon: Any) -> Any:
+    def counted(daemon: Any, keys: Any = None) -> Any:
         checks.append(trio.current_time())
-        return real(daemon)
+        return real(daemon, keys)
 
     monkeypatch.setattr(statuswrite, "status_fingerprint", counted)
     return checks
@@ -253,5 +253,49 @@ def test_the_writer_checks_after_work_spaced_for_the_fleet_and_else_only_every_c
             nursery.cancel_scope.cancel()
         assert idle == 1 + 59 // STATUS_CHECK_SECONDS  # at start, then one per check period
         assert 6 <= busy <= 8, checks
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_check_after_work_reads_only_the_sources_that_worked_and_an_unprompted_one_reads_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet's check after a burst reads the sources that announced work (FleetControls.worked(name)), not
+    all of them; a change in a source that announced nothing is still written within one unprompted check."""
+    path = tmp_path / "state" / STATUS_FILE
+    read: list[str] = []
+    real = statuswrite._source_key
+
+    def counted(running: RunningSource) -> Any:
+        read.append(running.config.name)
+        return real(running)
+
+    monkeypatch.setattr(statuswrite, "_source_key", counted)
+
+    async def main() -> None:
+        daemon = make_daemon(tmp_path, sources=20)
+        writer = daemon.status_writer
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await trio.sleep(1)
+            assert sorted(read) == sorted(daemon.sources) and writer.writes == 1  # at start: every source
+            read.clear()
+            daemon.sources["s3"].reaper.state.status = "down"
+            daemon.controls.worked("s3")  # s3's tick is done
+            daemon.controls.worked("s4")
+            await trio.sleep(0.1)
+            assert sorted(read) == ["s3", "s4"]
+            assert writer.writes == 2
+            assert next(s for s in read_status_file(path).sources if s.name == "s3").status == "down"
+            read.clear()
+            daemon.sources["s7"].reaper.state.last_error = "connection refused"  # announced by no work
+            daemon.controls.worked("s5")
+            await trio.sleep(0.1)
+            assert read == ["s5"] and writer.writes == 2  # not seen yet: s7 did not work
+            read.clear()
+            await trio.sleep(STATUS_CHECK_SECONDS)
+            assert sorted(read) == sorted(daemon.sources)  # the unprompted check reads every source
+            assert writer.writes == 3
+            assert next(s for s in read_status_file(path).sources if s.name == "s7").last_error == "connection refused"
+            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -135,10 +135,10 @@ class Daemon:
         # daemon's process only (reaper.daemon.root), not in a test's that runs a Daemon beside other things
         self.gc = GcSettler()
 
-    def _worked(self) -> None:
-        """After each tick and lane run: the status is checked, and the heap trimmed, while the process is
-        awake anyway (reaper.quiet)."""
-        self.status_writer.poke()
+    def _worked(self, source: str | None = None) -> None:
+        """After each tick and lane run (of `source`): the status is checked, and the heap trimmed, while the
+        process is awake anyway (reaper.quiet)."""
+        self.status_writer.poke(source)
         self.work.beat()
 
     def __repr__(self) -> str:

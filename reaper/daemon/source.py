@@ -327,7 +327,7 @@ class SourceReaper:
 
     def worked(self) -> None:
         """After a tick or a lane's run: the status file's writer checks what changed (statuswrite)."""
-        self.controls.worked()
+        self.controls.worked(self.config.name)
 
     async def link_opened(self, link: SourceLink) -> None:
         """What the slow lane's new connection reads before any job takes it: the local collectors' server

@@ -22,7 +22,7 @@ MAX_PARALLEL_CONNECTS = 32
 LATENESS_SAMPLES = 256  # the recent ticks whose lateness status reports (p50, p99, max)
 
 
-def _nothing() -> None:
+def _nothing(source: str | None = None) -> None:
     pass
 
 
@@ -41,7 +41,7 @@ class FleetControls:
     # every source's ticks: how late they started (status, `reaper status`, reaper_tick_lateness_seconds)
     lateness: LatenessHistogram = attrs.field(factory=lambda: LatenessHistogram())
     # called after each tick and lane run: the status file's writer checks then (reaper.daemon.statuswrite)
-    worked: Callable[[], None] = _nothing
+    worked: Callable[[str | None], None] = _nothing  # (the source that worked; None: not said)
     alarms: Alarms = attrs.field(factory=Alarms)  # the sources' next ticks, on one timer (the daemon runs it)
 
 
