@@ -10,12 +10,19 @@ import asyncio
 import socket
 
 import trio
+import trio.testing
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from reaper import db
 from reaper.daemon.app import count_tasks
-from reaper.db.aioloop import READERS_TASK, readers_on_one_epoll, run_ready_callbacks_in_batches
+from reaper.db.aioloop import (
+    AWAITED,
+    COALESCE_SECONDS,
+    READERS_TASK,
+    readers_on_one_epoll,
+    run_ready_callbacks_in_batches,
+)
 
 
 class StepCounter(trio.abc.Instrument):
@@ -319,3 +326,54 @@ async def test_a_reader_cancelled_by_its_handle_is_not_run_again() -> None:
         peer.close()
     assert calls == 0
     assert counter.steps <= 3
+
+
+# -- answers read together (COALESCE_SECONDS) ---------------------------------------------------------------
+
+
+def test_answers_still_awaited_are_read_together_and_a_lone_one_at_once() -> None:
+    """While more round trips are in flight (db.crossing) than sockets are ready, the readers wait up to
+    COALESCE_SECONDS for the rest, so a group's answers take one pass of the readers (one wake-up); a lone
+    round trip is read at once. Under a clock that moves only when told (clock.jump)."""
+    clock = trio.testing.MockClock(rate=0)
+    pairs = [socket.socketpair() for _ in range(3)]
+
+    async def main() -> None:
+        async with db.open_loop():
+            loop = asyncio.get_event_loop()
+            streams = [await aio_as_trio(asyncio.open_connection)(sock=a) for a, _ in pairs]
+            got: dict[int, bytes] = {}
+
+            async def ask(i: int) -> None:
+                got[i] = await db.crossing(streams[i][0].readline)
+
+            async with trio.open_nursery() as n:  # two answers awaited
+                n.start_soon(ask, 0)
+                n.start_soon(ask, 1)
+                await trio.testing.wait_all_tasks_blocked()
+                assert AWAITED.count == 2
+                passes, waits = loop.reaper_passes, loop.reaper_waits
+                pairs[0][1].send(b"first\n")
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == {}  # the first answer waits for the second (the clock has not moved)
+                pairs[1][1].send(b"second\n")
+                clock.jump(COALESCE_SECONDS)
+            assert got == {0: b"first\n", 1: b"second\n"}
+            assert (loop.reaper_passes - passes, loop.reaper_waits - waits) == (1, 1)  # one pass for both
+            assert AWAITED.count == 0
+            passes, waits = loop.reaper_passes, loop.reaper_waits
+            async with trio.open_nursery() as n:  # one awaited: read at once, without the clock moving
+                n.start_soon(ask, 2)
+                await trio.testing.wait_all_tasks_blocked()
+                pairs[2][1].send(b"alone\n")
+            assert got[2] == b"alone\n"
+            assert (loop.reaper_passes - passes, loop.reaper_waits - waits) == (1, 0)
+            for _, writer in streams:
+                writer.close()
+
+    try:
+        trio.run(main, clock=clock)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

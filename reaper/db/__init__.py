@@ -22,7 +22,7 @@ from trio_asyncio import aio_as_trio
 
 from reaper.config.redact import scrub
 from reaper.db import tls
-from reaper.db.aioloop import make_cheap
+from reaper.db.aioloop import AWAITED, make_cheap
 from reaper.db.combined import combined_text
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
@@ -46,14 +46,10 @@ async def open_loop() -> AsyncIterator[None]:
 
 
 def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> None:
-    """Keep one asyncpg quirk from crashing the daemon.
-
-    When a connection dies in the middle of an operation, asyncpg can leave a future behind that fails
-    with a connection error no one retrieves (e.g. `copy_in` when a shutdown message races the COPY).
-    asyncio reports that to the loop's exception handler, and trio-asyncio turns such a report into an
-    exception of the whole loop. The connection's own caller already got (and handled) the failure, so
-    only that report is logged at debug level; every other report goes on as before.
-    """
+    """Keep one asyncpg quirk from crashing the daemon: a connection dying mid-operation can leave a future
+    failing with a connection error that no one retrieves (`copy_in` when a shutdown races the COPY); asyncio
+    reports it to the loop's handler, and trio-asyncio makes such a report an exception of the whole loop. The
+    caller already handled the failure: only that report is logged (debug); every other goes on as before."""
     previous = loop.get_exception_handler()
     if getattr(previous, "reaper_tolerant", False):
         return
@@ -380,8 +376,10 @@ async def close_or_terminate(close: Callable[[], Awaitable[Any]], terminate: Cal
 
 
 async def crossing(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """Await an asyncio-side coroutine function from trio (one crossing); a broken connection
-    becomes SourceUnavailable, anything else propagates as it is."""
+    """Await an asyncio-side coroutine function from trio (one crossing, counted in AWAITED: its answer is
+    read with the others that come soon after, reaper.db.aioloop); a broken connection becomes
+    SourceUnavailable, anything else propagates as it is."""
+    AWAITED.count += 1
     try:
         return await aio_as_trio(fn)(*args)
     except trio.Cancelled:
@@ -390,6 +388,8 @@ async def crossing(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if is_connection_error(e):
             raise SourceUnavailable(describe_error(e)) from e
         raise
+    finally:
+        AWAITED.count -= 1
 
 
 async def _read_password_file(path: str) -> str:
