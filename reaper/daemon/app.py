@@ -6,6 +6,7 @@ fleet switches, and `Daemon.run` is the whole task tree, readable top to bottom:
     root nursery
     ├ signal task          (given by reaper.daemon.root for `reaper run`) SIGHUP -> reload request
     ├ reconciler           the ONLY writer of running state (reaper.daemon.reconciler)
+    ├ alarms               one timer for every source's next tick (reaper.daemon.alarms)
     ├ pause-file watcher   -> SetPaused requests
     ├ status writer        the status file when something changed, on SIGUSR2, and every 60 s
                            for the counters (reaper.daemon.statuswrite)

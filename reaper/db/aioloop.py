@@ -163,7 +163,7 @@ def _fd(fileobj: Any) -> int:
     return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
 
 
-def readers_on_one_epoll(loop: asyncio.AbstractEventLoop, coalesce: float = COALESCE_SECONDS) -> bool:
+def readers_on_one_epoll(loop: asyncio.AbstractEventLoop, coalesce: float | None = None) -> bool:
     """Run the loop's socket readers from one task on one epoll (see the module's text). False when the
     platform has no epoll or the loop is not a running trio-asyncio loop with the internals this relies on
     (it is left as it is: a task per socket)."""
@@ -172,6 +172,7 @@ def readers_on_one_epoll(loop: asyncio.AbstractEventLoop, coalesce: float = COAL
             or not all(hasattr(loop, a) for a in ("_selector", "_add_reader", "_remove_reader", "synchronize"))):
         return False
     epoll = select.epoll()
+    wait = COALESCE_SECONDS if coalesce is None else coalesce  # (read now: a lab may set the module's value)
     readers: dict[int, _ReaderHandle] = {}
     remove = loop._remove_reader  # type: ignore[attr-defined]  # asyncio's: the selector's key, cancel the handle
 
@@ -214,8 +215,8 @@ def readers_on_one_epoll(loop: asyncio.AbstractEventLoop, coalesce: float = COAL
         try:
             while True:
                 await trio.lowlevel.wait_readable(fileno)
-                if coalesce > 0 and AWAITED.count > 1 and len(epoll.poll(0)) < AWAITED.count:
-                    await trio.sleep(coalesce)  # more answers are coming: read them in the same wake-up
+                if wait > 0 and AWAITED.count > 1 and len(epoll.poll(0)) < AWAITED.count:
+                    await trio.sleep(wait)  # more answers are coming: read them in the same wake-up
                     loop.reaper_waits += 1  # type: ignore[attr-defined]
                 ran = False
                 for fd, _ in epoll.poll(0):
