@@ -32,13 +32,16 @@ sources gets its answers, one wake-up for all of them. Measured (/tmp lab, 500 c
 `select 1` together, 4 rounds, two runs): RSS 55.5 -> 53.6-54.1 MB, CPU 96 -> 67-74 us per round trip.
 
 The readers also wait a moment for answers still to come (`COALESCE_SECONDS`): when more round trips are in
-flight (`AWAITED`, counted by reaper.db.crossing) than sockets are ready, the readers' task sleeps up to 10 ms
+flight (`AWAITED`, counted by reaper.db.crossing) than sockets are ready, the readers' task sleeps up to 30 ms
 before it reads, so that the answers of a fleet's group of sources, which the server sends one after the other
-over tens of milliseconds, are read in a few wake-ups of the process instead of one each; a lone round trip is
-read at once. In a fleet, CPU per source tick is mostly the process's wake-ups (the bench's yardstick paced
-like a fleet costs 2-3x the same round trip in a tight loop). Measured with bench/profile_tick.py (300 sources
-of `basic` every 10 s on 30 databases, two runs each): 0.411 / 0.417 ms of CPU per source tick reading at
-once, 0.383 / 0.394 waiting up to 3 ms, 0.356 / 0.356 up to 10 ms; lateness unchanged (p99 10 ms).
+over tens or hundreds of milliseconds, are read in a few wake-ups of the process instead of one each; a lone
+round trip is read at once. In a fleet, CPU per source tick is mostly the process's wake-ups (the bench's
+yardstick paced like a fleet costs 2-4x the same round trip in a tight loop). Measured with
+bench/profile_tick.py, ms of CPU per source tick: 300 sources of `basic` every 10 s on 30 databases, two runs
+each: 0.411 / 0.417 reading at once, 0.383 / 0.394 waiting up to 3 ms, 0.356 / 0.356 up to 10 ms; later the
+same day, alternating: 0.439 / 0.400 up to 10 ms, 0.383 / 0.366 up to 30 ms. 100 sources of `exhaustive` at
+its own intervals (150 s windows): 0.80 at once, 0.84 / 0.84 up to 10 ms (its ~50 answers of a grid instant
+come over ~0.4 s: 10 ms gathers too few), 0.72 / 0.68 up to 30 ms. Tick lateness p99 10-25 ms in every 30 ms run.
 
 All patch one loop object (the process's one loop, reaper.db.open_loop), never trio-asyncio's class,
 and leave it alone when its internals are not the ones these were written for (then it simply runs as
@@ -65,7 +68,7 @@ except ImportError:  # another trio-asyncio: run it as shipped
 
 
 #: how long the readers wait for more answers while more are awaited than are ready (see the module's text)
-COALESCE_SECONDS = 0.01
+COALESCE_SECONDS = 0.03
 
 
 class Awaited:
