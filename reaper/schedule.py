@@ -145,14 +145,16 @@ class Schedule:
         t = self.tick_time(k)
         self.k = k
         due = []
-        for name, when in self.next_due.items():
-            if when <= t + self.eps:
+        reach = t + self.eps  # (once: this runs for every metric of every tick)
+        next_due, intervals = self.next_due, self.intervals
+        for name, when in next_due.items():
+            if when <= reach:
                 due.append(name)
-                interval = self.intervals[name]
+                interval = intervals[name]
                 if when == -math.inf:
                     nxt = t + interval
                 else:
-                    nxt = when + (math.floor((t + self.eps - when) / interval) + 1) * interval
-                self.next_due[name] = nxt
+                    nxt = when + (math.floor((reach - when) / interval) + 1) * interval
+                next_due[name] = nxt
                 self.last_due[name] = t
         return sorted(due)

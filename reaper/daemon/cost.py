@@ -3,7 +3,7 @@
 Measuring (issue 15 item 3). Every run of an SQL metric is recorded with its server time, its rows and
 an estimate of its bytes:
 
-- in the fast lane's one statement, a `clock_timestamp()` column before and after each metric's
+- in the fast lane's one statement, a clock column before and after each due metric's
   subquery brackets that subquery's execution (reaper.db.combined), so the statement's
   server time is apportioned exactly, metric by metric;
 - in the slow lane, a metric runs alone: its time is the duration of its statement(s);

@@ -203,7 +203,8 @@ class SourceReaper:
         elif st.in_recovery is not None:
             active = self.active_intervals()  # the role may have changed since this tick's set was chosen
             metrics = {name: m for name, m in metrics.items() if name in active}
-        batch, jobs = self._route_all(link, self.cost.skip_heavy(metrics), wall_ns)
+        universe = self._universe(link)
+        batch, jobs = self._route_all(link, self.cost.skip_heavy(metrics), wall_ns, universe)
         rides = self.rides.plan(jobs, link.server, batch, self.cost)  # cheap specials' reads, in this statement
         self.cost.add_server_view(link, batch)  # once per window, in this statement (no second connection)
         count_active = settings.pause_when_active_backends_over is not None
@@ -212,7 +213,7 @@ class SourceReaper:
         try:  # (a plain scope: trio.fail_after is a generator-based context manager, and this runs every tick)
             with trio.move_on_after(self.config.query_timeout_seconds + QUERY_GRACE_SECONDS):
                 outcome = await link.run_tick(db.TickRequest(batch=batch, count_active=count_active,
-                                                              universe=self._universe(link)))
+                                                              universe=universe))
         except SourceUnavailable as e:
             reason = str(e)
         if outcome is None:
@@ -247,9 +248,10 @@ class SourceReaper:
         return self._batch.members(link.server, self.catalog.metrics, self.active_intervals(), self.state.degraded,
                                    SPECIAL_METRICS, ((SERVER_VIEW_KEY, SERVER_VIEW_SQL),) if view else ())
 
-    def _route_all(self, conn: SourceLink, metrics: Mapping[str, MetricDef], wall_ns: int
-                   ) -> tuple[dict[str, str], list[Job]]:
-        """Split the due metrics: the tick's batch (name -> SQL) and the jobs for the lanes."""
+    def _route_all(self, conn: SourceLink, metrics: Mapping[str, MetricDef], wall_ns: int,
+                   members: Mapping[str, str]) -> tuple[dict[str, str], list[Job]]:
+        """Split the due metrics: the tick's batch (name -> SQL; a member of the batch statement has its SQL for
+        this server already) and the jobs for the lanes."""
         batch: dict[str, str] = {}
         jobs: list[Job] = []
         now = trio.current_time()
@@ -267,6 +269,10 @@ class SourceReaper:
                     jobs.append(Job(metric, wall_ns, interval, spec.deadline_seconds, spec=spec))
                 continue
             if self.out.deliver_cached(conn, metric, now, interval, wall_ns):
+                continue
+            sql = members.get(name)
+            if sql is not None:
+                batch[name] = sql
                 continue
             sql = route_sql(conn.server, metric, self._warn_once)
             if sql is None:

@@ -23,7 +23,7 @@ from trio_asyncio import aio_as_trio
 from reaper.config.redact import scrub
 from reaper.db import tls
 from reaper.db.aioloop import AWAITED, make_cheap
-from reaper.db.combined import combined_text
+from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
@@ -134,7 +134,7 @@ class SourceConnection:
         self.shapes: dict[str, RowShape | None] = {}  # sql text -> which of its columns need Go's number form
         self.statements = 0  # counted where each statement is sent (the asyncio side)
         self.timeout: str | None = None  # the session's statement_timeout as last set (None: the connect default)
-        self.members: dict[str, str] = {}  # name -> sql: the batch statement's metrics (reaper.db.combined)
+        self.members = Members()  # the batch statement's metrics (reaper.db.combined)
 
     @property
     def product(self) -> str:
@@ -208,10 +208,10 @@ class SourceConnection:
         limits: list[float | None] = [*groups] if alone else [None, *groups]
         for limit in sorted(limits, key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
             if limit is None:
-                members = self._members(request.universe, batch)
+                self.members.update(request.universe, ((n, q.sql) for n, q in batch.items()), self.columns)
                 in_recovery, part_isolated = await self._run_combined(batch, None, rows, errors, seconds,
                                                                       active if request.count_active else None,
-                                                                      go_ready=ready, members=members)
+                                                                      go_ready=ready, members=self.members)
             else:
                 _, part_isolated = await self._run_combined(groups[limit], limit, rows, errors, seconds,
                                                             go_ready=ready, cancelled=cancelled)
@@ -231,19 +231,6 @@ class SourceConnection:
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
                            go_ready=frozenset(ready), cancelled=frozenset(cancelled))
 
-    def _members(self, universe: Mapping[str, str], batch: Mapping[str, SoloQuery]) -> dict[str, str]:
-        """The batch statement's members: what it had, the source's batched metrics (`universe`) and the due
-        ones, each with its current SQL, once described. Grows rarely (a special's reads riding the first
-        time): each growth is a new statement text; a failed statement starts the set again."""
-        members = self.members
-        for name, sql in universe.items():
-            if members.get(name) != sql and sql in self.columns:
-                members[name] = sql
-        for name, query in batch.items():
-            if members.get(name) != query.sql:
-                members[name] = query.sql
-        return members
-
     async def _describe_together(self, sqls: Sequence[str]) -> None:
         """Learn the columns of several new metric queries in one round trip (reaper.db.describe). Nothing is
         learnt when it fails (a metric that does not parse): the caller describes each alone then, so the
@@ -262,7 +249,7 @@ class SourceConnection:
                             seconds: dict[str, float], active: list[int] | None = None, *,
                             go_ready: set[str] | None = None,
                             cancelled: set[str] | None = None,
-                            members: Mapping[str, str] | None = None) -> tuple[bool | None, bool]:
+                            members: Members | None = None) -> tuple[bool | None, bool]:
         """One combined statement for `queries` under the timeout `limit` (also reporting pg_is_in_recovery(),
         and the active backends into `active` when given); when it fails, each query alone, so the good ones
         are kept, except a timed group cancelled by its timeout: its names go to `cancelled` (each alone may
@@ -271,18 +258,17 @@ class SourceConnection:
         conn = self._conn
         names = sorted(queries)
         sqls = {n: queries[n].sql for n in names}
-        listed = sorted(members) if members is not None else names  # the statement's members, due or not
-        statement = combined_text(tuple((members or sqls)[n] for n in listed), active is not None, READ_ONLY_GUARD)
+        sent = members or Members.of(sqls)  # the statement's members, due or not
+        listed, statement = sent.listed, sent.text(active is not None, READ_ONLY_GUARD)
         try:
             await self._use_timeout(limit)
             self.statements += 1
-            record = await (conn.fetchrow(statement, "".join("t" if n in queries else "f" for n in listed)) if listed
-                            else conn.fetchrow(statement))
+            record = await (conn.fetchrow(statement, sent.flags(queries)) if listed else conn.fetchrow(statement))
         except asyncpg.PostgresError as e:
             if is_connection_error(e):
                 raise
             if members is not None:
-                self.members = {}  # a member gone bad (a dropped table) must not fail every tick: the set starts again
+                members.reset()  # a member gone bad (a dropped table) must not fail every tick: the set starts again
             if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # past its own timeout
                 if len(names) > 1 and cancelled is not None:
                     cancelled.update(names)
@@ -299,6 +285,7 @@ class SourceConnection:
                     errors[name] = describe_error(e2)
                 seconds[name] = time.perf_counter() - started
             return None, True
+        clock = record[1]  # the clock before the next due member (reaper.db.combined)
         for i, name in enumerate(listed):
             if name not in sqls:
                 continue
@@ -306,7 +293,7 @@ class SourceConnection:
             rows[name], ready = go_rows(self.columns[sql], self.shapes.get(sql), record[2 + 2 * i] or ())
             if ready and go_ready is not None:
                 go_ready.add(name)
-            seconds[name] = max(0.0, (record[3 + 2 * i] - record[1 + 2 * i]).total_seconds())
+            seconds[name], clock = max(0.0, record[3 + 2 * i] - clock), record[3 + 2 * i]
         if active is not None:
             active.append(int(record[-1] or 0))
         return bool(record[0]), False
@@ -405,7 +392,6 @@ async def _read_password_file(path: str) -> str:
 # shipped presets' distinct sets (basic 2, standard 9, exhaustive 11, full 34 in a week; tests/test_memory.py
 # counts them): 40 holds them all with margin; 200 (what reaper asked for) held memory.
 STATEMENT_CACHE_SIZE = 40
-
 
 
 async def connect_options(*, statement_timeout_seconds: float, password_file: str | None,
