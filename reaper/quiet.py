@@ -12,8 +12,6 @@ another task) or after `limit` seconds, whichever comes first: the limit keeps a
 dry (a large, busy fleet) from starving the caller. It is trio's own idle detection
 (`wait_all_tasks_blocked`, the run loop checks it only when its run queue is empty), imported from
 trio's core because `trio.testing`, which exports it, imports pytest when pytest is installed.
-
-`WorkPulse` lets a task wait for the next piece of work (a tick, a lane's run) without a clock.
 """
 
 from __future__ import annotations
@@ -30,20 +28,3 @@ async def until_quiet(limit: float) -> None:
     """Return when every other task is blocked (the current burst of work has ended), or after `limit` s."""
     with trio.move_on_after(limit):
         await _wait_idle()
-
-
-class WorkPulse:
-    """Beaten after each piece of work (a source's tick, a lane's run); `next()` returns after the next beat."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def beat(self) -> None:
-        if self._event.statistics().tasks_waiting:
-            self._event.set()
-            self._event = trio.Event()
-
-    async def next(self) -> None:
-        await self._event.wait()

@@ -286,9 +286,9 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first(pg15, fr
 
 
 def test_a_pause_file_named_by_a_reload_pauses_collection_until_it_is_removed(pg15, fresh_db, daemon: Daemon) -> None:
-    """[collector] pause_file, added by a reload to a daemon started without one (whose watch then sleeps until a
-    reload instead of waking every 2 s): while the file exists the source is paused, after it is removed it
-    collects again."""
+    """[collector] pause_file, added by a reload to a daemon started without one (which has no task watching
+    for it until then): while the file exists the source is paused, after it is removed it collects again;
+    a reload that drops the pause_file while the file exists lifts the pause (and its watch ends)."""
     def source_status() -> str:
         doc = daemon.status()
         return "" if doc is None else next(s.status for s in doc.sources if s.name == "a")
@@ -305,4 +305,10 @@ def test_a_pause_file_named_by_a_reload_pauses_collection_until_it_is_removed(pg
     seen = len(daemon.times("a"))
     pause.unlink()
     wait_until(lambda: len(daemon.times("a")) >= seen + 2, what="collection after the pause file went")
+    pause.touch()
+    wait_until(lambda: source_status() == "paused", what="paused again")
+    daemon.config.write_text(daemon.config.read_text().replace(f'pause_file = "{pause}"\n', ""))
+    assert daemon.reload().returncode == 0
+    seen = len(daemon.times("a"))
+    wait_until(lambda: len(daemon.times("a")) >= seen + 2, what="collection after the reload dropped the pause_file")
     assert daemon.stop() == 0

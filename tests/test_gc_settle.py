@@ -78,26 +78,32 @@ def test_refreeze_collects_cyclic_garbage_among_frozen_objects() -> None:
     assert kept() is survivor and gc.get_freeze_count() > 0  # the survivors frozen again
 
 
+def _checks(settler: GcSettler, every: float, until: float, start: float = 0.0) -> float:
+    """The status writer's checks (each a moment the process is awake anyway), `every` seconds."""
+    now = start
+    while now <= until:
+        settler.due(now)
+        now += every
+    return now
+
+
 def test_settle_extends_the_window_from_now() -> None:
     async def main() -> None:
         settler = GcSettler(freeze_seconds=5.0, refreeze_seconds=1e9)
         settler.settle(30.0)
         settler.settle(10.0)  # a shorter request does not cut a longer window
         assert settler.until == pytest.approx(trio.current_time() + 30.0)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(settler.run)
-            await trio.sleep(61.0)
-            nursery.cancel_scope.cancel()
+        _checks(settler, 1.0, 61.0)  # a busy fleet: a check every second
         assert settler.freezes == 6  # at 5, 10, ... 30 s; none after
         assert settler.refreezes == 0
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_a_settled_daemon_wakes_only_for_the_refreeze_and_never_walks_the_frozen_heap(monkeypatch) -> None:
-    """Idle, the freezer sleeps until the next refreeze (a settle() wakes it early), and it never calls
-    gc.get_freeze_count(), which walks the whole permanent generation: asked every 5 s, that walk was
-    most of an idle daemon's CPU."""
+def test_a_settled_daemon_refreezes_once_an_hour_and_never_walks_the_frozen_heap(monkeypatch) -> None:
+    """Settled, it refreezes once per refreeze period (a settle() freezes again, every 5 s), and it never
+    calls gc.get_freeze_count(), which walks the whole permanent generation: asked every 5 s, that walk was
+    most of an idle daemon's CPU. It has no task or timer: it acts at the status writer's checks."""
 
     def walk() -> int:
         raise AssertionError("gc.get_freeze_count() walks every frozen object")
@@ -107,14 +113,27 @@ def test_a_settled_daemon_wakes_only_for_the_refreeze_and_never_walks_the_frozen
     async def main() -> None:
         settler = GcSettler(freeze_seconds=5.0, refreeze_seconds=3600.0)
         settler.settle(30.0)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(settler.run)
-            await trio.sleep(2 * 3600 + 60)
-            assert settler.freezes == 6 and settler.refreezes == 2
-            assert settler.wakeups == 6 + 1 + 2  # settling, the first after it, two refreezes (not 1452)
-            settler.settle(10.0)  # a reload: freezing again at once, every 5 s
-            await trio.sleep(10.5)
-            assert settler.freezes == 8
-            nursery.cancel_scope.cancel()
+        now = _checks(settler, 1.0, 2 * 3600 + 60)
+        assert settler.freezes == 6 and settler.refreezes == 2
+        settler.until = now + 10.0  # a reload: settle(10.0) at `now`
+        _checks(settler, 1.0, now + 10.5, start=now)
+        assert settler.freezes == 9  # at its first check, then 5 and 10 s later
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_idle_daemon_checked_every_check_period_still_freezes_once_after_start_up() -> None:
+    """With no work, the status writer checks every STATUS_CHECK_SECONDS: the first freeze (which turns the
+    collections paused at start-up back on) comes at the first check freeze_seconds after start."""
+    settler = GcSettler(freeze_seconds=5.0, refreeze_seconds=3600.0)
+    try:
+        memory.pause_collections_until_settled()
+        settler.due(0.0)
+        assert not gc.isenabled() and settler.freezes == 0  # the start-up check: too early
+        settler.due(15.0)
+        assert gc.isenabled() and settler.freezes == 1
+        settler.due(30.0)
+        assert settler.freezes == 1  # settled
+    finally:
+        memory._resume_collections()
+        gc.enable()

@@ -14,16 +14,17 @@ import functools
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from reaper import db
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.daemon import memory
 from reaper.daemon.sourcestate import LATENESS_SAMPLES, Recent, SourceState
-from reaper.quiet import WorkPulse
 
 
 @pytest.mark.pg
@@ -128,7 +129,9 @@ def test_malloc_tuning_applies_on_glibc() -> None:
     memory.trim()  # returns whether it released anything; it must simply work
 
 
-async def test_the_trim_task_trims_every_period(monkeypatch: pytest.MonkeyPatch, autojump_clock: Any) -> None:
+def test_the_housekeeper_trims_at_checks_once_per_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status writer's checks (after each burst of work, and at least every check period) are the
+    housekeeper's only moments: one trim per TRIM_SECONDS, in the moment of a check, none on its own."""
     calls: list[float] = []
 
     def counting() -> bool:
@@ -136,35 +139,36 @@ async def test_the_trim_task_trims_every_period(monkeypatch: pytest.MonkeyPatch,
         return True
 
     monkeypatch.setattr(memory, "trim", counting)
-    with trio.move_on_after(memory.TRIM_SECONDS * 3.5):
-        await memory.trim_every()
-    assert len(calls) == 3
+    keeper = memory.Housekeeper(memory.GcSettler())
+    checks: list[float] = []
 
-
-async def test_the_daemon_s_trim_follows_work_and_sleeps_while_there_is_none(
-        monkeypatch: pytest.MonkeyPatch, autojump_clock: Any) -> None:
-    """With the daemon's work pulse: no trim (and no wake-up) while no tick runs; with ticks every 10 s,
-    one trim per period, in the moment of a tick, never on a timer of its own."""
-    calls: list[float] = []
-    ticks: list[float] = []
-
-    def counting() -> bool:
-        calls.append(trio.current_time())
-        return True
-
-    monkeypatch.setattr(memory, "trim", counting)
-    work = WorkPulse()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(memory.trim_every, memory.TRIM_SECONDS, work.next)
-        await trio.sleep(memory.TRIM_SECONDS * 4)
+    async def main() -> None:
+        keeper.after_check()  # the writer's first check, at start
+        await trio.sleep(memory.TRIM_SECONDS * 4)  # nothing checked: nothing trimmed
         assert calls == []
-        for _ in range(10):  # ticks every 10 s
-            ticks.append(trio.current_time())
-            work.beat()
+        for _ in range(10):  # checks every 10 s
+            checks.append(trio.current_time())
+            keeper.after_check()
             await trio.sleep(10)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(calls) == 4 and keeper.trims == 4  # the first check (the idle time counted), then one per 30 s
+    assert set(calls) <= set(checks)
+
+
+async def test_the_status_writer_calls_the_housekeeper_after_each_check(tmp_path: Path, autojump_clock: Any) -> None:
+    from test_status_write import make_daemon
+
+    daemon = make_daemon(tmp_path, sources=2)
+    called: list[float] = []
+    daemon.status_writer.after_check = lambda: called.append(trio.current_time())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon.status_writer.run)
+        await trio.sleep(1)
+        daemon.controls.worked("s0")  # a tick: the writer checks when its burst ends
+        await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    assert len(calls) == 4  # the first tick (the idle time counted), then one every 30 s
-    assert set(calls) <= set(ticks)
+    assert len(called) == 2  # at start, after the tick
 
 
 def test_generated_method_sources_are_forgotten() -> None:

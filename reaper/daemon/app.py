@@ -57,7 +57,6 @@ from reaper.db.aioloop import READERS_TASK
 from reaper.errors import ConfigError
 from reaper.kinds import resolve
 from reaper.measurement import Measurement
-from reaper.quiet import WorkPulse
 from reaper.schedule import fleet_phase_spread
 from reaper.sinks import FanOut, Sink
 
@@ -125,22 +124,17 @@ class Daemon:
                                      sinks=self.sinkset, groups=groups or (), resolver=resolver)
         self._stop = trio.Event()
         self._reloaded = trio.Event()  # set by each applied reload (the pause file's watch reads the config again)
+        self._root: trio.Nursery | None = None  # the task tree's root (run): the pause file's watch starts there
+        self._pause_watched = False  # a watch of the pause file runs
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
         self.status_writer = StatusWriter(self)
-        self.work = WorkPulse()  # beaten after each tick and lane run: what follows work waits on it (memory trim)
-        self.controls.worked = self._worked
-        # freezes the long-lived heap while the fleet settles (reaper.daemon.memory); its task runs in the
-        # daemon's process only (reaper.daemon.root), not in a test's that runs a Daemon beside other things
+        self.controls.worked = self.status_writer.poke  # after each tick and lane run (of a source)
+        # freezes the long-lived heap while the fleet settles (reaper.daemon.memory): driven in the daemon's
+        # process only (reaper.daemon.root), not in a test's that runs a Daemon beside other things
         self.gc = GcSettler()
-
-    def _worked(self, source: str | None = None) -> None:
-        """After each tick and lane run (of `source`): the status is checked, and the heap trimmed, while the
-        process is awake anyway (reaper.quiet)."""
-        self.status_writer.poke(source)
-        self.work.beat()
 
     def __repr__(self) -> str:
         paused = " paused" if self.controls.paused else ""
@@ -250,7 +244,8 @@ class Daemon:
                         await root.start(self.reconciler.run, sources_nursery)
                         if self.fleet is not None:  # in the root nursery: its session ends after the sources
                             await root.start(self.fleet.run)
-                        root.start_soon(self._watch_pause_file)
+                        self._root = root
+                        self._watch_pause_file_if_set()
                         root.start_soon(self.status_writer.run)
                         task_status.started()
                         await self._stop.wait()
@@ -297,6 +292,7 @@ class Daemon:
             return False
         self.reloads += 1
         self._reloaded.set()
+        self._watch_pause_file_if_set()
         self.controls.fleet_size = len(self.wanted_sources(new))  # for sources started now on
         self.controls.phase_spread = fleet_phase_spread(self.controls.fleet_size)
         self.gc.settle(self.settle_seconds())  # new sources connect within their phase spread
@@ -311,10 +307,16 @@ class Daemon:
 
     # -- pause file ------------------------------------------------------------------------------
 
+    def _watch_pause_file_if_set(self) -> None:
+        """Start the pause file's watch when [collector] pause_file is set and none runs (at start, after a
+        reload): a daemon without a pause_file has no task for it."""
+        if self.config.collector.pause_file is not None and not self._pause_watched and self._root is not None:
+            self._pause_watched = True
+            self._root.start_soon(self._watch_pause_file)
+
     async def _watch_pause_file(self) -> None:
-        """While [collector] pause_file exists, no source queries its server (checked every 2 s). Without a
-        pause_file this task sleeps until a reload (a wake-up every 2 s of an otherwise idle daemon costs
-        more CPU than its work: the machine's caches are cold after each sleep; docs/benchmarks.md)."""
+        """While [collector] pause_file exists, no source queries its server (checked every 2 s, and at once
+        after a reload). Ends when a reload removes the pause_file (a pause it made is lifted first)."""
         paused = self.controls.paused
         while True:
             reloaded = self._reloaded = trio.Event()
@@ -322,10 +324,12 @@ class Daemon:
             exists = path is not None and await trio.Path(path).exists()
             if exists != paused:
                 if not await self.reconciler.submit(SetPaused(exists)):
+                    self._pause_watched = False
                     return
                 paused = exists
-            if path is None:
+                continue  # the config is read again after the wait: a reload may have come meanwhile
+            if path is None:  # (read with no wait since: a reload that sets it again starts a new watch)
+                self._pause_watched = False
+                return
+            with trio.move_on_after(PAUSE_CHECK_SECONDS):
                 await reloaded.wait()
-            else:
-                with trio.move_on_after(PAUSE_CHECK_SECONDS):
-                    await reloaded.wait()

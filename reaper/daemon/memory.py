@@ -4,8 +4,8 @@ A collector allocates in bursts (one tick's rows, its encoded lines) and then id
 burst freed: each thread that ever called malloc may get its own arena (up to 8 per core), and the
 dynamic mmap threshold climbs after the first large free, which also raises the trim threshold up to
 64 MB, so big freed blocks sit in the heap instead of going back to the OS. `tune()` (once, at daemon
-start-up) fixes both thresholds and caps the arenas; `trim()` (after a tick every 30 s, see
-`trim_every`) hands free heap pages back. Both do nothing off glibc, and never raise.
+start-up) fixes both thresholds and caps the arenas; `trim()` (after a burst of work every 30 s, see
+`Housekeeper`) hands free heap pages back. Both do nothing off glibc, and never raise.
 
 attrs and cattrs also keep the source text of every method they generate in `linecache` (for debuggers:
 ~0.5 MB for reaper's, trio's and the config's classes); `forget_generated_sources` drops it (a traceback
@@ -30,13 +30,11 @@ import ctypes
 import gc
 import linecache
 import logging
+import math
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-
-from reaper.quiet import until_quiet
 
 log = logging.getLogger("reaper.daemon.memory")
 
@@ -94,28 +92,6 @@ def forget_generated_sources() -> int:
     return len(names)
 
 
-async def trim_every(seconds: float = TRIM_SECONDS, after_work: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Every `seconds`: forget generated sources made since (config reloads generate more), then trim
-    the heap (a few hundred microseconds each; the trim is a no-op off glibc).
-
-    With `after_work` (the daemon's WorkPulse.next): at the end of the first burst of work (a tick) once
-    `seconds` have passed, on no timer of its own: a wake-up of an idle process costs more than the trim
-    (reaper.quiet), and a daemon that does no work makes nothing to trim."""
-    if after_work is None:
-        while True:
-            await trio.sleep(seconds)
-            forget_generated_sources()
-            trim()
-    last = trio.current_time()
-    while True:
-        await after_work()
-        if trio.current_time() - last >= seconds:
-            await until_quiet(seconds)
-            forget_generated_sources()
-            trim()
-            last = trio.current_time()
-
-
 FREEZE_SECONDS = 5.0  # while settling, survivors are frozen this often
 REFREEZE_SECONDS = 3600.0  # one full collection of the frozen objects (their cyclic garbage) this often
 
@@ -143,11 +119,10 @@ def _resume_collections() -> None:
 
 
 class GcSettler:
-    """Freezes the long-lived heap while the fleet settles (see the module's note); `run()` is its task.
+    """Freezes the long-lived heap while the fleet settles (see the module's note), driven by `due()`.
 
-    Between settling windows it sleeps until the next refreeze is due (or `settle()` wakes it), and it never
-    asks gc.get_freeze_count(): that walks the whole permanent generation (~10 ms at 1000 sources), and
-    asked every 5 s it was most of an idle daemon's CPU."""
+    It never asks gc.get_freeze_count(): that walks the whole permanent generation (~10 ms at 1000
+    sources), and asked every 5 s it was most of an idle daemon's CPU."""
 
     def __init__(self, freeze_seconds: float = FREEZE_SECONDS, refreeze_seconds: float = REFREEZE_SECONDS) -> None:
         self.freeze_seconds = freeze_seconds
@@ -155,14 +130,13 @@ class GcSettler:
         self.until = -1.0  # trio time until which it freezes every freeze_seconds
         self.freezes = 0
         self.refreezes = 0
-        self.wakeups = 0
-        self._wake: trio.Event | None = None
+        self._started: float | None = None  # the trio time of the first due() (a freeze is due freeze_seconds on)
+        self._frozen_at = -math.inf
+        self._refrozen_at = 0.0
 
     def settle(self, seconds: float) -> None:
         """Freeze survivors for the next `seconds` (from now on trio's clock), e.g. a fleet's first round of ticks."""
         self.until = max(self.until, trio.current_time() + seconds)
-        if self._wake is not None:
-            self._wake.set()
 
     def step(self, now: float, last_refreeze: float) -> bool:
         """One wake-up: freeze while settling; past the refreeze period, collect the frozen objects and freeze
@@ -179,17 +153,40 @@ class GcSettler:
             return True
         return False
 
-    async def run(self) -> None:
-        last_refreeze = trio.current_time()
-        while True:
-            self._wake = trio.Event()
-            now = trio.current_time()
-            delay = self.freeze_seconds if now <= self.until else max(0.0, last_refreeze + self.refreeze_seconds - now)
-            with trio.move_on_after(delay):
-                await self._wake.wait()
-            if self._wake.is_set():  # settle() asked: freeze every freeze_seconds from now on
-                continue
-            self.wakeups += 1
-            now = trio.current_time()
-            if self.step(now, last_refreeze):
-                last_refreeze = now
+    def due(self, now: float) -> None:
+        """A moment the process is awake anyway (Housekeeper): a step when one is due, freeze_seconds after the
+        last freeze (and after the first call) while settling, else once the refreeze period has passed."""
+        if self._started is None:
+            self._started = self._refrozen_at = now
+        if now <= self.until or _paused:
+            if now - max(self._frozen_at, self._started) >= self.freeze_seconds:
+                self._frozen_at = now
+                self.step(now, self._refrozen_at)
+        elif self.freezes and now - self._refrozen_at >= self.refreeze_seconds and self.step(now, self._refrozen_at):
+            self._refrozen_at = now
+
+
+class Housekeeper:
+    """The daemon's memory chores, in moments when its process is awake anyway: the status writer calls
+    `after_check()` after each of its checks, which follow each burst of work (reaper.daemon.statuswrite)
+    and come at least every check_seconds. No task of its own (a source's worth of tasks and their wake-ups
+    fewer): every TRIM_SECONDS the generated sources are forgotten and the heap trimmed (a few hundred
+    microseconds), and the GcSettler freezes or refreezes when due. Only `reaper run`'s process has one
+    (reaper.daemon.root), not a test that runs a Daemon beside other things."""
+
+    def __init__(self, settler: GcSettler, trim_seconds: float = TRIM_SECONDS) -> None:
+        self.settler = settler
+        self.trim_seconds = trim_seconds
+        self.trims = 0
+        self._trimmed: float | None = None
+
+    def after_check(self) -> None:
+        now = trio.current_time()
+        if self._trimmed is None:
+            self._trimmed = now  # start-up: nothing freed yet
+        elif now - self._trimmed >= self.trim_seconds:
+            self._trimmed = now
+            forget_generated_sources()
+            trim()
+            self.trims += 1
+        self.settler.due(now)

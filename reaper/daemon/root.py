@@ -70,7 +70,7 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
                      groups: Sequence[str] | None = None, pidfile: str | None = None) -> None:
     """The daemon: the state dir locked, signal handling installed, then the asyncio loop, then the
     task tree. A state dir locked by another daemon is a ConfigError (one line, naming its pid).
-    glibc's malloc is tuned first, and its free heap trimmed after a tick every 30 s (reaper.daemon.memory)."""
+    glibc's malloc is tuned first, and its free heap trimmed after work every 30 s (reaper.daemon.memory)."""
     memory.tune()
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a late `reaper status` must not kill the process (the default)
     with lock_state_dir(state_dir_of(config)), _pidfile(pidfile), \
@@ -79,12 +79,11 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
         async with db.open_loop():
             daemon = Daemon(config, groups=groups)
 
+            # the heap trimmed every 30 s and frozen while the fleet settles, after the status writer's checks
+            daemon.status_writer.after_check = memory.Housekeeper(daemon.gc).after_check
+
             async def signal_task(d: Daemon) -> None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(memory.trim_every, memory.TRIM_SECONDS, d.work.next)  # after a tick, every 30 s
-                    nursery.start_soon(d.gc.run)  # gc.freeze() while the fleet settles (reaper.daemon.memory)
-                    await watch_signals(signals, d, config_path, force_exit)
-                    nursery.cancel_scope.cancel()
+                await watch_signals(signals, d, config_path, force_exit)
 
             await daemon.run(signal_task=signal_task)
 

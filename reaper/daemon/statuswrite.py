@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -137,6 +137,9 @@ class StatusWriter:
         self._keys: dict[str, tuple[Hashable, ...]] = {}
         self._dirty: set[str] | None = None
         self._keys_plan: RunningState | None = None  # the running plan the keys were read under
+        # called after each check (reaper.daemon.memory.Housekeeper: the daemon's memory chores, which need a
+        # moment the process is awake anyway, not a task and a timer of their own)
+        self.after_check: Callable[[], None] | None = None
 
     @property
     def path(self) -> Path:
@@ -181,6 +184,8 @@ class StatusWriter:
                     or fingerprint != self._written:
                 self._wanted = trio.Event()
                 await self.write(fingerprint)
+            if self.after_check is not None:
+                self.after_check()
             heartbeat = self._written_at + self.heartbeat_seconds  # not after now only when the write failed
             with trio.move_on_at(checked + self.check_seconds if heartbeat <= checked
                                  else min(checked + self.check_seconds, heartbeat)):
