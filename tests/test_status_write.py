@@ -299,3 +299,30 @@ def test_a_check_after_work_reads_only_the_sources_that_worked_and_an_unprompted
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_large_fleets_spaced_check_waits_for_work_not_for_a_timer_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From SPACED_FROM_SOURCES sources on, a poke within the spacing is checked at the first poke after the
+    spacing has passed (the process is awake then), or at the next unprompted check: a timer at the spacing's
+    end woke an otherwise idle process once more after most grid instants of a 100-source fleet."""
+    checks = _count_checks(monkeypatch)
+
+    async def main() -> None:
+        daemon = make_daemon(tmp_path, sources=150)  # spacing 0.75 s
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.status_writer.run)
+            await trio.sleep(1)
+            start = len(checks)
+            daemon.controls.worked("s0")  # a tick: checked when its burst ends
+            await trio.sleep(0.1)
+            daemon.controls.worked("s1")  # within the spacing: waits for more work
+            await trio.sleep(4)
+            daemon.controls.worked("s2")  # the next grid instant's work: the waiting check comes with it
+            await trio.sleep(0.1)
+            daemon.controls.worked("s0")  # within the spacing, then nothing more: the next unprompted check
+            await trio.sleep(STATUS_CHECK_SECONDS + 1)
+            nursery.cancel_scope.cancel()
+        assert checks[start:] == [1.0, 5.1, pytest.approx(5.1 + STATUS_CHECK_SECONDS)], checks
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -5,7 +5,7 @@ The file is rewritten when something an operator acts on changed, not on a clock
 - after each source's tick and each lane's run (`poke`, through FleetControls.worked), once the burst of
   work that poked has ended (reaper.quiet: in the same wake-up, never on a timer a moment later); from
   SPACED_FROM_SOURCES sources on, at most once per CHECK_PER_SOURCE_SECONDS x sources (5 s at 1000
-  sources); and every `check_seconds`
+  sources), at the first poke after that (never on a timer of its own); and every `check_seconds`
   (STATUS_CHECK_SECONDS) for what no such work announces (a sink's error, fleet membership), the writer
   compares a cheap fingerprint of that state (`status_fingerprint`: each source's status, degraded
   metrics, last error, recovery role, server version, lanes' connections and budget stretching; each
@@ -195,11 +195,19 @@ class StatusWriter:
             if self._wanted.is_set():
                 continue
             # after a poke, check when the burst of work that poked has ended (reaper.quiet), in the same
-            # wake-up; a large fleet's ticks poke often: there, one check per spacing, a request at once
+            # wake-up; a large fleet's ticks poke often: there, at the first poke once the spacing has passed
+            # (work has woken the process then: a timer at the spacing's end was a wake-up of its own after most
+            # bursts), or at the next unprompted check; a request at once
             sources = len(self.daemon.sources)
             if sources >= SPACED_FROM_SOURCES:
-                with trio.move_on_at(checked + CHECK_PER_SOURCE_SECONDS * sources):
-                    await self._wanted.wait()
+                spaced = checked + CHECK_PER_SOURCE_SECONDS * sources
+                while trio.current_time() < spaced and not self._wanted.is_set():
+                    self._wake = trio.Event()
+                    with trio.move_on_at(checked + self.check_seconds):
+                        await self._wake.wait()
+                    if not self._wake.is_set():
+                        self._dirty = None  # unprompted, as above
+                        break
             if not self._wanted.is_set():
                 await until_quiet(QUIET_LIMIT_SECONDS)
 
