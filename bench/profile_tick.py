@@ -147,6 +147,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     c0 = sum(ps.cpu_times()[:2])
     s0 = ps.cpu_times().system
     n0 = cpu_ns(proc.pid)
+    w0 = ps.num_ctx_switches().voluntary  # each time the process waited (epoll, a sleep): its wake-ups
     if spy is not None:
         subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid), "-r", str(rate),
                         "--gil", *(["--native"] if native else ["--nonblocking"]), "-d", str(int(seconds)),
@@ -158,6 +159,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     c1 = sum(ps.cpu_times()[:2])
     s1 = ps.cpu_times().system
     n1 = cpu_ns(proc.pid)
+    w1 = ps.num_ctx_switches().voluntary
     system_share = (s1 - s0) / max(1e-9, c1 - c0)
     if n0 is not None and n1 is not None:
         c0, c1 = 0.0, (n1 - n0) / 1e9
@@ -167,7 +169,7 @@ def one_run(config: Path, state: Path, seconds: float, warm: float, profile: Pat
     n = max(1, t1 - t0)
     return {"ticks": t1 - t0, "rows": rows1 - rows0, "cpu_s": c1 - c0, "ms_per_tick": 1000 * (c1 - c0) / n,
             "us_per_row": 1e6 * (c1 - c0) / max(1, rows1 - rows0),
-            "system_share": round(system_share, 3), "rss_mb": rss / 1e6,
+            "system_share": round(system_share, 3), "wakeups_per_tick": (w1 - w0) / n, "rss_mb": rss / 1e6,
             "lateness_p50_ms": lateness_ms(late0, late1, 0.5), "lateness_p99_ms": lateness_ms(late0, late1, 0.99)}
 
 

@@ -8,8 +8,10 @@ from collections import deque
 
 from fakes import sql_metric
 
-from reaper.daemon.cost import SIZE_EVERY, CostSettings, Run, SourceCost
+from reaper.daemon.cost import SIZE_EVERY, CostSettings, Run, SourceCost, go_ready_cost_rows
 from reaper.daemon.status import MetricCostStatus
+from reaper.measurement import Measurement
+from reaper.sinks.jsonfile import encode_measurement
 
 NAMES = ("a", "b", "c", "d")
 
@@ -112,6 +114,30 @@ def test_figures_equal_a_recomputation_from_the_runs_after_random_sequences() ->
              "bytes_total": f.bytes_total} for f in ref.figures(cost, now)]
         for name, metric in cost.metrics.items():
             assert metric.run_list() == list(ref.runs[name])
+        _cost_rows_encode_as_the_sinks_own_pass_would(cost.cost_rows(now, 7))
+
+
+def _cost_rows_encode_as_the_sinks_own_pass_would(rows: list[dict[str, object]]) -> None:
+    """reaper_cost's rows are emitted Go-ready when go_ready_cost_rows says so: their JSON must then be what
+    the jsonfile sink's own pass over every value writes."""
+    ready = Measurement("s", "reaper_cost", "reaper_cost", 7, rows, go_ready=go_ready_cost_rows(rows))
+    plain = Measurement("s", "reaper_cost", "reaper_cost", 7, rows)
+    assert encode_measurement(ready) == encode_measurement(plain)
+
+
+def test_cost_rows_are_go_ready_unless_a_seconds_total_is_tiny() -> None:
+    cost = SourceCost("s")
+    cost.effective({"a": 60, "b": 60})
+    cost.record("a", 1.0, 0.000003, [{"x": 1}])  # 3 us: Go writes 0.000003, orjson 3e-06
+    cost.record("b", 1.0, 2.0, [])  # integral figures: Go writes 2, not 2.0
+    rows = cost.cost_rows(2.0, 7)
+    assert not go_ready_cost_rows(rows)
+    _cost_rows_encode_as_the_sinks_own_pass_would(rows)
+    cost.record("a", 3.0, 0.5, [{"x": 1}])
+    rows = cost.cost_rows(4.0, 7)
+    assert go_ready_cost_rows(rows) and any(type(v) is int for row in rows for v in row.values()
+                                            if v not in (7,) and not isinstance(v, str))
+    _cost_rows_encode_as_the_sinks_own_pass_would(rows)
 
 
 def test_over_budget_of_two_equally_expensive_metrics_the_last_by_name_is_stretched() -> None:

@@ -380,20 +380,21 @@ class SourceCost:
     # -- what operators see ----------------------------------------------------------------------
 
     def cost_rows(self, now: float, wall_ns: int) -> list[dict[str, Any]]:
-        """The rows of a `reaper_cost` self-measurement: one per metric (and the server's own view)."""
+        """The rows of a `reaper_cost` self-measurement: one per metric (and the server's own view), their
+        integral numbers as ints (Go's JSON form: `_go`; go_ready_cost_rows says when nothing else is left)."""
         rows: list[dict[str, Any]] = [
-            {"epoch_ns": wall_ns, "tag_metric": metric, "server_ms_per_minute": round(server_ms, 3),
-             "rows_per_minute": round(rows_pm, 3), "bytes_per_minute": round(bytes_pm, 1),
-             "server_seconds_total": round(seconds, 6), "rows_total": rows, "bytes_total": nbytes}
+            {"epoch_ns": wall_ns, "tag_metric": metric, "server_ms_per_minute": _go(round(server_ms, 3)),
+             "rows_per_minute": _go(round(rows_pm, 3)), "bytes_per_minute": _go(round(bytes_pm, 1)),
+             "server_seconds_total": _go(round(seconds, 6)), "rows_total": rows, "bytes_total": nbytes}
             for metric, server_ms, rows_pm, bytes_pm, seconds, rows, nbytes, _, _ in self._figures(now)]
         view = self.server_view
         if view is not None:
             rows.append({"epoch_ns": wall_ns, "tag_metric": SERVER_VIEW,
-                         "server_ms_per_minute": round(view.exec_ms_per_minute, 3),
-                         "calls_per_minute": round(view.calls_per_minute, 3),
-                         "shared_blks_hit_per_minute": round(view.shared_blks_hit_per_minute, 3),
-                         "shared_blks_read_per_minute": round(view.shared_blks_read_per_minute, 3),
-                         "temp_blks_per_minute": round(view.temp_blks_per_minute, 3)})
+                         "server_ms_per_minute": _go(round(view.exec_ms_per_minute, 3)),
+                         "calls_per_minute": _go(round(view.calls_per_minute, 3)),
+                         "shared_blks_hit_per_minute": _go(round(view.shared_blks_hit_per_minute, 3)),
+                         "shared_blks_read_per_minute": _go(round(view.shared_blks_read_per_minute, 3)),
+                         "temp_blks_per_minute": _go(round(view.temp_blks_per_minute, 3))})
         return rows
 
     def step(self, now: float, wall_ns: int, definitions: Mapping[str, MetricDef]
@@ -454,6 +455,19 @@ class SourceCost:
                  "effective_interval_seconds": self.effective_interval(name), "factor": self.factors.get(name, 1),
                  "budget_exempt": _exempt(definitions, name), "budget_ms_per_minute": budget}
                 for name, interval in sorted(self.intervals.items())]
+
+
+def _go(x: float) -> float | int:
+    """A rounded figure in Go's JSON form when integral (below 2**53 at these magnitudes): an int (Go writes
+    `0`, not `0.0`)."""
+    return int(x) if x.is_integer() else x
+
+
+def go_ready_cost_rows(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether cost_rows' rows are wholly in Go's JSON form (Measurement.go_ready, so a JSON sink skips its own
+    pass): yes unless a total of seconds (6 decimals) lies in (0, 1e-5), where Go's text and orjson's differ
+    (reaper.sinks.encode); every other figure has 3 decimals or fewer."""
+    return all(not 0 < row.get("server_seconds_total", 0) < 1e-5 for row in rows)
 
 
 def _exempt(definitions: Mapping[str, MetricDef], name: str) -> bool:

@@ -34,7 +34,7 @@ from reaper.catalog.metrics import SPECIAL_METRICS, Catalog
 from reaper.config.schema import MetricDef, SourceConfig
 from reaper.daemon.alarms import Sleeper
 from reaper.daemon.cache import InstanceCache
-from reaper.daemon.cost import SERVER_VIEW_KEY, SERVER_VIEW_SQL, SourceCost
+from reaper.daemon.cost import SERVER_VIEW_KEY, SERVER_VIEW_SQL, SourceCost, go_ready_cost_rows
 from reaper.daemon.delivery import Output
 from reaper.daemon.fleetrules import FleetRules
 from reaper.daemon.jobs import Job, timeout_share
@@ -314,9 +314,10 @@ class SourceReaper:
         """The budget's step (the fast lane re-reads the effective intervals next); once per window the
         cost self-measurements, and pg_stat_statements' view read in the next tick's statement."""
         done = self.cost.step(trio.current_time(), wall_ns, self.catalog.metrics)
-        for metric, rows in done or ():
-            self.emit(Measurement.from_rows(source=self.name, metric=metric, table=metric, rows=rows,
-                                            tags=self.config.tags, wall_ns=wall_ns))
+        for metric, rows in done or ():  # (reaper_cost's rows are made in Go's JSON form: no pass of the sink's)
+            self.emit(Measurement.from_rows(source=self.name, metric=metric, table=metric, rows=rows, wall_ns=wall_ns,
+                                            tags=self.config.tags, go_ready=metric == "reaper_cost"
+                                            and go_ready_cost_rows(rows)))
         if done is not None:
             self.cost.view_wanted = True
 
