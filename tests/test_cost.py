@@ -16,9 +16,10 @@ from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
 from reaper import db
 from reaper.config.schema import CollectorConfig, SourceConfig
 from reaper.daemon import cost as cost_module
-from reaper.daemon.cost import SIZE_EVERY, CostSettings, SourceCost, cost_families, estimate_bytes
+from reaper.daemon.cost import SIZE_EVERY, CostSettings, SourceCost, estimate_bytes
 from reaper.daemon.source import FleetControls, SourceReaper
 from reaper.measurement import Measurement
+from reaper.sinks.selfmetrics import cost_families
 
 DEFS = {m.name: m for m in (sql_metric("slow"), sql_metric("db_stats", budget_exempt=True), sql_metric("cheap"))}
 

@@ -42,7 +42,7 @@ import attrs
 import orjson
 
 from reaper.config.schema import CollectorConfig, MetricDef, SourceConfig
-from reaper.daemon.status import CostStatus, SourceStatus
+from reaper.daemon.status import CostStatus
 from reaper.daemon.status import MetricCostStatus as MetricFigures
 from reaper.db.link import SourceLink
 from reaper.db.tick import TickOutcome
@@ -481,28 +481,3 @@ def _step_back(factor: int) -> int:
     while power * 2 < factor:
         power *= 2
     return power
-
-
-Family = tuple[str, str, str, list[str], list[tuple[list[str], float]]]
-
-
-def cost_families(sources: Sequence[SourceStatus]) -> list[Family]:
-    """The Prometheus families of the sources' cost (kind, name, help, labels, samples), for the
-    prometheus sink's reaper_* self-metrics; counters are exposed as <name>_total."""
-    per_metric = [(s.name, m) for s in sources if s.cost is not None for m in s.cost.metrics]
-    with_cost = [(s.name, s.cost) for s in sources if s.cost is not None]
-    return [
-        ("counter", "reaper_source_server_seconds", "Server time reaper's statements of the metric have taken.",
-         ["source", "metric"], [([n, m.metric], m.server_seconds_total) for n, m in per_metric]),
-        ("counter", "reaper_source_metric_rows", "Rows the metric's statements have returned.",
-         ["source", "metric"], [([n, m.metric], float(m.rows_total)) for n, m in per_metric]),
-        ("counter", "reaper_source_metric_bytes", "Estimated bytes of the rows the metric's statements returned.",
-         ["source", "metric"], [([n, m.metric], float(m.bytes_total)) for n, m in per_metric]),
-        ("gauge", "reaper_source_server_seconds_per_minute", "Server seconds per minute reaper's statements cost "
-         "the source now (over the cost window).", ["source"],
-         [([n], c.server_ms_per_minute / 1000.0) for n, c in with_cost]),
-        ("gauge", "reaper_source_effective_interval_seconds", "The metric's interval after the server budget's "
-         "stretching.", ["source", "metric"], [([n, m.metric], float(m.effective_interval)) for n, m in per_metric]),
-        ("gauge", "reaper_source_server_budget_seconds_per_minute", "The source's server budget (absent: none).",
-         ["source"], [([n], c.budget_ms_per_minute / 1000.0) for n, c in with_cost if c.budget_ms_per_minute]),
-    ]

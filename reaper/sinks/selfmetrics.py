@@ -10,8 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
-from reaper.daemon.cost import cost_families
-from reaper.daemon.status import DaemonStatus, LatenessBuckets
+from reaper.daemon.status import DaemonStatus, LatenessBuckets, SourceStatus
 
 Rows = Iterable[tuple[list[str], float]]
 Add = Callable[[str, str, list[str], Rows], None]
@@ -68,7 +67,7 @@ def status_families(status: DaemonStatus, out: list[Metric]) -> None:
           "schedule.", ["source"], (([s.name], s.lateness_p99) for s in src))
     if status.tick_lateness is not None:
         out.append(lateness_family(status.tick_lateness))
-    for kind, name, doc, labels, rows in cost_families(src):  # reaper.daemon.cost
+    for kind, name, doc, labels, rows in cost_families(src):  # reaper.daemon.cost's figures
         (counter if kind == "counter" else gauge)(name, doc, labels, rows)
     gauge("reaper_sink_queue_depth", "Measurements waiting in the sink's memory queue.", ["sink"],
           (([s.label], s.queued) for s in snk))
@@ -93,3 +92,28 @@ def status_families(status: DaemonStatus, out: list[Metric]) -> None:
         gauge("reaper_fleet_sources_owned", "Sources each live member owns (holds the lock of).", ["member"],
               [([m.name], len(m.sources)) for m in status.fleet.members]
               or [([status.fleet.member], status.fleet.owned)])
+
+
+Family = tuple[str, str, str, list[str], list[tuple[list[str], float]]]
+
+
+def cost_families(sources: Iterable[SourceStatus]) -> list[Family]:
+    """The Prometheus families of the sources' cost (kind, name, help, labels, samples), for the
+    prometheus sink's reaper_* self-metrics; counters are exposed as <name>_total."""
+    per_metric = [(s.name, m) for s in sources if s.cost is not None for m in s.cost.metrics]
+    with_cost = [(s.name, s.cost) for s in sources if s.cost is not None]
+    return [
+        ("counter", "reaper_source_server_seconds", "Server time reaper's statements of the metric have taken.",
+         ["source", "metric"], [([n, m.metric], m.server_seconds_total) for n, m in per_metric]),
+        ("counter", "reaper_source_metric_rows", "Rows the metric's statements have returned.",
+         ["source", "metric"], [([n, m.metric], float(m.rows_total)) for n, m in per_metric]),
+        ("counter", "reaper_source_metric_bytes", "Estimated bytes of the rows the metric's statements returned.",
+         ["source", "metric"], [([n, m.metric], float(m.bytes_total)) for n, m in per_metric]),
+        ("gauge", "reaper_source_server_seconds_per_minute", "Server seconds per minute reaper's statements cost "
+         "the source now (over the cost window).", ["source"],
+         [([n], c.server_ms_per_minute / 1000.0) for n, c in with_cost]),
+        ("gauge", "reaper_source_effective_interval_seconds", "The metric's interval after the server budget's "
+         "stretching.", ["source", "metric"], [([n, m.metric], float(m.effective_interval)) for n, m in per_metric]),
+        ("gauge", "reaper_source_server_budget_seconds_per_minute", "The source's server budget (absent: none).",
+         ["source"], [([n], c.budget_ms_per_minute / 1000.0) for n, c in with_cost if c.budget_ms_per_minute]),
+    ]
