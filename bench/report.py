@@ -323,6 +323,12 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "saved result again). As root it installs `prometheus-postgres-exporter` with apt-get when missing.",
         "Each section's hand-written findings come from `bench/notes/<scenario>.md`.",
         "",
+        "**Labs** (for comparing two builds on one machine, not for this report): `bench/profile_tick.py` runs a",
+        "real `reaper run` with N sources on a preset re-timed or at its own intervals and prints its CPU (schedstat),",
+        "wake-ups (voluntary context switches) and rows per source tick, with `--spy` a py-spy summary by function;",
+        "`bench/tick_loop.py` ticks one real source back to back with the preset's own due sets and prints the",
+        "CPU per tick of the tick's own Python (hot caches, no wake-ups: the part a code change moves).",
+        "",
     ]
     rows = targets(results)
     if rows:
