@@ -383,7 +383,11 @@ def run_collector_scenario(sc: Scenario, args: argparse.Namespace) -> dict[str, 
     state_dir, output, config = run_dir / "state", run_dir / "measurements.ndjson", run_dir / "reaper.toml"
     dbs = lab.database_names(sc.databases)
     workload_conns = min(len(dbs), 40)
-    max_conn = sc.sources + workload_conns + (len(dbs) + 10) + 40
+    # reaper's two connections per source at most (the fast lane's and the slow lane's, open for the whole
+    # run when a source has slow-lane work every few minutes: fleet100's change_events), the peer's one per
+    # database, the workload's: a full server refused one fleet100 source its first connect at 18:11 UTC on
+    # 2026-12-04 (290 slots: 99 sources up, the steady window from 60 % of the run)
+    max_conn = 2 * sc.sources + workload_conns + (len(dbs) + 10) + 40
     server = workload = peer = reaper = profiler = None
     sampler = measure.Sampler()
     result: dict[str, Any] = {"scenario": sc.name, "title": sc.title, "sources": sc.sources, "preset": sc.preset,
