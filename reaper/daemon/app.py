@@ -3,11 +3,12 @@
 `Daemon` is the composition root: it builds the fan-out, the sink set, the reconciler and the
 fleet switches, and `Daemon.run` is the whole task tree, readable top to bottom:
 
-    root nursery
-    ├ signal task          (given by reaper.daemon.root for `reaper run`) SIGHUP -> reload request
+    root nursery           its own task watches the signals (given by reaper.daemon.root for `reaper run`:
+    │                      SIGHUP -> reload request) until a stop is asked, then a task watches them on
+    │                      through the shutdown (a second stop signal exits at once)
     ├ reconciler           the ONLY writer of running state (reaper.daemon.reconciler)
     ├ alarms               one timer for every source's next tick (reaper.daemon.alarms)
-    ├ pause-file watcher   -> SetPaused requests
+    ├ pause-file watcher   -> SetPaused requests (only while [collector] pause_file is set)
     ├ status writer        the status file when something changed, on SIGUSR2, and every 60 s
                            for the counters (reaper.daemon.statuswrite)
     └ sinks nursery        per sink: its own nursery and channel (reaper.daemon.sinkset)
@@ -123,6 +124,7 @@ class Daemon:
         self.reconciler = Reconciler(config, make_source=self._make_source, controls=self.controls,
                                      sinks=self.sinkset, groups=groups or (), resolver=resolver)
         self._stop = trio.Event()
+        self._until_stop: trio.CancelScope | None = None  # the root task's watch of the signals, until a stop
         self._reloaded = trio.Event()  # set by each applied reload (the pause file's watch reads the config again)
         self._root: trio.Nursery | None = None  # the task tree's root (run): the pause file's watch starts there
         self._pause_watched = False  # a watch of the pause file runs
@@ -195,6 +197,13 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+        if self._until_stop is not None:
+            self._until_stop.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked (the shutdown runs or is done)."""
+        return self._stop.is_set()
 
     def request_status(self) -> None:
         """Write the status file now (SIGUSR2, `reaper status`)."""
@@ -232,8 +241,6 @@ class Daemon:
 
             health_sock = bind_health(listen)  # a taken address: one ConfigError line, at once
         async with trio.open_nursery() as root:
-            if signal_task is not None:
-                root.start_soon(signal_task, self)
             if health_sock is not None:  # /liveness, /readiness, /status for the daemon's whole life
                 await root.start(serve_health, self, health_sock)
             await root.start(self.controls.alarms.run)  # the sources' ticks wake on it, ~64 at a time
@@ -248,7 +255,7 @@ class Daemon:
                         self._watch_pause_file_if_set()
                         root.start_soon(self.status_writer.run)
                         task_status.started()
-                        await self._stop.wait()
+                        await self._watch_until_stop(root, signal_task)
                         await self.reconciler.submit(Shutdown())  # stops every source, closes connections
                         await self.reconciler.stopped.wait()
                 finally:
@@ -259,6 +266,17 @@ class Daemon:
                           "spill queues for the next start", grace)
             await self.status_writer.write()
             root.cancel_scope.cancel()
+
+    async def _watch_until_stop(self, root: trio.Nursery, signal_task: SideTask | None) -> None:
+        """The root task itself watches the signals until a stop is asked (a long-lived task fewer); from then
+        on a task of the root nursery watches them through the shutdown, as long as it lasts."""
+        if signal_task is not None and not self._stop.is_set():
+            with trio.CancelScope() as self._until_stop:
+                await signal_task(self)
+            self._until_stop = None
+        await self._stop.wait()
+        if signal_task is not None:
+            root.start_soon(signal_task, self)
 
     def settle_seconds(self) -> float:
         """How long the fleet takes to settle after a start or reload: its first ticks all come within the

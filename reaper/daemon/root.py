@@ -6,7 +6,7 @@
       ├ the pidfile                 written once locked, removed at exit if still ours
       ├ signal receiver             installed before anything can be interrupted
       └ db.open_loop()              the process's one asyncio loop, outermost
-        └ Daemon.run                the task tree (reaper.daemon.app), with `watch_signals` as its signal task
+        └ Daemon.run                the task tree (reaper.daemon.app); its root task runs `watch_signals`
 
 SIGHUP becomes a reload request to the reconciler (the config file is validated as a whole first);
 SIGINT/SIGTERM stop gracefully; a second stop signal exits at once. SIGUSR1 drains a fleet member
@@ -42,11 +42,13 @@ LOCK_FILE = "reaper.lock"
 async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path: str | None,
                         force_exit: Callable[[int], None]) -> None:
     """SIGHUP reloads; SIGINT/SIGTERM stop gracefully; a second stop signal exits at once; SIGUSR1 drains a
-    fleet member; SIGUSR2 writes the status file now."""
-    stopping = False
+    fleet member; SIGUSR2 writes the status file now.
+
+    The daemon's root task runs it until a stop is asked (which cancels it), then a task runs it again
+    through the shutdown: whether this is a second stop signal is the daemon's state, not this call's."""
     async for signum in signals:
         if signum == signal.SIGHUP:
-            if config_path is None or stopping:
+            if config_path is None or daemon.stopping:
                 continue
             log.info("SIGHUP: reloading %s", config_path)
             await daemon.reload(config_path)
@@ -57,8 +59,7 @@ async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path
                 log.warning("SIGUSR1: leaving the fleet: every source is released, the daemon stays up")
             else:
                 log.warning("SIGUSR1: ignored: no [fleet] in the configuration")
-        elif not stopping:
-            stopping = True
+        elif not daemon.stopping:
             log.info("%s: stopping gracefully (send it again to exit at once)", signal.Signals(signum).name)
             daemon.request_stop()
         else:
