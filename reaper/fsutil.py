@@ -41,3 +41,19 @@ def open_append(path: Path, mode: int = PRIVATE_FILE_MODE) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def pause_file_notice(path: str) -> str | None:
+    """Why creating `[collector] pause_file` would fail, if its folder says so now: the operator's emergency
+    pause (`touch FILE`) must not turn out unusable on the day it is needed. None when the folder is there.
+
+    A warning, not a config error: the folder may be made later (by the service manager, at boot)."""
+    folder = Path(path).parent
+    if folder.is_dir():
+        return None
+    for above in (folder, *folder.parents):  # the nearest that exists
+        if above.exists() and not above.is_dir():
+            return f"{path}: {above} is not a folder: the pause file can never be created there"
+        if above.exists():
+            break
+    return f"{path}: its folder {folder} does not exist (yet): create it, or `touch {path}` will fail"

@@ -85,6 +85,28 @@ def test_check_accepts_the_shipped_example_and_says_so_in_one_line() -> None:
                                                 f"1 own metrics, 1 own presets"]
 
 
+def test_check_warns_when_the_pause_file_could_not_be_created(tmp_path: Path) -> None:
+    """pause_file is the operator's emergency brake (`touch FILE`): a folder that is missing or is a file
+    is worth a warning line on stderr (the config stays valid: the folder may be made at boot)."""
+    base = '[[sources]]\nname = "a"\ndsn = "postgresql://u@h/db"\n[[sinks]]\ntype = "jsonfile"\npath = "-"\n'
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = {tmp_path / "missing" / "pause": f"its folder {tmp_path / 'missing'} does not exist",
+             a_file / "pause": f"{a_file} is not a folder", tmp_path / "pause": None}
+    for pause, why in cases.items():
+        config = tmp_path / "c.toml"
+        config.write_text(f'[collector]\npause_file = "{pause}"\n' + base)
+        proc = reaper("check", "--config", str(config))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"{config}: ok: 1 sources"), proc.stdout
+        if why is None:
+            assert proc.stderr == ""
+        else:
+            lines = proc.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"{config}: collector.pause_file: warning: {pause}: ")
+            assert why in lines[0], proc.stderr
+
+
 def test_check_names_a_missing_environment_variable(tmp_path: Path) -> None:
     config = tmp_path / "env.toml"
     config.write_text('[[sources]]\nname = "a"\ndsn = "postgresql://u:${NOT_SET_ANYWHERE_X}@h/db"\n'

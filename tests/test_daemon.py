@@ -312,3 +312,22 @@ def test_a_pause_file_named_by_a_reload_pauses_collection_until_it_is_removed(pg
     seen = len(daemon.times("a"))
     wait_until(lambda: len(daemon.times("a")) >= seen + 2, what="collection after the reload dropped the pause_file")
     assert daemon.stop() == 0
+
+
+def test_a_pause_file_that_could_never_be_created_is_named_at_start_and_collection_goes_on(
+        pg15, fresh_db, daemon: Daemon) -> None:
+    """An operator's typo in [collector] pause_file (a folder that is a regular file) would leave the emergency
+    pause silently unusable: the daemon says so at start, once, naming the path; it collects as configured."""
+    not_a_folder = daemon.tmp / "notes.txt"
+    not_a_folder.write_text("a file, not a folder\n")
+    pause = not_a_folder / "pause"
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)])
+    daemon.config.write_text(daemon.config.read_text().replace(
+        "shutdown_grace_seconds = 10\n", f'shutdown_grace_seconds = 10\npause_file = "{pause}"\n'))
+    daemon.start()
+    wait_until(lambda: len(daemon.times("a")) >= 2, what="collection")
+    warned = [line for line in daemon.log_text().splitlines() if "WARNING" in line]
+    assert len(warned) == 1, daemon.log_text()
+    assert f"[collector] pause_file {pause}: {not_a_folder} is not a folder" in warned[0], warned
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log_text()

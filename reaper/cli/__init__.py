@@ -22,6 +22,7 @@ from reaper.config.load import load_config
 from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
 from reaper.errors import ConfigError
+from reaper.fsutil import pause_file_notice
 from reaper.preflight.cli import add_connect_arguments
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -280,6 +281,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     enabled = sum(1 for s in config.sources if s.enabled)
     print(f"{args.config}: ok: {len(config.sources)} sources ({enabled} enabled), {len(config.sinks)} sinks, "
           f"{len(config.metrics)} own metrics, {len(config.presets)} own presets")
+    if config.collector.pause_file is not None and (notice := pause_file_notice(config.collector.pause_file)):
+        print(f"{args.config}: collector.pause_file: warning: {notice}", file=sys.stderr)  # valid; would not pause
     if args.against_running:  # what reloading this file into its running daemon would do
         from reaper.cli.output import choose_format
         from reaper.cli.planview import check_against_running

@@ -56,6 +56,7 @@ from reaper.daemon.status import DaemonStatus, ReloadRecord, SinkStatus
 from reaper.daemon.statuswrite import StatusWriter
 from reaper.db.aioloop import READERS_TASK
 from reaper.errors import ConfigError
+from reaper.fsutil import pause_file_notice
 from reaper.kinds import resolve
 from reaper.measurement import Measurement
 from reaper.schedule import fleet_phase_spread
@@ -328,7 +329,10 @@ class Daemon:
     def _watch_pause_file_if_set(self) -> None:
         """Start the pause file's watch when [collector] pause_file is set and none runs (at start, after a
         reload): a daemon without a pause_file has no task for it."""
-        if self.config.collector.pause_file is not None and not self._pause_watched and self._root is not None:
+        path = self.config.collector.pause_file
+        if path is not None and (notice := pause_file_notice(path)) is not None:
+            log.warning("[collector] pause_file %s", notice)  # at every start and reload that keeps it so
+        if path is not None and not self._pause_watched and self._root is not None:
             self._pause_watched = True
             self._root.start_soon(self._watch_pause_file)
 

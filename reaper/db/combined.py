@@ -102,11 +102,11 @@ class Members:
         return self._listed
 
     def text(self, count_active: bool, guard: str) -> str:
-        listed = self.listed
+        self.listed  # noqa: B018  (fills _sqls and _texts when the members changed)
         key = (count_active, guard)
         text = self._texts.get(key)
         if text is None:
-            text = self._texts[key] = combined_text(self._sqls if listed else (), count_active, guard)
+            text = self._texts[key] = combined_text(self._sqls, count_active, guard)
         return text
 
     def flags(self, due: Iterable[str]) -> str:
