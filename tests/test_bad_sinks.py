@@ -1,14 +1,16 @@
 """A sink whose file cannot be created never stops the daemon (issue 11 bug 2 and Build 3), from outside.
 
 Real `reaper run` processes against the pg15 fixture server: a jsonfile sink under a regular file and one
-under /proc. The daemon starts (or stays up when such a sink arrives by SIGHUP), the healthy sink gets
-every measurement, the bad sink's one line is in the log and its error in the status file, and
-`reaper check` names the bad paths.
+under /proc (and named pipes whose reader lags or never comes). The daemon starts (or stays up when such
+a sink arrives by SIGHUP), the healthy sink gets every measurement, the bad sink's one line is in the log
+and its error in the status file, and `reaper check` names the bad paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -188,3 +190,46 @@ def test_reload_reports_a_new_prometheus_sink_whose_port_is_taken_and_the_daemon
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_a_named_pipe_whose_reader_lags_holds_up_only_its_own_sink(pg15, tmp_path: Path) -> None:
+    """jsonfile sinks at named pipes (output piped into another program): one whose reader stopped reading (its
+    pipe is full, so a write blocks) and one nobody opened for reading (its open blocks). The daemon goes on
+    collecting into the healthy sink, and SIGTERM ends it within the shutdown grace."""
+    lagging, nobody = tmp_path / "lagging.fifo", tmp_path / "nobody.fifo"
+    os.mkfifo(lagging)
+    os.mkfifo(nobody)
+    reader = os.open(lagging, os.O_RDONLY | os.O_NONBLOCK)  # the lagging consumer: it opened and reads no more
+    filler = os.open(lagging, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        for chunk in (65536, 4096, 1):  # to the brim: reaper's next write blocks
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(filler, b"x" * chunk)
+        config = write_config(tmp_path, pg15.dsn(), str(lagging), str(nobody))
+        config.write_text(config.read_text().replace("[collector]\n", "[collector]\nshutdown_grace_seconds = 3\n"))
+        log = tmp_path / "reaper.log"
+        with log.open("wb") as err:
+            proc = subprocess.Popen([*REAPER, "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_until(lambda: good_lines(tmp_path) >= 3 or proc.poll() is not None, "the healthy sink's rows")
+            seen = good_lines(tmp_path)
+            wait_until(lambda: good_lines(tmp_path) >= seen + 3 or proc.poll() is not None,
+                       "more rows while both pipes are stuck")
+            assert proc.poll() is None, log.read_text()
+        finally:
+            stopped_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"SIGTERM did not end the daemon: {log.read_text()}") from None
+        assert time.monotonic() - stopped_at < 20, "the stop waited for the stuck pipes beyond the grace"
+        text = log.read_text()
+        assert proc.returncode == 0, text
+        assert "Traceback" not in text
+    finally:
+        os.close(filler)
+        os.close(reader)

@@ -6,13 +6,16 @@ Values are written as pgwatch (Go) writes them: reaper/sinks/encode.py.
 
 A batch of up to INLINE_WRITE_BYTES is written to a local file from the trio thread itself (an append of
 a few KB to the page cache takes microseconds; a worker thread per write cost more than the write, and
-trio's idle worker threads expire between 30 s bursts and are made again). Larger batches, and stdout
-(a pipe can block), go through a worker thread.
+trio's idle worker threads expire between 30 s bursts and are made again). Larger batches, and anything
+that is not a regular file (stdout, a named pipe, /dev/stdout: a reader that lags blocks the writer), go
+through a worker thread, so a slow reader holds up this sink only. The open runs in a worker thread too
+(a named pipe's open waits for a reader), given up at shutdown.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import IO
@@ -64,6 +67,7 @@ class JsonFileSink:
         self.config = config
         self.label = config.label
         self._file: IO[bytes] | None = None
+        self._regular = False  # the path is a regular file: small batches are written inline
         self.written = 0
         self.gather_seconds = GATHER_SECONDS
 
@@ -74,16 +78,19 @@ class JsonFileSink:
         if self.config.path == "-":
             self._file = sys.stdout.buffer
             return
-        self._file = await trio.to_thread.run_sync(open_output, Path(self.config.path),
-                                                        self.config.file_mode)
+        # (a named pipe's open waits for its reader: a shutdown meanwhile leaves that thread behind)
+        f = self._file = await trio.to_thread.run_sync(open_output, Path(self.config.path), self.config.file_mode,
+                                                       abandon_on_cancel=True)
+        self._regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
 
     async def write(self, batch: list[Measurement]) -> None:
         data = b"".join([encode_measurement(m) for m in batch])
-        if len(data) <= INLINE_WRITE_BYTES and self.config.path != "-":
+        if len(data) <= INLINE_WRITE_BYTES and self._regular:
             self._write(data)
             await trio.lowlevel.checkpoint()
-        else:
-            await trio.to_thread.run_sync(self._write, data)
+        else:  # a pipe's writer blocked by its reader is given up at shutdown (the batch is then kept, and
+            # may come again at the next start: a pipe is no file to truncate)
+            await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=not self._regular)
         self.written += len(batch)
 
     def _rotate_if_needed(self, incoming: int) -> None:
