@@ -278,9 +278,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         from reaper.preflight.cli import check_connect_command
 
         return check_connect_command(config, args.source, args.format, args.sql_out)
-    enabled = sum(1 for s in config.sources if s.enabled)
-    print(f"{args.config}: ok: {len(config.sources)} sources ({enabled} enabled), {len(config.sinks)} sinks, "
-          f"{len(config.metrics)} own metrics, {len(config.presets)} own presets")
+    print(f"{args.config}: ok: {len(config.sources)} sources ({sum(s.enabled for s in config.sources)} enabled), "
+          f"{len(config.sinks)} sinks, {len(config.metrics)} own metrics, {len(config.presets)} own presets")
     if config.collector.pause_file is not None and (notice := pause_file_notice(config.collector.pause_file)):
         print(f"{args.config}: collector.pause_file: warning: {notice}", file=sys.stderr)  # valid; would not pause
     if args.against_running:  # what reloading this file into its running daemon would do
