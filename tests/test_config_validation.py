@@ -60,7 +60,8 @@ REFUSED = [
      "sources[0].dsn: port '54x2' is not a number from 1 to 65535"),
     (SRC + SINK + "[collector]\nbatching = 1\n",
      "collector.batching: unknown key (valid keys: cost_window_seconds, create_extensions, http_listen, "
-     "instance_cache_max_seconds, max_backoff_seconds, max_interval_factor, min_db_size_mb, pause_file, "
+     "instance_cache_max_seconds, max_backoff_seconds, max_interval_factor, max_rows_per_metric, min_db_size_mb, "
+     "pause_file, "
      "queue_capacity, server_budget_ms_per_minute, shutdown_grace_seconds, spill_max_bytes, state_dir)"),
     (SRC + SINK + '[collector]\nstate_dir = ""\n',
      "collector.state_dir: must not be empty (leave the key out for the default)"),
@@ -68,6 +69,7 @@ REFUSED = [
      "collector.shutdown_grace_seconds: must be a finite number, got nan"),
     (SRC + SINK + "[collector]\nspill_max_bytes = -1\n", "collector.spill_max_bytes: must be 0 or more, got -1"),
     (SRC + SINK + "[collector]\nmin_db_size_mb = -1\n", "collector.min_db_size_mb: must be 0 or more, got -1"),
+    (SRC + SINK + "[collector]\nmax_rows_per_metric = 0\n", "collector.max_rows_per_metric: must be 1 or more, got 0"),
     (SRC + SINK + "[collector]\ninstance_cache_max_seconds = -1\n",
      "collector.instance_cache_max_seconds: must be 0 or more, got -1"),
     (SRC + '[[sinks]]\ntype = "jsonfile"\npath = "x"\nmax_bytes = -1\n',

@@ -149,6 +149,9 @@ class CollectorConfig:
     spill_max_bytes: int = attrs.field(default=1024**3, validator=rules.number(0, rules.MAX_BYTES))
     # while this file exists, no source queries its server
     pause_file: str | None = attrs.field(default=None, validator=rules.optional_path)
+    # a metric returning more rows fails with an error, its rows not kept (a runaway query must not swell the
+    # process: reaper.db.rows.RowLimit); the shipped metrics return at most 100000
+    max_rows_per_metric: int = attrs.field(default=100_000, validator=rules.number(1, 100_000_000))
     # sources whose database is smaller than this are not collected
     min_db_size_mb: int = attrs.field(default=0, validator=rules.number(0, 2**40))
     # instance-level metrics shared between sources; 0 disables

@@ -55,6 +55,7 @@ from reaper.daemon.source import Connector, FleetControls, SourceReaper, connect
 from reaper.daemon.status import DaemonStatus, ReloadRecord, SinkStatus
 from reaper.daemon.statuswrite import StatusWriter
 from reaper.db.aioloop import READERS_TASK
+from reaper.db.rows import RowLimit
 from reaper.errors import ConfigError
 from reaper.fsutil import pause_file_notice
 from reaper.kinds import resolve
@@ -113,6 +114,7 @@ class Daemon:
             if connector is connect_source:
                 connector = functools.partial(connect_source, application_name=f"reaper:{self.fleet.member}")
         self.connector = connector
+        RowLimit.value = config.collector.max_rows_per_metric  # (process-wide: reaper.db.rows)
         self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb,
                                       create_extensions=config.collector.create_extensions,
                                       cost=CostSettings.of(config.collector))

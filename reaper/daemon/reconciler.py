@@ -41,6 +41,7 @@ from reaper.daemon.plan import Plan, RunningState, SourcePlan, compare_source, d
 from reaper.daemon.sinkset import SinkSet
 from reaper.daemon.source import FleetControls, SourceReaper, supervise
 from reaper.daemon.sources_from import FeedListed, Feeds
+from reaper.db.rows import RowLimit
 from reaper.errors import SourceUnavailable
 from reaper.kinds import is_discovery, resolve
 
@@ -300,6 +301,7 @@ class Reconciler:
             counts.update(sinks_added=added, sinks_removed=removed, sinks_rebuilt=rebuilt)
         self.config, self.catalog = new, Catalog.for_config(new)
         self.controls.min_db_size_mb = new.collector.min_db_size_mb
+        RowLimit.value = new.collector.max_rows_per_metric  # each connection's next statement asks for it
         self.controls.cost = CostSettings.of(new.collector)
         for name, source in self.wanted_sources(new).items():
             await self._apply_one(source, steps[name])

@@ -27,7 +27,7 @@ from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
-from reaper.db.rows import RowShape, describe, go_rows
+from reaper.db.rows import RowLimit, RowShape, TooManyRows, check_count, describe, go_rows
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
 
@@ -157,7 +157,7 @@ class SourceConnection:
         MetricError when it fails, SourceUnavailable when the connection breaks."""
         try:
             rows: list[dict[str, Any]] = await crossing(self._run_solo, query)
-        except asyncpg.PostgresError as e:
+        except (asyncpg.PostgresError, TooManyRows) as e:
             raise MetricError(name, describe_error(e)) from e
         return rows
 
@@ -222,7 +222,7 @@ class SourceConnection:
             started = time.perf_counter()
             try:
                 rows[name] = await self._run_solo(query)
-            except asyncpg.PostgresError as e:
+            except (asyncpg.PostgresError, TooManyRows) as e:
                 if is_connection_error(e):
                     raise
                 errors[name] = describe_error(e)
@@ -259,7 +259,8 @@ class SourceConnection:
         names = sorted(queries)
         sqls = {n: queries[n].sql for n in names}
         sent = members or Members.of(sqls)  # the statement's members, due or not
-        listed, statement = sent.listed, sent.text(active is not None, READ_ONLY_GUARD)
+        limit_rows = RowLimit.value
+        listed, statement = sent.listed, sent.text(active is not None, READ_ONLY_GUARD, limit_rows)
         try:
             await self._use_timeout(limit)
             self.statements += 1
@@ -279,7 +280,7 @@ class SourceConnection:
                 started = time.perf_counter()
                 try:
                     rows[name] = await self._run_solo(SoloQuery(sqls[name], queries[name].statement_timeout_seconds))
-                except asyncpg.PostgresError as e2:
+                except (asyncpg.PostgresError, TooManyRows) as e2:
                     if is_connection_error(e2):
                         raise
                     errors[name] = describe_error(e2)
@@ -289,11 +290,14 @@ class SourceConnection:
         for i, name in enumerate(listed):
             if name not in sqls:
                 continue
-            sql = sqls[name]
-            rows[name], ready = go_rows(self.columns[sql], self.shapes.get(sql), record[2 + 2 * i] or ())
+            sql, records = sqls[name], record[2 + 2 * i] or ()
+            seconds[name], clock = max(0.0, record[3 + 2 * i] - clock), record[3 + 2 * i]
+            if len(records) > limit_rows:
+                errors[name] = str(TooManyRows(limit_rows))
+                continue
+            rows[name], ready = go_rows(self.columns[sql], self.shapes.get(sql), records)
             if ready and go_ready is not None:
                 go_ready.add(name)
-            seconds[name], clock = max(0.0, record[3 + 2 * i] - clock), record[3 + 2 * i]
         if active is not None:
             active.append(int(record[-1] or 0))
         return bool(record[0]), False
@@ -301,7 +305,9 @@ class SourceConnection:
     async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
         await self._use_timeout(query.statement_timeout_seconds)
         self.statements += 1
-        return [dict(r.items()) for r in await self._conn.fetch(read_only(query.sql))]
+        records = await self._conn.fetch(f"{read_only(query.sql)}\nlimit {RowLimit.value + 1}")
+        check_count(len(records))
+        return [dict(r.items()) for r in records]
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         """One query under the default timeout, rows as dicts (for set-up, special metrics and tools, not for ticks)."""

@@ -34,14 +34,15 @@ ACTIVE_BACKENDS_SQL = ("(select count(*) from pg_stat_activity where state = 'ac
 
 
 @functools.lru_cache(maxsize=256)  # a few per preset and server version: tens of KB each
-def combined_text(sqls: tuple[str, ...], count_active: bool, guard: str) -> str:
+def combined_text(sqls: tuple[str, ...], count_active: bool, guard: str, max_rows: int) -> str:
     """One text per distinct set of members, built once and shared by every source that sends it: each
     connection's statement cache keeps the text it prepared, and a fleet's sources send the same few
-    texts (each tens of KB for a big preset). `$1` (one letter a member, `t` or `f`) says which run."""
+    texts (each tens of KB for a big preset). `$1` (one letter a member, `t` or `f`) says which run.
+    Each member yields at most max_rows + 1 rows (one more than the limit: reaper.db.rows.RowLimit)."""
     parts = ["pg_is_in_recovery()", f"{CLOCK} as c0"]
     for i, sql in enumerate(sqls):
         # t.* is the subquery's whole row even when the metric has a column named t (array_agg(t) would be that column)
-        run = f"(select array_agg(t.*) from ({sql.strip()}) t)"
+        run = f"(select array_agg(t.*) from (select * from ({sql.strip()}) q limit {max_rows + 1}) t)"
         due = f"substr($1::text, {i + 1}, 1) = 't'"
         parts += [f"case when {due} then {run} end as m{i}", f"case when {due} then {CLOCK} end as c{i + 1}"]
     if count_active:
@@ -62,7 +63,7 @@ class Members:
         self._listed: tuple[str, ...] | None = None  # sorted names (None: to be made again)
         self._sqls: tuple[str, ...] = ()
         self._index: dict[str, int] = {}
-        self._texts: dict[tuple[bool, str], str] = {}
+        self._texts: dict[tuple[bool, str, int], str] = {}
         self._absorbed: Mapping[str, str] | None = None  # the universe whose every member is in, described
 
     @classmethod
@@ -101,12 +102,12 @@ class Members:
             self._texts = {}
         return self._listed
 
-    def text(self, count_active: bool, guard: str) -> str:
+    def text(self, count_active: bool, guard: str, max_rows: int) -> str:
         self.listed  # noqa: B018  (fills _sqls and _texts when the members changed)
-        key = (count_active, guard)
+        key = (count_active, guard, max_rows)
         text = self._texts.get(key)
         if text is None:
-            text = self._texts[key] = combined_text(self._sqls, count_active, guard)
+            text = self._texts[key] = combined_text(self._sqls, count_active, guard, max_rows)
         return text
 
     def flags(self, due: Iterable[str]) -> str:
