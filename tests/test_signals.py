@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import trio
+from test_aioloop import _all_tasks as all_tasks
 
 from reaper import db
 from reaper.config.schema import CollectorConfig, Config
@@ -38,18 +39,7 @@ class SlowToClose:
 
 
 def task_names() -> list[str]:
-    names: list[str] = []
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        names.append(task.name)
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    walk(root)
-    return names
+    return [task.name for task in all_tasks()]
 
 
 async def test_a_second_stop_signal_during_a_slow_shutdown_exits_at_once(tmp_path: Path) -> None:
