@@ -27,7 +27,7 @@ from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
-from reaper.db.rows import RowLimit, RowShape, TooManyRows, check_count, describe, go_rows
+from reaper.db.rows import RowLimit, RowShape, TooManyRows, describe, go_rows
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
 
@@ -306,7 +306,9 @@ class SourceConnection:
         await self._use_timeout(query.statement_timeout_seconds)
         self.statements += 1
         records = await self._conn.fetch(f"{read_only(query.sql)}\nlimit {RowLimit.value + 1}")
-        check_count(len(records))
+        if len(records) > RowLimit.value:
+            del records  # (the error's traceback keeps this frame: not its rows, until a full collection)
+            raise TooManyRows(RowLimit.value)
         return [dict(r.items()) for r in records]
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:

@@ -30,12 +30,6 @@ class TooManyRows(Exception):
                          "narrow the metric's query or raise the limit")
 
 
-def check_count(count: int) -> None:
-    """TooManyRows when `count` rows (asked for with one more than the limit) are over the limit."""
-    if count > RowLimit.value:
-        raise TooManyRows(RowLimit.value)
-
-
 @attrs.frozen(slots=True)
 class RowShape:
     """Which columns of a metric's rows hold floats (made Go-ready one by one) or containers (walked)."""
