@@ -25,6 +25,23 @@ class ConfigError(ReaperError):
         super().__init__("\n".join(self.problems))
 
 
+def config_problems(error: BaseException) -> list[str] | None:
+    """The problem lines of a ConfigError, also one that trio's nurseries wrapped in exception groups (with
+    nothing else in them); None for anything else."""
+    if isinstance(error, ConfigError):
+        return error.problems
+    if isinstance(error, BaseExceptionGroup):
+        found, rest = error.split(ConfigError)
+        if found is not None and rest is None:
+            return [line for e in _leaves(found) for line in e.problems]
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[ConfigError]:
+    return [leaf for e in group.exceptions
+            for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]
+
+
 class SourceUnavailable(ReaperError):
     """The source cannot be reached or refuses us (network, auth, timeout, shutdown)."""
 

@@ -192,6 +192,58 @@ def test_reload_reports_a_new_prometheus_sink_whose_port_is_taken_and_the_daemon
     assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()
 
 
+def test_a_prometheus_sink_whose_port_is_taken_at_start_serves_once_freed_and_never_holds_up_a_stop(
+        pg15, tmp_path: Path) -> None:
+    """Two Prometheus sinks whose ports another program holds at start: the daemon starts, each sink's
+    error is one log line naming it once; the port freed, that sink listens and serves the latest rows
+    (kept meanwhile); SIGTERM while the other still cannot listen ends the daemon without waiting out the
+    shutdown grace for it (it has nothing to save: Prometheus keeps only the latest values)."""
+    import socket
+    import urllib.request
+
+    config = write_config(tmp_path, pg15.dsn())
+    config.write_text(config.read_text().replace("[collector]\n", "[collector]\nshutdown_grace_seconds = 60\n"))
+    log = tmp_path / "reaper.log"
+    with socket.socket() as freed, socket.socket() as held, log.open("wb") as err:
+        for s in (freed, held):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        ports = [s.getsockname()[1] for s in (freed, held)]
+        with config.open("a") as f:
+            for port in ports:
+                f.write(f'\n[[sinks]]\ntype = "prometheus"\nlisten = "127.0.0.1:{port}"\n')
+        proc = subprocess.Popen([*REAPER, "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            labels = [f"prometheus:127.0.0.1:{port}" for port in ports]
+            wait_until(lambda: all(sink_errors(tmp_path).get(label) for label in labels) or proc.poll() is not None,
+                       "both sinks' errors in the status file")
+            wait_until(lambda: good_lines(tmp_path) >= 3 or proc.poll() is not None, "the healthy sink's rows")
+            for label in labels:
+                lines = [line for line in log.read_text().splitlines() if label in line]
+                assert len(lines) == 1, lines
+                assert lines[0].count(label) == 1 and "Address already in use" in lines[0], lines
+            freed.close()
+
+            def scraped() -> str:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5) as r:
+                        return r.read().decode()
+                except OSError:
+                    return ""
+            wait_until(lambda: "pgwatch_ping_v{" in scraped() or proc.poll() is not None, "the freed sink's rows",
+                       limit=60)
+            assert proc.poll() is None, log.read_text()
+            wait_until(lambda: sink_errors(tmp_path)[labels[0]] is None, "the freed sink's error cleared in status",
+                       limit=90)
+            assert "Address already in use" in (sink_errors(tmp_path)[labels[1]] or "")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "did not finish" not in text and "Traceback" not in text, text
+
+
 def test_a_named_pipe_whose_reader_lags_holds_up_only_its_own_sink(pg15, tmp_path: Path) -> None:
     """jsonfile sinks at named pipes (output piped into another program): one whose reader stopped reading (its
     pipe is full, so a write blocks) and one nobody opened for reading (its open blocks). The daemon goes on

@@ -285,6 +285,25 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first(pg15, fr
     assert daemon.stop() == 0
 
 
+def test_a_taken_http_listen_address_refuses_the_start_with_one_line(pg15, fresh_db, daemon: Daemon) -> None:
+    """The health endpoints' address held by another program: `reaper run` exits 1 with one line naming the
+    key and the reason (it used to end in a traceback of trio's exception groups)."""
+    import socket
+
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        daemon.config.write_text(daemon.config.read_text().replace("[collector]\n",
+                                                                   f'[collector]\nhttp_listen = "{listen}"\n'))
+        done = subprocess.run([*REAPER, "run", "--config", str(daemon.config)], capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 1, done.stderr
+    problems = [line for line in done.stderr.splitlines() if " INFO " not in line]
+    assert problems == [f"collector.http_listen: cannot listen on '{listen}': Address already in use"], done.stderr
+
+
 def test_a_pause_file_named_by_a_reload_pauses_collection_until_it_is_removed(pg15, fresh_db, daemon: Daemon) -> None:
     """[collector] pause_file, added by a reload to a daemon started without one (which has no task watching
     for it until then): while the file exists the source is paused, after it is removed it collects again;

@@ -96,6 +96,40 @@ async def test_a_sink_that_cannot_open_reports_started_spills_and_catches_up(tmp
     assert any("writing again" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_sink_without_spill_that_cannot_open_keeps_the_newest_and_never_holds_up_a_stop(
+        caplog, autojump_clock) -> None:
+    """A sink without a spill queue (the Prometheus sink) that cannot open: what arrives meanwhile is kept up
+    to its queue's capacity, the oldest dropped and counted (it wants the latest values), and delivered once
+    it opens; closing its channel while it still cannot open ends its task at once."""
+    sink = ScriptedSink()
+    sink.open_error = SinkError("cannot listen on '127.0.0.1:9187': Address already in use")
+    fanout = FanOut()
+    send, receive = trio.open_memory_channel[Measurement](10)
+    outlet = fanout.add(sink.label, send)
+    async with trio.open_nursery() as n:
+        await n.start(SinkRunner(sink, receive, outlet).run)
+        for i in range(25):
+            fanout.send(m(i))
+            await trio.sleep(0.01)
+        assert outlet.dropped == 15 and outlet.error is not None
+        assert sum("dropping the oldest" in r.getMessage() for r in caplog.records) == 1
+        sink.open_error = None
+        await wait_for(lambda: len(sink.got) == 10, "the newest delivered")
+        fanout.close()
+    assert sink.got == list(range(15, 25))
+    sink = ScriptedSink()
+    sink.open_error = SinkError("cannot listen")
+    send, receive = trio.open_memory_channel[Measurement](10)
+    outlet = FanOut().add(sink.label, send)
+    with trio.fail_after(1):
+        async with trio.open_nursery() as n:
+            await n.start(SinkRunner(sink, receive, outlet).run)
+            outlet.put(m(1))
+            await trio.sleep(0.1)
+            send.close()  # the daemon's shutdown
+    assert sink.opened == 0
+
+
 async def test_a_new_reason_is_logged_again(tmp_path: Path, caplog, autojump_clock) -> None:
     sink = ScriptedSink()
     sink.open_error = SinkError("cannot open /x: No such file or directory")

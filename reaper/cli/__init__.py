@@ -21,7 +21,7 @@ from reaper.cli.fleet import cmd_fleet  # noqa: F401  (dispatched by name: cmd_<
 from reaper.config.load import load_config
 from reaper.config.redact import remember_secrets, scrub
 from reaper.config.schema import Config
-from reaper.errors import ConfigError
+from reaper.errors import ConfigError, config_problems
 from reaper.fsutil import pause_file_notice
 from reaper.preflight.cli import add_connect_arguments
 
@@ -29,13 +29,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 DESCRIPTION = """\
 reaper collects PostgreSQL metrics. Each monitored source is one task that wakes at the GCD of its
-metric intervals and sends every due SQL metric to the server in ONE statement; results go to
-sinks (JSON lines files for now) in pgwatch's format.
+metric intervals and sends every due SQL metric to the server in ONE statement; the rows go to sinks
+(pgwatch's PostgreSQL storage, a Prometheus endpoint, JSON lines files) in pgwatch's formats.
 
-Start with `reaper demo` (a throwaway PostgreSQL, watched live), then write a config
-(see conf/reaper.toml), check it with `reaper check`, and run it with `reaper run`.
+Start with `reaper demo` (a throwaway PostgreSQL, watched live), then write a config (the README's
+example, or conf/reaper.toml), check it with `reaper check`, and run it with `reaper run`.
 """
-
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -244,9 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler = globals()["cmd_" + args.verb.replace("-", "_")]  # every verb `x-y` has its cmd_x_y
         return int(handler(args))
-    except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
+    except (ConfigError, BaseExceptionGroup) as e:  # a group: one from trio's nurseries (a taken http_listen)
+        if (problems := config_problems(e)) is None:
+            raise
+        print(*problems, sep="\n", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

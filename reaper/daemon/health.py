@@ -66,7 +66,7 @@ TEXT = b"text/plain; charset=utf-8"
 
 def bind_health(listen: str) -> socket.socket:
     """The bound socket for `http_listen` (ConfigError, one line, when the address cannot be had)."""
-    return bind_listen(listen, "health endpoints")
+    return bind_listen(listen, "collector.http_listen")
 
 
 def _names(names: list[str]) -> str:

@@ -35,6 +35,7 @@ class Outlet:
     error: str | None = None  # why the sink is not writing now (cannot open, write failing), else None
     opened: bool = False  # its sink has been opened (for /readiness)
     _warned_full: bool = False
+    warned_held: bool = False  # its sink, unable to open and without a spill, dropped its oldest (said once)
     _warned_spill: bool = False  # the spill's bound was reached (said once)
     _warned_disk: bool = False  # the disk refused the spill (said once per episode)
 

@@ -92,11 +92,13 @@ def label_name(name: str) -> str:
     return "_" + name.lstrip("_") if name.startswith("__") else name
 
 
-def bind_listen(listen: str, label: str) -> socket.socket:
-    """A TCP socket bound to "host:port" ("[::1]:port" for IPv6, ":port" for every IPv4 address)."""
+def bind_listen(listen: str, what: str = "") -> socket.socket:
+    """A TCP socket bound to "host:port" ("[::1]:port" for IPv6, ":port" for every IPv4 address). An error is
+    one ConfigError line, after `what: ` (the key it came from) when given."""
+    prefix = f"{what}: " if what else ""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError([f"sink {label}: listen {listen!r}: expected host:port"])
+        raise ConfigError([f"{prefix}listen {listen!r}: expected host:port"])
     host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -104,7 +106,7 @@ def bind_listen(listen: str, label: str) -> socket.socket:
         sock.bind((host, int(port)))
     except OSError as e:
         sock.close()
-        raise ConfigError([f"sink {label}: cannot listen on {listen!r}: {e.strerror or e}"]) from None
+        raise ConfigError([f"{prefix}cannot listen on {listen!r}: {e.strerror or e}"]) from None
     return sock
 
 
@@ -209,7 +211,7 @@ class PrometheusSink:
     async def open(self, beside: trio.Nursery | None = None) -> None:
         """Bind `listen` (an error raises here) and start the HTTP server in `beside`, the sink's own nursery
         (reaper.sinks.runner gives it), so the server lives and ends inside this sink's scope."""
-        sock = bind_listen(self.config.listen, self.label)
+        sock = bind_listen(self.config.listen)  # the sink's runner names the sink in what it logs
         if beside is None:
             sock.close()
             raise TypeError("the Prometheus sink serves beside its task: open it through run_sink()")

@@ -84,6 +84,7 @@ class SinkRunner:
     _traced: set[type] = attrs.field(factory=set)  # error types already logged with a traceback
     _beside: trio.Nursery | None = None  # the sink's own nursery (run() opens it)
     _writes: deque[float] = attrs.field(factory=lambda: deque(maxlen=WRITES_PER_GATHER))  # their trio times
+    _held: deque[Measurement] = attrs.field(factory=deque)  # what came while a sink without spill could not open
 
     def __attrs_post_init__(self) -> None:
         if self.rejected_dir is None and self.spill is not None:
@@ -107,6 +108,10 @@ class SinkRunner:
             if not await self._open():
                 return
             open_ = True
+            in_hand = list(self._held)
+            self._held.clear()
+            if in_hand:
+                await self._deliver(in_hand)
             while True:
                 in_hand = []
                 open_ = _drain(self.receive, in_hand) and open_
@@ -176,19 +181,34 @@ class SinkRunner:
             return True
 
     async def _wait_spilling(self) -> bool:
-        """Wait out the backoff, moving what arrives to the spill. False when the channel is closed."""
+        """Wait out the backoff, moving what arrives to the spill, or without one (the Prometheus sink) to
+        `_held`, the newest channel-full of it. False when the channel is closed (shutdown: nothing waits
+        for a sink that never opened)."""
         delay = self._next_delay()
         with trio.move_on_after(delay):
             while True:
-                if self.spill is None:  # nothing to move it to: it waits in the channel
-                    await trio.sleep_forever()
                 try:
                     m = await self.receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return False
-                assert self.outlet is not None
-                self.outlet.to_spill(m)
+                if self.outlet is not None and self.spill is not None:
+                    self.outlet.to_spill(m)
+                else:
+                    self._hold(m)
         return True
+
+    def _hold(self, m: Measurement) -> None:
+        held = self._held
+        if held.maxlen is None:
+            capacity = self.receive.statistics().max_buffer_size  # an int here (inf only for unbounded ones)
+            self._held = held = deque(held, maxlen=max(int(min(capacity, 1 << 20)), 1))
+        if len(held) == held.maxlen and self.outlet is not None:
+            self.outlet.lost += 1  # the oldest: a sink without a spill wants the latest values most
+            if not self.outlet.warned_held:
+                self.outlet.warned_held = True
+                log.warning("sink %s: %d measurements wait for it to open: dropping the oldest (counted as "
+                            "dropped)", self.sink.label, held.maxlen)
+        held.append(m)
 
     # -- writing ---------------------------------------------------------------------------------------
 
