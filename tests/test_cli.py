@@ -71,7 +71,7 @@ path = "x.ndjson"
     proc = reaper("check", "--config", str(config))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"{config}: sources[0].dsn: expected a URI starting with postgresql://",
+        f"{config}: sources[0].dsn: expected a postgresql:// URI or a libpq key=value string",
         f"{config}: sources[1].name: duplicate source name 'a' (also sources[0])",
         f"{config}: sources[1].metrics.no_such_metric: unknown metric",
     ]
@@ -200,6 +200,19 @@ def test_once_prints_rows_for_one_metric(pg15, fresh_db, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     assert "main / db_stats (1 rows)" in proc.stdout
     assert "xact_commit" in proc.stdout
+
+
+@pytest.mark.pg
+def test_once_connects_with_a_libpq_key_value_dsn(pg15, fresh_db, tmp_path: Path) -> None:
+    """A dsn in libpq's key=value form (as pgwatch's and psql's) connects like its URI."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(pg15.dsn(dbname=fresh_db))
+    dsn = f"host={url.hostname} port={url.port} user={url.username} dbname='{fresh_db}' application_name=x"
+    config = write_config(tmp_path, dsn, tmp_path / "unused.ndjson")
+    proc = reaper("once", "--config", str(config), "--metric", "db_stats", "--format", "plain")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("row\tmain\tdb_stats\t"), proc.stdout
 
 
 def _free_port() -> int:

@@ -58,6 +58,15 @@ REFUSED = [
      "sources[0].tags.'k\\n': a tag key must not contain control characters (found \\n)"),
     ('[[sources]]\nname = "a"\ndsn = "postgresql://u:secret@h:54x2/db"\n' + SINK,
      "sources[0].dsn: port '54x2' is not a number from 1 to 65535"),
+    ('[[sources]]\nname = "a"\ndsn = "host=h port=5432/db password=secret"\n' + SINK,
+     "sources[0].dsn: port '5432/db' is not a number from 1 to 65535"),
+    ("[[sources]]\nname = \"a\"\ndsn = \"host=h password='secret\"\n" + SINK,
+     "sources[0].dsn: expected a postgresql:// URI or a libpq key=value string (unterminated quoted value of "
+     "'password')"),
+    ('[[sources]]\nname = "a"\ndsn = "postgresql://h/db?sslmode=requre"\n' + SINK,
+     "sources[0].dsn: sslmode 'requre' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+    (SRC + SINK + '[[sinks]]\ntype = "postgres"\ndsn = "host=h sslmode=on"\n',
+     "sinks[1].dsn: sslmode 'on' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
     (SRC + SINK + "[collector]\nbatching = 1\n",
      "collector.batching: unknown key (valid keys: cost_window_seconds, create_extensions, http_listen, "
      "instance_cache_max_seconds, max_backoff_seconds, max_interval_factor, max_rows_per_metric, min_db_size_mb, "
@@ -124,6 +133,17 @@ REFUSED = [
                                                           for i, (_, line) in enumerate(REFUSED)])
 def test_check_refuses_with_one_clear_line(tmp_path: Path, text: str, line: str) -> None:
     assert problems_of(tmp_path, text) == [line]
+
+
+def test_a_libpq_key_value_dsn_is_taken_as_the_same_uri(tmp_path: Path) -> None:
+    """pgwatch and psql take libpq's key=value connection strings; so does a config (as the URI asyncpg takes)."""
+    config = tmp_path / "c.toml"
+    config.write_text("[[sources]]\nname = \"a\"\ndsn = \"host=db1 port=5433 dbname='my app' user=mon "
+                      "password='p w' sslmode=require\"\n"
+                      '[[sinks]]\ntype = "postgres"\ndsn = "host=/run/postgresql dbname=metrics"\n')
+    loaded = load_config(config, environ={})
+    assert loaded.sources[0].dsn == "postgresql://mon:p%20w@db1:5433/my%20app?sslmode=require"
+    assert loaded.sinks[0].dsn == "postgresql:///metrics?host=/run/postgresql"
 
 
 def test_empty_prometheus_namespace_is_refused(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from pgserver import ServerHandle
 
-from reaper.catalog.pgwatch.dsn import keyword_dsn_to_uri, parse_keyword_dsn
 from reaper.catalog.pgwatch.sources import import_sources
 from reaper.catalog.sqltext import clean_sql
+from reaper.config.libpq import keyword_dsn_to_uri, parse_keyword_dsn
 
 REAPER = [sys.executable, "-m", "reaper.cli"]
 DATA = Path(__file__).parent / "data" / "pgwatch"

@@ -22,7 +22,7 @@ from reaper.catalog.definitions import structure_definitions
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.config.files import read_toml
 from reaper.config.redact import redact_dsn, remember_secrets
-from reaper.config.rules import name_problem
+from reaper.config.rules import DSN_EXPECTED, name_problem
 from reaper.config.schema import (
     CollectorConfig,
     Config,
@@ -210,7 +210,7 @@ def _structure_fleet(raw: Any, origin: str, env: Mapping[str, str], problems: li
         problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, "fleet"))
         return None
     if not re.match(r"^postgres(ql)?://", fleet.dsn):
-        problems.append(f"{origin}: fleet.dsn: expected a URI starting with postgresql://")
+        problems.append(f"{origin}: fleet.dsn: {DSN_EXPECTED}")
     remember_secrets(fleet.dsn)
     return fleet
 
@@ -236,7 +236,7 @@ def _structure_sources_from(raw_list: Any, origin: str, env: Mapping[str, str],
             problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, where))
             continue
         if not re.match(r"^postgres(ql)?://", feed.dsn):
-            problems.append(f"{origin}: {where}.dsn: expected a URI starting with postgresql://")
+            problems.append(f"{origin}: {where}.dsn: {DSN_EXPECTED}")
         problems.extend(f"{origin}: {p}" for p in _check_file(
             f"{where}.password_file", feed.password_file, "a file holding the password"))
         if any(f.dsn == feed.dsn for f in structured):
@@ -318,7 +318,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     for i, sink in enumerate(structured_sinks):
         if isinstance(sink, PostgresSinkConfig):
             if not re.match(r"^postgres(ql)?://", sink.dsn):
-                problems.append(f"{origin}: sinks[{i}].dsn: expected a URI starting with postgresql://")
+                problems.append(f"{origin}: sinks[{i}].dsn: {DSN_EXPECTED}")
             problems.extend(f"{origin}: {p}" for p in _check_file(
                 f"sinks[{i}].password_file", sink.password_file, "a file holding the password"))
         if isinstance(sink, JsonFileSinkConfig) and sink.path != "-" and Path(sink.path).is_dir():

@@ -20,6 +20,8 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from reaper.config.libpq import keyword_dsn_to_uri, parse_keyword_dsn
+
 MAX_SECONDS = 2_147_483  # PostgreSQL's statement_timeout is an int4 of milliseconds
 MAX_INTERVAL_SECONDS = 366 * 24 * 3600  # a metric interval: at most a year
 MAX_COUNT = 2**31 - 1  # counts and sizes of things held in memory (batch sizes, queue capacities)
@@ -146,8 +148,28 @@ def optional_path(_instance: Any, _attribute: Any, value: str | None) -> None:
 _PORT_RE = re.compile(r"(?i)[?&]port=([^&]*)")
 
 
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's
+DSN_EXPECTED = "expected a postgresql:// URI or a libpq key=value string"
+
+
+def uri_dsn(value: str) -> str:
+    """A libpq key=value connection string (`host=db1 port=5433 dbname=app`, which pgwatch and psql take too)
+    as the postgresql:// URI reaper connects with; anything else as it is (its check says what is wrong)."""
+    if "://" in value or "=" not in value:
+        return value
+    try:
+        pairs = parse_keyword_dsn(value)
+    except ValueError as e:
+        raise FieldValueError(f"{DSN_EXPECTED} ({e})") from None
+    for key, text in pairs:
+        if key == "port" and not all(p.strip().isdigit() for p in text.split(",")):
+            raise FieldValueError(f"port {text!r} is not a number from 1 to 65535")
+    return keyword_dsn_to_uri(pairs)
+
+
 def dsn_ports(_instance: Any, _attribute: Any, value: str) -> None:
-    """Every port in a URI dsn (`host:port`, comma-separated hosts, `?port=`) is a number 1..65535.
+    """Every port in a URI dsn (`host:port`, comma-separated hosts, `?port=`) is a number 1..65535, and
+    its `sslmode` one of libpq's.
 
     The message shows only the port text, never the rest of the dsn (it may hold a password)."""
     scheme, sep, rest = value.partition("://")
@@ -175,6 +197,12 @@ def dsn_ports(_instance: Any, _attribute: Any, value: str) -> None:
                 continue  # libpq: an empty port means the default
             if not one.isdigit() or not 1 <= int(one) <= 65535:
                 raise FieldValueError(f"port {one[:20]!r} is not a number from 1 to 65535")
+    if scheme.startswith("postgres"):  # a typo here would leave the source down, retried for ever
+        from urllib.parse import parse_qsl
+
+        for key, mode in parse_qsl(query, keep_blank_values=True):
+            if key == "sslmode" and mode not in SSLMODES:
+                raise FieldValueError(f"sslmode {mode[:20]!r} is not one of {', '.join(SSLMODES)}")
 
 
 def listen(_instance: Any, _attribute: Any, value: str) -> None:

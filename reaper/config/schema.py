@@ -101,7 +101,7 @@ class SpecialsConfig:
 @attrs.frozen
 class SourceConfig:
     name: str = attrs.field(validator=rules.name())
-    dsn: str = attrs.field(validator=rules.dsn_ports)
+    dsn: str = attrs.field(converter=rules.uri_dsn, validator=rules.dsn_ports)
     kind: Literal["postgres", "postgres-discovery", "pgbouncer", "pgpool", "patroni"] = "postgres"
     preset: str | None = None
     metrics: dict[str, int] = attrs.field(factory=dict, validator=rules.intervals)
@@ -195,7 +195,7 @@ class SourcesFromConfig:
     """A `[[sources_from]]` table: sources read from a pgwatch config database (its `pgwatch.source`
     table), read-only, every `refresh_seconds` and on reload (reaper.daemon.sources_from)."""
 
-    dsn: str = attrs.field(validator=rules.dsn_ports)
+    dsn: str = attrs.field(converter=rules.uri_dsn, validator=rules.dsn_ports)
     refresh_seconds: float = attrs.field(default=120.0, validator=rules.seconds(1.0, above=False))
     password_file: str | None = attrs.field(default=None, validator=rules.optional_path)
     connect_timeout_seconds: float = attrs.field(default=5.0, validator=rules.seconds())
@@ -219,7 +219,7 @@ class FleetConfig:
     """`[fleet]`: several reaper processes share the sources through PostgreSQL advisory locks held in
     one coordination database (reaper.daemon.fleet). Absent: this process collects every source."""
 
-    dsn: str = attrs.field(validator=rules.dsn_ports)
+    dsn: str = attrs.field(converter=rules.uri_dsn, validator=rules.dsn_ports)
     member: str = attrs.field(default="", validator=_check_member)  # "": hostname:pid
     refresh_seconds: float = attrs.field(default=10.0, validator=rules.seconds(0.5, above=False))
     password_file: str | None = attrs.field(default=None, validator=rules.optional_path)
@@ -364,9 +364,12 @@ def _structure_model(conv: cattrs.Converter, raw: Any, cls: type[Any]) -> Any:
         except Exception as e:  # cattrs' groups, our TypeErrors and ValueErrors
             lines.extend(_format_cattrs_errors(e, key))
             continue
-        if field.validator is not None:
+        if field.validator is not None or field.converter is not None:
             try:
-                field.validator(None, field, value)
+                if callable(field.converter):  # idempotent ones only (cls() below runs it again)
+                    value = field.converter(value)
+                if field.validator is not None:
+                    field.validator(None, field, value)
             except rules.FieldValueError as e:
                 where = key if e.key is None else (f"{key}{e.key}" if e.key.startswith("[") else f"{key}.{e.key}")
                 lines.append(f"{where}: {e.message}")

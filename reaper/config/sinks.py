@@ -48,7 +48,7 @@ def _check_partition_interval(_instance: Any, _attribute: Any, value: str) -> No
 class PostgresSinkConfig:
     """pgwatch-compatible storage: one table per metric, time partitions, the admin schema."""
 
-    dsn: str = attrs.field(validator=rules.dsn_ports)
+    dsn: str = attrs.field(converter=rules.uri_dsn, validator=rules.dsn_ports)
     type: Literal["postgres"] = "postgres"
     name: str = ""
     password_file: str | None = attrs.field(default=None, validator=rules.optional_path)

@@ -28,6 +28,7 @@ import re
 import attrs
 import trio
 
+from reaper.config.rules import DSN_EXPECTED
 from reaper.config.schema import SourceConfig
 from reaper.db.discovery import list_databases
 from reaper.errors import SourceUnavailable
@@ -118,7 +119,7 @@ def check_source(source: SourceConfig) -> list[str]:
         except ValueError as e:
             problems.append(f"dsn: {e}")
     elif not re.match(r"^postgres(ql)?://", source.dsn):
-        problems.append("dsn: expected a URI starting with postgresql://")
+        problems.append(f"dsn: {DSN_EXPECTED}")
     if source.kind in DISCOVERY_KINDS and source.discovery_interval_seconds <= 0:
         problems.append("discovery_interval_seconds: must be more than 0")
     if source.kind not in DISCOVERY_KINDS:
