@@ -141,3 +141,31 @@ def test_storage_down_then_sigkill_while_spilling_loses_nothing(pg15, storage: P
     assert sorted(gaps)[-2] < 2.5  # the largest gap is the restart itself
     logs = "".join(p.read_text() for p in run.logs)
     assert "spill queue" in logs and "Traceback" not in logs
+
+
+def test_sigterm_while_the_storage_is_down_stops_at_once_and_the_next_start_stores_everything(
+        pg15, storage: PgServer, tmp_path: Path) -> None:
+    """SIGTERM while the postgres sink cannot write: its backlog is in the spill already, so the daemon stops
+    without retrying the storage until the shutdown grace runs out (it used to: a systemd stop took the whole
+    grace); the next start, with the storage back, stores every measurement collected."""
+    run = Run(tmp_path, pg15.dsn(), storage.dsn())
+    text = run.config.read_text()
+    run.config.write_text(text.replace("[collector]\n", "[collector]\nshutdown_grace_seconds = 120\n"))
+    run.start()
+    try:
+        wait_until(lambda: len(stored(storage)) >= 2, what="the first rows in the storage")
+        storage.stop()
+        wait_until(lambda: (st := run.status()) is not None and any(k.spilled >= 6 for k in st.sinks),
+                   what="the postgres sink spilling")
+        run.stop()  # waits at most 30 s: far less than the grace
+        assert run.proc is not None and run.proc.returncode == 0
+        first_log = run.logs[-1].read_text()
+        assert "did not finish" not in first_log, first_log
+        storage.start()
+        run.start()
+        recorded = run.recorded()
+        wait_until(lambda: recorded <= stored(storage), limit=60, what="every recorded measurement stored")
+    finally:
+        if run.proc is not None and run.proc.poll() is None:
+            run.stop()
+    assert "Traceback" not in "".join(p.read_text() for p in run.logs)

@@ -121,7 +121,9 @@ class SinkRunner:
                     continue
                 spill = self.spill
                 if spill is not None and len(spill):
-                    await self._replay(spill)
+                    # at shutdown (the channel closed) a failing sink stops: its backlog is in the spill
+                    if not await self._replay(spill) or (not open_ and self.error is not None):
+                        return
                     continue
                 if not open_:
                     return
@@ -230,7 +232,9 @@ class SinkRunner:
                 return
             await trio.sleep(self._next_delay())
 
-    async def _replay(self, spill: SpillQueue) -> None:
+    async def _replay(self, spill: SpillQueue) -> bool:
+        """Write the spill's oldest batch; after a failure, wait out the backoff spilling what arrives. False
+        when the channel closed meanwhile (shutdown)."""
         generation = spill.generation
         taken = spill.take(MAX_WRITE_BATCH)
         readable = [m for m in taken if m is not None]
@@ -242,11 +246,11 @@ class SinkRunner:
             spill.dropped += unreadable
             spill.commit(resolved, generation)
         if done < len(readable):
-            await trio.sleep(self._next_delay())
-            return
+            return await self._wait_spilling()
         if not len(spill) and self.outlet is not None and self.outlet.spilling:
             self.outlet.spilling = False
             log.warning("sink %s: spill queue replayed; back to direct writes", self.sink.label)
+        return True
 
     async def _write_or_set_aside(self, batch: Sequence[Measurement]) -> int:
         """Write the batch; what the sink refuses for its content is found by bisection and set aside.
