@@ -115,6 +115,8 @@ REFUSED = [
      "metrics.m.sqll: unknown key; did you mean 'sql'? (valid keys: budget_exempt, columns, description, gauges, "
      "heavy, init_sql, instance_level, name, node_status, requires_extension, source_kinds, special, sql, "
      "statement_timeout_seconds, storage_name, top_n)"),
+    (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1 as a\\u0000" }\n',
+     "metrics.m.sql.14: SQL must not contain a NUL character (PostgreSQL cannot take one)"),
     (SRC + SINK + '[presets.p]\nmetric = { locks = 60 }\n',
      "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics, top_n)"),
     (SRC + SINK + '[sourcs]\n', "sourcs: unknown key; did you mean 'sources'? (valid keys: collector, fleet, "

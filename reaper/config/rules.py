@@ -148,6 +148,15 @@ def optional_path(_instance: Any, _attribute: Any, value: str | None) -> None:
 _PORT_RE = re.compile(r"(?i)[?&]port=([^&]*)")
 
 
+def sql_texts(_instance: Any, _attribute: Any, value: Mapping[int, str] | str | None) -> None:
+    """SQL without a NUL character: PostgreSQL's protocol cannot carry one (the server drops the connection)."""
+    texts = {"": value} if isinstance(value, str) else value or {}
+    for key, sql in texts.items():
+        if "\x00" in sql:
+            raise FieldValueError("SQL must not contain a NUL character (PostgreSQL cannot take one)",
+                                  key=f"{key}" if key != "" else None)
+
+
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's
 DSN_EXPECTED = "expected a postgresql:// URI or a libpq key=value string"
 

@@ -40,7 +40,7 @@ class MetricDef:
     """One metric: SQL keyed by minimum PostgreSQL major version, plus how to treat its columns."""
 
     description: str = ""
-    sql: dict[int, str] = attrs.field(factory=dict)
+    sql: dict[int, str] = attrs.field(factory=dict, validator=rules.sql_texts)
     gauges: tuple[str, ...] = ()
     node_status: NodeStatus | None = None
     storage_name: str | None = None
@@ -49,7 +49,7 @@ class MetricDef:
         default=None, validator=rules.seconds(0.001, above=False, optional=True))
     requires_extension: NameList = NameList(())
     special: bool = False
-    init_sql: str | None = None
+    init_sql: str | None = attrs.field(default=None, validator=rules.sql_texts)
     columns: tuple[str, ...] = ()
     source_kinds: tuple[SourceKind, ...] = ("postgres",)
     name: str = ""

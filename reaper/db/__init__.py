@@ -20,13 +20,14 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
-from reaper.config.redact import scrub
 from reaper.db import tls
 from reaper.db.aioloop import AWAITED, make_cheap
 from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
+from reaper.db.failures import describe_error, is_connection_error  # (the other modules take them here too)
+from reaper.db.recordsafe import Batchable, is_decode_error, record_safe_sql
 from reaper.db.rows import RowLimit, RowShape, TooManyRows, describe, go_rows
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
@@ -66,31 +67,6 @@ def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> No
 
     handler.reaper_tolerant = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handler)
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """Errors that mean the connection (not the query) is broken; asyncpg's InternalClientError too: its protocol
-    is confused, e.g. by a server's FATAL message (a forced drop database) read while the connection was idle."""
-    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError
-                  | OSError | asyncio.TimeoutError | ConnectionError | EOFError):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", "") or ""
-        # 08: connection exception; 57P0x: admin/crash shutdown, cannot connect now; 28: auth; 3D000: no db
-        return state.startswith(("08", "57P0", "28")) or state == "3D000"
-    return False
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for an operator: no traceback, no password."""
-    if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", None)
-        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        return scrub(f"{message} (SQLSTATE {state})" if state else message)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return scrub(text) or exc.__class__.__name__
 
 
 # Every statement reaper sends to a monitored server first makes its own transaction read-only, in the same
@@ -134,7 +110,9 @@ class SourceConnection:
         self.shapes: dict[str, RowShape | None] = {}  # sql text -> which of its columns need Go's number form
         self.statements = 0  # counted where each statement is sent (the asyncio side)
         self.timeout: str | None = None  # the session's statement_timeout as last set (None: the connect default)
-        self.members = Members()  # the batch statement's metrics (reaper.db.combined)
+        self.rewrites: dict[str, str] = {}  # sql -> what the batch sends for it (reaper.db.recordsafe)
+        self.unbatched: set[str] = set()  # sqls whose records asyncpg cannot read: sent alone
+        self.members = Members(self.rewrites)  # the batch statement's metrics (reaper.db.combined)
 
     @property
     def product(self) -> str:
@@ -185,18 +163,21 @@ class SourceConnection:
             if sql not in self.columns:
                 try:
                     prepared = await self._conn.prepare(sql)
-                    attributes = prepared.get_attributes()
-                    self.columns[sql], self.shapes[sql] = describe(attributes)
+                    self._learn(sql, prepared.get_attributes())
                 except asyncpg.PostgresError as e:
                     if is_connection_error(e):
                         raise
                     errors[name] = describe_error(e)
-        batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors}
+        unbatched = self.unbatched  # (metrics whose records asyncpg cannot read run alone: reaper.db.recordsafe)
+        batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors and sql not in unbatched}
+        solo = {**request.solo, **{n: SoloQuery(sql) for n, sql in request.batch.items() if sql in unbatched}}
         seconds: dict[str, float] = {}
         active: list[int] = []  # filled by the batch's statement when asked for
         groups: dict[float, dict[str, SoloQuery]] = {}  # one combined statement per distinct timeout
         for name, query in request.timed.items():
-            if name not in errors:
+            if query.sql in unbatched:
+                solo[name] = query
+            elif name not in errors:
                 groups.setdefault(query.statement_timeout_seconds or 0.0, {})[name] = query
         # the batch (None: the default timeout) and the timed groups, the session's current timeout first
         in_recovery: bool | None = None
@@ -208,7 +189,8 @@ class SourceConnection:
         limits: list[float | None] = [*groups] if alone else [None, *groups]
         for limit in sorted(limits, key=lambda s: (timeout_ms(s) != self.timeout, s or 0.0)):
             if limit is None:
-                self.members.update(request.universe, ((n, q.sql) for n, q in batch.items()), self.columns)
+                self.members.update(request.universe, ((n, q.sql) for n, q in batch.items()),
+                                    Batchable(self.columns, unbatched) if unbatched else self.columns)
                 in_recovery, part_isolated = await self._run_combined(batch, None, rows, errors, seconds,
                                                                       active if request.count_active else None,
                                                                       go_ready=ready, members=self.members)
@@ -216,7 +198,7 @@ class SourceConnection:
                 _, part_isolated = await self._run_combined(groups[limit], limit, rows, errors, seconds,
                                                             go_ready=ready, cancelled=cancelled)
             isolated = isolated or part_isolated
-        for name, query in request.solo.items():
+        for name, query in solo.items():
             if name in errors:
                 continue
             started = time.perf_counter()
@@ -241,8 +223,15 @@ class SourceConnection:
             if is_connection_error(e):
                 raise
             return
-        for sql, (columns, shape) in (split_description(sqls, prepared.get_attributes()) or {}).items():
-            self.columns[sql], self.shapes[sql] = columns, shape
+        for sql, attributes in (split_description(sqls, prepared.get_attributes()) or {}).items():
+            self._learn(sql, attributes)
+
+    def _learn(self, sql: str, attributes: Sequence[Any]) -> None:
+        """A metric's columns, row shape and what the batch sends for it (reaper.db.recordsafe)."""
+        self.columns[sql], self.shapes[sql] = describe(attributes)
+        safe = record_safe_sql(sql, attributes)
+        if safe is not None:
+            self.rewrites[sql] = safe
 
     async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
                             rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
@@ -258,15 +247,16 @@ class SourceConnection:
         conn = self._conn
         names = sorted(queries)
         sqls = {n: queries[n].sql for n in names}
-        sent = members or Members.of(sqls)  # the statement's members, due or not
+        sent = members or Members.of(sqls, self.rewrites)  # the statement's members, due or not
         limit_rows = RowLimit.value
         listed, statement = sent.listed, sent.text(active is not None, READ_ONLY_GUARD, limit_rows)
         try:
             await self._use_timeout(limit)
             self.statements += 1
             record = await (conn.fetchrow(statement, sent.flags(queries)) if listed else conn.fetchrow(statement))
-        except asyncpg.PostgresError as e:
-            if is_connection_error(e):
+        except Exception as e:
+            unreadable = is_decode_error(e) and not conn.is_closed()  # a value asyncpg misread: each alone below
+            if not unreadable and (not isinstance(e, asyncpg.PostgresError) or is_connection_error(e)):
                 raise
             if members is not None:
                 members.reset()  # a member gone bad (a dropped table) must not fail every tick: the set starts again
@@ -285,6 +275,8 @@ class SourceConnection:
                         raise
                     errors[name] = describe_error(e2)
                 seconds[name] = time.perf_counter() - started
+                if unreadable and name in rows:
+                    await self._probe_records(name, sqls[name])
             return None, True
         clock = record[1]  # the clock before the next due member (reaper.db.combined)
         for i, name in enumerate(listed):
@@ -301,6 +293,20 @@ class SourceConnection:
         if active is not None:
             active.append(int(record[-1] or 0))
         return bool(record[0]), False
+
+    async def _probe_records(self, name: str, sql: str) -> None:
+        """After a batch whose records asyncpg could not read: this metric's too? Then it is sent alone from now on."""
+        try:
+            self.statements += 1
+            probe = Members.of({name: sql}, self.rewrites)
+            await self._conn.fetchrow(probe.text(False, READ_ONLY_GUARD, RowLimit.value), "t")
+        except Exception as e:
+            if is_decode_error(e) and not self._conn.is_closed():
+                self.unbatched.add(sql)
+                log.warning("database %s: metric %s: its rows cannot be read inside the batch's records (%s); it "
+                            "runs in a statement of its own from now on", self.server.database, name, describe_error(e))
+            elif is_connection_error(e):
+                raise
 
     async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
         await self._use_timeout(query.statement_timeout_seconds)

@@ -56,10 +56,11 @@ class Members:
     time): each growth is a new statement text; `reset` (after a failed statement) starts the set again. The
     sorted names, each one's position and the text are made again only after a change, not at every tick."""
 
-    __slots__ = ("_absorbed", "_index", "_listed", "_sqls", "_texts", "sqls")
+    __slots__ = ("_absorbed", "_index", "_listed", "_rewrites", "_sqls", "_texts", "sqls")
 
-    def __init__(self) -> None:
+    def __init__(self, rewrites: Mapping[str, str] | None = None) -> None:
         self.sqls: dict[str, str] = {}  # name -> sql
+        self._rewrites = {} if rewrites is None else rewrites  # sql -> what is sent for it (recordsafe.py)
         self._listed: tuple[str, ...] | None = None  # sorted names (None: to be made again)
         self._sqls: tuple[str, ...] = ()
         self._index: dict[str, int] = {}
@@ -67,9 +68,9 @@ class Members:
         self._absorbed: Mapping[str, str] | None = None  # the universe whose every member is in, described
 
     @classmethod
-    def of(cls, sqls: Mapping[str, str]) -> Members:
+    def of(cls, sqls: Mapping[str, str], rewrites: Mapping[str, str] | None = None) -> Members:
         """Just these (a timed group's statement: every member due)."""
-        members = cls()
+        members = cls(rewrites)
         members.sqls = dict(sqls)
         return members
 
@@ -97,7 +98,8 @@ class Members:
         """The members in the statement's order (by name)."""
         if self._listed is None:
             self._listed = tuple(sorted(self.sqls))
-            self._sqls = tuple(self.sqls[n] for n in self._listed)
+            rewrites = self._rewrites
+            self._sqls = tuple(rewrites.get(sql, sql) for sql in (self.sqls[n] for n in self._listed))
             self._index = {n: i for i, n in enumerate(self._listed)}
             self._texts = {}
         return self._listed

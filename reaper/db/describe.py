@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from reaper.db.rows import RowShape, describe
-
 DESCRIBE_MARK = "reaper_describe_"  # the marker column before each query's columns
 
 
@@ -24,15 +22,13 @@ def describe_text(sqls: Sequence[str]) -> str:
     return "select " + ", ".join(parts) + "\nfrom " + ",\n  ".join(sources)
 
 
-def split_description(sqls: Sequence[str], attributes: Sequence[Any]
-                      ) -> dict[str, tuple[tuple[str, ...], RowShape | None]] | None:
-    """Each query's column names and row shape from the description of describe_text(sqls); None when the
-    markers are not where they should be (a query's own column named like one: describe each alone then)."""
+def split_description(sqls: Sequence[str], attributes: Sequence[Any]) -> dict[str, Sequence[Any]] | None:
+    """Each query's own attributes from the description of describe_text(sqls); None when the markers are not
+    where they should be (a query's own column named like one: describe each alone then)."""
     marks = [k for k, a in enumerate(attributes) if a.name.startswith(DESCRIBE_MARK)]
     if [attributes[k].name for k in marks] != [f"{DESCRIBE_MARK}{i}" for i in range(len(sqls))]:
         return None
     out = {}
     for sql, start, end in zip(sqls, marks, [*marks[1:], len(attributes)], strict=True):
-        own = attributes[start + 1:end]
-        out[sql] = describe(own)
+        out[sql] = attributes[start + 1:end]
     return out

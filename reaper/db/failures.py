@@ -1,0 +1,35 @@
+"""What an asyncpg error means: a broken connection (the source is down) or a statement's failure; and its one
+line for an operator."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from reaper.config.redact import scrub
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Errors that mean the connection (not the query) is broken; asyncpg's InternalClientError too: its protocol
+    is confused, e.g. by a server's FATAL message (a forced drop database) read while the connection was idle."""
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError
+                  | OSError | asyncio.TimeoutError | ConnectionError | EOFError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        # 08: connection exception; 57P0x: admin/crash shutdown, cannot connect now; 28: auth; 3D000: no db
+        return state.startswith(("08", "57P0", "28")) or state == "3D000"
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an operator: no traceback, no password."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None)
+        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        return scrub(f"{message} (SQLSTATE {state})" if state else message)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return scrub(text) or exc.__class__.__name__
