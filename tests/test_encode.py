@@ -124,3 +124,11 @@ def test_postgres_text_has_no_nul_escape() -> None:
 def test_orjson_alone_would_write_a_fraction() -> None:
     """Why the encoder exists: orjson (and Python's json) write 300.0, which ::int8 rejects."""
     assert orjson.dumps(300.0) == b"300.0"
+
+
+def test_bit_strings_and_ranges_are_written_in_postgresqls_text_form() -> None:
+    import asyncpg
+
+    row = {"bits": asyncpg.BitString("101"), "r": asyncpg.Range(1, 5), "closed": asyncpg.Range(1, 5, upper_inc=True),
+           "open": asyncpg.Range(None, 3), "none": asyncpg.Range(empty=True)}
+    assert orjson.loads(dumps(row)) == {"bits": "101", "r": "[1,5)", "closed": "[1,5]", "open": "(,3)", "none": "empty"}

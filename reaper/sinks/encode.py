@@ -92,6 +92,13 @@ def json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, set | frozenset | tuple):
         return go_values(list(value))
+    if hasattr(value, "as_string"):  # a bit string (asyncpg's BitString): its bits, as PostgreSQL writes them
+        return value.as_string()
+    if hasattr(value, "isempty") and hasattr(value, "lower_inc"):  # a range: PostgreSQL's text form
+        if value.isempty:
+            return "empty"
+        lower, upper = ("" if v is None else str(v) for v in (value.lower, value.upper))
+        return f"{'[' if value.lower_inc else '('}{lower},{upper}{']' if value.upper_inc else ')'}"
     return str(value)
 
 
