@@ -146,6 +146,9 @@ def test_metrics_list_and_show() -> None:
     assert "pg_stat_bgwriter" in show.stdout
     unknown = reaper("metrics", "show", "no_such_metric")
     assert unknown.returncode == 1 and "unknown metric" in unknown.stderr
+    too_old = reaper("metrics", "show", "db_stats", "--pg-version", "9", "--format", "plain")
+    assert too_old.returncode == 1 and too_old.stderr.strip().startswith("db_stats: no SQL for PostgreSQL 9 (versions:")
+    assert not any(line.startswith("sql\t") for line in too_old.stdout.splitlines())
 
 
 def write_config(tmp_path: Path, dsn: str, out: Path, **source: str) -> Path:

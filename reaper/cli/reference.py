@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -94,6 +95,9 @@ def print_metric(catalog: Catalog, name: str, pg_version: int | None, console: C
                 print_plain("fact", fact_name, joined(fact) if isinstance(fact, list) else fact)
             for version, sql in chosen.items():
                 print_plain("sql", version, sql.strip())
+        if missing:  # the reason on stderr: the output stays what a script parses
+            print(f"{name}: no SQL for PostgreSQL {pg_version} (versions: {', '.join(map(str, sorted(m.sql)))})",
+                  file=sys.stderr)
         return 1 if missing else 0
     console = console or Console()
     console.print(f"[bold]{name}[/bold]: {m.description}")
