@@ -9,6 +9,7 @@ and its error in the status file, and `reaper check` names the bad paths.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import freshstatus
 import pytest
 
 from reaper.daemon.status import STATUS_FILE, read_status_file
@@ -285,3 +287,57 @@ def test_a_named_pipe_whose_reader_lags_holds_up_only_its_own_sink(pg15, tmp_pat
     finally:
         os.close(filler)
         os.close(reader)
+
+
+def test_a_reload_that_fixes_a_sinks_path_delivers_what_the_broken_one_spilled(pg15, tmp_path: Path) -> None:
+    """The usual fix of a bad sink path: edit it and reload. The reload removes the broken sink and adds the fixed
+    one; the fixed one takes over what the broken one spilled meanwhile, so the file holds every tick from the
+    first (it used to stay stranded in the old sink's spill folder, unsaid). A sink removed for good leaves its
+    backlog on disk, and the next start says so."""
+    config = write_config(tmp_path, pg15.dsn())
+    text = config.read_text()
+    good = str(tmp_path / "good.ndjson")
+    config.write_text(text.replace(good, PROC_PATH))
+    pidfile, log = tmp_path / "reaper.pid", tmp_path / "reaper.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([*REAPER, "run", "--config", str(config), "--pidfile", str(pidfile)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        def spilled() -> int:
+            status = freshstatus.polled(proc.pid, tmp_path / "state")
+            return sum(s.spilled for s in status.sinks) if status is not None else 0
+        wait_until(lambda: spilled() >= 4 or proc.poll() is not None, "the broken sink's spill")
+        config.write_text(text)
+        reloaded_at = time.time()
+        done = subprocess.run([*REAPER, "reload", "--config", str(config), "--pidfile", str(pidfile)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_until(lambda: good_lines(tmp_path) >= 8, "rows in the fixed file")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    times = sorted(json.loads(line)["data"][0]["epoch_ns"] / 1e9 for line in Path(good).read_text().splitlines())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert times[0] < reloaded_at - 3, (times[0], reloaded_at)  # the ticks before the fix (4 spilled) are there
+    assert len(times) >= 8 and max(gaps) < 2.5, gaps  # every second from the first tick: nothing stranded
+    assert "takes over the" in log.read_text()
+    # the sink removed for good (no sink of its type added): its backlog stays, and a start says where
+    config.write_text(text.replace(good, PROC_PATH))
+    with log.open("wb") as err:
+        proc = subprocess.Popen([*REAPER, "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: spilled() >= 2 or proc.poll() is not None, "the broken sink's spill again")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    prometheus = 'type = "prometheus"\nlisten = "127.0.0.1:0"'
+    config.write_text(text.replace(f'type = "jsonfile"\npath = "{good}"', prometheus))
+    with log.open("wb") as err:
+        proc = subprocess.Popen([*REAPER, "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: "of a sink no longer configured" in log.read_text() or proc.poll() is not None,
+                   "the warning about the stranded spill")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log.read_text()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -103,6 +104,12 @@ class SinkSet:
             await self._start(self.build(config), config)
         for sink in extra:
             await self._start(sink, None)
+        used = {self._spill_dir(label) for label in self.sinks}
+        for directory in sorted((self.state_dir / "spill").glob("*")) if (self.state_dir / "spill").is_dir() else ():
+            size = sum(p.stat().st_size for p in directory.glob("*.seg")) if directory not in used else 0
+            if size:
+                log.warning("%s holds %d bytes of measurements of a sink no longer configured: configuring it "
+                            "again delivers them (or delete the folder)", directory, size)
 
     async def apply(self, wanted_configs: Sequence[SinkConfig], collector: CollectorConfig) -> tuple[int, int, int]:
         """Stop removed sinks, rebuild changed ones after their channel drained, start added ones:
@@ -110,18 +117,26 @@ class SinkSet:
         self.collector = collector
         wanted = {c.label: c for c in wanted_configs}
         added = removed = rebuilt = 0
+        heirs = _heirs([r.config for r in self.sinks.values() if r.config is not None and r.config.label not in wanted],
+                       [c for c in wanted_configs if c.label not in self.sinks])
         for label, running in list(self.sinks.items()):
             if running.config is None:
                 continue
-            if label not in wanted:
+            heir = heirs.get(label)
+            if label not in wanted and heir is None:
                 await self._stop(label)
+                self._hand_over(running.outlet.spill, None)
                 removed += 1
-            elif wanted[label] != running.config:
+            elif heir is not None or wanted[label] != running.config:
+                # rebuilt, or replaced by its heir: what arrives meanwhile waits in the new channel
+                new = heir or label
                 send, receive = trio.open_memory_channel[Measurement](collector.queue_capacity)
-                outlet = Outlet(label, send)
+                outlet = Outlet(new, send)
                 await self._stop(label, replace_with=outlet)
-                await self._start(self.build(wanted[label]), wanted[label], outlet, receive)
-                rebuilt += 1
+                if heir is not None:
+                    self._hand_over(running.outlet.spill, heir)
+                await self._start(self.build(wanted[new]), wanted[new], outlet, receive)
+                removed, added, rebuilt = (removed + 1, added + 1, rebuilt) if heir else (removed, added, rebuilt + 1)
         for label, config in wanted.items():
             if label not in self.sinks:
                 await self._start(self.build(config), config)
@@ -171,15 +186,35 @@ class SinkSet:
             running.scope.cancel()
             await running.done.wait()
 
+    def _spill_dir(self, label: str) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:80]
+        return self.state_dir / "spill" / f"{slug}-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+
+    def _hand_over(self, spill: SpillQueue | None, heir: str | None) -> None:
+        """What a removed sink had not written (its spill queue, closed now) goes to the sink that replaces it
+        (the reload removed one sink of its type and added one: a path or dsn fixed), else stays on disk, said."""
+        if spill is None or not len(spill):
+            return
+        target = self._spill_dir(heir) if heir is not None else None
+        if target is not None and not any(target.glob("*.seg")):
+            try:
+                if target.exists():
+                    shutil.rmtree(target)
+                spill.directory.rename(target)
+            except OSError as e:
+                log.error("sink %s: cannot hand its spill queue to %s (%s)", spill.directory.name, heir, e)
+            else:
+                log.warning("sink %s takes over the %d measurements its predecessor had not written", heir, len(spill))
+                return
+        log.warning("a removed sink left %d measurements it had not written in %s: adding it back delivers them",
+                    len(spill), spill.directory)
+
     def _open_spill(self, sink: Sink) -> SpillQueue | None:
         """The sink's on-disk spill queue under state_dir, or None (logged) when it cannot be had."""
         if not getattr(sink, "spillable", True):
             return None
         collector = self.collector
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", sink.label).strip("_")[:80]
-        digest = hashlib.sha1(sink.label.encode()).hexdigest()[:8]
-        directory = self.state_dir / "spill" / f"{slug}-{digest}"
-        spill = SpillQueue(directory, collector.spill_max_bytes)
+        spill = SpillQueue(self._spill_dir(sink.label), collector.spill_max_bytes)
         try:
             spill.open()
         except OSError as e:
@@ -187,3 +222,14 @@ class SinkSet:
                       "(counted)", sink.label, e)
             return None
         return spill
+
+
+def _heirs(removed: Sequence[SinkConfig], added: Sequence[SinkConfig]) -> dict[str, str]:
+    """Removed sink label -> the added sink that replaces it: for each type, when a reload removes exactly one
+    sink of it and adds exactly one."""
+    heirs = {}
+    for kind in {type(c) for c in removed}:
+        gone, new = [c for c in removed if type(c) is kind], [c for c in added if type(c) is kind]
+        if len(gone) == 1 and len(new) == 1:
+            heirs[gone[0].label] = new[0].label
+    return heirs
