@@ -130,7 +130,11 @@ async def test_fanout_never_blocks_and_counts_what_a_full_sink_cannot_take(tmp_p
 
 
 class FullDisk:
-    """A file whose every write fails as a full disk does (an outage: retried, not set aside)."""
+    """A file whose every write fails as a full disk does (an outage: retried, not set aside); it stands for
+    the file at the sink's path (`fileno`: the sink checks that the path still names its file)."""
+
+    def __init__(self, real: object) -> None:
+        self.fileno = real.fileno  # type: ignore[attr-defined]
 
     def seekable(self) -> bool:
         return False
@@ -146,7 +150,7 @@ async def test_write_failure_keeps_the_batch_and_retries(tmp_path: Path, caplog)
     sink = JsonFileSink(JsonFileSinkConfig(path=str(tmp_path / "out.ndjson")))
     await sink.open()
     real_file = sink._file
-    sink._file = FullDisk()  # type: ignore[assignment]
+    sink._file = FullDisk(real_file)  # type: ignore[assignment]
 
     def failures() -> int:
         return len([r for r in caplog.records if "No space left on device; retrying" in r.getMessage()])
@@ -178,3 +182,23 @@ async def test_rotation_by_size_keeps_the_configured_backups(tmp_path: Path) -> 
               for name in ("out.ndjson.2", "out.ndjson.1", "out.ndjson")
               for line in (tmp_path / name).read_text().splitlines()]
     assert values == list(range(60 - len(values), 60))  # newest kept, in order, none duplicated
+
+
+async def test_a_file_moved_away_by_logrotate_or_deleted_is_made_again(tmp_path: Path) -> None:
+    """logrotate's default moves the file and expects the writer to make a new one; a deleted file must not
+    swallow what follows either."""
+    path = tmp_path / "out.ndjson"
+    sink = JsonFileSink(JsonFileSinkConfig(path=str(path)))
+    await sink.open()
+    await sink.write([measurement(v=1)])
+    path.rename(tmp_path / "out.ndjson.1")
+    await sink.write([measurement(v=2)])
+    path.unlink()
+    await sink.write([measurement(v=3)])
+    await sink.write([measurement(v=4)])
+    await sink.aclose()
+
+    def values(name: str) -> list[int]:
+        return [json.loads(line)["data"][0]["v"] for line in (tmp_path / name).read_text().splitlines()]
+    assert values("out.ndjson.1") == [1]
+    assert values("out.ndjson") == [3, 4]

@@ -14,6 +14,7 @@ through a worker thread, so a slow reader holds up this sink only. The open runs
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import sys
@@ -28,6 +29,7 @@ from reaper.fsutil import PRIVATE_FILE_MODE, open_append
 from reaper.measurement import Measurement
 from reaper.sinks.encode import dumps, dumps_ready
 
+log = logging.getLogger("reaper.sinks")
 INLINE_WRITE_BYTES = 256 * 1024
 # The window of the runner's write gathering (reaper.sinks.runner): each burst of work's measurements are
 # written when the burst ends (reaper.quiet), up to WRITES_PER_GATHER writes per window; then what arrives
@@ -117,9 +119,31 @@ class JsonFileSink:
             path.rename(f"{path}.1")
         self._file = open_output(path, self.config.file_mode)
 
+    def _reopen_if_moved(self) -> None:
+        """logrotate's default (move the file, let the writer make a new one) or the file deleted: the path no
+        longer names the file this sink has open, so it opens the path anew instead of writing on into the
+        moved (or deleted) file. One stat per write of a batch."""
+        f = self._file
+        if f is None or not self._regular:
+            return
+        try:
+            now = os.stat(self.config.path)
+        except FileNotFoundError:
+            now = None
+        except OSError:
+            return
+        mine = os.fstat(f.fileno())
+        if now is not None and (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev):
+            return
+        log.info("sink %s: %s was moved or removed (rotated?); writing to a new one", self.label, self.config.path)
+        self._file = None
+        f.close()
+        self._file = open_output(Path(self.config.path), self.config.file_mode)
+
     def _write(self, data: bytes) -> None:
         if self._file is None:  # a rotation could not reopen the file: an outage, retried
             self._file = open_output(Path(self.config.path), self.config.file_mode)
+        self._reopen_if_moved()
         self._rotate_if_needed(len(data))
         f = self._file
         assert f is not None
