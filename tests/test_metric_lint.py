@@ -265,6 +265,12 @@ SIDE_EFFECT_CALLS = {
     "pg_stat_statements_reset": "pg_stat_statements_reset()",
     "txid_current": "txid_current()",
     "pg_current_xact_id": "pg_current_xact_id()",
+    # these write index or visibility-map pages even in a read-only transaction (tried on PostgreSQL 15)
+    "brin_summarize_new_values": "brin_summarize_new_values('i')",
+    "brin_summarize_range": "brin_summarize_range('i', 0)",
+    "brin_desummarize_range": "brin_desummarize_range('i', 0)",
+    "gin_clean_pending_list": "gin_clean_pending_list('i')",
+    "pg_truncate_visibility_map": "pg_truncate_visibility_map('t')",
 }
 WRITES = {
     "insert": "with w as (insert into t values (1) returning 1) select {e}",

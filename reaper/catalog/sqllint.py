@@ -35,6 +35,8 @@ SIDE_EFFECT_FUNCTIONS = (
     r"pg_replication_origin_(create|drop|advance|session_setup|session_reset|xact_setup|xact_reset)",
     r"pg_wal_replay_(pause|resume)", r"pg_xlog_replay_(pause|resume)", r"pg_file_(write|rename|unlink|sync)",
     r"pg_backup_(start|stop)", r"pg_start_backup", r"pg_stop_backup", r"pg_import_system_collations",
+    # index and visibility-map maintenance: they write pages (and WAL) even in a read-only transaction
+    r"brin_summarize_\w+", r"brin_desummarize_range", r"gin_clean_pending_list", r"pg_truncate_visibility_map",
 )
 # A name (possibly schema-qualified, so preceded by '.') followed by '(' is a call.
 _CALL_RE = re.compile(r"(?<![\w$])(" + "|".join(SIDE_EFFECT_FUNCTIONS) + r")\s*\(", re.IGNORECASE)
