@@ -304,6 +304,27 @@ def test_a_taken_http_listen_address_refuses_the_start_with_one_line(pg15, fresh
     assert problems == [f"collector.http_listen: cannot listen on '{listen}': Address already in use"], done.stderr
 
 
+def test_reload_and_status_find_the_daemon_after_its_configs_state_dir_was_edited(pg15, fresh_db,
+                                                                                  daemon: Daemon) -> None:
+    """An operator edits [collector] state_dir (it applies at the next start) and reloads: `reaper reload` and
+    `reaper status` with the daemon's pidfile used to look only in the NEW folder and refuse ("no status
+    file ... to confirm that process N is its daemon"); they now find the daemon's own (its lock file's)."""
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)])
+    daemon.start()
+    assert daemon.proc is not None
+    text = daemon.config.read_text()
+    daemon.config.write_text(text.replace(f'state_dir = "{daemon.state}"', f'state_dir = "{daemon.tmp / "later"}"'))
+    done = subprocess.run([*REAPER, "reload", "--pidfile", str(daemon.pidfile), "--config", str(daemon.config),
+                           "--format", "plain"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert any(line.startswith("collector\tstate_dir\t") for line in done.stdout.splitlines()), done.stdout
+    status = subprocess.run([*REAPER, "status", "--pidfile", str(daemon.pidfile), "--config", str(daemon.config),
+                             "--format", "plain"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith(f"daemon\t{daemon.proc.pid}\trunning\t"), status.stdout
+    assert daemon.stop() == 0
+
+
 def test_a_pause_file_named_by_a_reload_pauses_collection_until_it_is_removed(pg15, fresh_db, daemon: Daemon) -> None:
     """[collector] pause_file, added by a reload to a daemon started without one (which has no task watching
     for it until then): while the file exists the source is paused, after it is removed it collects again;

@@ -13,6 +13,7 @@ file's pid and start time): a stale pidfile whose pid was reused by another proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ from reaper.cli.output import choose_format, print_plain
 from reaper.config.load import load_state_dir
 from reaper.config.schema import default_state_dir
 from reaper.daemon.status import (
+    LOCK_FILE,
     STATUS_FILE,
     STATUS_HEARTBEAT_SECONDS,
     CostStatus,
@@ -106,6 +108,11 @@ def show_status(args: argparse.Namespace) -> int:
     file as it is, with its age."""
     path = state_dir_from(args) / STATUS_FILE
     status = _read(path)
+    if status is None and getattr(args, "pidfile", None) and not getattr(args, "state_dir", None):
+        with contextlib.suppress(OSError, ValueError):  # the daemon's own state_dir (the config's was edited)
+            own = process_state_dir(int(Path(args.pidfile).read_text().strip()))
+            if own is not None:
+                path, status = own / STATUS_FILE, _read(own / STATUS_FILE)
     if status is None:
         print(f"{path}: no status file: is reaper running with this state_dir? "
               "(use --config or --state-dir)", file=sys.stderr)
@@ -231,6 +238,19 @@ def process_cmdline(pid: int) -> list[str] | None:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
+def process_state_dir(pid: int) -> Path | None:
+    """The state_dir a running daemon uses: the folder of the lock file it holds open (reaper.daemon.root)."""
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = Path(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                if target.name == LOCK_FILE:
+                    return target.parent
+    except OSError:
+        return None
+    return None
+
+
 def why_not_our_daemon(pid: int, status: DaemonStatus | None, status_path: Path) -> str | None:
     """None when `pid` is the reaper daemon that writes `status_path`; else why it is not (or cannot be
     shown to be) one."""
@@ -287,6 +307,10 @@ def our_daemon(args: argparse.Namespace) -> tuple[int, Path, DaemonStatus] | int
         return 1
     path = state_dir_from(args) / STATUS_FILE
     status = _read(path)
+    if (status is None or status.pid != pid) and not getattr(args, "state_dir", None):
+        own = process_state_dir(pid)  # the config's state_dir was edited since the daemon started
+        if own is not None and own / STATUS_FILE != path:
+            path, status = own / STATUS_FILE, _read(own / STATUS_FILE)
     reason = why_not_our_daemon(pid, status, path)
     if reason is not None or status is None:
         print(f"{args.pidfile}: not signalling process {pid}: {reason}", file=sys.stderr)

@@ -31,12 +31,12 @@ from reaper import db
 from reaper.config.schema import Config
 from reaper.daemon import memory
 from reaper.daemon.app import Daemon, state_dir_of
+from reaper.daemon.status import LOCK_FILE
 from reaper.errors import ConfigError
 from reaper.fsutil import make_private_dir
 
 log = logging.getLogger("reaper.daemon.root")
 
-LOCK_FILE = "reaper.lock"
 
 
 async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path: str | None,

@@ -15,6 +15,7 @@ from reaper.daemon.plan import Plan, RunningState, SinkDescription, SourceDescri
 from reaper.fsutil import make_private_dir
 
 STATUS_FILE = "status.json"
+LOCK_FILE = "reaper.lock"  # held (flock) by the running daemon for its whole life (reaper.daemon.root)
 # the daemon rewrites the file when what an operator acts on changed, on SIGUSR2, and at least this often
 # for its counters (reaper.daemon.statuswrite); `reaper status` asks for a fresh one
 STATUS_HEARTBEAT_SECONDS = 60.0
