@@ -11,6 +11,7 @@ and nothing is changed; every statement runs read-only, like every other one rea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -19,10 +20,14 @@ from reaper import db
 from reaper.catalog.metrics import Catalog
 from reaper.catalog.requirements import metric_needs, names_to_check
 from reaper.config.schema import Config, SourceConfig
+from reaper.config.sinks import PostgresSinkConfig
 from reaper.db.privileges import Privileges, read_privileges
 from reaper.errors import SourceUnavailable
 from reaper.kinds import POOLER_KINDS, is_discovery, resolve
 from reaper.preflight.judge import Server, Verdict, judge
+
+if TYPE_CHECKING:
+    from reaper.db.storage_check import StorageCheck
 
 CONCURRENCY = 8
 
@@ -75,6 +80,22 @@ async def check_connect(config: Config, only: Sequence[str] | None = None) -> li
         for source in chosen:
             nursery.start_soon(expand if is_discovery(source) else one, source)
     return sorted(reports, key=lambda r: r.name)
+
+
+async def check_storages(config: Config) -> list[StorageCheck]:
+    """A check per `postgres` sink (reaper.db.storage_check), in label order."""
+    from reaper.db.storage_check import check_storage
+
+    checks: list[StorageCheck] = []
+
+    async def one(sink: PostgresSinkConfig) -> None:
+        checks.append(await check_storage(sink))
+
+    async with db.open_loop(), trio.open_nursery() as nursery:
+        for sink in config.sinks:
+            if isinstance(sink, PostgresSinkConfig):
+                nursery.start_soon(one, sink)
+    return sorted(checks, key=lambda c: c.label)
 
 
 async def check_source(source: SourceConfig, catalog: Catalog) -> SourceReport:

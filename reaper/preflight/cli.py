@@ -31,7 +31,7 @@ def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: st
     import trio  # the command's modules load only when it runs
 
     from reaper.cli.output import choose_format
-    from reaper.preflight import check_connect
+    from reaper.preflight import check_connect, check_storages
     from reaper.preflight.report import fix_script, print_report
 
     fmt = choose_format(fmt)
@@ -39,7 +39,8 @@ def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: st
     if unknown := [n for n in sources or () if n not in known]:
         raise ConfigError([f"--source {n}: no such source in the config" for n in unknown])
     reports = trio.run(check_connect, config, sources)
-    print_report(reports, fmt)
+    storages = [] if sources else trio.run(check_storages, config)  # (--source: those sources only)
+    print_report(reports, fmt, storages)
     if sql_out:
         try:
             Path(sql_out).write_text(fix_script(reports), encoding="utf-8")
@@ -47,7 +48,11 @@ def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: st
             raise ConfigError([f"{sql_out}: cannot write: {e.strerror or e}"]) from None
         print(f"{sql_out}: written: the statements above, for psql as a superuser", file=sys.stderr)
     unreachable = [r for r in reports if not r.reachable]
+    unwritable = [c for c in storages if not c.reachable or c.problems]
     if fmt != "json":
         for r in unreachable:
             print(f"source {r.name}: unreachable: {r.error}", file=sys.stderr)
-    return EXIT_FAILURE if unreachable or not reports else EXIT_OK
+        for c in unwritable:
+            print(f"sink {c.label}: " + (f"unreachable: {c.error}" if not c.reachable else "; ".join(c.problems)),
+                  file=sys.stderr)
+    return EXIT_FAILURE if unreachable or unwritable or not reports else EXIT_OK

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from reaper.cli.output import print_json, print_plain
 from reaper.preflight import SourceReport
 from reaper.preflight.judge import COLLECT, SKIP, summary
+
+if TYPE_CHECKING:
+    from reaper.db.storage_check import StorageCheck
 
 
 def source_line(r: SourceReport) -> str:
@@ -21,9 +27,10 @@ def source_line(r: SourceReport) -> str:
     return f"{r.name}: reachable, PostgreSQL {r.version}, {state}, database {r.database}, role {r.role} ({roles})"
 
 
-def print_report(reports: list[SourceReport], fmt: str) -> None:
+def print_report(reports: list[SourceReport], fmt: str, storages: Sequence[StorageCheck] = ()) -> None:
     if fmt == "json":
-        print_json({"sources": [as_json(r) for r in reports], "sql": fix_script(reports).splitlines()})
+        print_json({"sources": [as_json(r) for r in reports], "sql": fix_script(reports).splitlines(),
+                    "sinks": [attrs.asdict(c) for c in storages]})
         return
     for r in reports:
         if fmt == "plain":
@@ -45,6 +52,25 @@ def print_report(reports: list[SourceReport], fmt: str) -> None:
             print(f"  {v.metric}: {what}: {'; '.join(v.reasons)}{fixes}")
         if r.reachable and r.verdicts:
             print(summary(r.name, r.verdicts))
+    print_storages(storages, fmt)
+
+
+def storage_line(c: StorageCheck) -> str:
+    return f"sink {c.label}: " + (f"reachable, {c.detail}" if c.reachable else f"unreachable: {c.error}")
+
+
+def print_storages(storages: Sequence[StorageCheck], fmt: str) -> None:
+    """Each postgres sink: plain `sink<TAB>label<TAB>ok|problem|unreachable<TAB>detail<TAB>problems<TAB>fixes`."""
+    for c in storages:
+        if fmt == "plain":
+            state = "unreachable" if not c.reachable else ("problem" if c.problems else "ok")
+            print_plain("sink", c.label, state, c.detail or c.error, "; ".join(c.problems), " ".join(c.fixes))
+            continue
+        print(storage_line(c))
+        for problem in c.problems:
+            print(f"  {problem}")
+        for fix in c.fixes:
+            print(f"  -> {fix}")
 
 
 def as_json(r: SourceReport) -> dict[str, Any]:
