@@ -485,7 +485,7 @@ async def test_storage_down_at_start_then_writes_raise_an_oserror(caplog) -> Non
             await sink.write([measurement("s", time.time_ns())])
         await sink.aclose()
     assert isinstance(e.value, StorageError) and e.value.connection_lost
-    assert any("not reachable at start" in r.getMessage() for r in caplog.records)
+    assert any("cannot be used at start" in r.getMessage() for r in caplog.records)
     assert not any("secret-pw" in r.getMessage() for r in caplog.records)
 
 

@@ -123,8 +123,8 @@ class PostgresSink:
         try:
             await self._connection()
         except StorageError as e:
-            log.warning("sink %s: storage not reachable at start (%s); connecting again on the first write",
-                        self.label, e)
+            log.warning("sink %s: storage cannot be used at start (%s); connecting again on the first write "
+                        "(`reaper check --connect` says what its role may lack)", self.label, e)
 
     async def write(self, batch: list[Measurement]) -> None:
         """Commit the whole batch in one transaction, or raise StorageError (an OSError) having stored nothing."""
