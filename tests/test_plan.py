@@ -28,6 +28,7 @@ from reaper.daemon.plan import (
     RunningState,
     SourcePlan,
     describe,
+    empty_groups,
     plan_reload,
 )
 from reaper.daemon.status import DaemonStatus, write_status_file
@@ -281,3 +282,10 @@ def test_check_against_running(daemon_state: tuple[Path, Path], capsys: pytest.C
 def test_reload_plan_without_a_status_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reload", "--plan", "--state-dir", str(tmp_path)]) == 1
     assert "no status file" in capsys.readouterr().err
+
+
+def test_a_group_no_enabled_source_is_in_is_named() -> None:
+    """`reaper run --group NAME` with a typo collected nothing without a word; the daemon now warns with these."""
+    config = conf(src("a", group="web"), src("b", group="batch", enabled=False), src("c"))
+    assert empty_groups(config, ["web", "wbe", "batch", "default", "wbe"]) == ["wbe", "batch"]
+    assert empty_groups(config, []) == []

@@ -40,7 +40,7 @@ from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import CostSettings
 from reaper.daemon.memory import GcSettler
-from reaper.daemon.plan import refused
+from reaper.daemon.plan import empty_groups, refused
 from reaper.daemon.reconciler import (
     Reconciler,
     Resolver,
@@ -126,6 +126,8 @@ class Daemon:
         self.sinkset = SinkSet(self.fanout, config.collector, lambda c: build_sink(c, self), self.state_dir)
         self.reconciler = Reconciler(config, make_source=self._make_source, controls=self.controls,
                                      sinks=self.sinkset, groups=groups or (), resolver=resolver)
+        self._groups = tuple(groups or ())
+        self._say_empty_groups(config)
         self._stop = trio.Event()
         self._until_stop: trio.CancelScope | None = None  # the root task's watch of the signals, until a stop
         self._reloaded = trio.Event()  # set by each applied reload (the pause file's watch reads the config again)
@@ -170,6 +172,12 @@ class Daemon:
     @property
     def sinks(self) -> dict[str, RunningSink]:
         return self.sinkset.sinks
+
+    def _say_empty_groups(self, config: Config) -> None:
+        for group in empty_groups(config, self._groups):
+            groups = sorted({s.group for s in config.sources if s.enabled})
+            log.warning("--group %s: no enabled source of the configuration is in this group (its groups: %s)",
+                        group, ", ".join(groups) or "none")
 
     def wanted_sources(self, config: Config) -> dict[str, SourceConfig]:
         return self.reconciler.wanted_sources(config)
@@ -318,6 +326,7 @@ class Daemon:
         self.controls.phase_spread = fleet_phase_spread(self.controls.fleet_size)
         self.gc.settle(self.settle_seconds())  # new sources connect within their phase spread
         log.info("reload: applied %s: %s", path, outcome.summary())
+        self._say_empty_groups(new)
         if outcome.plan is not None:
             for line in outcome.plan.lines():
                 log.info("reload: %s", line)

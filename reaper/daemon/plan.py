@@ -131,6 +131,12 @@ def describe_sink(sink: SinkConfig, salt: str) -> SinkDescription:
     return SinkDescription(sink.label, settings, secret_hash(salt, dsn))
 
 
+def empty_groups(config: Config, groups: Iterable[str]) -> list[str]:
+    """The --group names that no enabled source of the config is in (a typo collects nothing, silently)."""
+    have = {s.group for s in config.sources if s.enabled}
+    return [g for g in dict.fromkeys(groups) if g not in have]
+
+
 def wanted_sources(config: Config, groups: Iterable[str] = (),
                    owned: Iterable[str] | None = None) -> list[SourceConfig]:
     """The sources a process run with --group `groups` collects: enabled, in one of them, and in a
