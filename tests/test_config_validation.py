@@ -63,6 +63,10 @@ REFUSED = [
     ("[[sources]]\nname = \"a\"\ndsn = \"host=h password='secret\"\n" + SINK,
      "sources[0].dsn: expected a postgresql:// URI or a libpq key=value string (unterminated quoted value of "
      "'password')"),
+    ('[[sources]]\nname = "a"\ndsn = "postgresql://h/d\\u0000b"\n' + SINK,
+     "sources[0].dsn: a dsn must not contain control characters (found \\x00)"),
+    ('[[sources]]\nname = "a"\ndsn = "postgresql://u:p%00w@h/db"\n' + SINK,
+     "sources[0].dsn: a dsn must not contain control characters (found \\x00)"),
     ('[[sources]]\nname = "a"\ndsn = "postgresql://h/db?sslmode=requre"\n' + SINK,
      "sources[0].dsn: sslmode 'requre' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
     (SRC + SINK + '[[sinks]]\ntype = "postgres"\ndsn = "host=h sslmode=on"\n',

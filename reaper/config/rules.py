@@ -181,6 +181,9 @@ def dsn_ports(_instance: Any, _attribute: Any, value: str) -> None:
     its `sslmode` one of libpq's.
 
     The message shows only the port text, never the rest of the dsn (it may hold a password)."""
+    found = control_characters(value.replace("%00", "\x00"))  # (a NUL breaks the protocol: the server hangs up)
+    if found:
+        raise FieldValueError(f"a dsn must not contain control characters (found {', '.join(found)})")
     scheme, sep, rest = value.partition("://")
     if not sep:
         return  # not a URI: the kind's own check says what it expects
