@@ -205,6 +205,13 @@ def test_once_prints_rows_for_one_metric(pg15, fresh_db, tmp_path: Path) -> None
     assert "xact_commit" in proc.stdout
 
 
+def test_once_with_an_unknown_metric_or_source_says_so_before_connecting(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "postgresql://nobody@127.0.0.1:1/x", tmp_path / "unused.ndjson")
+    proc = reaper("once", "--config", str(config), "--metric", "no_such_metric", "--source", "nope")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["unknown source 'nope'", "unknown metric 'no_such_metric'"]
+
+
 @pytest.mark.pg
 def test_once_connects_with_a_libpq_key_value_dsn(pg15, fresh_db, tmp_path: Path) -> None:
     """A dsn in libpq's key=value form (as pgwatch's and psql's) connects like its URI."""

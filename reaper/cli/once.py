@@ -55,6 +55,8 @@ async def collect_once(config: Config, sources: Sequence[str] | None,
     for name in metrics or ():
         if name not in catalog.metrics:
             result.problems.append(f"unknown metric {name!r}")
+    if result.problems:  # a typo: said before anything connects
+        return result
     handler = _ProblemCollector(result)
     logging.getLogger("reaper.daemon.source").addHandler(handler)
     try:
