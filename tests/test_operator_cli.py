@@ -182,3 +182,15 @@ def test_jsonfile_file_mode_is_checked(tmp_path: Path, mode: str, ok: bool) -> N
     if not ok:
         assert proc.stderr.strip().splitlines() == [line for line in proc.stderr.strip().splitlines()
                                                     if line.startswith(f"{config}: sinks[0].file_mode: ")]
+
+
+@pytest.mark.pg
+def test_storage_init_takes_a_libpq_key_value_dsn(pg15, fresh_db) -> None:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(pg15.dsn(dbname=fresh_db))
+    done = reaper("storage", "init", "--dsn", f"host={url.hostname} port={url.port} user={url.username} "
+                  f"dbname={fresh_db}", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"storage postgresql://{url.username}@{url.hostname}:{url.port}/{fresh_db}: "
+                                  "schema version "), done.stdout

@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "existing one, pgwatch's included. Idempotent. The sink does the same "
                                           "on start; this lets a DBA do it alone, ahead of time.")
     sinit.add_argument("--dsn", required=True,
-                       help="postgresql:// URI of the metrics database. Keep the password out of it (a command "
+                       help="the metrics database (a postgresql:// URI or libpq's key=value string). Keep the "
+                            "password out of it (a command "
                             "line is visible to every user in `ps`): write ${NAME} to take it from the environment "
                             "variable NAME, or use --password-file, or libpq's PGPASSWORD / PGPASSFILE (~/.pgpass)")
     sinit.add_argument("--partition-interval", metavar="WIDTH",
@@ -448,20 +449,16 @@ def cmd_metrics_docs(args: argparse.Namespace) -> int:
 
 def cmd_storage(args: argparse.Namespace) -> int:
     from reaper import db
-    from reaper.config.load import expand_env
-    from reaper.config.redact import dsn_secrets, redact_dsn
+    from reaper.cli.configdb import dsn_argument
+    from reaper.config.redact import redact_dsn
     from reaper.db.storage import StorageError, init_storage
     from reaper.db.storage_schema import LATEST_VERSION, parse_partition_interval
 
     if args.storage_verb is None:
         build_parser().parse_args(["storage", "--help"])
         return EXIT_USAGE
-    if dsn_secrets(re.sub(r"\$\{\w+\}", "", args.dsn)):  # as typed: a literal password, not a ${NAME}
-        print("storage: warning: --dsn holds a password, which `ps` shows to every user; use ${NAME}, "
-              "--password-file or PGPASSWORD instead", file=sys.stderr)
-    dsn, missing = expand_env(args.dsn, os.environ)
-    remember_secrets(dsn)
-    problems = [f"--dsn: environment variable {name} is not set" for name in missing]
+    dsn = dsn_argument(args.dsn, "--dsn", "storage")
+    problems = []
     seconds = None
     if args.partition_interval is not None:
         try:

@@ -11,7 +11,8 @@ import re
 import sys
 from typing import Any
 
-DSN_HELP = ("postgresql:// URI of pgwatch's config database. Keep the password out of it (a command line is "
+DSN_HELP = ("pgwatch's config database (a postgresql:// URI or libpq's key=value string). Keep the password "
+            "out of it (a command line is "
             "visible to every user in `ps`): write ${NAME} to take it from the environment variable NAME, or "
             "use --password-file, or libpq's PGPASSWORD / PGPASSFILE (~/.pgpass)")
 DEADLINE_SECONDS = 60.0
@@ -34,20 +35,27 @@ def add_parser(verbs: Any) -> None:
                        help="read the password from this file (its first line; keep it 0600)")
 
 
-def _dsn(value: str, what: str) -> str:
+def dsn_argument(value: str, what: str, verb: str) -> str:
+    """A command line's dsn (`storage init --dsn`, `config-db init --dsn`, `--from-db`): a warning when it holds a
+    literal password, ${NAME} expanded, libpq's key=value form taken as its URI; a ConfigError line otherwise."""
     from reaper.config.load import expand_env
     from reaper.config.redact import dsn_secrets, remember_secrets
+    from reaper.config.rules import DSN_EXPECTED, FieldValueError, uri_dsn
     from reaper.errors import ConfigError
 
-    if dsn_secrets(re.sub(r"\$\{\w+\}", "", value)):
-        print(f"{what}: warning: the dsn holds a password, which `ps` shows to every user; use ${{NAME}}, "
+    if dsn_secrets(re.sub(r"\$\{\w+\}", "", value)):  # as typed: a literal password, not a ${NAME}
+        print(f"{verb}: warning: {what} holds a password, which `ps` shows to every user; use ${{NAME}}, "
               "--password-file or PGPASSWORD instead", file=sys.stderr)
     dsn, missing = expand_env(value, os.environ)
     remember_secrets(dsn)
     if missing:
         raise ConfigError([f"{what}: environment variable {name} is not set" for name in missing])
+    try:
+        dsn = uri_dsn(dsn)
+    except FieldValueError as e:
+        raise ConfigError([f"{what}: {e}"]) from None
     if not re.match(r"^postgres(ql)?://", dsn):
-        raise ConfigError([f"{what}: expected a URI starting with postgresql://"])
+        raise ConfigError([f"{what}: {DSN_EXPECTED}"])
     return dsn
 
 
@@ -77,7 +85,7 @@ def cmd_config_db(args: argparse.Namespace) -> int:
     if args.config_db_verb is None:
         print("usage: reaper config-db init --dsn DSN", file=sys.stderr)
         return 2
-    dsn = _dsn(args.dsn, "--dsn")
+    dsn = dsn_argument(args.dsn, "--dsn", "config-db")
     catalog = Catalog.for_config()
     presets = [(name, preset.description or name, dict(preset.metrics))
                for name, preset in sorted(catalog.presets.items())]
@@ -96,7 +104,7 @@ def import_from_db(value: str, password_file: str | None) -> Any:
     from reaper.db.configdb import read_source_rows
     from reaper.errors import ConfigError
 
-    dsn = _dsn(value, "--from-db")
+    dsn = dsn_argument(value, "--from-db", "import-pgwatch")
     rows = _run(lambda: read_source_rows(dsn, password_file=password_file))
     if isinstance(rows, BaseException):
         raise ConfigError([f"{redact_dsn(dsn)}: {rows or f'timed out after {DEADLINE_SECONDS:g}s'}"])
