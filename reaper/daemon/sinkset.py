@@ -136,7 +136,10 @@ class SinkSet:
                 if heir is not None:
                     self._hand_over(running.outlet.spill, heir)
                 await self._start(self.build(wanted[new]), wanted[new], outlet, receive)
-                removed, added, rebuilt = (removed + 1, added + 1, rebuilt) if heir else (removed, added, rebuilt + 1)
+                if heir is not None:
+                    removed, added = removed + 1, added + 1
+                else:
+                    rebuilt += 1
         for label, config in wanted.items():
             if label not in self.sinks:
                 await self._start(self.build(config), config)

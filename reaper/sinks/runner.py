@@ -89,6 +89,8 @@ class SinkRunner:
     def __attrs_post_init__(self) -> None:
         if self.rejected_dir is None and self.spill is not None:
             self.rejected_dir = rejected_directory(self.spill.directory)
+        capacity = self.receive.statistics().max_buffer_size  # (inf only for an unbounded channel)
+        self._held = deque(maxlen=max(int(min(capacity, 1 << 20)), 1))
 
     @property
     def spill(self) -> SpillQueue | None:
@@ -201,9 +203,6 @@ class SinkRunner:
 
     def _hold(self, m: Measurement) -> None:
         held = self._held
-        if held.maxlen is None:
-            capacity = self.receive.statistics().max_buffer_size  # an int here (inf only for unbounded ones)
-            self._held = held = deque(held, maxlen=max(int(min(capacity, 1 << 20)), 1))
         if len(held) == held.maxlen and self.outlet is not None:
             self.outlet.lost += 1  # the oldest: a sink without a spill wants the latest values most
             if not self.outlet.warned_held:
