@@ -183,6 +183,31 @@ pidfile = {prog.dir}/pgbouncer.pid
     return prog
 
 
+def start_pooler(pg: ServerHandle, *, pool_mode: str = "transaction", pool_size: int = 1,
+                 ignore_startup_parameters: str = "") -> Program:
+    """PgBouncer pooling every database of `pg` for its `postgres` role (trust): what a DBA puts in front of
+    a server, monitored through it like the applications are (a `postgres` source, not the admin console)."""
+    exe = require_program("pgbouncer", "pgbouncer")
+    prog = Program("pooler", as_postgres=True)
+    prog.write("userlist.txt", '"postgres" ""\n')
+    ignore = f"ignore_startup_parameters = {ignore_startup_parameters}\n" if ignore_startup_parameters else ""
+    ini = prog.write("pgbouncer.ini", f"""[databases]
+* = host={pg.host} port={pg.port}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {prog.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {prog.dir}/userlist.txt
+pool_mode = {pool_mode}
+default_pool_size = {pool_size}
+{ignore}logfile = {prog.dir}/pgbouncer.log
+pidfile = {prog.dir}/pgbouncer.pid
+""")
+    prog.start([exe, str(ini)])
+    return prog
+
+
 def start_pgpool(pg: ServerHandle) -> Program:
     """Pgpool-II (streaming-replication mode, one backend: `pg`) on a free loopback port; trust auth."""
     exe = require_program("pgpool", "pgpool2")

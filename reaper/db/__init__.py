@@ -7,21 +7,20 @@ metrics) is one. asyncpg errors are translated here into reaper's vocabulary.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 import attrs
 import trio
-import trio_asyncio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import tls
-from reaper.db.aioloop import AWAITED, make_cheap
+from reaper.db import pooler
+from reaper.db.aioloop import AWAITED
+from reaper.db.aioloop import open_loop as open_loop  # (the daemon, the CLI and the tools open it here)
+from reaper.db.aioloop import tolerate_abandoned_connection_futures as tolerate_abandoned_connection_futures
 from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
@@ -35,38 +34,6 @@ from reaper.errors import MetricError, SourceUnavailable
 log = logging.getLogger("reaper.db")
 APPLICATION_NAME = "reaper"
 CLOSE_GRACE_SECONDS = 2.0
-
-
-@asynccontextmanager
-async def open_loop() -> AsyncIterator[None]:
-    """The process's one asyncio loop, opened outermost around the whole task tree."""
-    async with trio_asyncio.open_loop() as loop:
-        tolerate_abandoned_connection_futures(loop)
-        make_cheap(loop)
-        yield
-
-
-def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> None:
-    """Keep one asyncpg quirk from crashing the daemon: a connection dying mid-operation can leave a future
-    failing with a connection error that no one retrieves (`copy_in` when a shutdown races the COPY); asyncio
-    reports it to the loop's handler, and trio-asyncio makes such a report an exception of the whole loop. The
-    caller already handled the failure: only that report is logged (debug); every other goes on as before."""
-    previous = loop.get_exception_handler()
-    if getattr(previous, "reaper_tolerant", False):
-        return
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if exc is not None and is_connection_error(exc) and "never retrieved" in str(context.get("message", "")):
-            log.debug("ignored an abandoned asyncpg future of a lost connection: %s", exc)
-            return
-        if previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    handler.reaper_tolerant = True  # type: ignore[attr-defined]
-    loop.set_exception_handler(handler)
 
 
 # Every statement reaper sends to a monitored server first makes its own transaction read-only, in the same
@@ -113,10 +80,11 @@ class SourceConnection:
         self.rewrites: dict[str, str] = {}  # sql -> what the batch sends for it (reaper.db.recordsafe)
         self.unbatched: set[str] = set()  # sqls whose records asyncpg cannot read: sent alone
         self.members = Members(self.rewrites)  # the batch statement's metrics (reaper.db.combined)
+        self.pooled = isinstance(conn, pooler.Pooled)  # behind a connection pooler: no session state (reaper.db.pooler)
 
     @property
     def product(self) -> str:
-        return f"PostgreSQL {self.server.version}"
+        return f"PostgreSQL {self.server.version}" + (" through a connection pooler" if self.pooled else "")
 
     def __repr__(self) -> str:
         state = "closed" if self._conn.is_closed() else "open"
@@ -143,6 +111,9 @@ class SourceConnection:
         """Give the session the statement_timeout `seconds` (None: the connect default) unless it has it."""
         wanted = timeout_ms(seconds)
         if wanted == self.timeout:
+            return
+        if self.pooled:  # kept by reaper for the statements that follow, not by the session
+            self._conn.seconds, self.timeout = self._conn.default if seconds is None else seconds, wanted
             return
         self.timeout, self.statements = "?", self.statements + 1  # unknown until the server confirms it
         await (self._conn.execute("reset statement_timeout") if wanted is None
@@ -449,7 +420,7 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
     # stay prepared for the connection's life (asyncpg's default re-prepares each every 300 s, with a timer each)
     kwargs["server_settings"]["plan_cache_mode"], kwargs["max_cached_statement_lifetime"] = "force_generic_plan", 0
     try:
-        return await aio_as_trio(_connect)(dsn, kwargs)
+        return await aio_as_trio(_connect)(dsn, kwargs, statement_timeout_seconds)
     except trio.Cancelled:
         raise
     except Exception as e:
@@ -461,12 +432,14 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
 SERVER_FACTS_SQL = ("select current_setting('server_version_num')::int as num, current_setting('server_version') as v,"
                     " pg_is_in_recovery() as rec, current_database() as db,"
                     " inet_server_addr() is null as via_socket,"
+                    " coalesce(inet_server_addr() in ('127.0.0.1', '::1'), true) as lo,"
+                    " (select setting from pg_settings where name = 'statement_timeout') as st,"
                     " array(select extname::text from pg_extension) as exts")
 SYSTEM_ID_SQL = "(select system_identifier from pg_control_system())"
 
 
-async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
-    conn = await tls.connect(dsn, kwargs)
+async def _connect(dsn: str, kwargs: dict[str, Any], timeout_seconds: float) -> SourceConnection:
+    conn, pooled = await pooler.connect(dsn, kwargs)
     tune(conn)
     try:
         try:  # one statement when the role may read pg_control_system() (most can), two when not
@@ -474,23 +447,29 @@ async def _connect(dsn: str, kwargs: dict[str, Any]) -> SourceConnection:
             sysid = None if row["sysid"] is None else str(row["sysid"])
         except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError):
             row, sysid = await _fetch_once(conn, SERVER_FACTS_SQL), None
-        host = _host_of(conn)
+        if not pooled and pooler.settings_dropped(kwargs, row["st"]):  # a pooler that ignores them: again, pooled
+            conn.terminate()
+            pooler.remember(dsn)
+            return await _connect(dsn, kwargs, timeout_seconds)
         addr = conn._addr
+        # behind a pooler, reaper's own address says nothing of the server's: only where the server was reached
+        local = ("127.0.0.1", "::1", "localhost") if not pooled else ()
         server = ServerInfo(
             version_num=row["num"], version=row["v"], in_recovery=row["rec"], database=row["db"],
             system_identifier=sysid, extensions=frozenset(row["exts"]),
-            is_local=bool(row["via_socket"]) or host in ("127.0.0.1", "::1", "localhost"),
+            is_local=bool(row["via_socket"]) or _host_of(conn) in local or (pooled and row["lo"]),
             address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr),
         )
     except BaseException:
         conn.terminate()
         raise
-    return SourceConnection(conn, server)
+    return SourceConnection(pooler.Pooled(conn, timeout_seconds) if pooled else conn, server)
 
 
 async def _fetch_once(conn: Any, sql: str) -> Any:
-    """A row of a statement run once: outside asyncpg's cache, so it is not kept for the connection's life."""
-    return await (await conn.prepare(sql)).fetchrow()
+    """A row of a statement run once: outside asyncpg's cache, so it is not kept for the connection's life, and
+    unnamed, so nothing of it stays in the server session (a pooler's next client may get that session)."""
+    return await (await conn.prepare(sql, name=False)).fetchrow()
 
 
 def _host_of(conn: Any) -> str | None:

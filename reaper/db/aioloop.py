@@ -55,12 +55,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import logging
 import select
 import selectors
 import types
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+import trio_asyncio
+
+from reaper.db.failures import is_connection_error
 
 try:
     from sniffio import thread_local as _sniffio
@@ -68,6 +74,7 @@ try:
 except ImportError:  # another trio-asyncio: run it as shipped
     _AsyncHandle = None
 
+log = logging.getLogger("reaper.db")
 
 #: how long the readers wait for more answers while more are awaited than are ready (see the module's text)
 COALESCE_SECONDS = 0.03
@@ -259,3 +266,35 @@ def readers_on_one_epoll(loop: asyncio.AbstractEventLoop, coalesce: float | None
     loop.reaper_readers = True  # type: ignore[attr-defined]
     loop.reaper_passes = loop.reaper_waits = 0  # type: ignore[attr-defined]  # passes that ran readers; waits
     return True
+
+
+@asynccontextmanager
+async def open_loop() -> AsyncIterator[None]:
+    """The process's one asyncio loop, opened outermost around the whole task tree."""
+    async with trio_asyncio.open_loop() as loop:
+        tolerate_abandoned_connection_futures(loop)
+        make_cheap(loop)
+        yield
+
+
+def tolerate_abandoned_connection_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep one asyncpg quirk from crashing the daemon: a connection dying mid-operation can leave a future
+    failing with a connection error that no one retrieves (`copy_in` when a shutdown races the COPY); asyncio
+    reports it to the loop's handler, and trio-asyncio makes such a report an exception of the whole loop. The
+    caller already handled the failure: only that report is logged (debug); every other goes on as before."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "reaper_tolerant", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if exc is not None and is_connection_error(exc) and "never retrieved" in str(context.get("message", "")):
+            log.debug("ignored an abandoned asyncpg future of a lost connection: %s", exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.reaper_tolerant = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)

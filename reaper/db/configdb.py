@@ -25,7 +25,7 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import connect_options, describe_error
+from reaper.db import connect_options, describe_error, pooler
 from reaper.errors import SourceUnavailable
 
 SOURCE_ROWS_SQL = "select (select set_config('transaction_read_only', 'on', true)) as ro, " \
@@ -148,7 +148,7 @@ async def _close(conn: Any) -> None:
 
 
 async def _read_rows(dsn: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    conn = await asyncpg.connect(dsn, **kwargs)
+    conn, _ = await pooler.connect(dsn, kwargs)
     try:
         records = await conn.fetch(SOURCE_ROWS_SQL)
     except BaseException:

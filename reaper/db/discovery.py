@@ -18,7 +18,7 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import connect_options, describe_error
+from reaper.db import connect_options, describe_error, pooler
 from reaper.errors import SourceUnavailable
 
 # Every database that takes connections, is not a template, and that the role may CONNECT to.
@@ -63,7 +63,7 @@ async def list_databases(dsn: str, *, include_pattern: str | None = None, exclud
 
 
 async def _list(dsn: str, kwargs: dict[str, Any], include: str | None, exclude: str | None) -> list[str]:
-    conn = await asyncpg.connect(dsn, **kwargs)
+    conn, _ = await pooler.connect(dsn, kwargs)  # (a pooler: its wildcard database lists the server's)
     try:
         rows = await conn.fetch(LIST_DATABASES_SQL, include, exclude)
     except BaseException:

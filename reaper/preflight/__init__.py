@@ -43,6 +43,7 @@ class SourceReport:
     in_recovery: bool | None = None
     database: str = ""
     address: str = ""
+    pooler: bool = False  # reached through a connection pooler (reaper.db.pooler)
     role: str = ""
     superuser: bool = False
     memberships: tuple[str, ...] = ()
@@ -134,7 +135,7 @@ async def _check_postgres(source: SourceConfig, catalog: Catalog, report: Source
         server = conn.server
         report.reachable = True
         report.version, report.major, report.in_recovery = server.version, server.major, server.in_recovery
-        report.database, report.address = server.database, server.address
+        report.database, report.address, report.pooler = server.database, server.address, conn.pooled
         intervals = catalog.intervals(source, standby=server.in_recovery)
         needs = {name: metric_needs(catalog.metrics[name], server.major, catalog.metrics) for name in intervals}
         functions, relations, settings, extensions = names_to_check(needs.values())

@@ -24,7 +24,10 @@ def source_line(r: SourceReport) -> str:
     state = "in recovery (standby)" if r.in_recovery else "primary"
     roles = "superuser" if r.superuser else ("member of " + ", ".join(r.memberships) if r.memberships
                                              else "member of no role")
-    return f"{r.name}: reachable, PostgreSQL {r.version}, {state}, database {r.database}, role {r.role} ({roles})"
+    pooler = (" through a connection pooler (statement timeouts kept by reaper, no prepared statements)"
+              if r.pooler else "")
+    return (f"{r.name}: reachable, PostgreSQL {r.version}{pooler}, {state}, database {r.database}, "
+            f"role {r.role} ({roles})")
 
 
 def print_report(reports: list[SourceReport], fmt: str, storages: Sequence[StorageCheck] = ()) -> None:
@@ -76,7 +79,7 @@ def print_storages(storages: Sequence[StorageCheck], fmt: str) -> None:
 def as_json(r: SourceReport) -> dict[str, Any]:
     return {"name": r.name, "kind": r.kind, "reachable": r.reachable, "error": r.error or None,
             "version": r.version or None, "major": r.major or None, "in_recovery": r.in_recovery,
-            "database": r.database or None, "role": r.role or None, "superuser": r.superuser,
+            "database": r.database or None, "pooler": r.pooler, "role": r.role or None, "superuser": r.superuser,
             "memberships": list(r.memberships),
             "metrics": [{"metric": v.metric, "status": v.status, "reasons": list(v.reasons), "fixes": list(v.fixes)}
                         for v in r.verdicts],
