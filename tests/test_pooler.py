@@ -88,3 +88,21 @@ def test_check_connect_says_the_source_is_behind_a_pooler(pooler: Program, fresh
     assert done.returncode == 0, done.stdout + done.stderr
     first = done.stdout.splitlines()[0]
     assert first.startswith("app: reachable, PostgreSQL 15") and "through a connection pooler" in first, first
+
+
+def test_a_storage_behind_a_refusing_pooler_is_told_what_to_do(pg15: ServerHandle, fresh_db: str,
+                                                               tmp_path: Path) -> None:
+    """The storage keeps session state (locks, prepared COPY targets): it cannot go pooled like a source, so
+    `check --connect` says what to change instead of only PgBouncer's bare refusal."""
+    prog = start_pooler(pg15)
+    try:
+        config = tmp_path / "reaper.toml"
+        config.write_text(f'[[sources]]\nname = "app"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\npreset = "basic"\n'
+                          f'[[sinks]]\ntype = "postgres"\ndsn = "{through(prog, fresh_db)}"\n')
+        done = subprocess.run([*REAPER, "check", "--connect", "--config", str(config), "--format", "table"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        prog.stop()
+    assert done.returncode == 1, done.stdout + done.stderr
+    sink = next(line for line in done.stdout.splitlines() if line.startswith("sink postgres:"))
+    assert "unreachable: unsupported startup parameter" in sink and "point this dsn at the server itself" in sink

@@ -23,11 +23,17 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+POOLER_REFUSAL = "unsupported startup parameter"  # PgBouncer's answer to a setting it does not track
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for an operator: no traceback, no password."""
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None)
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if POOLER_REFUSAL in message:  # (sources go on pooled, reaper.db.pooler; a storage cannot)
+            message += (": a connection pooler (PgBouncer) is in between; point this dsn at the server itself, or "
+                        "give the pooler pool_mode = session and that parameter in ignore_startup_parameters")
         return scrub(f"{message} (SQLSTATE {state})" if state else message)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror

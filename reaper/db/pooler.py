@@ -25,8 +25,8 @@ from typing import Any
 import asyncpg
 
 from reaper.db import tls
+from reaper.db.failures import POOLER_REFUSAL as REFUSAL
 
-REFUSAL = "unsupported startup parameter"  # PgBouncer's answer to a startup setting it does not track
 STARTUP_KEPT = frozenset({"application_name"})  # what every pooler passes on (PgBouncer tracks it)
 MEMORY_DSNS = 10_000  # DSNs remembered as pooled, the most recent kept
 
