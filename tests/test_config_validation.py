@@ -152,6 +152,18 @@ def test_a_libpq_key_value_dsn_is_taken_as_the_same_uri(tmp_path: Path) -> None:
     assert loaded.sinks[0].dsn == "postgresql:///metrics?host=/run/postgresql"
 
 
+@pytest.mark.parametrize(("pgwatch", "reaper", "dsn"), [
+    ("postgres-continuous-discovery", "postgres-discovery", "postgresql://db1/app"),
+    ("patroni-continuous-discovery", "patroni", "etcd://etcd1:2379/service/main"),
+    ("patroni-namespace-discovery", "patroni", "etcd://etcd1:2379/service")])
+def test_pgwatchs_kind_names_are_taken_as_reapers(tmp_path: Path, pgwatch: str, reaper: str, dsn: str) -> None:
+    """A pgwatch user writes pgwatch's kind names; they were refused as unknown."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[sources]]\nname = "a"\nkind = "{pgwatch}"\ndsn = "{dsn}"\n'
+                      '[[sinks]]\ntype = "jsonfile"\npath = "out.ndjson"\n')
+    assert load_config(config, environ={}).sources[0].kind == reaper
+
+
 def test_empty_prometheus_namespace_is_refused(tmp_path: Path) -> None:
     [line] = problems_of(tmp_path, SRC + '[[sinks]]\ntype = "prometheus"\nnamespace = ""\n')
     assert line.startswith("sinks[0].namespace: expected a Prometheus name prefix")

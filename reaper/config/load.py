@@ -24,6 +24,7 @@ from reaper.config.files import read_toml
 from reaper.config.redact import redact_dsn, remember_secrets
 from reaper.config.rules import DSN_EXPECTED, name_problem
 from reaper.config.schema import (
+    PGWATCH_KINDS,
     CollectorConfig,
     Config,
     FleetConfig,
@@ -162,6 +163,8 @@ def _structure_sources(raw_sources: Any, origin: str, env: Mapping[str, str],
         problems.extend(f"{origin}: {p}" for p in found)
         if found:
             continue  # the values are not what the operator meant: checking them would only add noise
+        if isinstance(expanded.get("kind"), str) and expanded["kind"] in PGWATCH_KINDS:
+            expanded = {**expanded, "kind": PGWATCH_KINDS[expanded["kind"]]}
         try:
             structured.append((i, converter.structure(expanded, SourceConfig)))
         except Exception as e:

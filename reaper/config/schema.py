@@ -98,6 +98,14 @@ class SpecialsConfig:
     walg_env: dict[str, str] = attrs.field(factory=dict)  # WALG_*, AWS_* ... for wal-g only
 
 
+# pgwatch's names of the kinds whose reaper name differs: a [[sources]] table may use either
+PGWATCH_KINDS = {
+    "postgres-continuous-discovery": "postgres-discovery",
+    "patroni-continuous-discovery": "patroni",
+    "patroni-namespace-discovery": "patroni",
+}
+
+
 @attrs.frozen
 class SourceConfig:
     name: str = attrs.field(validator=rules.name())

@@ -23,7 +23,7 @@ from reaper.catalog.pgwatch.common import (
     yaml_files,
 )
 from reaper.catalog.pgwatch.dsn import convert_dsn
-from reaper.config.schema import SourceConfig, _format_cattrs_errors, converter
+from reaper.config.schema import PGWATCH_KINDS, SourceConfig, _format_cattrs_errors, converter
 from reaper.errors import ConfigError
 from reaper.kinds import check_source
 
@@ -37,15 +37,7 @@ SOURCE_HINTS = {
     "is_superuser": "not used by reaper",
     "host_config": "not supported by reaper (patroni DCS settings and log parsing options)",
 }
-KINDS = {
-    "postgres": "postgres",
-    "postgres-continuous-discovery": "postgres-discovery",
-    "pgbouncer": "pgbouncer",
-    "pgpool": "pgpool",
-    "patroni": "patroni",
-    "patroni-continuous-discovery": "patroni",
-    "patroni-namespace-discovery": "patroni",
-}
+KINDS = {**{kind: kind for kind in ("postgres", "pgbouncer", "pgpool", "patroni")}, **PGWATCH_KINDS}
 
 
 def import_sources(path: str | Path) -> ImportResult:
