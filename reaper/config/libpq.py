@@ -90,3 +90,87 @@ def keyword_dsn_to_uri(pairs: list[tuple[str, str]]) -> str:
     if query:
         uri += "?" + urlencode(query, safe="/,@", quote_via=quote)
     return uri
+
+
+# libpq connection parameters that asyncpg, reaper's driver, does not know: it would send each to the server as a
+# setting, and the server refuses the connection ("unrecognized configuration parameter": a source down for
+# ever). Those below are taken off the DSN before connecting: reaper's own deadlines and application_name do
+# their work (connect_timeout is honoured, as asyncpg's connect timeout).
+CLIENT_ONLY = frozenset({"connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                         "tcp_user_timeout", "sslcompression", "sslsni", "fallback_application_name", "gssdelegation",
+                         "sslkeylogfile"})
+# ... and these too when their value asks only for what happens anyway (`check` refuses the other values)
+ASYNCPG_DOES = {"gssencmode": ("disable", "prefer", "allow"), "channel_binding": ("disable", "prefer"),
+                "sslcertmode": ("disable", "allow"), "load_balance_hosts": ("disable",)}
+# what asyncpg cannot do at all, and what to write instead
+UNSUPPORTED = {
+    "hostaddr": "put the address in the host part of the dsn",
+    "requirepeer": "use a role with its own password or certificate",
+    "require_auth": "reaper's driver takes whatever the server's pg_hba.conf asks for",
+    "sslcrldir": "use sslcrl (one file)",
+    "gssencmode": "reaper's driver has no GSSAPI encryption: use TLS (sslmode)",
+    "channel_binding": "reaper's driver does not bind SCRAM to the TLS channel: use sslmode=verify-full",
+    "sslcertmode": "reaper's driver sends a client certificate when sslcert names one",
+    "load_balance_hosts": "reaper's driver tries the hosts in their order",
+}
+TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+# a read-only session (every source's, reaper.db) is one asyncpg takes for read-only whatever the server: what a
+# monitoring connection means by libpq's read-write / read-only is a primary / a standby
+READ_ONLY_TARGETS = {"read-write": "primary", "read-only": "standby"}
+
+
+def _query_items(dsn: str) -> tuple[str, list[tuple[str, str, str]], str]:
+    """(the dsn before '?', [(key, value, raw item)], '#...' or '') of a URI dsn; no items for another form."""
+    from urllib.parse import unquote
+
+    head, sep, rest = dsn.partition("?")
+    if not sep or "://" not in head:
+        return dsn, [], ""
+    query, hash_, fragment = rest.partition("#")
+    items = []
+    for raw in query.split("&"):
+        if not raw:
+            continue
+        key, _, value = raw.partition("=")
+        items.append((unquote(key).strip().lower(), unquote(value).strip(), raw))
+    return head, items, hash_ + fragment
+
+
+def parameter_problems(dsn: str) -> list[str]:
+    """What `check` refuses in a URI dsn's parameters: what reaper's driver cannot honour, a bad value."""
+    problems = []
+    for key, value, _ in _query_items(dsn)[1]:
+        if key in UNSUPPORTED and value.lower() not in ASYNCPG_DOES.get(key, ()):
+            allowed = ASYNCPG_DOES.get(key)
+            taken = f" (only {', '.join(allowed)} is taken)" if allowed else ""
+            problems.append(f"{key}={value[:20]} is not supported{taken}: {UNSUPPORTED[key]}")
+        elif key == "connect_timeout" and not value.lstrip("-").isdigit():
+            problems.append(f"connect_timeout {value[:20]!r} is not a whole number of seconds")
+        elif key == "target_session_attrs" and value.lower() not in TARGET_SESSION_ATTRS:
+            problems.append(f"target_session_attrs {value[:20]!r} is not one of {', '.join(TARGET_SESSION_ATTRS)}")
+    return problems
+
+
+def asyncpg_dsn(dsn: str, *, read_only: bool) -> tuple[str, float | None]:
+    """(the dsn asyncpg is given, connect_timeout in seconds or None): libpq's client-only parameters taken off
+    (CLIENT_ONLY, ASYNCPG_DOES), and for a read-only session target_session_attrs read-write / read-only as
+    primary / standby (READ_ONLY_TARGETS)."""
+    if "?" not in dsn:
+        return dsn, None
+    head, items, fragment = _query_items(dsn)
+    if not items:
+        return dsn, None
+    kept: list[str] = []
+    seconds: float | None = None
+    for key, value, raw in items:
+        if key == "connect_timeout":
+            # libpq: zero, negative or empty waits for ever; anything else at least 2 seconds
+            number = int(value) if value.lstrip("-").isdigit() else 0
+            seconds = float(max(number, 2)) if number > 0 else None
+        elif key in CLIENT_ONLY or value.lower() in ASYNCPG_DOES.get(key, ()):
+            continue
+        elif key == "target_session_attrs" and read_only and value.lower() in READ_ONLY_TARGETS:
+            kept.append(f"target_session_attrs={READ_ONLY_TARGETS[value.lower()]}")
+        else:
+            kept.append(raw)
+    return head + ("?" + "&".join(kept) if kept else "") + fragment, seconds

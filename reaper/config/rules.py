@@ -215,6 +215,11 @@ def dsn_ports(_instance: Any, _attribute: Any, value: str) -> None:
         for key, mode in parse_qsl(query, keep_blank_values=True):
             if key == "sslmode" and mode not in SSLMODES:
                 raise FieldValueError(f"sslmode {mode[:20]!r} is not one of {', '.join(SSLMODES)}")
+        from reaper.config.libpq import parameter_problems
+
+        problems = parameter_problems(value)
+        if problems:
+            raise FieldValueError("; ".join(problems))
 
 
 def listen(_instance: Any, _attribute: Any, value: str) -> None:

@@ -25,7 +25,7 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import connect_options, describe_error, pooler
+from reaper.db import connect_options, describe_error, pooler, tls
 from reaper.errors import SourceUnavailable
 
 SOURCE_ROWS_SQL = "select (select set_config('transaction_read_only', 'on', true)) as ro, " \
@@ -177,7 +177,7 @@ async def init_config_db(dsn: str, presets: Iterable[tuple[str, str, dict[str, i
 
 
 async def _init(dsn: str, kwargs: dict[str, Any], presets: list[tuple[str, str, str]]) -> str:
-    conn = await asyncpg.connect(dsn, **kwargs)
+    conn = await tls.connect(dsn, kwargs)
     try:
         async with conn.transaction():
             existed = await conn.fetchval("select to_regclass('pgwatch.source') is not null")

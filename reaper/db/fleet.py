@@ -27,7 +27,7 @@ import attrs
 import trio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import close_or_terminate, connect_options, crossing, describe_error, is_connection_error
+from reaper.db import close_or_terminate, connect_options, crossing, describe_error, is_connection_error, tls
 from reaper.errors import SourceUnavailable
 
 MEMBER_CLASS = 0x52504552  # 'RPER': the first key of every member lock (fits a positive int4)
@@ -127,7 +127,7 @@ async def open_fleet_session(dsn: str, member: str, *, password_file: str | None
                                    application_name=(FLEET_APPLICATION_PREFIX + member)[:63],
                                    statement_cache_size=0)
     try:
-        conn = await aio_as_trio(asyncpg.connect)(dsn, **kwargs)
+        conn = await aio_as_trio(tls.connect)(dsn, kwargs)
     except trio.Cancelled:
         raise
     except Exception as e:

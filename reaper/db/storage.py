@@ -41,6 +41,7 @@ from reaper.db import (
     close_or_terminate,
     describe_error,
     is_connection_error,
+    tls,
     tolerate_abandoned_connection_futures,
 )
 from reaper.db.copy_feed import CopyFeed
@@ -378,7 +379,7 @@ async def _connect_kwargs(password_file: str | None, statement_timeout_seconds: 
 async def _connect_and_migrate(dsn: str, kwargs: dict[str, Any],
                                partition_interval_seconds: int | None) -> tuple[Any, SchemaState]:
     tolerate_abandoned_connection_futures(asyncio.get_running_loop())  # tools may open their own loop
-    conn = await asyncpg.connect(dsn, **kwargs)
+    conn = await tls.connect(dsn, kwargs)
     try:
         schema = await _migrate(conn)
         if partition_interval_seconds is not None:

@@ -16,6 +16,7 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from reaper.config.schema import PostgresSinkConfig
+from reaper.db import tls
 from reaper.db.failures import describe_error
 from reaper.db.storage import LATEST_VERSION, StorageError, _connect_kwargs
 
@@ -66,7 +67,7 @@ async def check_storage(config: PostgresSinkConfig) -> StorageCheck:
 
 
 async def _read_facts(dsn: str, kwargs: dict[str, object], connect_seconds: float) -> dict[str, object]:
-    conn = await asyncpg.connect(dsn, timeout=connect_seconds, **kwargs)
+    conn = await tls.connect(dsn, {"timeout": connect_seconds, **kwargs})
     try:
         facts = dict(await conn.fetchrow(FACTS_SQL))
         if facts["has_schema"] and facts["may_use_admin"]:

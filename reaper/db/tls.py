@@ -30,6 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
+from reaper.config.libpq import asyncpg_dsn
+
 #: DSN query keys and environment variables that make a connection's context its own
 OWN_CONTEXT_KEYS = frozenset({"sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword", "sslnegotiation",
                               "ssl_min_protocol_version", "ssl_max_protocol_version"})
@@ -86,7 +88,12 @@ def default_tls_mode(dsn: str) -> str | None:
 
 
 async def connect(dsn: str, kwargs: dict[str, Any]) -> Any:
-    """asyncpg.connect(dsn, **kwargs), with the shared context where the DSN allows it (asyncio side)."""
+    """asyncpg.connect(dsn, **kwargs), with the shared context where the DSN allows it (asyncio side), and with
+    the libpq parameters asyncpg does not know taken off the DSN (reaper.config.libpq.asyncpg_dsn)."""
+    read_only = kwargs.get("server_settings", {}).get("default_transaction_read_only") == "on"
+    dsn, seconds = asyncpg_dsn(dsn, read_only=read_only)
+    if seconds is not None and "timeout" not in kwargs:
+        kwargs = {**kwargs, "timeout": seconds}
     mode = "" if "ssl" in kwargs else default_tls_mode(dsn)
     if not mode:
         return await asyncpg.connect(dsn, **kwargs)
