@@ -83,3 +83,40 @@ async def test_the_debug_preset_sends_one_statement_per_fast_tick(pg15, fresh_db
     # every fast-lane statement was a tick's combined statement, one per tick (specials included)
     assert combined == fast.statements_total == ticks, (combined, fast)
     assert lanes["slow"].statements_total > 0  # change_events, the OS metrics' server reads: counted apart
+
+
+TIMED_METRIC = f"""
+[metrics.timed]
+description = "a metric with its own timeout: the slow lane runs it"
+statement_timeout_seconds = 5
+[metrics.timed.sql]
+14 = "select {EPOCH}, 1 as v"
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_role_allowed_one_connection_keeps_the_fast_lane_and_says_once_why_the_slow_one_waits(
+        pg15, fresh_db, tmp_path: Path) -> None:
+    """A DBA's `connection limit 1` on reaper's role: the fast lane collects, the slow lane (timed metrics) and
+    the local one (OS metrics, whose server facts it reads) cannot connect. One line says so, and status
+    shows why; the local lane's metrics used to add a 'connection lost' line each at every run."""
+    role = f"reaper_one_{tmp_path.name[-12:].replace('-', '_')}".lower()
+    pg15.psql(f"create role {role} login connection limit 1 in role pg_monitor")
+    daemon = Daemon(tmp_path)
+    daemon.write_config([("a", pg15.dsn(user=role, dbname=fresh_db), 1)], extra=TIMED_METRIC)
+    daemon.config.write_text(daemon.config.read_text().replace(
+        "metrics = { ping = 1 }", "metrics = { ping = 1, timed = 1, psutil_mem = 1 }"))
+    try:
+        daemon.start()
+        wait_until(lambda: len(daemon.times("a")) >= 6, limit=60, what="six pings")
+        status = daemon.fresh_status()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+        pg15.psql(f"drop role if exists {role}")
+    (slow,) = [lane for lane in status.sources[0].lanes if lane.name == "slow"]
+    assert not slow.connected and "too many connections for role" in (slow.error or ""), slow
+    log = daemon.log_text()
+    assert log.count("slow lane: cannot connect (too many connections for role") == 1, log
+    assert "connection lost" not in log, log

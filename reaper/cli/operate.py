@@ -290,7 +290,8 @@ def _lanes(lanes: Sequence[LaneStatus]) -> str:
     parts = []
     for lane in lanes:
         text = f"{lane.name} {'up' if lane.connected else '-'} {lane.statements_last_run}/{lane.statements_total}"
-        parts.append(text + (f" skipped {lane.skipped}" if lane.skipped else ""))
+        parts.append(text + (f" skipped {lane.skipped}" if lane.skipped else "")
+                     + (f" (cannot connect: {lane.error})" if lane.error else ""))
     return "; ".join(parts) or "-"
 
 

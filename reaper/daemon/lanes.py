@@ -56,6 +56,7 @@ class LaneState:
     statements_last_run: int = 0
     statements_total: int = 0
     skipped: int = 0  # jobs dropped because the same metric was still queued or running
+    error: str | None = None  # why its connection cannot be opened now (None: it can, or it is not needed yet)
 
 
 class LaneOwner(JobOwner, Protocol):
@@ -74,7 +75,7 @@ class Lane:
     """Runs the jobs handed to it one after the other, in a task that lives while it has work.
     `offer()` never blocks the caller."""
 
-    __slots__ = ("_busy", "_down", "_idle_since", "_longest", "_nursery", "_pending", "_queue", "_skip_warned",
+    __slots__ = ("_busy", "_idle_since", "_longest", "_nursery", "_pending", "_queue", "_skip_warned",
                  "lease", "link", "lock", "min_idle", "opener", "owner", "state")  # two per source: no __dict__ each
 
     def __init__(self, name: str, owner: LaneOwner, *, lease: Lane | None = None,
@@ -96,7 +97,6 @@ class Lane:
         self._pending: set[str] | None = None
         self._skip_warned: set[str] | None = None
         self._longest = 0.0
-        self._down: str | None = None
 
     def __repr__(self) -> str:
         pending = len(self._pending or ())
@@ -244,9 +244,11 @@ class Lane:
                             "time", self.owner.name, self.state.name, e)
             (self.lease or self).drop()
         except SourceUnavailable as e:
-            log.warning("source %s: %s lane: connection lost (%s); metric %s skipped this time", self.owner.name,
-                        self.state.name, e, ", ".join(job.metric.name for job in jobs))
-            (self.lease or self).drop()
+            owner = self.lease or self
+            if owner.state.error is None:  # (a connection that cannot be opened was said once, by _open)
+                log.warning("source %s: %s lane: connection lost (%s); metric %s skipped this time", self.owner.name,
+                            self.state.name, e, ", ".join(job.metric.name for job in jobs))
+            owner.drop()
 
     def count(self, statements: int) -> None:
         self.state.statements_last_run = statements
@@ -278,15 +280,15 @@ class Lane:
             finally:
                 self.state.statements_total += link.statements - before
         except SourceUnavailable as e:
-            if self._down is None:
+            if self.state.error is None:
                 log.warning("source %s: %s lane: cannot connect (%s); its work is skipped until it can",
                             self.owner.name, self.state.name, e)
-            self._down = str(e)
+            self.state.error = str(e)
             self.state.connected = False
             raise
         self.link = link
         self.touch()
-        self._down = None
+        self.state.error = None
         self.state.connected = True
         log.info("source %s: %s lane connected (the source's second connection)", self.owner.name, self.state.name)
         return link

@@ -165,7 +165,8 @@ class SourceReaper:
                 ls: LaneState = lane.state
                 lanes.append(LaneStatus(name=ls.name, connected=ls.connected,
                                         statements_last_run=ls.statements_last_run,
-                                        statements_total=ls.statements_total, runs=ls.runs, skipped=ls.skipped))
+                                        statements_total=ls.statements_total, runs=ls.runs, skipped=ls.skipped,
+                                        error=ls.error))
         return SourceStatus(
             name=st.name, status=st.status, ticks=st.ticks, measurements=st.measurements, rows=st.rows,
             metric_errors=st.metric_errors, degraded=tuple(sorted(st.degraded)),

@@ -43,6 +43,7 @@ class LaneStatus:
     statements_total: int
     runs: int  # ticks (fast) or jobs (slow, local)
     skipped: int  # runs skipped because the same metric was still running in that lane
+    error: str | None = None  # why its connection cannot be opened now (a role's connection limit...)
 
 
 @attrs.frozen
