@@ -6,6 +6,7 @@ because measurements and status describe the monitored servers. One place, so ev
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -25,8 +26,8 @@ def make_private_dir(path: Path) -> None:
         try:
             folder.mkdir(mode=PRIVATE_DIR_MODE)
         except FileExistsError:
-            if not folder.is_dir():
-                raise
+            if not folder.is_dir():  # (mkdir's own error says only "File exists")
+                raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(folder)) from None
             continue
         os.chmod(folder, PRIVATE_DIR_MODE)
 

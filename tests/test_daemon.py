@@ -285,6 +285,19 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first(pg15, fr
     assert daemon.stop() == 0
 
 
+def test_a_state_dir_under_a_regular_file_is_one_line_naming_that_file(tmp_path: Path) -> None:
+    """mkdir's own words were "cannot create reaper.lock: File exists", naming neither folder nor file."""
+    (tmp_path / "file").write_text("")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[collector]\nstate_dir = "{tmp_path / "file" / "state"}"\n'
+                      f'[[sources]]\nname = "a"\ndsn = "postgresql://127.0.0.1:1/x"\nmetrics = {{ db_stats = 60 }}\n'
+                      f'[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "out.ndjson"}"\n')
+    done = subprocess.run([*REAPER, "run", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (f"state_dir {tmp_path / 'file' / 'state'}: cannot create the folder "
+                                            f"{tmp_path / 'file'}: exists and is not a folder"), done.stderr
+
+
 def test_a_taken_http_listen_address_refuses_the_start_with_one_line(pg15, fresh_db, daemon: Daemon) -> None:
     """The health endpoints' address held by another program: `reaper run` exits 1 with one line naming the
     key and the reason (it used to end in a traceback of trio's exception groups)."""

@@ -97,6 +97,10 @@ def lock_state_dir(state_dir: Path) -> Iterator[None]:
     path = state_dir / LOCK_FILE
     try:
         make_private_dir(state_dir)
+    except OSError as e:
+        raise ConfigError([f"state_dir {state_dir}: cannot create the folder {e.filename or state_dir}: "
+                           f"{e.strerror or e}"]) from e
+    try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise ConfigError([f"state_dir {state_dir}: cannot create {LOCK_FILE}: {e.strerror or e}"]) from e
