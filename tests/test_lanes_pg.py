@@ -120,3 +120,50 @@ def test_a_role_allowed_one_connection_keeps_the_fast_lane_and_says_once_why_the
     log = daemon.log_text()
     assert log.count("slow lane: cannot connect (too many connections for role") == 1, log
     assert "connection lost" not in log, log
+
+
+LOCKED_METRIC = f"""
+[metrics.app_rows]
+description = "rows of an application's table, which a migration locks"
+gauges = ["*"]
+[metrics.app_rows.sql]
+14 = "select {EPOCH}, count(*) as n from app_table"
+"""
+LOCK_SECONDS = 12
+
+
+@pytest.mark.timeout(120)
+def test_a_metric_waiting_for_a_table_lock_holds_the_fast_lane_at_most_its_lock_timeout(
+        pg15, fresh_db, tmp_path: Path) -> None:
+    """A migration holds an ACCESS EXCLUSIVE lock on a table a custom metric reads: the tick's one statement
+    waited for it, and every fast metric with it, for the whole query timeout (30 s). With lock_timeout (1 s by
+    default) the metric fails alone, is said once, and runs in the slow lane until the lock is gone."""
+    import threading
+
+    pg15.psql("create table app_table (id int); insert into app_table values (1)", dbname=fresh_db)
+    daemon = Daemon(tmp_path)
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)], extra=LOCKED_METRIC)
+    daemon.config.write_text(daemon.config.read_text().replace("metrics = { ping = 1 }",
+                                                               "metrics = { ping = 1, app_rows = 2 }"))
+    holder = threading.Thread(target=pg15.psql, kwargs={
+        "sql": f"begin; lock table app_table in access exclusive mode; select pg_sleep({LOCK_SECONDS}); commit",
+        "dbname": fresh_db})
+    try:
+        daemon.start()
+        wait_until(lambda: len(daemon.times("a")) >= 3, limit=60, what="three pings")
+        holder.start()
+        wait_until(lambda: pg15.psql("select count(*) from pg_locks where relation = 'app_table'::regclass and "
+                                     "mode = 'AccessExclusiveLock' and granted", dbname=fresh_db).strip() == "1",
+                   limit=30, what="the migration's lock")
+        locked_at = daemon.times("a")[-1]
+        holder.join()
+        wait_until(lambda: "metric app_rows: recovered" in daemon.log_text(), limit=60, what="app_rows back")
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+        holder.join()
+    during = [t for t in daemon.times("a") if t >= locked_at]
+    assert max_gap(during) < LOCK_SECONDS / 2, during  # the lock's 12 s held every ping before
+    errors = [line for line in daemon.log_text().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "metric app_rows: failed: canceling statement due to lock timeout" in errors[0], errors

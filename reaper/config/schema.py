@@ -127,6 +127,9 @@ class SourceConfig:
     connect_timeout_seconds: float = attrs.field(default=5.0, validator=rules.seconds())
     # one tick's deadline, and the server-side statement_timeout (whole milliseconds: at least 1 ms)
     query_timeout_seconds: float = attrs.field(default=30.0, validator=rules.seconds(0.001, above=False))
+    # the server-side lock_timeout: a metric waiting for a table lock (a migration's, a VACUUM FULL's) fails after
+    # it instead of holding the tick's whole statement, and never queues in front of the server's own work; 0: off
+    lock_timeout_seconds: float = attrs.field(default=1.0, validator=rules.seconds(0.0, above=False))
     specials: SpecialsConfig = attrs.field(factory=SpecialsConfig)  # host tools: reaper.special.backup, .smart
     top_n: dict[str, TopN] = attrs.field(factory=dict)  # metric -> top_n override (reaper.config.topn)
     # the server-time budget (reaper.daemon.cost): None = [collector]'s, 0 = off for this source
@@ -142,7 +145,7 @@ class SourceConfig:
     def connection_settings(self) -> tuple[Any, ...]:
         """What, when changed, needs a new connection (as opposed to an in-place update)."""
         return (self.dsn, self.kind, self.password_file, self.connect_timeout_seconds,
-                self.query_timeout_seconds)
+                self.query_timeout_seconds, self.lock_timeout_seconds)
 
 
 

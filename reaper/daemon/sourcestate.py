@@ -57,7 +57,8 @@ async def connect_source(config: SourceConfig, *, application_name: str = db.APP
                                             application_name=application_name)
     return await db.open_source_connection(
         config.dsn, statement_timeout_seconds=config.query_timeout_seconds,
-        password_file=config.password_file, application_name=application_name)
+        password_file=config.password_file, application_name=application_name,
+        lock_timeout_seconds=config.lock_timeout_seconds)
 
 
 class LatenessHistogram:

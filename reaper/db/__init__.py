@@ -381,7 +381,8 @@ STATEMENT_CACHE_SIZE = 40
 
 async def connect_options(*, statement_timeout_seconds: float, password_file: str | None,
                           application_name: str = APPLICATION_NAME, read_only: bool = True,
-                          statement_cache_size: int = STATEMENT_CACHE_SIZE) -> dict[str, Any]:
+                          statement_cache_size: int = STATEMENT_CACHE_SIZE,
+                          lock_timeout_seconds: float | None = None) -> dict[str, Any]:
     """asyncpg.connect keyword arguments for every reaper connection: who we are, read-only by default,
     a server-side statement_timeout, no JIT for small catalog queries, the password_file's password, a
     statement cache bounded to what a source produces (STATEMENT_CACHE_SIZE)."""
@@ -397,6 +398,9 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
         # whole and planned by the server every tick
         "max_cacheable_statement_size": 0,
     }
+    if lock_timeout_seconds is not None:  # (0: off; else whole milliseconds, at least one)
+        options["server_settings"]["lock_timeout"] = str(max(1, round(lock_timeout_seconds * 1000))
+                                                         if lock_timeout_seconds > 0 else 0)
     if password_file:
         try:
             options["password"] = await _read_password_file(password_file)
@@ -408,14 +412,14 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
 async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
                                  password_file: str | None = None,
                                  application_name: str = APPLICATION_NAME,
-                                 read_only: bool = True) -> SourceConnection:
+                                 read_only: bool = True, lock_timeout_seconds: float | None = None) -> SourceConnection:
     """Connect (read-only, our application_name, a server-side statement_timeout) and read server facts.
 
     The caller applies the connect deadline with a trio cancel scope.
     """
     kwargs = await connect_options(statement_timeout_seconds=statement_timeout_seconds,
                                    password_file=password_file, application_name=application_name,
-                                   read_only=read_only)
+                                   read_only=read_only, lock_timeout_seconds=lock_timeout_seconds)
     # one plan per backend for the batch's statement, whatever is due (reaper.db.combined); a source's few statements
     # stay prepared for the connection's life (asyncpg's default re-prepares each every 300 s, with a timer each)
     kwargs["server_settings"]["plan_cache_mode"], kwargs["max_cached_statement_lifetime"] = "force_generic_plan", 0

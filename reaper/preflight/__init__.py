@@ -130,7 +130,8 @@ async def _check_pooler(source: SourceConfig, report: SourceReport) -> None:
 
 async def _check_postgres(source: SourceConfig, catalog: Catalog, report: SourceReport) -> None:
     conn = await db.open_source_connection(source.dsn, statement_timeout_seconds=source.query_timeout_seconds,
-                                           password_file=source.password_file)
+                                           password_file=source.password_file,
+                                           lock_timeout_seconds=source.lock_timeout_seconds)
     try:
         server = conn.server
         report.reachable = True
