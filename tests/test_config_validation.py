@@ -129,7 +129,8 @@ REFUSED = [
      "sources[0].kind: 'postgress' is not one of: postgres, postgres-discovery, pgbouncer, pgpool, patroni"),
     (SRC + 'presett = "basic"\n' + SINK,
      "sources[0].presett: unknown key; did you mean 'preset'? (valid keys: connect_timeout_seconds, "
-     "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, lock_timeout_seconds, max_interval_factor, "
+     "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, lock_timeout_seconds, "
+     "max_interval_factor, "
      "metrics, name, only_if_primary, password_file, pause_when_active_backends_over, preset, query_timeout_seconds, "
      "server_budget_ms_per_minute, specials, standby_metrics, standby_preset, tags, top_n)"),
 ]

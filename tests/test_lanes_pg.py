@@ -167,3 +167,45 @@ def test_a_metric_waiting_for_a_table_lock_holds_the_fast_lane_at_most_its_lock_
     assert max_gap(during) < LOCK_SECONDS / 2, during  # the lock's 12 s held every ping before
     errors = [line for line in daemon.log_text().splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "metric app_rows: failed: canceling statement due to lock timeout" in errors[0], errors
+
+
+HEAVY_METRIC = f"""
+[metrics.heavy]
+description = "a heavy custom query with no timeout of its own"
+gauges = ["*"]
+[metrics.heavy.sql]
+14 = "select {EPOCH}, 1 as v from pg_sleep(2)"
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_metric_too_slow_for_the_batch_leaves_it_and_the_one_second_metric_keeps_its_samples(
+        pg15, fresh_db, tmp_path: Path) -> None:
+    """A custom query taking 2 s, with no statement_timeout_seconds of its own, rode in the tick's one statement:
+    every 3 s the 1 s metric waited 2 s for it, for ever, without a word. Now its first run moves it to the slow
+    lane (one WARNING), and the 1 s metric's samples stay a second apart while it goes on being collected."""
+    daemon = Daemon(tmp_path)
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)], extra=HEAVY_METRIC)
+    daemon.config.write_text(daemon.config.read_text().replace("metrics = { ping = 1 }",
+                                                               "metrics = { ping = 1, heavy = 3 }"))
+
+    def heavy_runs() -> int:
+        return sum(1 for line in daemon.lines() if line["metric"] == "heavy")
+
+    try:
+        daemon.start()
+        wait_until(lambda: "metric heavy took" in daemon.log_text(), limit=60, what="heavy leaving the batch")
+        moved_at = max(d["data"][0]["epoch_ns"] / 1e9 for d in daemon.lines() if d["metric"] == "ping")
+        runs = heavy_runs()
+        wait_until(lambda: heavy_runs() >= runs + 3, limit=60, what="three more runs of heavy")
+        status = daemon.fresh_status()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+    pings = [d["data"][0]["epoch_ns"] / 1e9 for d in daemon.lines() if d["metric"] == "ping"]
+    after = [t for t in pings if t > moved_at + 1]
+    assert len(after) >= 5 and max_gap(after) <= 1.5, after  # a 3 s gap every 3 s before
+    assert status.sources[0].slow == ("heavy",), status.sources[0]
+    log = daemon.log_text()
+    assert log.count("metric heavy took") == 1 and "ERROR" not in log, log

@@ -69,6 +69,7 @@ CHANGES: dict[str, Callable[[Daemon], Any]] = {
     "a source goes down": lambda d: setattr(d.sources["s1"].reaper.state, "status", "down"),
     "a source's last error": lambda d: setattr(d.sources["s1"].reaper.state, "last_error", "connection refused"),
     "a metric degraded": lambda d: d.sources["s2"].reaper.state.degraded.add("wal"),
+    "a metric too slow for the batch": lambda d: d.sources["s2"].reaper.state.slow.add("wal"),
     "a promotion": lambda d: setattr(d.sources["s0"].reaper.state, "in_recovery", True),
     "a server upgrade": lambda d: setattr(d.sources["s0"].reaper.state, "server_version", "16.1"),
     "the slow lane disconnected": lambda d: setattr(d.sources["s0"].reaper.slow.state, "connected", False),

@@ -36,6 +36,7 @@ from reaper.daemon.status import (
     DaemonStatus,
     LaneStatus,
     LatenessBuckets,
+    SourceStatus,
     read_status_file,
 )
 
@@ -153,7 +154,7 @@ def show_status(args: argparse.Namespace) -> int:
         sources.add_row(
             s.name, s.status, _ago(now - s.last_tick_wall if s.last_tick_wall else None),
             "-" if s.next_tick_in is None else f"in {s.next_tick_in:.0f}s", str(s.ticks), str(s.rows),
-            str(s.metric_errors), ", ".join(s.degraded) or "-", f"{s.lateness_p99 * 1000:.0f} ms",
+            str(s.metric_errors), ", ".join(_alone(s)) or "-", f"{s.lateness_p99 * 1000:.0f} ms",
             _lanes(s.lanes), _cost(s.cost), s.last_error or "-")
     console.print(sources)
     sinks = Table(title=f"{len(status.sinks)} sinks", title_justify="left")
@@ -201,7 +202,7 @@ def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
     for s in status.sources:
         print_plain("source", s.name, s.status, None if s.last_tick_wall is None else round(now - s.last_tick_wall),
                     None if s.next_tick_in is None else round(s.next_tick_in), s.ticks, s.rows, s.metric_errors,
-                    ",".join(s.degraded), round(s.lateness_p99 * 1000), s.last_error)
+                    ",".join(_alone(s)), round(s.lateness_p99 * 1000), s.last_error)
         for mc in s.cost.metrics if s.cost is not None else ():  # reaper.daemon.cost
             print_plain("cost", s.name, mc.metric, round(mc.server_ms_per_minute, 1), round(mc.rows_per_minute, 1),
                         mc.interval, mc.effective_interval)
@@ -283,6 +284,11 @@ def _cost(cost: CostStatus | None) -> str:
     paused = "; heavy metrics paused" if cost.heavy_paused else ""
     stretched = f"; {stretched}" if stretched else ""
     return f"{cost.server_ms_per_minute:.0f} ms/min{budget}: {top or '-'}{stretched}{paused}"
+
+
+def _alone(s: SourceStatus) -> list[str]:
+    """The metrics out of the tick's batch: failing ones, and slow ones marked so (reaper.daemon.metrichealth)."""
+    return [*s.degraded, *(f"{m}(slow)" for m in s.slow)]
 
 
 def _lanes(lanes: Sequence[LaneStatus]) -> str:

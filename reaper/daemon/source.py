@@ -39,6 +39,7 @@ from reaper.daemon.delivery import Output
 from reaper.daemon.fleetrules import FleetRules
 from reaper.daemon.jobs import Job, timeout_share
 from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
+from reaper.daemon.metrichealth import MetricHealth
 from reaper.daemon.rides import Rides
 from reaper.daemon.route import BatchMembers, route_sql
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
@@ -80,6 +81,7 @@ class SourceReaper:
         self.max_backoff = max_backoff
         self.min_idle = min_idle
         self.state = SourceState(config.name)
+        self.health = MetricHealth(self.state)  # which metrics leave the batch (failing or slow)
         self.cost = SourceCost(config.name, self.controls.cost.for_source(config))  # server time, the budget
         self.conn: SourceLink | None = None  # the fast lane's connection
         self.slow: Lane | None = None  # the lanes exist while run() runs
@@ -169,7 +171,7 @@ class SourceReaper:
                                         error=ls.error))
         return SourceStatus(
             name=st.name, status=st.status, ticks=st.ticks, measurements=st.measurements, rows=st.rows,
-            metric_errors=st.metric_errors, degraded=tuple(sorted(st.degraded)),
+            metric_errors=st.metric_errors, degraded=tuple(sorted(st.degraded)), slow=tuple(sorted(st.slow)),
             statements_last_tick=st.statements_last_tick, in_recovery=st.in_recovery,
             server_version=st.server_version, last_error=st.last_error, last_tick_wall=st.last_tick_wall,
             next_tick_in=None if st.next_tick is None else max(0.0, st.next_tick - trio.current_time()),
@@ -246,7 +248,7 @@ class SourceReaper:
         if not link.combines:
             return {}
         view = not self.cost.view_unavailable and "pg_stat_statements" in link.server.extensions
-        return self._batch.members(link.server, self.catalog.metrics, self.active_intervals(), self.state.degraded,
+        return self._batch.members(link.server, self.catalog.metrics, self.active_intervals(), self.health.alone,
                                    SPECIAL_METRICS, ((SERVER_VIEW_KEY, SERVER_VIEW_SQL),) if view else ())
 
     def _route_all(self, conn: SourceLink, metrics: Mapping[str, MetricDef], wall_ns: int,
@@ -279,7 +281,7 @@ class SourceReaper:
             if sql is None:
                 continue
             timeout = metric.statement_timeout_seconds
-            if name in self.state.degraded or timeout is not None:
+            if name in self.health.alone or timeout is not None:
                 query = db.SoloQuery(sql, timeout)
                 jobs.append(Job(metric, wall_ns, interval, (timeout or default) + QUERY_GRACE_SECONDS, query=query))
             else:
@@ -306,10 +308,12 @@ class SourceReaper:
             self.out.deliver(metrics[name], rows, wall_ns, go_ready=ready)
             self.out.remember(metrics[name], now, rows, go_ready=ready)
             st.last_fetch[name] = now
-            self.cost.record(name, now, outcome.seconds.get(name, 0.0), rows)
+            seconds = outcome.seconds.get(name, 0.0)
+            self.cost.record(name, now, seconds, rows)
+            self.health.batch_took(name, seconds, self.active_intervals())
         for name, message in outcome.errors.items():
             st.last_fetch[name] = now
-            self._metric_failed(name, message)
+            self.health.failed(name, message)
 
     def _cost_step(self, wall_ns: int) -> None:
         """The budget's step (the fast lane re-reads the effective intervals next); once per window the
@@ -383,34 +387,16 @@ class SourceReaper:
         self.out.deliver(job.metric, rows, job.wall_ns, go_ready=go_ready)
         self.out.remember(job.metric, now, rows, go_ready=go_ready)
         self.state.last_fetch[name] = now
-        self._recovered(name, back_in_batch=job.metric.statement_timeout_seconds is None)
+        self.health.recovered(name, back_in_batch=job.metric.statement_timeout_seconds is None)
+        self.health.alone_took(name, seconds, self.active_intervals())
 
     def job_failed(self, job: Job, message: str) -> None:
         self.state.last_fetch[job.metric.name] = trio.current_time()
-        self._metric_failed(job.metric.name, message)
+        self.health.failed(job.metric.name, message)
 
     def job_timed_out(self, job: Job) -> None:
-        self._metric_failed(job.metric.name, f"timed out after {job.deadline:g}s", special=job.spec is not None)
+        self.health.failed(job.metric.name, f"timed out after {job.deadline:g}s", special=job.spec is not None)
 
-    def _recovered(self, name: str, *, back_in_batch: bool) -> None:
-        if name in self.state.degraded:
-            self.state.degraded.discard(name)
-            log.warning("source %s: metric %s: recovered%s", self.state.name, name,
-                        "; back in the batch" if back_in_batch else "")
-
-    def _metric_failed(self, name: str, message: str, *, special: bool = False) -> None:
-        st = self.state
-        st.metric_errors += 1
-        if name not in st.degraded:
-            st.degraded.add(name)
-            if special:
-                log.error("source %s: metric %s: failed: %s (reported once until it works again; the other "
-                          "metrics are unaffected)", st.name, name, message)
-            else:
-                log.error("source %s: metric %s: failed: %s; isolated (it runs alone in the slow lane until it "
-                          "succeeds, the other metrics are unaffected)", st.name, name, message)
-        else:
-            log.debug("source %s: metric %s: still failing: %s", st.name, name, message)
 
     async def _run_special(self, metric: MetricDef, spec: SpecialSpec, wall_ns: int, link: SourceLink,
                            given: db.TickOutcome | None = None) -> None:
@@ -423,10 +409,10 @@ class SourceReaper:
             self._warn_once(metric.name, "unavailable", f"cannot be collected here: {e.message}; skipped")
             return
         except (MetricError, OSError) as e:
-            self._metric_failed(metric.name, e.message if isinstance(e, MetricError) else str(e), special=True)
+            self.health.failed(metric.name, e.message if isinstance(e, MetricError) else str(e), special=True)
             return
         now = self.state.last_fetch[metric.name] = trio.current_time()
-        self._recovered(metric.name, back_in_batch=False)
+        self.health.recovered(metric.name, back_in_batch=False)
         for table, rows in result:
             self.out.deliver(metric, rows, wall_ns, table=table)
         if len(result) == 1 and result[0][0] in (None, metric.table):

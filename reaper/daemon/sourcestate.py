@@ -131,6 +131,7 @@ class SourceState:
     in_recovery: bool | None = None
     server_version: str | None = None
     degraded: set[str] = attrs.field(factory=set)
+    slow: set[str] = attrs.field(factory=set)  # batch members too slow for the batch (reaper.daemon.metrichealth)
     lateness: Recent = attrs.field(factory=Recent)  # the last LATENESS_SAMPLES ticks'
     statements_last_tick: int = 0  # the fast lane's
     statements_total: int = 0  # the fast lane's, since start

@@ -93,6 +93,7 @@ class SourceStatus:
     lateness_max: float
     lanes: tuple[LaneStatus, ...] = ()
     cost: CostStatus | None = None
+    slow: tuple[str, ...] = ()  # metrics too slow for the tick's statement: alone in the slow lane
 
 
 @attrs.frozen

@@ -82,7 +82,8 @@ def _source_key(running: RunningSource) -> tuple[Hashable, ...]:
     conn = reaper.conn
     slow, local = reaper.slow, reaper.local
     factors = reaper.cost.factors
-    return (st.name, st.status, tuple(sorted(st.degraded)) if st.degraded else (), st.last_error, st.in_recovery,
+    return (st.name, st.status, tuple(sorted(st.degraded)) if st.degraded else (),
+            tuple(sorted(st.slow)) if st.slow else (), st.last_error, st.in_recovery,
             st.server_version, conn is not None and not conn.is_closed,
             None if slow is None else slow.state.connected, None if local is None else local.state.connected,
             tuple(sorted(factors.items())) if factors else (), reaper.cost.heavy_paused)
