@@ -14,13 +14,14 @@ when it changes: reaper.daemon.route.BatchMembers).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from reaper.daemon.sourcestate import SourceState
 
 log = logging.getLogger("reaper.daemon.source")
 
 SLOW_SECONDS = 1.0  # a batch member taking longer leaves the batch (half the shortest interval, if less)
+LEAST_BOUND = 0.5  # what that bound can be at least: intervals are whole seconds
 BACK_FRACTION = 0.25  # ... and comes back when a run alone takes under this share of that bound
 
 
@@ -40,11 +41,12 @@ class MetricHealth:
     def _changed(self) -> None:
         self.alone = frozenset(self.state.degraded | self.state.slow)
 
-    def batch_took(self, name: str, seconds: float, intervals: Mapping[str, int]) -> None:
-        """A batch member's server time this tick: a slow one leaves the batch."""
-        if seconds <= SLOW_SECONDS / 2 and seconds <= bound(intervals):  # (the common case: no min() over intervals)
+    def batch_took(self, name: str, seconds: float, intervals: Callable[[], Mapping[str, int]]) -> None:
+        """A batch member's server time this tick: a slow one leaves the batch. (Called for every member at every
+        tick: the source's intervals are looked at only past the least bound.)"""
+        if seconds <= LEAST_BOUND:
             return
-        limit = bound(intervals)
+        limit = bound(intervals())
         if seconds > limit and name not in self.state.slow:
             self.state.slow.add(name)
             self._changed()
@@ -52,9 +54,9 @@ class MetricHealth:
                         "the slow lane from now on, so the other metrics keep their intervals", self.state.name, name,
                         seconds, limit)
 
-    def alone_took(self, name: str, seconds: float, intervals: Mapping[str, int]) -> None:
+    def alone_took(self, name: str, seconds: float, intervals: Callable[[], Mapping[str, int]]) -> None:
         """A slow metric's run alone: quick again, it is back in the batch."""
-        if name in self.state.slow and seconds < bound(intervals) * BACK_FRACTION:
+        if name in self.state.slow and seconds < bound(intervals()) * BACK_FRACTION:
             self.state.slow.discard(name)
             self._changed()
             log.info("source %s: metric %s took %.2fs alone: back in the batch", self.state.name, name, seconds)

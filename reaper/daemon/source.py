@@ -39,7 +39,7 @@ from reaper.daemon.delivery import Output
 from reaper.daemon.fleetrules import FleetRules
 from reaper.daemon.jobs import Job, timeout_share
 from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
-from reaper.daemon.metrichealth import MetricHealth
+from reaper.daemon.metrichealth import LEAST_BOUND, MetricHealth
 from reaper.daemon.rides import Rides
 from reaper.daemon.route import BatchMembers, route_sql
 from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source
@@ -310,7 +310,8 @@ class SourceReaper:
             st.last_fetch[name] = now
             seconds = outcome.seconds.get(name, 0.0)
             self.cost.record(name, now, seconds, rows)
-            self.health.batch_took(name, seconds, self.active_intervals())
+            if seconds > LEAST_BOUND:  # (the common case stays a comparison)
+                self.health.batch_took(name, seconds, self.active_intervals)
         for name, message in outcome.errors.items():
             st.last_fetch[name] = now
             self.health.failed(name, message)
@@ -388,7 +389,7 @@ class SourceReaper:
         self.out.remember(job.metric, now, rows, go_ready=go_ready)
         self.state.last_fetch[name] = now
         self.health.recovered(name, back_in_batch=job.metric.statement_timeout_seconds is None)
-        self.health.alone_took(name, seconds, self.active_intervals())
+        self.health.alone_took(name, seconds, self.active_intervals)
 
     def job_failed(self, job: Job, message: str) -> None:
         self.state.last_fetch[job.metric.name] = trio.current_time()
