@@ -19,13 +19,17 @@ from reaper.measurement import Measurement
 pytestmark = pytest.mark.pg
 DURATION_SECONDS = 20.0  # the acceptance says 60 s; 20 s keeps CI short
 EPOCH = "(extract(epoch from now()) * 1e9)::int8 as epoch_ns"
-SLOW_METRIC = f"""
-[metrics.slow]
-description = "sleeps 3 s, past its own 1 s statement timeout"
-statement_timeout_seconds = 1
-[metrics.slow.sql]
-14 = "select {EPOCH}, pg_sleep(3) is null as slept"
-"""
+
+
+def metric_toml(name: str, description: str, select: str, *, timeout: float | None = None) -> str:
+    """A config's [metrics.NAME] table: `select` follows the epoch_ns column; every column a gauge."""
+    own = f"statement_timeout_seconds = {timeout:g}\n" if timeout is not None else ""
+    return (f'\n[metrics.{name}]\ndescription = "{description}"\ngauges = ["*"]\n{own}'
+            f'[metrics.{name}.sql]\n14 = "select {EPOCH}, {select}"\n')
+
+
+SLOW_METRIC = metric_toml("slow", "sleeps 3 s, past its own 1 s statement timeout", "pg_sleep(3) is null as slept",
+                          timeout=1)
 
 
 @pytest.mark.timeout(120)
@@ -85,13 +89,7 @@ async def test_the_debug_preset_sends_one_statement_per_fast_tick(pg15, fresh_db
     assert lanes["slow"].statements_total > 0  # change_events, the OS metrics' server reads: counted apart
 
 
-TIMED_METRIC = f"""
-[metrics.timed]
-description = "a metric with its own timeout: the slow lane runs it"
-statement_timeout_seconds = 5
-[metrics.timed.sql]
-14 = "select {EPOCH}, 1 as v"
-"""
+TIMED_METRIC = metric_toml("timed", "a metric with its own timeout: the slow lane runs it", "1 as v", timeout=5)
 
 
 @pytest.mark.timeout(120)
@@ -122,13 +120,8 @@ def test_a_role_allowed_one_connection_keeps_the_fast_lane_and_says_once_why_the
     assert "connection lost" not in log, log
 
 
-LOCKED_METRIC = f"""
-[metrics.app_rows]
-description = "rows of an application's table, which a migration locks"
-gauges = ["*"]
-[metrics.app_rows.sql]
-14 = "select {EPOCH}, count(*) as n from app_table"
-"""
+LOCKED_METRIC = metric_toml("app_rows", "rows of an application's table, which a migration locks",
+                            "count(*) as n from app_table")
 LOCK_SECONDS = 12
 
 
@@ -169,13 +162,7 @@ def test_a_metric_waiting_for_a_table_lock_holds_the_fast_lane_at_most_its_lock_
     assert len(errors) == 1 and "metric app_rows: failed: canceling statement due to lock timeout" in errors[0], errors
 
 
-HEAVY_METRIC = f"""
-[metrics.heavy]
-description = "a heavy custom query with no timeout of its own"
-gauges = ["*"]
-[metrics.heavy.sql]
-14 = "select {EPOCH}, 1 as v from pg_sleep(2)"
-"""
+HEAVY_METRIC = metric_toml("heavy", "a heavy custom query with no timeout of its own", "1 as v from pg_sleep(2)")
 
 
 @pytest.mark.timeout(120)
