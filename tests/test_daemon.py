@@ -298,6 +298,31 @@ def test_a_state_dir_under_a_regular_file_is_one_line_naming_that_file(tmp_path:
                                             f"{tmp_path / 'file'}: exists and is not a folder"), done.stderr
 
 
+def test_relative_paths_are_the_config_files_folders_wherever_the_daemon_starts(tmp_path: Path) -> None:
+    """systemd starts the daemon in /: the README's `path = "out/measurements.ndjson"` wrote /out/... (or
+    failed for a user that cannot write /). Relative paths are taken from the config file's folder."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    config = folder / "reaper.toml"
+    config.write_text('[collector]\nstate_dir = "state"\n'
+                      '[[sources]]\nname = "a"\ndsn = "postgresql://127.0.0.1:1/x"\n'
+                      'metrics = { db_stats = 60, instance_up = 1 }\nconnect_timeout_seconds = 1\n'
+                      '[[sinks]]\ntype = "jsonfile"\npath = "out/measurements.ndjson"\n')
+    out = folder / "out" / "measurements.ndjson"
+    proc = subprocess.Popen([*REAPER, "run", "--config", str(config)], cwd="/", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:  # the unreachable source's instance_up = 0 is a measurement too
+        wait_until(lambda: out.exists() and out.stat().st_size > 0, limit=30, what=f"{out}")
+        assert (folder / "state" / "reaper.lock").exists()
+        status = subprocess.run([*REAPER, "status", "--config", str(config), "--format", "plain"], cwd="/",
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
 def test_a_taken_http_listen_address_refuses_the_start_with_one_line(pg15, fresh_db, daemon: Daemon) -> None:
     """The health endpoints' address held by another program: `reaper run` exits 1 with one line naming the
     key and the reason (it used to end in a traceback of trio's exception groups)."""

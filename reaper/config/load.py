@@ -279,14 +279,18 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             problems.append(f"{origin}: {unknown_key(key, TOP_LEVEL_KEYS)}")
-    structured_sources = _structure_sources(data.get("sources", []), origin, env, problems)
-    structured_sinks = _structure_sinks(data.get("sinks", []), origin, env, problems)
-    sources_from = _structure_sources_from(data.get("sources_from", []), origin, env, problems)
+    base = config_folder(path)
+    structured_sources = [(i, anchored(src, base)) for i, src in
+                          _structure_sources(data.get("sources", []), origin, env, problems)]
+    structured_sinks = [anchored(sink, base) for sink in _structure_sinks(data.get("sinks", []), origin, env, problems)]
+    sources_from = [anchored(f, base) for f in _structure_sources_from(data.get("sources_from", []), origin, env,
+                                                                        problems)]
     fleet = _structure_fleet(data.get("fleet"), origin, env, problems)
+    fleet = None if fleet is None else anchored(fleet, base)
     collector = CollectorConfig()
     if "collector" in data:
         try:
-            collector = converter.structure(data["collector"], CollectorConfig)
+            collector = anchored(converter.structure(data["collector"], CollectorConfig), base)
         except Exception as e:
             problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, "collector"))
     if collector.state_dir is None:
@@ -342,6 +346,32 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                   collector=collector, path=origin, sources_from=tuple(sources_from), fleet=fleet)
 
 
+# The fields naming a file or folder: a relative one is taken from the config file's folder, wherever the
+# daemon was started (systemd starts it in /: `path = "out/m.ndjson"` wrote /out/m.ndjson, or failed).
+PATH_FIELDS = frozenset({"password_file", "path", "state_dir", "pause_file", "pgbackrest_config", "walg_config",
+                         "walg_env_file"})
+
+
+def anchored(obj: Any, base: Path) -> Any:
+    """A config table (attrs) with its relative paths (PATH_FIELDS, its nested tables' too) made absolute against
+    `base`; "-" (stdout) and "~/..." stay as they are."""
+    changes: dict[str, Any] = {}
+    for field in attrs.fields(type(obj)):
+        value = getattr(obj, field.name)
+        if field.name in PATH_FIELDS and isinstance(value, str):
+            if value and value != "-" and not value.startswith("~") and not os.path.isabs(value):
+                changes[field.name] = str(base / value)
+        elif attrs.has(type(value)):
+            inner = anchored(value, base)
+            if inner is not value:
+                changes[field.name] = inner
+    return attrs.evolve(obj, **changes) if changes else obj
+
+
+def config_folder(path: str | Path) -> Path:
+    return Path(os.path.abspath(path)).parent
+
+
 def load_state_dir(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Path:
     """Where the daemon run with this config keeps its state: `[collector] state_dir`, else the default.
 
@@ -358,4 +388,4 @@ def load_state_dir(path: str | Path, *, environ: Mapping[str, str] | None = None
         return Path(default_state_dir(path, env))
     if not isinstance(state_dir, str) or not state_dir.strip():
         raise ConfigError([f"{path}: collector.state_dir: must not be empty (leave the key out for the default)"])
-    return Path(state_dir)
+    return Path(state_dir) if state_dir.startswith("~") or os.path.isabs(state_dir) else config_folder(path) / state_dir
