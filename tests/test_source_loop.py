@@ -13,6 +13,7 @@ import trio
 import trio.testing
 from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
 
+from reaper.config.schema import MetricDef
 from reaper.daemon.source import FleetControls, SourceReaper, TooManyRestarts, supervise
 from reaper.measurement import Measurement
 
@@ -311,3 +312,16 @@ async def test_a_fleet_ticks_by_groups_on_its_grid(autojump_clock) -> None:
     assert len(set(firsts)) <= 4 + 1  # 4 slots (a grid step may fall inside the start-up)
     assert max(firsts) - min(firsts) < 60
     assert all(len(c.conn.requests) >= 2 and c.conn.requests[1][0] - c.conn.requests[0][0] == 60 for _, _, c in made)
+
+
+def test_a_reload_forgets_the_failing_and_slow_marks_of_metrics_removed_or_changed() -> None:
+    """A metric removed from the config stayed 'degraded' in status for ever; a changed one kept its old mark."""
+    reaper, _, _ = make(conf=source(metrics={"a": 10, "b": 20, "c": 30}),
+                        cat=catalog(sql_metric("a"), sql_metric("b"), sql_metric("c")))
+    reaper.health.failed("a", "boom")
+    reaper.health.failed("b", "boom")
+    reaper.state.slow.add("c")
+    reaper.update(source(metrics={"b": 20, "c": 30}),  # a removed; c's SQL changed; b as it was
+                  catalog(sql_metric("a"), sql_metric("b"), MetricDef(name="c", description="c", sql={14: "select 2"})))
+    assert reaper.state.degraded == {"b"} and reaper.state.slow == set()
+    assert reaper.health.alone == {"b"}

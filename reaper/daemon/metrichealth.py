@@ -61,6 +61,15 @@ class MetricHealth:
             self._changed()
             log.info("source %s: metric %s took %.2fs alone: back in the batch", self.state.name, name, seconds)
 
+    def forget(self, keep: Callable[[str], bool]) -> None:
+        """After a reload: a metric no longer collected, or whose definition changed, is neither failing nor slow
+        any more (status listed a removed metric as degraded for ever; a changed one gets its chance in the batch)."""
+        gone = {name for name in self.state.degraded | self.state.slow if not keep(name)}
+        if gone:
+            self.state.degraded -= gone
+            self.state.slow -= gone
+            self._changed()
+
     def recovered(self, name: str, *, back_in_batch: bool) -> None:
         if name in self.state.degraded:
             self.state.degraded.discard(name)

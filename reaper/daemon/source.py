@@ -109,7 +109,10 @@ class SourceReaper:
     def update(self, config: SourceConfig, catalog: Catalog) -> None:
         """Apply a new preset/metrics/tags without reconnecting; takes effect at the next tick."""
         self.cost.forget_changed(self.catalog.metrics, catalog.metrics)
+        old = self.catalog.metrics
         self.config, self.catalog = config, catalog
+        active = self.active_intervals()
+        self.health.forget(lambda name: name in active and old.get(name) == catalog.metrics.get(name))
         self._sleep.poke()
 
     def active_intervals(self) -> dict[str, int]:
