@@ -132,7 +132,7 @@ REFUSED = [
      "discovery_interval_seconds, dsn, enabled, exclude_pattern, group, include_pattern, kind, lock_timeout_seconds, "
      "max_interval_factor, "
      "metrics, name, only_if_primary, password_file, pause_when_active_backends_over, preset, query_timeout_seconds, "
-     "server_budget_ms_per_minute, specials, standby_metrics, standby_preset, tags, top_n)"),
+     "search_path, server_budget_ms_per_minute, specials, standby_metrics, standby_preset, tags, top_n)"),
 ]
 
 

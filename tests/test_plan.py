@@ -91,7 +91,8 @@ def test_a_dsn_change_restarts_and_names_dsn_without_the_password() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("query_timeout_seconds", 5.0), ("connect_timeout_seconds", 1.0),
-                                              ("kind", "pgbouncer"), ("password_file", "/etc/pw")])
+                                              ("kind", "pgbouncer"), ("password_file", "/etc/pw"),
+                                              ("lock_timeout_seconds", 3.0), ("search_path", ("app", "public"))])
 def test_every_connection_setting_forces_a_restart_naming_it(field: str, value: Any) -> None:
     new = conf(attrs.evolve(BASE.sources[0], **{field: value}), BASE.sources[1])
     a = step(plan_reload(running(BASE), new), "a")
@@ -102,7 +103,8 @@ def test_restart_fields_are_exactly_the_connection_settings() -> None:
     source = src("a")
     changed: dict[str, Any] = {
         "dsn": "postgresql://x@y/z", "kind": "pgpool", "password_file": "/p", "connect_timeout_seconds": 9.0,
-        "query_timeout_seconds": 9.0, "tags": {"k": "v"}, "preset": "standard", "metrics": {"wal": 5},
+        "query_timeout_seconds": 9.0, "lock_timeout_seconds": 9.0, "search_path": ("app",),
+        "tags": {"k": "v"}, "preset": "standard", "metrics": {"wal": 5},
                "group": "g2", "only_if_primary": True, "include_pattern": "x", "discovery_interval_seconds": 9.0}
     for field, value in changed.items():
         forces = attrs.evolve(source, **{field: value}).connection_settings() != source.connection_settings()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.pg
 REAPER = [sys.executable, "-m", "reaper.cli"]
 SLEEPY = "select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, 1 as v from pg_sleep(5)"
 # what reaper asks at startup; a DBA who read "unsupported startup parameter" lists them to be ignored
-REAPERS_SETTINGS = "default_transaction_read_only, statement_timeout, jit, plan_cache_mode"
+REAPERS_SETTINGS = "default_transaction_read_only, statement_timeout, jit, plan_cache_mode, lock_timeout, search_path"
 
 
 @pytest.fixture(params=["refuses", "ignores"])
@@ -40,13 +40,15 @@ def through(prog: Program, dbname: str) -> str:
     return f"postgresql://postgres@127.0.0.1:{prog.port}/{dbname}"
 
 
-async def session_settings(dsn: str) -> tuple[str, str]:
-    """What a client of the pooler finds in the (one) server session: its statement_timeout and read-only default."""
+async def session_settings(dsn: str) -> tuple[str, str, str]:
+    """What a client of the pooler finds in the (one) server session: its statement_timeout, read-only default
+    and search_path."""
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
         row = await conn.fetchrow("select current_setting('statement_timeout') as st,"
-                                  " current_setting('default_transaction_read_only') as ro")
-        return row["st"], row["ro"]
+                                  " current_setting('default_transaction_read_only') as ro,"
+                                  " current_setting('search_path') as sp")
+        return row["st"], row["ro"], row["sp"]
     finally:
         await conn.close()
 
@@ -74,8 +76,9 @@ def test_sources_behind_a_transaction_pooler_collect_and_leave_nothing_in_its_se
     assert errors and all("metric sleepy: failed: canceling statement due to statement timeout" in line
                           for line in errors), errors
     assert {s.name: s.status for s in status.sources} == {"a": "up", "b": "up", "c": "up"}
-    # reaper's statement timeouts (8 s by default, 1 s for sleepy) were its own, never the session's
-    assert asyncio.run(session_settings(dsn)) == ("0", "off")
+    # reaper's statement timeouts (8 s by default, 1 s for sleepy) were its own, never the session's; nor did it
+    # pin the session's search_path
+    assert asyncio.run(session_settings(dsn)) == ("0", "off", '"$user", public')
     assert "through a connection pooler" in log  # said when each source connected
 
 

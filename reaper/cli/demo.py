@@ -98,7 +98,7 @@ def render(daemon: Daemon, server: DemoServer, output: Path, started: float, rec
 
 async def _workload(dsn: str) -> None:
     conn = await db.open_source_connection(dsn, statement_timeout_seconds=10, read_only=False,
-                                           application_name="reaper-demo-workload")
+                                           application_name="reaper-demo-workload", search_path=None)
     try:
         await conn.execute(WORKLOAD_SETUP)
         while True:
@@ -120,7 +120,8 @@ async def _demo(server: DemoServer, output: Path, preset: str, duration: float |
             daemon = Daemon(config)
             async with trio.open_nursery() as nursery:
                 # the workload first, so the first tick already sees the demo tables and statements
-                setup = await db.open_source_connection(dsn, statement_timeout_seconds=10, read_only=False)
+                setup = await db.open_source_connection(dsn, statement_timeout_seconds=10, read_only=False,
+                                                     search_path=None)
                 await setup.execute(WORKLOAD_SETUP)
                 await setup.close()
                 nursery.start_soon(_workload, dsn)

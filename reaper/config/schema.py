@@ -106,6 +106,11 @@ PGWATCH_KINDS = {
 }
 
 
+# SourceConfig fields sent at connect: a reload that changes one reconnects the source (reaper.daemon.plan)
+CONNECTION_FIELDS = ("dsn", "kind", "password_file", "connect_timeout_seconds", "query_timeout_seconds",
+                     "lock_timeout_seconds", "search_path")
+
+
 @attrs.frozen
 class SourceConfig:
     name: str = attrs.field(validator=rules.name())
@@ -130,6 +135,10 @@ class SourceConfig:
     # the server-side lock_timeout: a metric waiting for a table lock (a migration's, a VACUUM FULL's) fails after
     # it instead of holding the tick's whole statement, and never queues in front of the server's own work; 0: off
     lock_timeout_seconds: float = attrs.field(default=1.0, validator=rules.seconds(0.0, above=False))
+    # where the metrics' unqualified names are looked up, after pg_catalog and before the extensions' schemas
+    # (reaper.db.PIN_SEARCH_PATH): never the database's or role's own search_path, which their owner controls
+    search_path: tuple[str, ...] = attrs.field(default=("public",),
+                                               validator=rules.names(what="a schema name"))
     specials: SpecialsConfig = attrs.field(factory=SpecialsConfig)  # host tools: reaper.special.backup, .smart
     top_n: dict[str, TopN] = attrs.field(factory=dict)  # metric -> top_n override (reaper.config.topn)
     # the server-time budget (reaper.daemon.cost): None = [collector]'s, 0 = off for this source
@@ -144,8 +153,7 @@ class SourceConfig:
 
     def connection_settings(self) -> tuple[Any, ...]:
         """What, when changed, needs a new connection (as opposed to an in-place update)."""
-        return (self.dsn, self.kind, self.password_file, self.connect_timeout_seconds,
-                self.query_timeout_seconds, self.lock_timeout_seconds)
+        return tuple(getattr(self, name) for name in CONNECTION_FIELDS)
 
 
 
@@ -302,6 +310,12 @@ def _make_converter() -> cattrs.Converter:
             return NameList(tuple(value))
         raise TypeError(f"expected a name or a list of names, got {value!r}")
 
+    def structure_strings(value: Any, _type: Any) -> tuple[str, ...]:
+        # (cattrs would take a string for a sequence and split it into its characters)
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise TypeError(f'expected a list of strings (["a", "b"]), got {value!r}')
+
     def structure_literal(value: Any, type_: Any) -> Any:
         choices = typing.get_args(type_)
         if isinstance(value, bool) or value not in choices:  # bool: True == 1 must not pass for a Literal[1]
@@ -312,6 +326,7 @@ def _make_converter() -> cattrs.Converter:
         return _structure_model(conv, value, cls)
 
     conv.register_structure_hook(NameList, structure_names)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], structure_strings)
     conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, structure_literal)
     conv.register_structure_hook_func(lambda t: t in CONFIG_MODELS, structure_model)
     conv.register_structure_hook(float, structure_float)

@@ -20,11 +20,11 @@ import orjson
 
 from reaper.catalog.metrics import Catalog
 from reaper.config.redact import redact_dsn
-from reaper.config.schema import Config, MetricDef, SinkConfig, SourceConfig
+from reaper.config.schema import CONNECTION_FIELDS, Config, MetricDef, SinkConfig, SourceConfig
 from reaper.kinds import DISCOVERY_KINDS
 
 #: SourceConfig fields that need a new connection when they change (SourceConfig.connection_settings)
-RESTART_FIELDS = ("dsn", "kind", "password_file", "connect_timeout_seconds", "query_timeout_seconds")
+RESTART_FIELDS = CONNECTION_FIELDS
 #: [collector] keys that a reload does not apply: they are read once, when the daemon starts
 COLLECTOR_AT_START = ("state_dir", "instance_cache_max_seconds", "create_extensions")
 SOURCE_ACTIONS = ("added", "removed", "restarted", "updated", "unchanged")

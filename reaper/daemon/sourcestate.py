@@ -58,7 +58,7 @@ async def connect_source(config: SourceConfig, *, application_name: str = db.APP
     return await db.open_source_connection(
         config.dsn, statement_timeout_seconds=config.query_timeout_seconds,
         password_file=config.password_file, application_name=application_name,
-        lock_timeout_seconds=config.lock_timeout_seconds)
+        lock_timeout_seconds=config.lock_timeout_seconds, search_path=config.search_path)
 
 
 class LatenessHistogram:

@@ -25,7 +25,8 @@ from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
-from reaper.db.failures import describe_error, is_connection_error  # (the other modules take them here too)
+from reaper.db.facts import EXTENSIONS_REPINNED_SQL, PIN_SEARCH_PATH, SERVER_FACTS_SQL, SYSTEM_ID_SQL
+from reaper.db.failures import describe_error, is_connection_error, unresolved_hint  # (others take the first two here)
 from reaper.db.recordsafe import Batchable, is_decode_error, record_safe_sql
 from reaper.db.rows import RowLimit, RowShape, TooManyRows, describe, go_rows
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
@@ -104,8 +105,12 @@ class SourceConnection:
         try:
             rows: list[dict[str, Any]] = await crossing(self._run_solo, query)
         except (asyncpg.PostgresError, TooManyRows) as e:
-            raise MetricError(name, describe_error(e)) from e
+            raise MetricError(name, self._why(e)) from e
         return rows
+
+    def _why(self, e: BaseException) -> str:
+        """A metric's failure in one line (a name not found: where reaper looked, reaper.db.facts)."""
+        return describe_error(e) + unresolved_hint(e, self.server.search_path)
 
     async def _use_timeout(self, seconds: float | None) -> None:
         """Give the session the statement_timeout `seconds` (None: the connect default) unless it has it."""
@@ -138,7 +143,7 @@ class SourceConnection:
                 except asyncpg.PostgresError as e:
                     if is_connection_error(e):
                         raise
-                    errors[name] = describe_error(e)
+                    errors[name] = self._why(e)
         unbatched = self.unbatched  # (metrics whose records asyncpg cannot read run alone: reaper.db.recordsafe)
         batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors and sql not in unbatched}
         solo = {**request.solo, **{n: SoloQuery(sql) for n, sql in request.batch.items() if sql in unbatched}}
@@ -178,7 +183,7 @@ class SourceConnection:
             except (asyncpg.PostgresError, TooManyRows) as e:
                 if is_connection_error(e):
                     raise
-                errors[name] = describe_error(e)
+                errors[name] = self._why(e)
             seconds[name] = time.perf_counter() - started
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=self.statements - before,
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
@@ -235,7 +240,7 @@ class SourceConnection:
                 if len(names) > 1 and cancelled is not None:
                     cancelled.update(names)
                 else:
-                    errors.update({n: describe_error(e) for n in names})
+                    errors.update({n: self._why(e) for n in names})
                 return None, True
             for name in names:
                 started = time.perf_counter()
@@ -244,7 +249,7 @@ class SourceConnection:
                 except (asyncpg.PostgresError, TooManyRows) as e2:
                     if is_connection_error(e2):
                         raise
-                    errors[name] = describe_error(e2)
+                    errors[name] = self._why(e2)
                 seconds[name] = time.perf_counter() - started
                 if unreadable and name in rows:
                     await self._probe_records(name, sqls[name])
@@ -310,15 +315,17 @@ class SourceConnection:
         for name in names:
             try:
                 async with self._conn.transaction():
-                    await self._conn.execute("set transaction read write")
+                    # (created where the server's default would put it, not in the pinned path's pg_catalog)
+                    await self._conn.execute("set transaction read write; set local search_path = public")
                     await self._conn.execute(f'create extension if not exists "{name}"')
                 result[name] = None
             except asyncpg.PostgresError as e:
                 if is_connection_error(e):
                     raise SourceUnavailable(describe_error(e)) from e
                 result[name] = describe_error(e)
-        exts = await self._conn.fetchval("select array(select extname::text from pg_extension)")
-        self.server = attrs.evolve(self.server, extensions=frozenset(exts))
+        row = await self._conn.fetchrow(EXTENSIONS_REPINNED_SQL, self.server.search_path is not None)
+        self.server = attrs.evolve(self.server, extensions=frozenset(row["exts"]),
+                                   search_path=row["sp"] if self.server.search_path is not None else None)
         return result
 
     async def execute(self, sql: str) -> None:
@@ -382,7 +389,8 @@ STATEMENT_CACHE_SIZE = 40
 async def connect_options(*, statement_timeout_seconds: float, password_file: str | None,
                           application_name: str = APPLICATION_NAME, read_only: bool = True,
                           statement_cache_size: int = STATEMENT_CACHE_SIZE,
-                          lock_timeout_seconds: float | None = None) -> dict[str, Any]:
+                          lock_timeout_seconds: float | None = None,
+                          search_path: str | None = None) -> dict[str, Any]:
     """asyncpg.connect keyword arguments for every reaper connection: who we are, read-only by default,
     a server-side statement_timeout, no JIT for small catalog queries, the password_file's password, a
     statement cache bounded to what a source produces (STATEMENT_CACHE_SIZE)."""
@@ -401,6 +409,8 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
     if lock_timeout_seconds is not None:  # (0: off; else whole milliseconds, at least one)
         options["server_settings"]["lock_timeout"] = str(max(1, round(lock_timeout_seconds * 1000))
                                                          if lock_timeout_seconds > 0 else 0)
+    if search_path is not None:  # a client's startup setting outranks the database's and the role's own
+        options["server_settings"]["search_path"] = search_path
     if password_file:
         try:
             options["password"] = await _read_password_file(password_file)
@@ -412,19 +422,22 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
 async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
                                  password_file: str | None = None,
                                  application_name: str = APPLICATION_NAME,
-                                 read_only: bool = True, lock_timeout_seconds: float | None = None) -> SourceConnection:
+                                 read_only: bool = True, lock_timeout_seconds: float | None = None,
+                                 search_path: Sequence[str] | None = ("public",)) -> SourceConnection:
     """Connect (read-only, our application_name, a server-side statement_timeout) and read server facts.
 
+    `search_path`: the schemas for the metrics' unqualified names, pinned (PIN_SEARCH_PATH); None: the server's.
     The caller applies the connect deadline with a trio cancel scope.
     """
     kwargs = await connect_options(statement_timeout_seconds=statement_timeout_seconds,
                                    password_file=password_file, application_name=application_name,
-                                   read_only=read_only, lock_timeout_seconds=lock_timeout_seconds)
+                                   read_only=read_only, lock_timeout_seconds=lock_timeout_seconds,
+                                   search_path=None if search_path is None else "pg_catalog")
     # one plan per backend for the batch's statement, whatever is due (reaper.db.combined); a source's few statements
     # stay prepared for the connection's life (asyncpg's default re-prepares each every 300 s, with a timer each)
     kwargs["server_settings"]["plan_cache_mode"], kwargs["max_cached_statement_lifetime"] = "force_generic_plan", 0
     try:
-        return await aio_as_trio(_connect)(dsn, kwargs, statement_timeout_seconds)
+        return await aio_as_trio(_connect)(dsn, kwargs, statement_timeout_seconds, search_path)
     except trio.Cancelled:
         raise
     except Exception as e:
@@ -433,28 +446,22 @@ async def open_source_connection(dsn: str, *, statement_timeout_seconds: float,
         raise
 
 
-SERVER_FACTS_SQL = ("select current_setting('server_version_num')::int as num, current_setting('server_version') as v,"
-                    " pg_is_in_recovery() as rec, current_database() as db,"
-                    " inet_server_addr() is null as via_socket,"
-                    " coalesce(inet_server_addr() in ('127.0.0.1', '::1'), true) as lo,"
-                    " (select setting from pg_settings where name = 'statement_timeout') as st,"
-                    " array(select extname::text from pg_extension) as exts")
-SYSTEM_ID_SQL = "(select system_identifier from pg_control_system())"
-
-
-async def _connect(dsn: str, kwargs: dict[str, Any], timeout_seconds: float) -> SourceConnection:
+async def _connect(dsn: str, kwargs: dict[str, Any], timeout_seconds: float,
+                   search_path: Sequence[str] | None) -> SourceConnection:
     conn, pooled = await pooler.connect(dsn, kwargs)
     tune(conn)
+    pin = (PIN_SEARCH_PATH,) if search_path is not None and not pooled else ()
+    args = (list(search_path),) if pin and search_path is not None else ()
     try:
         try:  # one statement when the role may read pg_control_system() (most can), two when not
-            row = await _fetch_once(conn, SERVER_FACTS_SQL + f", {SYSTEM_ID_SQL} as sysid")
+            row = await _fetch_once(conn, "".join((SERVER_FACTS_SQL, *pin, f", {SYSTEM_ID_SQL} as sysid")), *args)
             sysid = None if row["sysid"] is None else str(row["sysid"])
         except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError):
-            row, sysid = await _fetch_once(conn, SERVER_FACTS_SQL), None
+            row, sysid = await _fetch_once(conn, "".join((SERVER_FACTS_SQL, *pin)), *args), None
         if not pooled and pooler.settings_dropped(kwargs, row["st"]):  # a pooler that ignores them: again, pooled
             conn.terminate()
             pooler.remember(dsn)
-            return await _connect(dsn, kwargs, timeout_seconds)
+            return await _connect(dsn, kwargs, timeout_seconds, search_path)
         addr = conn._addr
         # behind a pooler, reaper's own address says nothing of the server's: only where the server was reached
         local = ("127.0.0.1", "::1", "localhost") if not pooled else ()
@@ -463,6 +470,7 @@ async def _connect(dsn: str, kwargs: dict[str, Any], timeout_seconds: float) -> 
             system_identifier=sysid, extensions=frozenset(row["exts"]),
             is_local=bool(row["via_socket"]) or _host_of(conn) in local or (pooled and row["lo"]),
             address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr),
+            search_path=row["sp"] if pin else None,
         )
     except BaseException:
         conn.terminate()
@@ -470,10 +478,10 @@ async def _connect(dsn: str, kwargs: dict[str, Any], timeout_seconds: float) -> 
     return SourceConnection(pooler.Pooled(conn, timeout_seconds) if pooled else conn, server)
 
 
-async def _fetch_once(conn: Any, sql: str) -> Any:
+async def _fetch_once(conn: Any, sql: str, *args: Any) -> Any:
     """A row of a statement run once: outside asyncpg's cache, so it is not kept for the connection's life, and
     unnamed, so nothing of it stays in the server session (a pooler's next client may get that session)."""
-    return await (await conn.prepare(sql, name=False)).fetchrow()
+    return await (await conn.prepare(sql, name=False)).fetchrow(*args)
 
 
 def _host_of(conn: Any) -> str | None:

@@ -49,7 +49,8 @@ async def list_databases(dsn: str, *, include_pattern: str | None = None, exclud
     SourceUnavailable for every failure: unreachable, refused, a bad dsn, an invalid pattern.
     """
     kwargs = await connect_options(statement_timeout_seconds=statement_timeout_seconds,
-                                   password_file=password_file, statement_cache_size=0)
+                                   password_file=password_file, statement_cache_size=0,
+                                   search_path="pg_catalog")  # (its query reads the catalog only)
     try:
         return await aio_as_trio(_list)(dsn, kwargs, _pattern(include_pattern), _pattern(exclude_pattern))
     except trio.Cancelled:

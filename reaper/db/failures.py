@@ -39,3 +39,15 @@ def describe_error(exc: BaseException) -> str:
         return exc.strerror
     text = str(exc).splitlines()[0] if str(exc) else ""
     return scrub(text) or exc.__class__.__name__
+
+
+# undefined table, function (or operator), object (a type), schema: a name the pinned search_path did not find
+UNRESOLVED_NAME = frozenset({"42P01", "42883", "42704", "3F000"})
+
+
+def unresolved_hint(exc: BaseException, search_path: str | None) -> str:
+    """What to do when a metric's name is not found in the search_path reaper pinned (reaper.db.facts)."""
+    if search_path is None or getattr(exc, "sqlstate", None) not in UNRESOLVED_NAME:
+        return ""
+    return (f"; reaper's session looks up unqualified names in search_path = {search_path}: qualify the name,"
+            " or add its schema to the source's search_path")

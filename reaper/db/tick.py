@@ -19,6 +19,7 @@ class ServerInfo:
     extensions: frozenset[str]
     is_local: bool
     address: str = ""  # host:port (or the unix socket) this connection reached
+    search_path: str | None = None  # the one reaper pinned for the session; None: the server's (a pooler's)
 
     @property
     def major(self) -> int:

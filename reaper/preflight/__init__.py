@@ -44,6 +44,7 @@ class SourceReport:
     database: str = ""
     address: str = ""
     pooler: bool = False  # reached through a connection pooler (reaper.db.pooler)
+    search_path: str | None = None  # the one reaper pinned (reaper.db.facts); None: the server's
     role: str = ""
     superuser: bool = False
     memberships: tuple[str, ...] = ()
@@ -131,12 +132,14 @@ async def _check_pooler(source: SourceConfig, report: SourceReport) -> None:
 async def _check_postgres(source: SourceConfig, catalog: Catalog, report: SourceReport) -> None:
     conn = await db.open_source_connection(source.dsn, statement_timeout_seconds=source.query_timeout_seconds,
                                            password_file=source.password_file,
-                                           lock_timeout_seconds=source.lock_timeout_seconds)
+                                           lock_timeout_seconds=source.lock_timeout_seconds,
+                                           search_path=source.search_path)
     try:
         server = conn.server
         report.reachable = True
         report.version, report.major, report.in_recovery = server.version, server.major, server.in_recovery
         report.database, report.address, report.pooler = server.database, server.address, conn.pooled
+        report.search_path = server.search_path
         intervals = catalog.intervals(source, standby=server.in_recovery)
         needs = {name: metric_needs(catalog.metrics[name], server.major, catalog.metrics) for name in intervals}
         functions, relations, settings, extensions = names_to_check(needs.values())

@@ -24,8 +24,8 @@ def source_line(r: SourceReport) -> str:
     state = "in recovery (standby)" if r.in_recovery else "primary"
     roles = "superuser" if r.superuser else ("member of " + ", ".join(r.memberships) if r.memberships
                                              else "member of no role")
-    pooler = (" through a connection pooler (statement timeouts kept by reaper, no prepared statements)"
-              if r.pooler else "")
+    pooler = (" through a connection pooler (statement timeouts kept by reaper, no prepared statements, the server"
+              " session's own search_path)" if r.pooler else "")
     return (f"{r.name}: reachable, PostgreSQL {r.version}{pooler}, {state}, database {r.database}, "
             f"role {r.role} ({roles})")
 
@@ -79,7 +79,8 @@ def print_storages(storages: Sequence[StorageCheck], fmt: str) -> None:
 def as_json(r: SourceReport) -> dict[str, Any]:
     return {"name": r.name, "kind": r.kind, "reachable": r.reachable, "error": r.error or None,
             "version": r.version or None, "major": r.major or None, "in_recovery": r.in_recovery,
-            "database": r.database or None, "pooler": r.pooler, "role": r.role or None, "superuser": r.superuser,
+            "database": r.database or None, "pooler": r.pooler,
+            "search_path": r.search_path, "role": r.role or None, "superuser": r.superuser,
             "memberships": list(r.memberships),
             "metrics": [{"metric": v.metric, "status": v.status, "reasons": list(v.reasons), "fixes": list(v.fixes)}
                         for v in r.verdicts],
