@@ -130,6 +130,18 @@ def test_a_string_where_the_list_belongs_is_refused_not_split(tmp_path: Path, ta
         f"{config}: {key}: expected a list of strings ([\"a\", \"b\"]), got '{value}'"]
 
 
+@pytest.mark.parametrize("dsn", ["postgresql://m@db1/app?search_path=app",
+                                 "host=db1 dbname=app options='-c search_path=app'"])
+def test_a_search_path_in_the_dsn_is_refused_not_silently_replaced(tmp_path: Path, dsn: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[sources]]\nname = "a"\ndsn = "{dsn}"\n[[sinks]]\ntype = "jsonfile"\npath = "o.ndjson"\n')
+    done = subprocess.run([*REAPER, "check", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"{config}: sources[0].dsn: search_path in the dsn is not used (reaper pins the names its metrics see): "
+        "list the schemas in the source's search_path key"]
+
+
 async def test_an_extension_created_by_reaper_lands_in_public_and_is_found(pg15, fresh_db: str) -> None:
     pg15.psql("create schema tools; create extension pg_buffercache schema tools", dbname=fresh_db)
     async with db.open_loop():

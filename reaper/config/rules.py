@@ -222,6 +222,18 @@ def dsn_ports(_instance: Any, _attribute: Any, value: str) -> None:
             raise FieldValueError("; ".join(problems))
 
 
+def source_dsn(instance: Any, attribute: Any, value: str) -> None:
+    """dsn_ports, and no search_path of its own: a source's sessions pin theirs (reaper.db.facts), which would
+    replace it without a word."""
+    dsn_ports(instance, attribute, value)
+    from urllib.parse import parse_qsl
+
+    for key, setting in parse_qsl(value.partition("?")[2].partition("#")[0], keep_blank_values=True):
+        if key.strip().lower() == "search_path" or (key.strip().lower() == "options" and "search_path" in setting):
+            raise FieldValueError("search_path in the dsn is not used (reaper pins the names its metrics see): "
+                                  "list the schemas in the source's search_path key")
+
+
 def listen(_instance: Any, _attribute: Any, value: str) -> None:
     """host:port ("[::1]:port" for IPv6, ":port" for every IPv4 address), port 0 .. 65535."""
     host, sep, port = value.rpartition(":")

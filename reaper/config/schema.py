@@ -114,7 +114,7 @@ CONNECTION_FIELDS = ("dsn", "kind", "password_file", "connect_timeout_seconds", 
 @attrs.frozen
 class SourceConfig:
     name: str = attrs.field(validator=rules.name())
-    dsn: str = attrs.field(converter=rules.uri_dsn, validator=rules.dsn_ports)
+    dsn: str = attrs.field(converter=rules.uri_dsn, validator=rules.source_dsn)
     kind: Literal["postgres", "postgres-discovery", "pgbouncer", "pgpool", "patroni"] = "postgres"
     preset: str | None = None
     metrics: dict[str, int] = attrs.field(factory=dict, validator=rules.intervals)
