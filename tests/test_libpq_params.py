@@ -10,12 +10,15 @@ refused by `check`, one line.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
 
+from reaper import db
 from reaper.config.libpq import asyncpg_dsn, parameter_problems
 
 REAPER = [sys.executable, "-m", "reaper.cli"]
@@ -50,6 +53,7 @@ def test_a_read_write_session_keeps_its_target_as_written() -> None:
     (f"{BASE}?channel_binding=require", "channel_binding=require is not supported"),
     (f"{BASE}?connect_timeout=5s", "connect_timeout '5s' is not a whole number of seconds"),
     (f"{BASE}?target_session_attrs=master", "target_session_attrs 'master' is not one of any, primary"),
+    (f"{BASE}?keepalives_idle=1m", "keepalives_idle '1m' is not a whole number"),
 ])
 def test_check_refuses_what_cannot_be_honoured(dsn: str, problem: str) -> None:
     (found,) = parameter_problems(dsn)
@@ -78,3 +82,29 @@ def test_a_source_with_libpqs_client_parameters_collects(pg15, tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(done.stdout)
     assert result["metric"] == "db_stats" and result["rows"], result
+
+
+def keepalive_of(conn: db.SourceConnection) -> tuple[int, int, int, int, int]:
+    sock = conn._conn._transport.get_extra_info("socket")
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            *(sock.getsockopt(socket.IPPROTO_TCP, o)
+              for o in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)))
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize(("params", "expected"), [
+    # reaper's defaults: a probe after a minute idle, so a load balancer or NAT keeps the flow of a lane whose
+    # metrics run hourly, and a silent peer is noticed in two minutes
+    ("", (1, 60, 10, 6, 0)),
+    ("?keepalives_idle=7&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=9000", (1, 7, 2, 3, 9000)),
+    ("?keepalives=0", (0,)),
+])
+async def test_tcp_keepalives_are_on_and_as_the_dsn_says(pg15, params: str, expected: tuple[int, ...]) -> None:
+    async with db.open_loop():
+        with trio.fail_after(30):
+            conn = await db.open_source_connection(pg15.dsn() + params, statement_timeout_seconds=10)
+        try:
+            assert keepalive_of(conn)[:len(expected)] == expected
+            assert (await conn.fetch("select 1 as one")) == [{"one": 1}]
+        finally:
+            await conn.close()

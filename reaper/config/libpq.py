@@ -95,7 +95,8 @@ def keyword_dsn_to_uri(pairs: list[tuple[str, str]]) -> str:
 # libpq connection parameters that asyncpg, reaper's driver, does not know: it would send each to the server as a
 # setting, and the server refuses the connection ("unrecognized configuration parameter": a source down for
 # ever). Those below are taken off the DSN before connecting: reaper's own deadlines and application_name do
-# their work (connect_timeout is honoured, as asyncpg's connect timeout).
+# their work (connect_timeout is honoured, as asyncpg's connect timeout; keepalives* and tcp_user_timeout as the
+# socket's options, KEEPALIVE_DEFAULTS).
 CLIENT_ONLY = frozenset({"connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
                          "tcp_user_timeout", "sslcompression", "sslsni", "fallback_application_name", "gssdelegation",
                          "sslkeylogfile"})
@@ -146,9 +147,30 @@ def parameter_problems(dsn: str) -> list[str]:
             problems.append(f"{key}={value[:20]} is not supported{taken}: {UNSUPPORTED[key]}")
         elif key == "connect_timeout" and not value.lstrip("-").isdigit():
             problems.append(f"connect_timeout {value[:20]!r} is not a whole number of seconds")
+        elif key in KEEPALIVE_DEFAULTS and not value.isdigit():
+            problems.append(f"{key} {value[:20]!r} is not a whole number")
         elif key == "target_session_attrs" and value.lower() not in TARGET_SESSION_ATTRS:
             problems.append(f"target_session_attrs {value[:20]!r} is not one of {', '.join(TARGET_SESSION_ATTRS)}")
     return problems
+
+
+# TCP keepalives on every connection (reaper.db.tls), as libpq's keepalives* parameters say, with reaper's defaults
+# where a DSN names none: an idle connection (a lane whose metrics run hourly, the storage between flushes) sends a
+# probe each minute, so a load balancer or NAT that forgets idle flows (AWS NLB after 350 s, Azure's after 4 min)
+# keeps it, and a peer gone silently is noticed within two minutes, not at the next statement's timeout
+KEEPALIVE_DEFAULTS = {"keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10, "keepalives_count": 6,
+                      "tcp_user_timeout": 0}  # (seconds; tcp_user_timeout in milliseconds, 0: the system's)
+
+
+def keepalive_settings(dsn: str) -> dict[str, int]:
+    """KEEPALIVE_DEFAULTS with what the DSN sets (a value that is not a whole number keeps the default: `check`
+    says so)."""
+    found = dict(KEEPALIVE_DEFAULTS)
+    if "?" in dsn:
+        for key, value, _ in _query_items(dsn)[1]:
+            if key in found and value.isdigit():
+                found[key] = int(value)
+    return found
 
 
 def asyncpg_dsn(dsn: str, *, read_only: bool) -> tuple[str, float | None]:

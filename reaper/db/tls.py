@@ -21,7 +21,9 @@ Anything else (`disable`, `allow`, `verify-ca`, `verify-full`, certificate files
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from reaper.config.libpq import asyncpg_dsn
+from reaper.config.libpq import asyncpg_dsn, keepalive_settings
 
 #: DSN query keys and environment variables that make a connection's context its own
 OWN_CONTEXT_KEYS = frozenset({"sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword", "sslnegotiation",
@@ -88,8 +90,30 @@ def default_tls_mode(dsn: str) -> str | None:
 
 
 async def connect(dsn: str, kwargs: dict[str, Any]) -> Any:
-    """asyncpg.connect(dsn, **kwargs), with the shared context where the DSN allows it (asyncio side), and with
-    the libpq parameters asyncpg does not know taken off the DSN (reaper.config.libpq.asyncpg_dsn)."""
+    """asyncpg.connect(dsn, **kwargs), with the shared context where the DSN allows it (asyncio side), with
+    the libpq parameters asyncpg does not know taken off the DSN (reaper.config.libpq.asyncpg_dsn), and with
+    TCP keepalives as the DSN's libpq parameters say (reaper.config.libpq.KEEPALIVE_DEFAULTS)."""
+    conn = await _connect(dsn, kwargs)
+    transport = getattr(conn, "_transport", None)  # asyncpg keeps the asyncio transport it reads from
+    with contextlib.suppress(OSError):  # an option the system refuses: the connection works without it
+        keep_alive(transport.get_extra_info("socket") if transport is not None else None, keepalive_settings(dsn))
+    return conn
+
+
+def keep_alive(sock: Any, settings: dict[str, int]) -> None:
+    """The socket's keepalive and user-timeout options (Linux's names; where the system lacks one, its own)."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if settings["keepalives"] else 0)
+    if not settings["keepalives"]:
+        return
+    for option, key in (("TCP_KEEPIDLE", "keepalives_idle"), ("TCP_KEEPINTVL", "keepalives_interval"),
+                        ("TCP_KEEPCNT", "keepalives_count"), ("TCP_USER_TIMEOUT", "tcp_user_timeout")):
+        if settings[key] > 0 and hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), settings[key])
+
+
+async def _connect(dsn: str, kwargs: dict[str, Any]) -> Any:
     read_only = kwargs.get("server_settings", {}).get("default_transaction_read_only") == "on"
     dsn, seconds = asyncpg_dsn(dsn, read_only=read_only)
     if seconds is not None and "timeout" not in kwargs:
