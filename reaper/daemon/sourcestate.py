@@ -139,3 +139,14 @@ class SourceState:
     metric_rows: dict[str, int] = attrs.field(factory=dict)  # metric -> rows in its last measurement
     metric_measurements: dict[str, int] = attrs.field(factory=dict)  # metric -> measurements delivered
 
+
+
+def idle_closed(server: db.ServerInfo) -> str:
+    """Why a source's connection was found closed before a tick, and what keeps it (said once per source)."""
+    if server.idle_session_timeout:
+        return (f"the server ends sessions idle for {server.idle_session_timeout} (idle_session_timeout), "
+                "shorter than this source's pauses between ticks, so reaper connects for each tick after one; "
+                "`ALTER ROLE <reaper's role> SET idle_session_timeout = 0` keeps its connection (later reconnections"
+                " are logged at debug level)")
+    return ("the idle connection was closed by the server or something on the way (a pooler, a firewall); later"
+            " reconnections are logged at debug level")
