@@ -144,3 +144,20 @@ def test_the_memory_of_plain_servers_is_bounded(pg15: PgServer, monkeypatch: pyt
     for dsn in dsns:
         assert trio.run(open_several, dsn, 1)[0] == [False]
     assert len(tls._plain_since) <= 2 and dsns[-1] in tls._plain_since
+
+
+def test_a_tls_connection_gets_its_keepalives_too(tls_server: PgServer) -> None:
+    from test_libpq_params import keepalive_of
+
+    async def options() -> tuple[bool, tuple[int, ...]]:
+        async with db.open_loop():
+            with trio.fail_after(20):
+                conn = await db.open_source_connection(tls_server.dsn() + "?sslmode=require&keepalives_idle=9",
+                                                       statement_timeout_seconds=10)
+            try:
+                ssl_on = (await conn.fetch("select ssl from pg_stat_ssl where pid = pg_backend_pid()"))[0]["ssl"]
+                return ssl_on, keepalive_of(conn)
+            finally:
+                await conn.close()
+
+    assert trio.run(options) == (True, (1, 9, 10, 6, 0))
