@@ -203,6 +203,11 @@ def prepare_server(major: int, servers: list[PgServer], receivers: list[subproce
     except PgServerError as e:
         raise PgServerError(f"{e}\n--- pg_receivewal ---\n{log_path.read_text(errors='replace')}") from None
     _wait_for(server, "select count(*) > 0 from pg_stat_statements", "pg_stat_statements entries")
+    # PostgreSQL 14's backends send their last statistics to the collector as they exit, after psql has returned:
+    # the first batch could run before the activity's function calls and block reads were counted (seen: sproc_stats
+    # and table_io_stats with no rows in the batch and some alone, under a full test run's load)
+    _wait_for(server, "select exists (select from pg_stat_user_functions where calls > 0) and exists (select from"
+              " pg_statio_user_tables where heap_blks_hit + heap_blks_read > 0)", "the activity's statistics")
     return prepared
 
 

@@ -130,6 +130,20 @@ def test_a_string_where_the_list_belongs_is_refused_not_split(tmp_path: Path, ta
         f"{config}: {key}: expected a list of strings ([\"a\", \"b\"]), got '{value}'"]
 
 
+@pytest.mark.parametrize(("value", "problem"), [
+    ('["$$user", "public"]', 'search_path[0]: "$user" is not taken: name the schema (its owner would decide what the'
+                             " metrics run)"),
+    ('["app, public"]', "search_path[0]: 'app, public' is one schema name, not a list: write one string per schema"),
+])
+def test_a_search_path_that_would_not_do_what_it_says_is_refused(tmp_path: Path, value: str, problem: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[sources]]\nname = "a"\ndsn = "postgresql://m@db1/app"\nsearch_path = {value}\n'
+                      '[[sinks]]\ntype = "jsonfile"\npath = "o.ndjson"\n')
+    done = subprocess.run([*REAPER, "check", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"{config}: sources[0].{problem}"]
+
+
 @pytest.mark.parametrize("dsn", ["postgresql://m@db1/app?search_path=app",
                                  "host=db1 dbname=app options='-c search_path=app'"])
 def test_a_search_path_in_the_dsn_is_refused_not_silently_replaced(tmp_path: Path, dsn: str) -> None:

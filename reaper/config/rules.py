@@ -116,6 +116,19 @@ def names(*, what: str = "name") -> Validator:
     return check
 
 
+def schemas(instance: Any, attribute: Any, value: Any) -> None:
+    """A source's search_path: schema names as they are (case kept), not "$user" (whoever owns a schema named
+    like reaper's role would decide what the metrics run: reaper.db.facts)."""
+    names(what="a schema name")(instance, attribute, value)
+    for i, item in enumerate(value):
+        if item.strip().strip('"').lower() == "$user":
+            raise FieldValueError('"$user" is not taken: name the schema (its owner would decide what the metrics '
+                                  "run)", key=f"[{i}]")
+        if "," in item:
+            raise FieldValueError(f"{item[:40]!r} is one schema name, not a list: write one string per schema",
+                                  key=f"[{i}]")
+
+
 def tags(_instance: Any, _attribute: Any, value: Mapping[str, str]) -> None:
     """Tag keys are names; tag values hold no NUL (PostgreSQL text cannot store it)."""
     for key, text in value.items():

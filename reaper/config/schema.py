@@ -137,8 +137,7 @@ class SourceConfig:
     lock_timeout_seconds: float = attrs.field(default=1.0, validator=rules.seconds(0.0, above=False))
     # where the metrics' unqualified names are looked up, after pg_catalog and before the extensions' schemas
     # (reaper.db.PIN_SEARCH_PATH): never the database's or role's own search_path, which their owner controls
-    search_path: tuple[str, ...] = attrs.field(default=("public",),
-                                               validator=rules.names(what="a schema name"))
+    search_path: tuple[str, ...] = attrs.field(default=("public",), validator=rules.schemas)
     specials: SpecialsConfig = attrs.field(factory=SpecialsConfig)  # host tools: reaper.special.backup, .smart
     top_n: dict[str, TopN] = attrs.field(factory=dict)  # metric -> top_n override (reaper.config.topn)
     # the server-time budget (reaper.daemon.cost): None = [collector]'s, 0 = off for this source
