@@ -436,7 +436,10 @@ class SourceReaper:
     def _warn_once(self, metric: str, why: str, text: str) -> None:
         if (metric, why) not in self._warned:
             self._warned |= {(metric, why)}
-            log.warning("source %s: metric %s %s", self.state.name, metric, text)
+            # a preset's metric made for other versions (stat_lock: 19) is expected there: said, not warned
+            chosen = metric in self.config.metrics or metric in self.config.standby_metrics or why != "version"
+            log.log(logging.WARNING if chosen else logging.INFO, "source %s: metric %s %s", self.state.name,
+                    metric, text)
 
     # -- connection state ----------------------------------------------------------------------
 
