@@ -159,7 +159,9 @@ class Daemon:
 
     @property
     def source_configs(self) -> Sequence[SourceConfig]:
-        return self.reconciler.config.sources
+        """The sources collecting now: the configured ones this process runs, and those discovery and
+        [[sources_from]] found (the Prometheus sink keeps the series of these, and only these)."""
+        return tuple(running.config for running in self.reconciler.sources.values())
 
     @property
     def sources(self) -> dict[str, RunningSource]:
