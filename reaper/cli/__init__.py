@@ -127,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     _format_args(check)
 
     once = verbs.add_parser("once", help="collect once and print the rows",
-                            description="Connect to the sources, collect every active metric once (or only "
-                                        "--metric), print the rows as tables, and exit. Exit 1 if a source "
+                            description="Connect to the sources (a discovery source's databases or members, "
+                                        "as the daemon finds them now), collect every active metric once (or "
+                                        "only --metric), print the rows as tables, and exit. Exit 1 if a source "
                                         "was unreachable or a metric failed.")
     once.add_argument("--config", "-c", required=True, metavar="FILE", help="the TOML config file")
     once.add_argument("--source", "-s", action="append", metavar="NAME",
-                      help="only this source (repeatable; default: all enabled sources)")
+                      help="only this source (repeatable; default: all enabled sources); a discovery "
+                           "source's name takes every database it finds, a found one's name only that one")
     once.add_argument("--metric", "-m", action="append", metavar="NAME",
                       help="only this metric (repeatable; any defined metric, even one outside the preset)")
     _format_args(once)

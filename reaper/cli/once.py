@@ -16,8 +16,10 @@ from rich.table import Table
 from reaper import db
 from reaper.catalog.metrics import Catalog
 from reaper.cli.output import print_json, print_plain
-from reaper.config.schema import Config
+from reaper.config.schema import Config, SourceConfig
 from reaper.daemon.source import SourceReaper
+from reaper.errors import SourceUnavailable
+from reaper.kinds import is_discovery, resolve
 from reaper.measurement import Measurement
 
 #: What became of one due metric of one source, when it produced no measurement.
@@ -48,26 +50,56 @@ async def collect_once(config: Config, sources: Sequence[str] | None,
                        metrics: Sequence[str] | None) -> OnceResult:
     result = OnceResult()
     catalog = Catalog.for_config(config)
-    chosen = [s for s in config.sources if (s.name in sources if sources else s.enabled)]
-    for name in sources or ():
-        if name not in {s.name for s in config.sources}:
-            result.problems.append(f"unknown source {name!r}")
+    asked = set(sources or ())
+    configured = {s.name for s in config.sources}
+    # a name the config does not list may be one a discovery source finds (`check --connect` shows them)
+    finders = [s for s in config.sources if s.enabled and is_discovery(s)] if asked - configured else []
+    if asked - configured and not finders:
+        result.problems += [f"unknown source {n!r}" for n in sorted(asked - configured)]
     for name in metrics or ():
         if name not in catalog.metrics:
             result.problems.append(f"unknown metric {name!r}")
     if result.problems:  # a typo: said before anything connects
         return result
+    chosen = [s for s in config.sources if (s.name in asked if asked else s.enabled)]
     handler = _ProblemCollector(result)
     logging.getLogger("reaper.daemon.source").addHandler(handler)
     try:
-        async with db.open_loop(), trio.open_nursery() as nursery:
-            for source in chosen:
-                nursery.start_soon(_collect_source, source, catalog, metrics, result)
+        async with db.open_loop():
+            found = await _concrete([*chosen, *(s for s in finders if s not in chosen)], result)
+            concrete = [child for parent, child in found if not asked or parent in asked or child.name in asked]
+            if asked:
+                named = {c.name for c in concrete} | configured
+                result.problems += [f"unknown source {n!r}" for n in sorted(asked - named)]
+            async with trio.open_nursery() as nursery:
+                for source in concrete:
+                    nursery.start_soon(_collect_source, source, catalog, metrics, result)
     finally:
         logging.getLogger("reaper.daemon.source").removeHandler(handler)
     result.measurements.sort(key=lambda m: (m.source, m.metric))
     result.empty.sort()
     return result
+
+
+async def _concrete(chosen: Sequence[SourceConfig], result: OnceResult) -> list[tuple[str, SourceConfig]]:
+    """(the configured source's name, a source it stands for): a discovery kind's databases or members, as the
+    daemon would find them now; a concrete source stands for itself."""
+    found: list[tuple[str, SourceConfig]] = []
+
+    async def one(source: SourceConfig) -> None:
+        try:
+            children = await resolve(source)
+        except SourceUnavailable as e:
+            result.problems.append(f"source {source.name}: cannot list its members: {e}")
+            return
+        if not children:
+            result.problems.append(f"source {source.name}: lists no database or member")
+        found.extend((source.name, child) for child in children)
+
+    async with trio.open_nursery() as nursery:
+        for source in chosen:
+            nursery.start_soon(one, source)
+    return sorted(found, key=lambda pair: pair[1].name)
 
 
 async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] | None,
