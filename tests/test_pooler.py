@@ -91,6 +91,8 @@ def test_check_connect_says_the_source_is_behind_a_pooler(pooler: Program, fresh
     assert done.returncode == 0, done.stdout + done.stderr
     first = done.stdout.splitlines()[0]
     assert first.startswith("app: reachable, PostgreSQL 15") and "through a connection pooler" in first, first
+    # (the test's role is a superuser: names in the metrics resolve in the pooled session's search_path)
+    assert "a superuser through a pooler runs the metrics under the server session's own search_path" in first
 
 
 def test_a_storage_behind_a_refusing_pooler_is_told_what_to_do(pg15: ServerHandle, fresh_db: str,

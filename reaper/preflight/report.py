@@ -26,8 +26,10 @@ def source_line(r: SourceReport) -> str:
                                              else "member of no role")
     pooler = (" through a connection pooler (statement timeouts kept by reaper, no prepared statements, the server"
               " session's own search_path)" if r.pooler else "")
+    risk = ("; a superuser through a pooler runs the metrics under the server session's own search_path: "
+            "connect as a pg_monitor role (README: The monitoring role)" if r.pooler and r.superuser else "")
     return (f"{r.name}: reachable, PostgreSQL {r.version}{pooler}, {state}, database {r.database}, "
-            f"role {r.role} ({roles})")
+            f"role {r.role} ({roles}){risk}")
 
 
 def print_report(reports: list[SourceReport], fmt: str, storages: Sequence[StorageCheck] = ()) -> None:
