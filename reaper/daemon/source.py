@@ -42,7 +42,7 @@ from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
 from reaper.daemon.metrichealth import LEAST_BOUND, MetricHealth
 from reaper.daemon.rides import Rides
 from reaper.daemon.route import BatchMembers, route_sql
-from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source, idle_closed
+from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source, say_reconnected
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
 from reaper.daemon.supervise import TooManyRestarts, supervise
 from reaper.db.link import SourceLink
@@ -444,7 +444,7 @@ class SourceReaper:
     # -- connection state ----------------------------------------------------------------------
 
     async def _ensure_connected(self) -> bool:
-        now, again = trio.current_time(), self.conn is not None  # (again: the last one was closed while idle)
+        now, before = trio.current_time(), self.conn.server if self.conn is not None else None  # (closed while idle)
         if self.state.status == "down" and now < self._retry_at:
             return False
         if self.state.status == "paused":
@@ -462,10 +462,8 @@ class SourceReaper:
         st = self.state
         if st.status == "down" and self._down_since is not None:
             log.warning("source %s: up again after %.1fs (%s)", st.name, now - self._down_since, conn.product)
-        elif again:  # said once: a server ending idle sessions would have it said at every tick
-            said, self._warned = ("", "idle") in self._warned, self._warned | {("", "idle")}
-            log.log(logging.DEBUG if said else logging.INFO, "source %s: connected again: %s", st.name,
-                    idle_closed(server))
+        elif before is not None:
+            self._warned = say_reconnected(st.name, before, conn.server, conn.product, self._warned)
         else:
             log.info("source %s: connected (%s, database %s%s)", st.name, conn.product,
                      server.database, ", in recovery" if server.in_recovery else "")

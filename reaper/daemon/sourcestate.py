@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from array import array
 from bisect import bisect_left
@@ -17,6 +18,8 @@ from reaper.daemon.cost import CostSettings
 from reaper.daemon.status import LATENESS_BOUNDS, LatenessBuckets
 from reaper.db.link import SourceLink
 from reaper.schedule import PHASE_SPREAD
+
+log = logging.getLogger("reaper.daemon.source")  # (its lines are the source loop's)
 
 MAX_PARALLEL_CONNECTS = 32
 LATENESS_SAMPLES = 256  # the recent ticks whose lateness status reports (p50, p99, max)
@@ -141,12 +144,23 @@ class SourceState:
 
 
 
-def idle_closed(server: db.ServerInfo) -> str:
-    """Why a source's connection was found closed before a tick, and what keeps it (said once per source)."""
+def say_reconnected(name: str, before: db.ServerInfo, server: db.ServerInfo, product: str,
+                    said: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """Log a connection made again after the last one was found closed before a tick; `said` gains ("", "idle")
+    once the same server's closing of idle connections was explained (then at debug level: a server ending idle
+    sessions would have it said at every tick). A restart or a failover in between is said every time."""
+    if (before.address, before.started) != (server.address, server.started):
+        log.info("source %s: connected again, to %s (%s, database %s%s)", name, "a restarted server"
+                 if before.address == server.address else f"{server.address} (was {before.address})", product,
+                 server.database, ", in recovery" if server.in_recovery else "")
+        return said
     if server.idle_session_timeout:
-        return (f"the server ends sessions idle for {server.idle_session_timeout} (idle_session_timeout), "
-                "shorter than this source's pauses between ticks, so reaper connects for each tick after one; "
-                "`ALTER ROLE <reaper's role> SET idle_session_timeout = 0` keeps its connection (later reconnections"
-                " are logged at debug level)")
-    return ("the idle connection was closed by the server or something on the way (a pooler, a firewall); later"
-            " reconnections are logged at debug level")
+        why = (f"the server ends sessions idle for {server.idle_session_timeout} (idle_session_timeout), shorter "
+               "than this source's pauses between ticks, so reaper connects for each tick after one; `ALTER ROLE "
+               "<reaper's role> SET idle_session_timeout = 0` keeps its connection")
+    else:
+        why = "the idle connection was closed by the server or something on the way (a pooler, a firewall)"
+    log.log(logging.DEBUG if ("", "idle") in said else logging.INFO,
+            "source %s: connected again: %s (later reconnections like this one are logged at debug level)",
+            name, why)
+    return said | {("", "idle")}

@@ -471,7 +471,7 @@ async def _connect(dsn: str, kwargs: dict[str, Any], timeout_seconds: float,
             is_local=bool(row["via_socket"]) or _host_of(conn) in local or (pooled and row["lo"]),
             address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr),
             search_path=row["sp"] if pin else None,
-            idle_session_timeout=row["ist"] if row["ist"] not in (None, "0") else None,
+            idle_session_timeout=row["ist"] if row["ist"] not in (None, "0") else None, started=row["pst"] or 0.0,
         )
     except BaseException:
         conn.terminate()

@@ -6,7 +6,8 @@ SERVER_FACTS_SQL = ("select current_setting('server_version_num')::int as num, c
                     " coalesce(inet_server_addr() in ('127.0.0.1', '::1'), true) as lo,"
                     " (select setting from pg_settings where name = 'statement_timeout') as st,"
                     " array(select extname::text from pg_extension) as exts,"
-                    " current_setting('idle_session_timeout', true) as ist")  # (PostgreSQL 14+; else null)
+                    " current_setting('idle_session_timeout', true) as ist,"  # (PostgreSQL 14+; else null)
+                    " extract(epoch from pg_postmaster_start_time())::float8 as pst")
 SYSTEM_ID_SQL = "(select system_identifier from pg_control_system())"
 # The search_path a database's owner or a role's settings give would decide which function or view a metric's
 # unqualified name runs: a schema listed before pg_catalog, or a view named like an extension's in "$user", runs

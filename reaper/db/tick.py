@@ -21,6 +21,7 @@ class ServerInfo:
     address: str = ""  # host:port (or the unix socket) this connection reached
     search_path: str | None = None  # the one reaper pinned for the session; None: the server's (a pooler's)
     idle_session_timeout: str | None = None  # the server's, when it ends idle sessions ("2s"); None: it does not
+    started: float = 0.0  # when the server started (epoch seconds): a reconnection tells a restart by it
 
     @property
     def major(self) -> int:
