@@ -38,6 +38,16 @@ from pgserver import (
 EXTERNAL_DSN_ENV = "REAPER_TEST_DSN"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_dirs_under_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A daemon started without [collector] state_dir keeps its state where a daemon would (/var/lib/reaper as
+    root, ~/.local/state/reaper else): tests that do so (and the processes they start) write under the test
+    run's temp folder instead, never into the machine's or the user's folders."""
+    base = tmp_path_factory.mktemp("default-state")
+    os.environ["STATE_DIRECTORY"] = str(base / "systemd")
+    os.environ["XDG_STATE_HOME"] = str(base / "xdg")
+
+
 class ExternalServer:
     """The PgServer interface (``dsn``/``psql``/``major``) for a server we did not start.
 

@@ -233,9 +233,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_demo_collects_at_once_on_the_given_port_and_cleans_up() -> None:
+def test_demo_collects_at_once_on_the_given_port_and_cleans_up(tmp_path: Path) -> None:
     port = _free_port()
-    proc = reaper("demo", "--duration", "5", "--port", str(port), "--keep", timeout=180)
+    # where a daemon keeps its state by default: the demo must leave nothing there (it left a spill folder and
+    # a status file in /var/lib/reaper or ~/.local/state/reaper at every run)
+    homes = {"STATE_DIRECTORY": str(tmp_path / "systemd"), "XDG_STATE_HOME": str(tmp_path / "xdg"),
+             "HOME": str(tmp_path / "home")}
+    proc = reaper("demo", "--duration", "5", "--port", str(port), "--keep", timeout=180, env=homes)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"127.0.0.1:{port}" in proc.stdout
     last = proc.stdout.strip().splitlines()[-1]
@@ -245,12 +249,15 @@ def test_demo_collects_at_once_on_the_given_port_and_cleans_up() -> None:
     try:
         assert kept.read_text().count("\n") > 0, "no measurement within the demo's first 5 s"
         assert not (kept.parent / "pg").exists(), "the server's files must go even with --keep"
+        assert {p.name for p in kept.parent.iterdir()} == {"measurements.ndjson", "reaper.log"}
     finally:
         shutil.rmtree(kept.parent, ignore_errors=True)
 
-    proc = reaper("demo", "--duration", "1", timeout=180)
+    proc = reaper("demo", "--duration", "1", timeout=180, env=homes)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     m = re.search(r"nothing kept \((\S+) removed", last)
     assert m, last
     assert not Path(m.group(1)).exists()
+    assert not any(p.exists() for p in (tmp_path / "systemd", tmp_path / "xdg", tmp_path / "home")), (
+        list(tmp_path.rglob("*")))

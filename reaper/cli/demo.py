@@ -25,7 +25,7 @@ from rich.text import Text
 
 from reaper import db
 from reaper.cli.demo_server import DemoServer, DemoServerError, find_bindir, free_port
-from reaper.config.schema import Config, JsonFileSinkConfig, SourceConfig
+from reaper.config.schema import CollectorConfig, Config, JsonFileSinkConfig, SourceConfig
 from reaper.daemon.app import Daemon
 
 log = logging.getLogger("reaper.cli.demo")
@@ -114,6 +114,9 @@ async def _demo(server: DemoServer, output: Path, preset: str, duration: float |
     config = Config(
         sources=(SourceConfig(name="demo", dsn=dsn, preset=preset, tags={"env": "demo"}),),
         sinks=(JsonFileSinkConfig(path=str(output)),),
+        # its status file and spill queues go with the rest (the default state_dir is a daemon's, under
+        # /var/lib/reaper or ~/.local/state: each demo left a spill folder and a status there)
+        collector=CollectorConfig(state_dir=str(output.parent / "state")),
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with db.open_loop():
@@ -177,6 +180,7 @@ def run_demo(*, duration: float | None, preset: str, keep: bool, port: int | Non
         if keep:
             if server is not None:
                 shutil.rmtree(server.socket_dir, ignore_errors=True)  # the server's files are of no use stopped
+            shutil.rmtree(workdir / "state", ignore_errors=True)  # (nor is a stopped daemon's state)
             console.print(f"stopped: {lines} measurements collected; kept {output} and {workdir / 'reaper.log'}",
                           soft_wrap=True)
         else:
