@@ -21,18 +21,24 @@ pytestmark = pytest.mark.pg
 def test_a_server_ending_idle_sessions_costs_no_tick_and_is_said_once(pg15, fresh_db: str, tmp_path: Path) -> None:
     pg15.psql(f"alter database {fresh_db} set idle_session_timeout = '1s'")
     d = Daemon(tmp_path)
-    d.write_config([("a", pg15.dsn(dbname=fresh_db), 3)])
+    # and a metric with a timeout of its own: it runs in the slow lane, on a second connection closed alike
+    d.write_config([("a", pg15.dsn(dbname=fresh_db), 3)],
+                   '\n[metrics.timed]\ndescription = "slow lane"\ngauges = ["*"]\nstatement_timeout_seconds = 2\n'
+                   '[metrics.timed.sql]\n14 = "select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, 2 as v"\n')
+    d.config.write_text(d.config.read_text().replace("metrics = { ping = 3 }", "metrics = { ping = 3, timed = 3 }"))
     d.start()
     try:
-        wait_until(lambda: len(d.times("a")) >= 5, 60, "five pings, each after the server closed the connection")
+        wait_until(lambda: len(d.times("a")) >= 5 and sum(x["metric"] == "timed" for x in d.lines()) >= 5, 60,
+                   "five pings and five timed rows, each after the server closed the connections")
     finally:
         assert d.stop() == 0
     log = d.log_text()
     assert log.count("connected again") == 1, log
+    assert log.count("slow lane connected") == 1, log
     (line,) = [x for x in log.splitlines() if "connected again" in x]
     assert "INFO" in line and "idle_session_timeout" in line and "1s" in line, line
     assert "ERROR" not in log and "WARNING" not in log and ": down" not in log, log
-    times = d.times("a")
+    times = [x["data"][0]["epoch_ns"] / 1e9 for x in d.lines() if x["metric"] == "ping"]
     assert all(1.5 < b - a < 5.5 for a, b in itertools.pairwise(times)), times  # every 3 s tick delivered
 
 

@@ -75,7 +75,7 @@ class Lane:
     """Runs the jobs handed to it one after the other, in a task that lives while it has work.
     `offer()` never blocks the caller."""
 
-    __slots__ = ("_busy", "_idle_since", "_longest", "_nursery", "_pending", "_queue", "_skip_warned",
+    __slots__ = ("_busy", "_idle_since", "_longest", "_nursery", "_opens", "_pending", "_queue", "_skip_warned",
                  "lease", "link", "lock", "min_idle", "opener", "owner", "state")  # two per source: no __dict__ each
 
     def __init__(self, name: str, owner: LaneOwner, *, lease: Lane | None = None,
@@ -97,6 +97,7 @@ class Lane:
         self._pending: set[str] | None = None
         self._skip_warned: set[str] | None = None
         self._longest = 0.0
+        self._opens = 0  # connections opened: the first is said at INFO, the others (idle closes) at debug level
 
     def __repr__(self) -> str:
         pending = len(self._pending or ())
@@ -290,7 +291,10 @@ class Lane:
         self.touch()
         self.state.error = None
         self.state.connected = True
-        log.info("source %s: %s lane connected (the source's second connection)", self.owner.name, self.state.name)
+        self._opens += 1  # (a server ending idle sessions would have it said at every run)
+        log.log(logging.INFO if self._opens == 1 else logging.DEBUG, "source %s: %s lane connected (the source's "
+                "second connection%s)", self.owner.name, self.state.name,
+                "" if self._opens == 1 else f", opened {self._opens} times")
         return link
 
     def drop(self) -> None:
