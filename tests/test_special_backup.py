@@ -228,8 +228,10 @@ async def test_a_missing_walg_and_an_unreadable_env_file_are_unavailable(repo: R
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     async with special_runner(repo.server.dsn()) as run:
-        with pytest.raises(MetricUnavailable, match="wal-g is not installed or not on reaper's PATH"):
+        with pytest.raises(MetricUnavailable) as missing:
             await run("backup_age_walg")
+        assert missing.value.message == ("wal-g is not installed or not on reaper's PATH (WAL-G has no Debian "
+                                         "package: install its release binary)")
     async with special_runner(repo.server.dsn(), walg_env_file=str(tmp_path / "absent.env")) as run:
         with pytest.raises(MetricUnavailable, match=r"cannot read specials\.walg_env_file .*absent\.env"):
             await run("backup_age_walg")

@@ -201,7 +201,7 @@ async def _walg(ctx: SpecialContext, prefix: list[str], argv: list[str]) -> tupl
     env = await walg_environment(ctx)
     table = ctx.metric.table
     try:
-        result = await run_tool(ctx, argv, package="wal-g (no Debian package: WAL-G's release binary)",
+        result = await run_tool(ctx, argv, package="WAL-G has no Debian package: install its release binary",
                                 prefix=prefix, env=env)
     except ToolTimeout as e:
         return [(table, [_row(ctx.wall_ns, TIMEOUT_RETCODE, None, f"Not OK. {e}")])], False

@@ -105,7 +105,8 @@ def _missing(program: str, tool: str, package: str, prefixed: bool) -> str:
     if program != tool:
         return f"the command prefix's program {program} is not installed or not on reaper's PATH"
     where = "where the command prefix runs it" if prefixed else "on reaper's PATH"
-    return f"{tool} is not installed or not {where} (Debian package {package})"
+    how = package if " " in package else f"Debian package {package}"  # (a phrase where there is no package)
+    return f"{tool} is not installed or not {where} ({how})"
 
 
 def denied(text: str) -> bool:
