@@ -1,7 +1,7 @@
 """server_log_event_counts: server log messages per severity since the previous run, from the csvlog files.
 
-Requires `logging_collector = on` and `csvlog` in `log_destination` (otherwise the metric fails with
-a message saying so; the source reports it once).
+Requires `logging_collector = on` and `csvlog` in `log_destination` (otherwise the metric is unavailable:
+one warning saying so, and skipped; the settings are read again with each new connection).
 
 Where the files are read
     local   reaper runs on the server's host (osmetrics.on_server_host: unix socket, or a matching
@@ -44,7 +44,7 @@ from typing import Any
 import attrs
 import trio
 
-from reaper.errors import MetricError
+from reaper.errors import MetricError, MetricUnavailable
 from reaper.special import Result, SpecialContext
 from reaper.special.facts import server_facts
 from reaper.special.osmetrics import on_server_host
@@ -371,8 +371,9 @@ async def log_settings(ctx: SpecialContext) -> dict[str, Any]:
     destinations = {d.strip().lower() for d in str(settings["log_destination"]).split(",")}
     if "csvlog" not in destinations:
         problems.append(f"csvlog in log_destination (it is '{settings['log_destination']}')")
-    if problems:
-        raise MetricError(NAME, "needs " + " and ".join(problems) + " on the server: it counts the csvlog files")
+    if problems:  # the server's setup, not a failure: one warning, skipped (read again on a new connection)
+        raise MetricUnavailable(NAME, "needs " + " and ".join(problems) + " on the server: it counts the csvlog "
+                                "files")
     return settings
 
 
