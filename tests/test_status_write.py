@@ -38,7 +38,7 @@ def make_daemon(tmp_path: Path, sources: int = 3) -> Daemon:
                   'preset = "basic"', ""]
     (tmp_path / "reaper.toml").write_text("\n".join(lines))
     daemon = Daemon(load_config(tmp_path / "reaper.toml"))
-    for config in daemon.source_configs:
+    for config in daemon.config.sources:
         reaper = daemon._make_source(config, daemon.catalog)
         st = reaper.state
         st.status, st.server_version, st.in_recovery = "up", "15.4", False
