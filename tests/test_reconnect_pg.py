@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pgserver import PgServer
 from test_daemon import Daemon, wait_until
+from test_lanes_pg import metric_toml
 
 pytestmark = pytest.mark.pg
 
@@ -22,9 +23,7 @@ def test_a_server_ending_idle_sessions_costs_no_tick_and_is_said_once(pg15, fres
     pg15.psql(f"alter database {fresh_db} set idle_session_timeout = '1s'")
     d = Daemon(tmp_path)
     # and a metric with a timeout of its own: it runs in the slow lane, on a second connection closed alike
-    d.write_config([("a", pg15.dsn(dbname=fresh_db), 3)],
-                   '\n[metrics.timed]\ndescription = "slow lane"\ngauges = ["*"]\nstatement_timeout_seconds = 2\n'
-                   '[metrics.timed.sql]\n14 = "select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, 2 as v"\n')
+    d.write_config([("a", pg15.dsn(dbname=fresh_db), 3)], metric_toml("timed", "slow lane", "2 as v", timeout=2))
     d.config.write_text(d.config.read_text().replace("metrics = { ping = 3 }", "metrics = { ping = 3, timed = 3 }"))
     d.start()
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 from test_daemon import Daemon, wait_until
+from test_lanes_pg import metric_toml
 
 from reaper import db
 
@@ -96,8 +97,7 @@ def test_a_reload_that_lists_the_schema_reconnects_and_the_metric_collects(pg15,
                                                                         tmp_path: Path) -> None:
     d = Daemon(tmp_path)
     d.write_config([("a", pg15.dsn(dbname=owned_db), 1)],
-                   '\n[metrics.orders]\ndescription = "an application table"\ngauges = ["*"]\n[metrics.orders.sql]\n'
-                   '11 = "select (extract(epoch from now()) * 1e9)::int8 as epoch_ns, count(*) as n from orders"\n')
+                   metric_toml("orders", "an application table", "count(*) as n from orders"))
     d.config.write_text(d.config.read_text().replace("metrics = { ping = 1 }", "metrics = { ping = 1, orders = 1 }"))
     d.start()
     try:
