@@ -143,7 +143,6 @@ class SourceState:
     metric_measurements: dict[str, int] = attrs.field(factory=dict)  # metric -> measurements delivered
 
 
-
 def say_reconnected(name: str, before: db.ServerInfo, server: db.ServerInfo, product: str,
                     said: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
     """Log a connection made again after the last one was found closed before a tick; `said` gains ("", "idle")

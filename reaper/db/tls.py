@@ -105,10 +105,9 @@ def keep_alive(sock: Any, settings: dict[str, int]) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if settings["keepalives"] else 0)
-    if not settings["keepalives"]:
-        return
-    for option, key in (("TCP_KEEPIDLE", "keepalives_idle"), ("TCP_KEEPINTVL", "keepalives_interval"),
-                        ("TCP_KEEPCNT", "keepalives_count"), ("TCP_USER_TIMEOUT", "tcp_user_timeout")):
+    options = (("TCP_KEEPIDLE", "keepalives_idle"), ("TCP_KEEPINTVL", "keepalives_interval"),
+               ("TCP_KEEPCNT", "keepalives_count")) if settings["keepalives"] else ()
+    for option, key in (*options, ("TCP_USER_TIMEOUT", "tcp_user_timeout")):  # (libpq: the last one either way)
         if settings[key] > 0 and hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), settings[key])
 
