@@ -5,7 +5,7 @@
   sinks (and so were [[sources_from]]'s rows).
 - `reaper once` collects from them: it collected the discovery dsn's own maintenance database, under the
   discovery source's name, which the daemon never collects; `--source` takes a found database's name, as
-  `check --connect` shows it.
+  `check --connect` shows it (and `check --connect --source` takes it too).
 
 A real daemon or CLI, a real server, the real endpoint."""
 
@@ -83,6 +83,17 @@ def test_once_collects_the_databases_a_discovery_source_finds(pg15, tmp_path: Pa
         assert once() == {f"found_{n}": n for n in names}
         assert once("--source", f"found_{names[1]}") == {f"found_{names[1]}": names[1]}
         assert once("--source", "found") == {f"found_{n}": n for n in names}
+        # and check --connect, where those names come from
+        done = subprocess.run([sys.executable, "-m", "reaper.cli", "check", "--connect", "--config", str(config),
+                               "--format", "json", "--source", f"found_{names[0]}"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert [r["name"] for r in json.loads(done.stdout)["sources"]] == [f"found_{names[0]}"]
+        done = subprocess.run([sys.executable, "-m", "reaper.cli", "check", "--connect", "--config", str(config),
+                               "--source", "found_nothing"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert "--source found_nothing: no such source in the config, nor found by its discovery sources" in (
+            done.stderr)
     finally:
         for name in names:
             pg15.psql(f"drop database if exists {name} with (force)")

@@ -57,7 +57,11 @@ class SourceReport:
 async def check_connect(config: Config, only: Sequence[str] | None = None) -> list[SourceReport]:
     """A report per concrete source, in name order."""
     catalog = Catalog.for_config(config)
-    chosen = [s for s in config.sources if (s.name in only if only else s.enabled)]
+    asked = set(only or ())
+    # a name the config does not list may be a database a discovery source finds: those are listed then
+    chosen = [s for s in config.sources if (s.name in asked or (bool(asked - {c.name for c in config.sources})
+                                                                 and s.enabled and is_discovery(s))
+                                            if asked else s.enabled)]
     reports: list[SourceReport] = []
     limiter = trio.CapacityLimiter(CONCURRENCY)
 
@@ -76,7 +80,8 @@ async def check_connect(config: Config, only: Sequence[str] | None = None) -> li
             reports.append(SourceReport(source.name, kind=source.kind, error="lists no database or member"))
         async with trio.open_nursery() as inner:
             for child in children:
-                inner.start_soon(one, child)
+                if not asked or source.name in asked or child.name in asked:
+                    inner.start_soon(one, child)
 
     async with db.open_loop(), trio.open_nursery() as nursery:
         for source in chosen:

@@ -31,14 +31,19 @@ def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: st
     import trio  # the command's modules load only when it runs
 
     from reaper.cli.output import choose_format
+    from reaper.kinds import is_discovery
     from reaper.preflight import check_connect, check_storages
     from reaper.preflight.report import fix_script, print_report
 
     fmt = choose_format(fmt)
     known = {s.name for s in config.sources}
-    if unknown := [n for n in sources or () if n not in known]:
+    finding = any(s.enabled and is_discovery(s) for s in config.sources)  # (their databases' names: found now)
+    if (unknown := [n for n in sources or () if n not in known]) and not finding:
         raise ConfigError([f"--source {n}: no such source in the config" for n in unknown])
     reports = trio.run(check_connect, config, sources)
+    if unknown := [n for n in unknown if n not in {r.name for r in reports}]:
+        raise ConfigError([f"--source {n}: no such source in the config, nor found by its discovery sources"
+                           for n in unknown])
     storages = [] if sources else trio.run(check_storages, config)  # (--source: those sources only)
     print_report(reports, fmt, storages)
     if sql_out:
