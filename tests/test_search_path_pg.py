@@ -130,6 +130,20 @@ def test_a_string_where_the_list_belongs_is_refused_not_split(tmp_path: Path, ta
         f"{config}: {key}: expected a list of strings ([\"a\", \"b\"]), got '{value}'"]
 
 
+def test_check_connect_names_a_search_path_schema_the_database_lacks(pg15, owned_db: str, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[sources]]\nname = "a"\ndsn = "{pg15.dsn(dbname=owned_db)}"\nsearch_path = ["app", "aap"]\n'
+                      'metrics = { db_stats = 60 }\n[[sinks]]\ntype = "jsonfile"\npath = "o.ndjson"\n')
+    done = subprocess.run([*REAPER, "check", "--connect", "--config", str(config), "--format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (source,) = json.loads(done.stdout)["sources"]
+    assert (source["search_path"], source["absent_schemas"]) == ("pg_catalog, app, aap, public", ["aap"])
+    done = subprocess.run([*REAPER, "check", "--connect", "--config", str(config), "--format", "plain"],
+                          capture_output=True, text=True, timeout=120)
+    assert "note\ta\tits search_path names schemas this database lacks: aap" in done.stdout.splitlines()
+
+
 @pytest.mark.parametrize(("value", "problem"), [
     ('["$$user", "public"]', 'search_path[0]: "$user" is not taken: name the schema (its owner would decide what the'
                              " metrics run)"),

@@ -45,6 +45,7 @@ class SourceReport:
     address: str = ""
     pooler: bool = False  # reached through a connection pooler (reaper.db.pooler)
     search_path: str | None = None  # the one reaper pinned (reaper.db.facts); None: the server's
+    absent_schemas: tuple[str, ...] = ()  # the source's search_path schemas this database lacks (a typo?)
     role: str = ""
     superuser: bool = False
     memberships: tuple[str, ...] = ()
@@ -145,6 +146,10 @@ async def _check_postgres(source: SourceConfig, catalog: Catalog, report: Source
         report.version, report.major, report.in_recovery = server.version, server.major, server.in_recovery
         report.database, report.address, report.pooler = server.database, server.address, conn.pooled
         report.search_path = server.search_path
+        if server.search_path is not None:
+            rows = await conn.fetch("select s from unnest($1::text[]) as s"
+                                    " where to_regnamespace(quote_ident(s)) is null", list(source.search_path))
+            report.absent_schemas = tuple(r["s"] for r in rows)
         intervals = catalog.intervals(source, standby=server.in_recovery)
         needs = {name: metric_needs(catalog.metrics[name], server.major, catalog.metrics) for name in intervals}
         functions, relations, settings, extensions = names_to_check(needs.values())

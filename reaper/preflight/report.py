@@ -29,7 +29,12 @@ def source_line(r: SourceReport) -> str:
     risk = ("; a superuser through a pooler runs the metrics under the server session's own search_path: "
             "connect as a pg_monitor role (README: The monitoring role)" if r.pooler and r.superuser else "")
     return (f"{r.name}: reachable, PostgreSQL {r.version}{pooler}, {state}, database {r.database}, "
-            f"role {r.role} ({roles}){risk}")
+            f"role {r.role} ({roles}){risk}{absent_line(r)}")
+
+
+def absent_line(r: SourceReport) -> str:
+    return (f"; its search_path names schemas this database lacks: {', '.join(r.absent_schemas)}"
+            if r.absent_schemas else "")
 
 
 def print_report(reports: list[SourceReport], fmt: str, storages: Sequence[StorageCheck] = ()) -> None:
@@ -42,6 +47,8 @@ def print_report(reports: list[SourceReport], fmt: str, storages: Sequence[Stora
             print_plain("source", r.name, "reachable" if r.reachable else "unreachable", r.error or r.version,
                         "" if r.in_recovery is None else ("standby" if r.in_recovery else "primary"), r.role,
                         "superuser" if r.superuser else ",".join(r.memberships))
+            if r.absent_schemas:
+                print_plain("note", r.name, absent_line(r).removeprefix("; "))
             for v in r.verdicts:
                 print_plain("metric", r.name, v.metric, v.status, "; ".join(v.reasons), " ".join(v.fixes))
             if r.reachable and r.verdicts:
@@ -82,7 +89,8 @@ def as_json(r: SourceReport) -> dict[str, Any]:
     return {"name": r.name, "kind": r.kind, "reachable": r.reachable, "error": r.error or None,
             "version": r.version or None, "major": r.major or None, "in_recovery": r.in_recovery,
             "database": r.database or None, "pooler": r.pooler,
-            "search_path": r.search_path, "role": r.role or None, "superuser": r.superuser,
+            "search_path": r.search_path, "absent_schemas": list(r.absent_schemas), "role": r.role or None,
+            "superuser": r.superuser,
             "memberships": list(r.memberships),
             "metrics": [{"metric": v.metric, "status": v.status, "reasons": list(v.reasons), "fixes": list(v.fixes)}
                         for v in r.verdicts],
