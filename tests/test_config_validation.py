@@ -270,3 +270,45 @@ def test_run_refuses_a_config_check_refuses_with_the_same_line(tmp_path: Path) -
         assert proc.returncode != 0
         assert line in proc.stderr.splitlines(), proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def check_lines(tmp_path: Path, text: str) -> list[str]:
+    """What `reaper check` prints for a config, as the operator sees it (one line per problem, the file cut)."""
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "reaper.cli", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return [line.removeprefix(f"{config}: ") for line in proc.stderr.splitlines()]
+
+
+def test_a_table_with_a_wrong_value_still_has_its_other_problems_named_in_the_same_check(tmp_path: Path) -> None:
+    """A wrong value in a source, a sink or [collector] left the rest of that table unchecked: a second
+    `check` (after the first fix) named the next mistakes. Every problem is named in one check."""
+    lines = check_lines(tmp_path, SRC + 'preset = "basik"\nmetrics = { db_stats = "30", no_such_metric = 60 }\n'
+                        'connect_timeout_seconds = -1\n'
+                        + SRC + SINK + '[[sinks]]\ntype = "jsonfile"\npath = "-"\nfile_mode = "rw"\n'
+                        f'[collector]\nqueue_capacity = "many"\nstate_dir = "{tmp_path / "c.toml"}"\n')
+    starts = ["sources[0].metrics.db_stats: expected a whole number, got '30'",
+              "sources[0].connect_timeout_seconds: must be more than 0, got -1",
+              "sources[0].preset: unknown preset 'basik' (known: ",
+              "sources[0].metrics.no_such_metric: unknown metric",
+              "sources[1].name: duplicate source name 'a' (also sources[0])",
+              "sinks[1].file_mode: ",
+              "sinks[1]: duplicate sink ",
+              "collector.queue_capacity: ",
+              f"collector.state_dir: {tmp_path / 'c.toml'} exists and is not a directory"]
+    assert len(lines) == len(starts), lines
+    for start in starts:
+        assert any(line.startswith(start) for line in lines), (start, lines)
+
+
+def test_a_definition_that_does_not_structure_is_not_called_unknown_where_it_is_used(tmp_path: Path) -> None:
+    """A config's own metric or preset with a mistake was named twice: by its own line and as "unknown" by
+    every source using it, which sent the operator looking for a missing definition."""
+    lines = check_lines(tmp_path, '[metrics.mine]\nsql = { 11 = "select 1 as x" }\ngauges = 5\n'
+                        '[presets.p]\nmetrics = { mine = "often" }\n'
+                        + SRC + 'preset = "p"\nmetrics = { mine = 30 }\ntop_n = { mine = { n = 5 } }\n' + SINK)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("metrics.mine.gauges: ") and lines[1].startswith("presets.p.metrics.mine: "), lines
+    assert not any("unknown" in line for line in lines), lines

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -29,7 +29,6 @@ from reaper.config.schema import (
     Config,
     FleetConfig,
     JsonFileSinkConfig,
-    MetricDef,
     PostgresSinkConfig,
     SinkConfig,
     SourceConfig,
@@ -129,11 +128,41 @@ def expand_table(raw: Mapping[str, Any], where: str, environ: Mapping[str, str],
 
 TOP_LEVEL_KEYS = ["collector", "fleet", "metrics", "presets", "sinks", "sources", "sources_from"]
 _SINK_EXPANDED = frozenset({"dsn", "password_file"})
+T = TypeVar("T")
 
 
-def _check_intervals(where: str, intervals: Mapping[str, int], known: Mapping[str, MetricDef]) -> list[str]:
+def _defined(top_n: Mapping[str, T], broken: Mapping[str, set[str]]) -> dict[str, T]:
+    """A top_n table without the metrics whose own definition did not structure (their lines say why)."""
+    return {name: level for name, level in top_n.items() if name not in broken.get("metrics", ())}
+
+
+def _check_intervals(where: str, intervals: Mapping[str, int], known: Collection[str]) -> list[str]:
     """Metrics an interval table names that no definition has (the values' range is the model's rule)."""
     return [f"{where}.{metric}: unknown metric" for metric in intervals if metric not in known]
+
+
+def _stand_in(table: Mapping[str, Any], structure: Callable[[Any], T], lines: list[str], where: str) -> T | None:
+    """A table that did not structure, with the entries its problem `lines` name left out (a key, or one entry
+    of a key's table), structured again: the checks of the rest (names, references, files) still run on it,
+    so one `check` names every problem at once. None when even that fails or a `kind`/`type` is at fault
+    (the other checks depend on it). Never part of a Config: the lines it stands in for already fail it."""
+    if not isinstance(table, Mapping):
+        return None
+    pruned: dict[str, Any] = dict(table)
+    for line in lines:
+        path = line.split(": ", 1)[0].removeprefix(where)
+        found = re.match(r"\.([^.\[]+)(?:\.([^.\[]+))?", path)
+        if found is None or found[1] in ("kind", "type"):
+            return None
+        key, entry = found[1], found[2]
+        if entry is not None and isinstance(pruned.get(key), Mapping):
+            pruned[key] = {k: v for k, v in pruned[key].items() if k != entry}
+        else:
+            pruned.pop(key, None)
+    try:
+        return structure(pruned)
+    except Exception:
+        return None
 
 
 def _check_file(where: str, path: str | None, what: str) -> list[str]:
@@ -168,7 +197,11 @@ def _structure_sources(raw_sources: Any, origin: str, env: Mapping[str, str],
         try:
             structured.append((i, converter.structure(expanded, SourceConfig)))
         except Exception as e:
-            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, where))
+            lines = _format_cattrs_errors(e, where)
+            problems.extend(f"{origin}: {line}" for line in lines)
+            stand_in = _stand_in(expanded, lambda t: converter.structure(t, SourceConfig), lines, where)
+            if stand_in is not None:
+                structured.append((i, stand_in))
     return structured
 
 
@@ -191,8 +224,12 @@ def _structure_sinks(raw_sinks: Any, origin: str, env: Mapping[str, str], proble
         except Exception as e:
             if "unknown sink type" in str(e):
                 problems.append(f"{origin}: {where}.type: {e}")
-            else:
-                problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, where))
+                continue
+            lines = _format_cattrs_errors(e, where)
+            problems.extend(f"{origin}: {line}" for line in lines)
+            stand_in = _stand_in(expanded, structure_sink, lines, where)
+            if stand_in is not None:
+                structured.append(stand_in)
     return structured
 
 
@@ -270,11 +307,15 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
     problems.extend(def_problems)
     all_metrics = {**shipped.metrics, **own.metrics}
     all_presets = {**shipped.presets, **own.presets}
+    # a definition of the config's own that did not structure is named by its own lines, not "unknown" where used
+    broken = {table: set(raw) - set(getattr(own, table)) for table in ("metrics", "presets")
+              if isinstance(raw := data.get(table), Mapping)}
+    metric_names = all_metrics.keys() | broken.get("metrics", set())
     for name, preset in own.presets.items():
         problems.extend(f"{origin}: {p}" for p in
-                        _check_intervals(f"presets.{name}.metrics", preset.metrics, all_metrics))
+                        _check_intervals(f"presets.{name}.metrics", preset.metrics, metric_names))
         problems.extend(f"{origin}: {p}" for p in
-                        reference_problems(f"presets.{name}.top_n", preset.top_n, all_metrics))
+                        reference_problems(f"presets.{name}.top_n", _defined(preset.top_n, broken), all_metrics))
 
     for key in data:
         if key not in TOP_LEVEL_KEYS:
@@ -292,7 +333,10 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         try:
             collector = anchored(converter.structure(data["collector"], CollectorConfig), base)
         except Exception as e:
-            problems.extend(f"{origin}: {line}" for line in _format_cattrs_errors(e, "collector"))
+            lines = _format_cattrs_errors(e, "collector")
+            problems.extend(f"{origin}: {line}" for line in lines)
+            collector = anchored(_stand_in(data["collector"], lambda t: converter.structure(t, CollectorConfig),
+                                           lines, "collector") or collector, base)
     if collector.state_dir is None:
         collector = attrs.evolve(collector, state_dir=default_state_dir(path, env))
 
@@ -306,16 +350,17 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
             seen[src.name] = i
         problems.extend(f"{origin}: {where}.{p}" for p in check_source(src))
         for key, preset_name in (("preset", src.preset), ("standby_preset", src.standby_preset)):
-            if preset_name is not None and preset_name not in all_presets:
+            if preset_name is not None and preset_name not in all_presets.keys() | broken.get("presets", set()):
                 problems.append(f"{origin}: {where}.{key}: unknown preset {preset_name!r} "
                                 f"(known: {', '.join(sorted(all_presets))})")
-        problems.extend(f"{origin}: {p}" for p in _check_intervals(f"{where}.metrics", src.metrics, all_metrics))
+        problems.extend(f"{origin}: {p}" for p in _check_intervals(f"{where}.metrics", src.metrics, metric_names))
         problems.extend(f"{origin}: {p}" for p in
-                        _check_intervals(f"{where}.standby_metrics", src.standby_metrics, all_metrics))
+                        _check_intervals(f"{where}.standby_metrics", src.standby_metrics, metric_names))
         problems.extend(f"{origin}: {p}" for p in
                         _check_file(f"{where}.password_file", src.password_file, "a file holding the password"))
-        problems.extend(f"{origin}: {p}" for p in reference_problems(f"{where}.top_n", src.top_n, all_metrics, [
-            all_presets.get(src.preset or ""), all_presets.get(src.standby_preset or "")]))
+        problems.extend(f"{origin}: {p}" for p in reference_problems(
+            f"{where}.top_n", _defined(src.top_n, broken), all_metrics,
+            [all_presets.get(src.preset or ""), all_presets.get(src.standby_preset or "")]))
     sources = tuple(src for _, src in structured_sources)
     for dsn in [src.dsn for src in sources] + [k.dsn for k in structured_sinks if isinstance(k, PostgresSinkConfig)] \
             + [f.dsn for f in sources_from]:
