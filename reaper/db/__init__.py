@@ -27,7 +27,7 @@ from reaper.db.conntune import tune
 from reaper.db.describe import describe_text, split_description
 from reaper.db.facts import EXTENSIONS_REPINNED_SQL, PIN_SEARCH_PATH, SERVER_FACTS_SQL, SYSTEM_ID_SQL
 from reaper.db.failures import describe_error, is_connection_error, unresolved_hint  # (others take the first two here)
-from reaper.db.recordsafe import Batchable, is_decode_error, record_safe_sql
+from reaper.db.recordsafe import READ_FAILURES, Batchable, RecordSafety, is_decode_error, read_hint, record_safe_sql
 from reaper.db.rows import RowLimit, RowShape, TooManyRows, describe, go_rows
 from reaper.db.tick import ServerInfo, SoloQuery, TickOutcome, TickRequest
 from reaper.errors import MetricError, SourceUnavailable
@@ -61,7 +61,7 @@ def timeout_ms(seconds: float | None) -> str | None:
     return None if seconds is None else str(int(seconds * 1000))
 
 
-class SourceConnection:
+class SourceConnection(RecordSafety):
     """One connection to a monitored server, with its server facts and a column-name cache.
 
     Implements reaper.db.link.SourceLink; `statements` counts what it has sent since it opened.
@@ -70,6 +70,7 @@ class SourceConnection:
     combines = True  # a tick's metrics share one combined statement
     checks_size = True
     creates_extensions = True
+    guard = READ_ONLY_GUARD
 
     def __init__(self, conn: Any, server: ServerInfo) -> None:
         self._conn = conn
@@ -80,6 +81,7 @@ class SourceConnection:
         self.timeout: str | None = None  # the session's statement_timeout as last set (None: the connect default)
         self.rewrites: dict[str, str] = {}  # sql -> what the batch sends for it (reaper.db.recordsafe)
         self.unbatched: set[str] = set()  # sqls whose records asyncpg cannot read: sent alone
+        self.as_text: set[str] = set()  # sqls whose date and time columns go as text (reaper.db.recordsafe)
         self.members = Members(self.rewrites)  # the batch statement's metrics (reaper.db.combined)
         self.pooled = isinstance(conn, pooler.Pooled)  # behind a connection pooler: no session state (reaper.db.pooler)
 
@@ -103,14 +105,14 @@ class SourceConnection:
         """One metric alone, under its own statement timeout when it has one (see SET_TIMEOUT).
         MetricError when it fails, SourceUnavailable when the connection breaks."""
         try:
-            rows: list[dict[str, Any]] = await crossing(self._run_solo, query)
-        except (asyncpg.PostgresError, TooManyRows) as e:
+            rows: list[dict[str, Any]] = await crossing(self._run_solo, query, name)
+        except READ_FAILURES as e:
             raise MetricError(name, self._why(e)) from e
         return rows
 
     def _why(self, e: BaseException) -> str:
         """A metric's failure in one line (a name not found: where reaper looked, reaper.db.facts)."""
-        return describe_error(e) + unresolved_hint(e, self.server.search_path)
+        return describe_error(e) + unresolved_hint(e, self.server.search_path) + read_hint(e)
 
     async def _use_timeout(self, seconds: float | None) -> None:
         """Give the session the statement_timeout `seconds` (None: the connect default) unless it has it."""
@@ -140,7 +142,7 @@ class SourceConnection:
                 try:
                     prepared = await self._conn.prepare(sql)
                     self._learn(sql, prepared.get_attributes())
-                except asyncpg.PostgresError as e:
+                except READ_FAILURES as e:
                     if is_connection_error(e):
                         raise
                     errors[name] = self._why(e)
@@ -179,8 +181,8 @@ class SourceConnection:
                 continue
             started = time.perf_counter()
             try:
-                rows[name] = await self._run_solo(query)
-            except (asyncpg.PostgresError, TooManyRows) as e:
+                rows[name] = await self._run_solo(query, name)
+            except READ_FAILURES as e:
                 if is_connection_error(e):
                     raise
                 errors[name] = self._why(e)
@@ -195,7 +197,7 @@ class SourceConnection:
         failing metric gets its own error and the others run."""
         try:
             prepared = await self._conn.prepare(describe_text(sqls))
-        except asyncpg.PostgresError as e:
+        except READ_FAILURES as e:
             if is_connection_error(e):
                 raise
             return
@@ -245,8 +247,9 @@ class SourceConnection:
             for name in names:
                 started = time.perf_counter()
                 try:
-                    rows[name] = await self._run_solo(SoloQuery(sqls[name], queries[name].statement_timeout_seconds))
-                except (asyncpg.PostgresError, TooManyRows) as e2:
+                    rows[name] = await self._run_solo(SoloQuery(sqls[name], queries[name].statement_timeout_seconds),
+                                                      name)
+                except READ_FAILURES as e2:
                     if is_connection_error(e2):
                         raise
                     errors[name] = self._why(e2)
@@ -270,24 +273,18 @@ class SourceConnection:
             active.append(int(record[-1] or 0))
         return bool(record[0]), False
 
-    async def _probe_records(self, name: str, sql: str) -> None:
-        """After a batch whose records asyncpg could not read: this metric's too? Then it is sent alone from now on."""
-        try:
-            self.statements += 1
-            probe = Members.of({name: sql}, self.rewrites)
-            await self._conn.fetchrow(probe.text(False, READ_ONLY_GUARD, RowLimit.value), "t")
-        except Exception as e:
-            if is_decode_error(e) and not self._conn.is_closed():
-                self.unbatched.add(sql)
-                log.warning("database %s: metric %s: its rows cannot be read inside the batch's records (%s); it "
-                            "runs in a statement of its own from now on", self.server.database, name, describe_error(e))
-            elif is_connection_error(e):
-                raise
-
-    async def _run_solo(self, query: SoloQuery) -> list[dict[str, Any]]:
+    async def _run_solo(self, query: SoloQuery, name: str) -> list[dict[str, Any]]:
         await self._use_timeout(query.statement_timeout_seconds)
-        self.statements += 1
-        records = await self._conn.fetch(f"{read_only(query.sql)}\nlimit {RowLimit.value + 1}")
+        sql = self.rewrites[query.sql] if query.sql in self.as_text else query.sql
+        while True:
+            self.statements += 1
+            try:
+                records = await self._conn.fetch(f"{read_only(sql)}\nlimit {RowLimit.value + 1}")
+                break
+            except Exception as e:  # a value Python cannot hold: as text, once (reaper.db.recordsafe)
+                if not is_decode_error(e) or self._conn.is_closed():
+                    raise
+                sql = await self.send_as_text(name, query.sql, e)
         if len(records) > RowLimit.value:
             del records  # (the error's traceback keeps this frame: not its rows, until a full collection)
             raise TooManyRows(RowLimit.value)

@@ -13,6 +13,8 @@ from reaper.config.redact import scrub
 def is_connection_error(exc: BaseException) -> bool:
     """Errors that mean the connection (not the query) is broken; asyncpg's InternalClientError too: its protocol
     is confused, e.g. by a server's FATAL message (a forced drop database) read while the connection was idle."""
+    if isinstance(exc, asyncpg.UnsupportedClientFeatureError):  # a column type asyncpg cannot read: the metric's
+        return False
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError
                   | OSError | asyncio.TimeoutError | ConnectionError | EOFError):
         return True
