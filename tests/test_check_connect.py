@@ -220,3 +220,29 @@ path = "{tmp_path / 'out.jsonl'}"
     assert proc.stdout.startswith("source\tgone\tunreachable\t")
     assert [line for line in proc.stderr.splitlines() if "gone" in line] == [
         line for line in proc.stderr.splitlines() if line.startswith("source gone: unreachable: ")]
+
+
+def test_a_metric_whose_sql_fails_on_the_server_is_not_said_to_collect(pg15, fresh_db, tmp_path: Path) -> None:
+    """`check --connect` judged a metric by the catalog objects its SQL names, so a custom metric with a misspelt
+    column, a table that is not there or a column type reaper cannot read was "will collect", then failed at
+    every run. Each active metric's SQL is now prepared (never run) on the connection: the same failure as the
+    collector's, before the first tick."""
+    config = tmp_path / "reaper.toml"
+    custom = {"typo": "select relnam as n from pg_class limit 1", "gone": "select count(*) as n from no_such_table",
+              "whole": "select c as whole from pg_class as c where c.relname = 'pg_class'",
+              "good": "select count(*) as n from pg_class"}
+    config.write_text(f'[collector]\nstate_dir = "{tmp_path / "state"}"\n'
+                      + "".join(f'[metrics.{n}]\ngauges = ["*"]\nsql = {{ 11 = "{sql}" }}\n' for n, sql in custom.items())
+                      + f'[[sources]]\nname = "main"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
+                        'metrics = { typo = 60, gone = 60, whole = 60, good = 60, db_stats = 60 }\n'
+                      + f'[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "out.jsonl"}"\n')
+    document = _check(config)
+    verdicts = _verdicts(document)
+    assert {n for n, v in verdicts.items() if v["status"] == "fails"} == {"typo", "gone", "whole"}, verdicts
+    assert {n: v["status"] for n, v in verdicts.items() if n in ("good", "db_stats")} == {
+        "good": "collect", "db_stats": "collect"}
+    assert 'column "relnam" does not exist (SQLSTATE 42703)' in verdicts["typo"]["reasons"][0]
+    assert "no_such_table" in verdicts["gone"]["reasons"][0] and "search_path" in verdicts["gone"]["reasons"][0]
+    assert "cast the column to text" in verdicts["whole"]["reasons"][0]
+    assert document["sources"][0]["summary"] == "main: 2 of 5 metrics will collect; 3 will fail (their SQL: see above)"
+    assert _not_collected_by_once(config) == {"typo", "gone", "whole"}  # the collector agrees

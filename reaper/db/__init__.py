@@ -24,7 +24,7 @@ from reaper.db.aioloop import tolerate_abandoned_connection_futures as tolerate_
 from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
-from reaper.db.describe import describe_text, split_description
+from reaper.db.describe import describe_text, refused_sqls, split_description
 from reaper.db.facts import EXTENSIONS_REPINNED_SQL, PIN_SEARCH_PATH, SERVER_FACTS_SQL, SYSTEM_ID_SQL
 from reaper.db.failures import describe_error, is_connection_error, unresolved_hint  # (others take the first two here)
 from reaper.db.recordsafe import READ_FAILURES, Batchable, RecordSafety, is_decode_error, read_hint, record_safe_sql
@@ -289,6 +289,10 @@ class SourceConnection(RecordSafety):
             del records  # (the error's traceback keeps this frame: not its rows, until a full collection)
             raise TooManyRows(RowLimit.value)
         return [dict(r.items()) for r in records]
+
+    async def refusals(self, sqls: Mapping[str, str]) -> dict[str, str]:
+        """name -> why the server refuses to prepare that metric's SQL (`check --connect`); one crossing."""
+        return dict(await crossing(refused_sqls, self._conn, sqls, self._why))
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         """One query under the default timeout, rows as dicts (for set-up, special metrics and tools, not for ticks)."""

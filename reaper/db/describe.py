@@ -7,8 +7,11 @@ to describe each metric alone, one round trip each (fleet1000: 3 per source at s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from reaper.db.failures import is_connection_error
+from reaper.db.recordsafe import READ_FAILURES
 
 DESCRIBE_MARK = "reaper_describe_"  # the marker column before each query's columns
 
@@ -32,3 +35,26 @@ def split_description(sqls: Sequence[str], attributes: Sequence[Any]) -> dict[st
     for sql, start, end in zip(sqls, marks, [*marks[1:], len(attributes)], strict=True):
         out[sql] = attributes[start + 1:end]
     return out
+
+
+async def refused_sqls(conn: Any, sqls: Mapping[str, str], why: Callable[[BaseException], str]) -> dict[str, str]:
+    """name -> why the server (or asyncpg) refuses to prepare that metric's SQL: a misspelt column, a table or
+    function that does not exist, a column type reaper cannot read. Prepared, never run; one round trip when
+    none is refused. The asyncio side of SourceConnection.refusals (`reaper check --connect`)."""
+    if not sqls:
+        return {}
+    try:
+        await conn.prepare(describe_text(list(sqls.values())))
+        return {}
+    except READ_FAILURES as e:
+        if is_connection_error(e):
+            raise
+    refused = {}
+    for name, sql in sqls.items():
+        try:
+            await conn.prepare(sql)
+        except READ_FAILURES as e:
+            if is_connection_error(e):
+                raise
+            refused[name] = why(e)
+    return refused

@@ -24,7 +24,7 @@ from reaper.config.sinks import PostgresSinkConfig
 from reaper.db.privileges import Privileges, read_privileges
 from reaper.errors import SourceUnavailable
 from reaper.kinds import POOLER_KINDS, is_discovery, resolve
-from reaper.preflight.judge import Server, Verdict, judge
+from reaper.preflight.judge import FAILS, SKIP, Server, Verdict, judge
 
 if TYPE_CHECKING:
     from reaper.db.storage_check import StorageCheck
@@ -155,13 +155,18 @@ async def _check_postgres(source: SourceConfig, catalog: Catalog, report: Source
         functions, relations, settings, extensions = names_to_check(needs.values())
         priv: Privileges = await read_privileges(conn, functions=functions, relations=relations,
                                                  settings=settings, extensions=extensions)
+        where = Server(major=server.major, database=server.database, is_local=server.is_local,
+                       command_prefix=source.specials.command_prefix)
+        verdicts = [judge(name, needs[name], priv, where) for name in sorted(needs)]
+        # what would run: its SQL prepared (never run), so that a misspelt column is not "will collect"
+        refused = await conn.refusals({v.metric: sql for v in verdicts if v.status != SKIP
+                                       and (sql := catalog.metrics[v.metric].sql_for(server.major))})
     finally:
         await conn.close()
     report.role, report.superuser, report.memberships = priv.role, priv.superuser, priv.memberships
     report.includes = priv.includes
-    where = Server(major=server.major, database=server.database, is_local=server.is_local,
-                   command_prefix=source.specials.command_prefix)
-    report.verdicts = [judge(name, needs[name], priv, where) for name in sorted(needs)]
+    report.verdicts = [Verdict(v.metric, FAILS, (f"its SQL fails here: {refused[v.metric]}",))
+                       if v.metric in refused else v for v in verdicts]
 
 
 def _host_port(dsn: str) -> tuple[str, int]:

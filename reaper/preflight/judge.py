@@ -19,6 +19,7 @@ from reaper.catalog.requirements import PRELOAD, STATS_VISIBILITY, Needs, Settin
 from reaper.db.privileges import Privileges
 
 COLLECT, PARTIAL, SKIP = "collect", "partial", "skip"
+FAILS = "fails"  # the metric's SQL itself fails on the server (reaper.preflight: prepared, never run)
 # The smallest predefined role first when several hold a privilege.
 _ROLE_ORDER = ("pg_read_all_settings", "pg_read_all_stats", "pg_stat_scan_tables", "pg_monitor",
                "pg_read_server_files")
@@ -158,12 +159,15 @@ def _where(metric: str, needs: Needs, priv: Privileges, server: Server, skip: li
 
 def summary(name: str, verdicts: list[Verdict]) -> str:
     """`main: 61 of 70 metrics will collect; 9 need: GRANT ...; CREATE EXTENSION ...`"""
-    collect = sum(1 for v in verdicts if v.status != SKIP)
+    collect = sum(1 for v in verdicts if v.status in (COLLECT, PARTIAL))
     partial = sum(1 for v in verdicts if v.status == PARTIAL)
+    failing = sum(1 for v in verdicts if v.status == FAILS)
     line = f"{name}: {collect} of {len(verdicts)} metrics will collect"
     if partial:
         line += f" ({partial} partly)"
-    needing = [v for v in verdicts if v.status != COLLECT]
+    if failing:
+        line += f"; {failing} will fail (their SQL: see above)"
+    needing = [v for v in verdicts if v.status in (SKIP, PARTIAL)]
     fixes = list(dict.fromkeys(f.split("  --")[0].strip() for v in needing for f in v.fixes))
     if needing:
         line += f"; {len(needing)} need: " + (" ".join(fixes) if fixes else "nothing SQL can give (see above)")

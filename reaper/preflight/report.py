@@ -10,7 +10,7 @@ import attrs
 
 from reaper.cli.output import print_json, print_plain
 from reaper.preflight import SourceReport
-from reaper.preflight.judge import COLLECT, SKIP, summary
+from reaper.preflight.judge import COLLECT, FAILS, SKIP, summary
 
 if TYPE_CHECKING:
     from reaper.db.storage_check import StorageCheck
@@ -59,7 +59,7 @@ def print_report(reports: list[SourceReport], fmt: str, storages: Sequence[Stora
             if v.status == COLLECT:
                 print(f"  {v.metric}: will collect")
                 continue
-            what = "skipped" if v.status == SKIP else "collects only partly"
+            what = {SKIP: "skipped", FAILS: "will fail"}.get(v.status, "collects only partly")
             fixes = f" -> {' '.join(v.fixes)}" if v.fixes else ""
             print(f"  {v.metric}: {what}: {'; '.join(v.reasons)}{fixes}")
         if r.reachable and r.verdicts:
