@@ -36,6 +36,8 @@ class Delivering(Protocol):
     def emit(self, measurement: Measurement, /) -> None: ...
 
 log = logging.getLogger("reaper.daemon.source")
+# a row's epoch_ns this far from reaper's clock is not the time it was collected (a server's clock is not a day off)
+EPOCH_SLACK_NS = 86_400 * 10**9
 
 
 class Output:
@@ -49,6 +51,7 @@ class Output:
         self._topn: dict[str, TopNState] = {}  # metric -> its top-N folding state (reaper.daemon.topn)
         # metric -> (definition, config, catalog, standby, its resolved top-N setting), compared by identity
         self._topn_resolved: dict[str, tuple[MetricDef, SourceConfig, Catalog, bool, ActiveTopN | None]] = {}
+        self._epoch_said: set[str] = set()  # metrics whose epoch_ns was no time near now (said once)
 
     def deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
                 shared: bool = False, go_ready: bool = False) -> None:
@@ -74,6 +77,9 @@ class Output:
             else:
                 for row in rows:
                     row.update(extra)
+        first = rows[0].get("epoch_ns")
+        if type(first) is int and not -EPOCH_SLACK_NS < first - wall_ns < EPOCH_SLACK_NS:
+            rows = self._collected_at(metric.name, rows, wall_ns, first)
         m = Measurement.from_rows(source=r.config.name, metric=metric.name, table=table or metric.table,
                                   rows=rows, tags=r.config.tags, wall_ns=wall_ns, go_ready=go_ready)
         st = r.state
@@ -82,6 +88,20 @@ class Output:
         st.metric_rows[metric.name] = len(rows)
         st.metric_measurements[metric.name] = st.metric_measurements.get(metric.name, 0) + 1
         r.emit(m)
+
+    def _collected_at(self, metric: str, rows: list[dict[str, Any]], wall_ns: int, first: int) -> list[dict[str, Any]]:
+        """Rows whose epoch_ns is no time near now (seconds or milliseconds since 1970 where nanoseconds belong,
+        another column's number): stored at 1970 or in 2262, each sink's retention and time range lost them
+        without a word. Their epoch_ns becomes the time they were collected; said once per metric."""
+        if metric not in self._epoch_said:
+            self._epoch_said.add(metric)
+            years = (first - wall_ns) / (365.25 * 86400e9)
+            log.warning("source %s: metric %s: epoch_ns %d is %s %s reaper's clock (nanoseconds since 1970 "
+                        "expected: seconds or milliseconds?); its rows get the time they were collected instead",
+                        self.reaper.config.name, metric, first,
+                        f"{abs(years):.3g} years" if abs(years) >= 1 else f"{abs(first - wall_ns) / 3600e9:.3g} hours",
+                        "ahead of" if years > 0 else "behind")
+        return [{**row, "epoch_ns": wall_ns} for row in rows]
 
     def _topn_state(self, metric: MetricDef) -> TopNState | None:
         """The metric's top-N folding state for this source, when top_n is on (definition, the active
