@@ -48,7 +48,7 @@ READ_ONLY_GUARD = "(select set_config('transaction_read_only', 'on', true)) as r
 
 def read_only(sql: str) -> str:
     """One query wrapped so that it runs in a read-only transaction whatever it does; columns unchanged."""
-    return f"select reaper_q.* from {READ_ONLY_GUARD},\n  lateral ({sql.strip()}) as reaper_q"
+    return f"select reaper_q.* from {READ_ONLY_GUARD},\n  lateral ({sql.strip()}\n) as reaper_q"
 
 
 # A metric's own statement_timeout_seconds is a SESSION setting that the connection remembers: a run under the

@@ -42,7 +42,7 @@ def combined_text(sqls: tuple[str, ...], count_active: bool, guard: str, max_row
     parts = ["pg_is_in_recovery()", f"{CLOCK} as c0"]
     for i, sql in enumerate(sqls):
         # t.* is the subquery's whole row even when the metric has a column named t (array_agg(t) would be that column)
-        run = f"(select array_agg(t.*) from (select * from ({sql.strip()}) q limit {max_rows + 1}) t)"
+        run = f"(select array_agg(t.*) from (select * from ({sql.strip()}\n) q limit {max_rows + 1}) t)"
         due = f"substr($1::text, {i + 1}, 1) = 't'"
         parts += [f"case when {due} then {run} end as m{i}", f"case when {due} then {CLOCK} end as c{i + 1}"]
     if count_active:

@@ -21,7 +21,7 @@ def describe_text(sqls: Sequence[str]) -> str:
     parts, sources = [], []
     for i, sql in enumerate(sqls):
         parts += [f"0 as {DESCRIBE_MARK}{i}", f"q{i}.*"]
-        sources.append(f"({sql.strip()}) as q{i}")
+        sources.append(f"({sql.strip()}\n) as q{i}")
     return "select " + ", ".join(parts) + "\nfrom " + ",\n  ".join(sources)
 
 

@@ -85,7 +85,7 @@ def record_safe_sql(sql: str, attributes: Sequence[Any], *, temporal: bool = Fal
     aliases = [f"reaper_c{i}" for i in range(len(casts))]
     columns = ", ".join(f"q.{alias}{cast} as {_quote(a.name)}"
                         for alias, cast, a in zip(aliases, casts, attributes, strict=True))
-    return f"select {columns} from ({sql.strip()}) as q({', '.join(aliases)})"
+    return f"select {columns} from ({sql.strip()}\n) as q({', '.join(aliases)})"
 
 
 def _quote(name: str) -> str:

@@ -1,0 +1,49 @@
+"""Metric SQL as people write it, from outside (`reaper once` and `reaper check --connect` as processes).
+
+reaper wraps each metric's query in its own statements (the tick's combined SELECT, the read-only wrapper, the
+one-round-trip description, the text casts): a query ending in a `--` comment swallowed the wrapper's closing
+parenthesis, and the metric failed at every run with "syntax error at end of input" while `check` accepted it
+and psql ran it fine. A comment at the end is now just a comment, wherever the query is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.pg
+REAPER = [sys.executable, "-m", "reaper.cli"]
+
+FORMS = {
+    "same_line": "select 1 as v -- the answer",
+    "last_line": "select 2 as v\n-- a note on its own line",
+    "timed": "select 3 as v -- runs under its own timeout, outside the batch",
+    "money": "select 4::money as m -- a column sent as text inside the batch",
+}
+
+
+def test_a_query_ending_in_a_comment_collects_in_every_way_it_is_sent(pg15, fresh_db, tmp_path: Path) -> None:
+    config = tmp_path / "reaper.toml"
+    text = [f'[collector]\nstate_dir = "{tmp_path / "state"}"\n']
+    for name, sql in FORMS.items():
+        timeout = "statement_timeout_seconds = 5\n" if name == "timed" else ""
+        text.append(f'[metrics.{name}]\ngauges = ["*"]\n{timeout}[metrics.{name}.sql]\n14 = {json.dumps(sql)}\n')
+    text.append(f'[[sources]]\nname = "a"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
+                f'metrics = {{ {", ".join(f"{n} = 60" for n in FORMS)} }}\n'
+                f'[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "out.ndjson"}"\n')
+    config.write_text("".join(text))
+    assert subprocess.run([*REAPER, "check", "--config", str(config)], capture_output=True, timeout=60).returncode == 0
+    done = subprocess.run([*REAPER, "once", "--config", str(config), "--format", "json"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and " ERROR " not in done.stderr, done.stderr
+    rows = {r["metric"]: r["rows"] for r in json.loads(done.stdout)}
+    assert {n: [{k: v for k, v in r.items() if k in ("v", "m")} for r in rows[n]] for n in FORMS} == {
+        "same_line": [{"v": 1}], "last_line": [{"v": 2}], "timed": [{"v": 3}], "money": [{"m": "$4.00"}]}
+    checked = subprocess.run([*REAPER, "check", "--config", str(config), "--connect", "--format", "json"],
+                             capture_output=True, text=True, timeout=120)
+    [source] = json.loads(checked.stdout)["sources"]
+    assert {m["metric"]: m["status"] for m in source["metrics"]} == dict.fromkeys(FORMS, "collect"), source
