@@ -50,7 +50,6 @@ def test_an_epoch_in_seconds_or_milliseconds_is_stored_at_the_time_it_was_collec
         doc = json.loads(line)
         if doc["metric"] in ("secs", "millis"):
             assert started - 5 <= doc["data"][0]["epoch_ns"] / 1e9 <= ended + 5, doc
-    log = daemon.log.read_text()
-    for name in ("secs", "millis"):
-        said = [x for x in log.splitlines() if f"metric {name}: epoch_ns" in x]
-        assert len(said) == 1 and "years behind reaper's clock" in said[0], said
+    said = [x for x in daemon.log.read_text().splitlines() if ": epoch_ns " in x]
+    # one line for the source (a server's clock a day off would make each of its metrics say it)
+    assert len(said) == 1 and "years behind reaper's clock" in said[0] and " WARNING " in said[0], said

@@ -93,14 +93,16 @@ class Output:
         """Rows whose epoch_ns is no time near now (seconds or milliseconds since 1970 where nanoseconds belong,
         another column's number): stored at 1970 or in 2262, each sink's retention and time range lost them
         without a word. Their epoch_ns becomes the time they were collected; said once per metric."""
-        if metric not in self._epoch_said:
+        if metric not in self._epoch_said:  # the first metric of the source at WARNING, the others (a server's
+            years = (first - wall_ns) / (365.25 * 86400e9)  # clock a day off makes every metric say it) at DEBUG
+            log.log(logging.DEBUG if self._epoch_said else logging.WARNING,
+                    "source %s: metric %s: epoch_ns %d is %s %s reaper's clock (nanoseconds since 1970 expected: "
+                    "seconds or milliseconds? or the server's clock is off); its rows get the time they were "
+                    "collected instead%s", self.reaper.config.name, metric, first,
+                    f"{abs(years):.3g} years" if abs(years) >= 1 else f"{abs(first - wall_ns) / 3600e9:.3g} hours",
+                    "ahead of" if years > 0 else "behind",
+                    "" if self._epoch_said else " (other metrics of this source found so: at debug level)")
             self._epoch_said.add(metric)
-            years = (first - wall_ns) / (365.25 * 86400e9)
-            log.warning("source %s: metric %s: epoch_ns %d is %s %s reaper's clock (nanoseconds since 1970 "
-                        "expected: seconds or milliseconds?); its rows get the time they were collected instead",
-                        self.reaper.config.name, metric, first,
-                        f"{abs(years):.3g} years" if abs(years) >= 1 else f"{abs(first - wall_ns) / 3600e9:.3g} hours",
-                        "ahead of" if years > 0 else "behind")
         return [{**row, "epoch_ns": wall_ns} for row in rows]
 
     def _topn_state(self, metric: MetricDef) -> TopNState | None:
