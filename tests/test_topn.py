@@ -80,6 +80,19 @@ def test_mixed_number_types_and_missing_values() -> None:
     assert other_of(out)["time"] == 0 and other_of(out)["rows_folded"] == 2
 
 
+def test_a_nan_is_no_amount_and_never_raises() -> None:
+    """PostgreSQL's numeric NaN arrives as Decimal('NaN'), on which every comparison raises: a metric with one in
+    its `by` or a counter column took its source down (`sorted` in the ranking, the reset check) at every tick."""
+    nan = decimal.Decimal("NaN")
+    fold = state(2)
+    for calls in (nan, 5):  # twice: the second fold compares the counters with the first's
+        out = fold.fold([row(1, time=nan, calls=calls), row(2, time=decimal.Decimal(7), calls=1),
+                         row(3, time=float("nan"), calls=2), row(4, time=3, calls=3)])
+        assert ids(out) == {2, 4}  # the valued rows lead; NaN ranks with the missing ones
+        other = other_of(out)
+        assert other["rows_folded"] == 2 and other["time"] == 0  # NaN is summed as nothing
+
+
 def workload(seed: int, keys: int, ticks: int, *, churn: bool = True) -> list[list[dict[str, Any]]]:
     """Cumulative counters per key that grow at rates which change over time (leaders change);
     with churn some keys vanish and new ones appear."""

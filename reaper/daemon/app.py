@@ -117,7 +117,8 @@ class Daemon:
         RowLimit.value = config.collector.max_rows_per_metric  # (process-wide: reaper.db.rows)
         self.controls = FleetControls(min_db_size_mb=config.collector.min_db_size_mb,
                                       create_extensions=config.collector.create_extensions,
-                                      cost=CostSettings.of(config.collector))
+                                      cost=CostSettings.of(config.collector),
+                                      rejected_dir=state_dir_of(config) / "rejected" / "sources")
         max_age = config.collector.instance_cache_max_seconds
         self.instance_cache = InstanceCache(max_age) if max_age > 0 else None
         self.fanout = FanOut()

@@ -17,10 +17,11 @@ from reaper.catalog.metrics import Catalog
 from reaper.config.schema import MetricDef, SourceConfig
 from reaper.config.topn import ActiveTopN, resolve
 from reaper.daemon.cache import InstanceCache
-from reaper.daemon.sourcestate import SourceState
+from reaper.daemon.sourcestate import FleetControls, SourceState
 from reaper.daemon.topn import TopNState
 from reaper.db.link import SourceLink
 from reaper.measurement import Measurement
+from reaper.sinks.rejected import set_aside
 
 
 class Delivering(Protocol):
@@ -30,6 +31,7 @@ class Delivering(Protocol):
     config: SourceConfig
     catalog: Catalog
     state: SourceState
+    controls: FleetControls
     conn: SourceLink | None
     instance_cache: InstanceCache | None
 
@@ -52,9 +54,37 @@ class Output:
         # metric -> (definition, config, catalog, standby, its resolved top-N setting), compared by identity
         self._topn_resolved: dict[str, tuple[MetricDef, SourceConfig, Catalog, bool, ActiveTopN | None]] = {}
         self._epoch_said: set[str] = set()  # metrics whose epoch_ns was no time near now (said once)
+        self._bugs: set[str] = set()  # metrics whose rows met a bug in reaper (its traceback said once)
 
     def deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
                 shared: bool = False, go_ready: bool = False) -> None:
+        """Hand rows to the sinks (`_deliver`); a bug on their way (rows it cannot handle) fails this metric's
+        delivery alone, its rows set aside: the source goes on (`bug`)."""
+        try:
+            self._deliver(metric, rows, wall_ns, table=table, shared=shared, go_ready=go_ready)
+        except Exception as e:
+            self.bug(metric, e, wall_ns, rows)
+
+    def bug(self, metric: MetricDef, error: Exception, wall_ns: int, rows: list[dict[str, Any]] | None = None) -> None:
+        """A bug in reaper on one metric's rows (or in a special metric's collector): said once per metric with its
+        traceback, counted as a metric error, the rows set aside in `<state_dir>/rejected/sources/`; never a crash
+        of the source, whose restarts past the supervisor's limit would stop the daemon for every source."""
+        r = self.reaper
+        r.state.metric_errors += 1
+        where = None
+        if rows:
+            m = Measurement(source=r.config.name, metric=metric.name, table=metric.table, epoch_ns=wall_ns,
+                            rows=tuple(rows), tags=r.config.tags)
+            where = set_aside(r.controls.rejected_dir, f"source {r.config.name}", [m], error)
+        first = metric.name not in self._bugs
+        self._bugs.add(metric.name)
+        log.log(logging.ERROR if first else logging.DEBUG, "source %s: metric %s: a bug in reaper (%s: %s); %s, the "
+                "other metrics are unaffected%s", r.config.name, metric.name, type(error).__name__, error,
+                f"its rows set aside in {where}" if where else "nothing delivered this run",
+                "" if first else " (again)", exc_info=error if first else None)
+
+    def _deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
+                 shared: bool = False, go_ready: bool = False) -> None:
         """Hand rows to the sinks, each row tagged like pgwatch's with real_dbname and sys_id.
 
         `shared` rows (from the instance cache) are copied first: they are another source's too.

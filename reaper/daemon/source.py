@@ -415,6 +415,9 @@ class SourceReaper:
         except (MetricError, OSError) as e:
             self.health.failed(metric.name, e.message if isinstance(e, MetricError) else str(e), special=True)
             return
+        except Exception as e:  # a bug (or a tool's output it cannot read): this metric alone, said once
+            self.out.bug(metric, e, wall_ns)
+            return
         now = self.state.last_fetch[metric.name] = trio.current_time()
         self.health.recovered(metric.name, back_in_batch=False)
         for table, rows in result:

@@ -7,6 +7,7 @@ import struct
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import attrs
 import trio
@@ -46,6 +47,7 @@ class FleetControls:
     # called after each tick and lane run: the status file's writer checks then (reaper.daemon.statuswrite)
     worked: Callable[[str | None], None] = _nothing  # (the source that worked; None: not said)
     alarms: Alarms = attrs.field(factory=Alarms)  # the sources' next ticks, on one timer (the daemon runs it)
+    rejected_dir: Path | None = None  # rows a bug in reaper failed on (reaper.daemon.delivery.Output.bug)
 
 
 async def connect_source(config: SourceConfig, *, application_name: str = db.APPLICATION_NAME) -> SourceLink:

@@ -49,7 +49,13 @@ _EXACT = decimal.Context(prec=200)  # Decimal sums of PostgreSQL numerics withou
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool)
+    """A value top-N sums, ranks and carries; NaN (float, or PostgreSQL numeric's) is none: it is no amount, and
+    a Decimal NaN raises on every comparison (a metric with one took its source down)."""
+    if isinstance(value, float):
+        return value == value
+    if isinstance(value, decimal.Decimal):
+        return not value.is_nan()
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def add(a: Number, b: Number) -> Number:
@@ -171,7 +177,7 @@ class TopNState:
 
         def rank(key: Key) -> tuple[Any, ...]:
             value: Any = keyed[key].get(s.by)
-            if not is_number(value) or (isinstance(value, float) and math.isnan(value)):
+            if not is_number(value):
                 return (1, 0, 0 if key in self.members else 1, repr(key))  # no value: after every valued row
             return (0, -value, 0 if key in self.members else 1, repr(key))
 
