@@ -279,6 +279,7 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first(pg15, fr
     assert second.returncode == 1
     refusals = [line for line in second.stderr.splitlines() if "in use by another reaper daemon" in line]
     assert len(refusals) == 1 and f"(pid {daemon.proc.pid})" in refusals[0], second.stderr
+    assert "STATE_DIRECTORY" in refusals[0]  # what works for a second process on the same config file
     assert "Traceback" not in second.stderr
     assert daemon.pidfile.read_text().strip() == str(daemon.proc.pid)  # the first one's pidfile is untouched
     assert daemon.proc.poll() is None

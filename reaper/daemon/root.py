@@ -111,8 +111,11 @@ def lock_state_dir(state_dir: Path) -> Iterator[None]:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError([f"state_dir {state_dir}: cannot lock {LOCK_FILE}: {e.strerror or e}"]) from e
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ConfigError([f"state_dir {state_dir} is in use by another reaper daemon (pid {holder}); "
-                               f"stop it or give this one its own [collector] state_dir"]) from None
+            raise ConfigError([f"state_dir {state_dir} is in use by another reaper daemon (pid {holder}); stop it, "
+                               "or give this one a state dir of its own: [collector] state_dir, or for a second "
+                               "process on the same config file (another --group, another fleet member) "
+                               "STATE_DIRECTORY in its environment (systemd: StateDirectory=reaper/NAME), which a "
+                               "config without a state_dir follows"]) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
