@@ -312,3 +312,13 @@ def test_a_definition_that_does_not_structure_is_not_called_unknown_where_it_is_
     assert len(lines) == 2, lines
     assert lines[0].startswith("metrics.mine.gauges: ") and lines[1].startswith("presets.p.metrics.mine: "), lines
     assert not any("unknown" in line for line in lines), lines
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 files with a byte order mark, which TOML's parser refused as
+    "Invalid statement (at line 1, column 1)": `check` now reads such a file like any other."""
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xef\xbb\xbf" + (SRC + SINK).encode())
+    proc = subprocess.run([sys.executable, "-m", "reaper.cli", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -311,7 +311,9 @@ def test_metrics_folder_last_file_wins(tmp_path: Path) -> None:
                                  "like a metrics.yaml: use `reaper import-pgwatch metrics`"),
     ("metrics", "- name: a\n", "this is a list, like a sources.yaml: use `reaper import-pgwatch sources`"),
     ("metrics", "just text\n", "expected a YAML mapping with `metrics:` and `presets:`"),
-    ("metrics", b"\xff\xfe", "not UTF-8 text (invalid start byte)"),
+    ("metrics", b"\xff\xfe", 'UTF-16 text (a Windows editor\'s "Unicode"); save the file as UTF-8'),
+    ("metrics", b"metrics:\n  a:\n    description: caf\xe9\n",
+     "not UTF-8 text: line 3 has the byte 0xe9 (invalid continuation byte); save the file as UTF-8"),
 ])
 def test_unreadable_input(tmp_path: Path, what: str, content: str | bytes | None, message: str) -> None:
     path = tmp_path / "in.yaml"

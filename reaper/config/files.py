@@ -10,9 +10,10 @@ from reaper.errors import ConfigError
 
 
 def read_text(path: Path, what: str = "file") -> str:
-    """Read a UTF-8 text file, turning every failure into a one-line ConfigError."""
+    """Read a UTF-8 text file, turning every failure into a one-line ConfigError. A leading byte order mark (what
+    Windows editors write) is dropped: TOML's parser refused it as "Invalid statement (at line 1, column 1)"."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
     except IsADirectoryError:
@@ -20,7 +21,11 @@ def read_text(path: Path, what: str = "file") -> str:
     except PermissionError:
         raise ConfigError([f"{path}: permission denied"]) from None
     except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: not UTF-8 text ({e.reason})"]) from None
+        if e.object.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise ConfigError([f"{path}: UTF-16 text (a Windows editor's \"Unicode\"); save the file as UTF-8"]) from None
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError([f"{path}: not UTF-8 text: line {line} has the byte 0x{e.object[e.start]:02x} ({e.reason}); "
+                           "save the file as UTF-8"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
 
