@@ -232,7 +232,8 @@ def test_a_metric_whose_sql_fails_on_the_server_is_not_said_to_collect(pg15, fre
               "whole": "select c as whole from pg_class as c where c.relname = 'pg_class'",
               "good": "select count(*) as n from pg_class"}
     config.write_text(f'[collector]\nstate_dir = "{tmp_path / "state"}"\n'
-                      + "".join(f'[metrics.{n}]\ngauges = ["*"]\nsql = {{ 11 = "{sql}" }}\n' for n, sql in custom.items())
+                      + "".join(f'[metrics.{n}]\ngauges = ["*"]\nsql = {{ 11 = "{sql}" }}\n'
+                                for n, sql in custom.items())
                       + f'[[sources]]\nname = "main"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
                         'metrics = { typo = 60, gone = 60, whole = 60, good = 60, db_stats = 60 }\n'
                       + f'[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "out.jsonl"}"\n')

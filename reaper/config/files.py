@@ -22,7 +22,8 @@ def read_text(path: Path, what: str = "file") -> str:
         raise ConfigError([f"{path}: permission denied"]) from None
     except UnicodeDecodeError as e:
         if e.object.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise ConfigError([f"{path}: UTF-16 text (a Windows editor's \"Unicode\"); save the file as UTF-8"]) from None
+            raise ConfigError([f"{path}: UTF-16 text (a Windows editor's \"Unicode\"); save the file as UTF-8"]) \
+                from None
         line = e.object[:e.start].count(b"\n") + 1
         raise ConfigError([f"{path}: not UTF-8 text: line {line} has the byte 0x{e.object[e.start]:02x} ({e.reason}); "
                            "save the file as UTF-8"]) from None
