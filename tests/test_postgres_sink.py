@@ -466,6 +466,50 @@ async def test_retention_drops_old_partitions(pg15, fresh_db) -> None:
     assert sink.last_maintenance is result
 
 
+# a dashboard's long query: reads db_stats in a transaction that stays open until the process is killed
+READER = """
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    await conn.execute("begin; select count(*) from db_stats")
+    print("reading", flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+async def test_retention_never_makes_a_long_reader_queue_everyone_behind_it(pg15, fresh_db) -> None:
+    """Dropping an old partition locks its metric table ACCESS EXCLUSIVE. Behind a dashboard's long query that
+    DROP waited for the whole write timeout, and every reader and writer of the table queued behind it (a
+    dashboard query on db_stats hung 10 s and more). A partition whose table is busy is now left for the next
+    maintenance after a lock wait of DROP_LOCK_TIMEOUT, the others are dropped, and nothing waits longer."""
+    now = time.time_ns()
+    config = sink_config(pg15.dsn(dbname=fresh_db), retention_days=14, maintenance_interval_seconds=0,
+                         write_timeout_seconds=10)
+    sink = PostgresSink(config)
+    async with db.open_loop():
+        await sink.open()
+        await sink.write([measurement("old", now - 30 * DAY_NS), measurement("old", now - 30 * DAY_NS, table="wal"),
+                          measurement("now", now)])
+        reader = subprocess.Popen([sys.executable, "-c", READER, pg15.dsn(dbname=fresh_db)], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+            busy = await sink.run_maintenance()
+            stats_kept = partitions(pg15, fresh_db, "db_stats")
+            wal_kept = partitions(pg15, fresh_db, "wal")
+        finally:
+            reader.kill()
+            reader.communicate()  # (closes its stdout)
+        free = await sink.run_maintenance()
+        await sink.aclose()
+    assert (busy.dropped_partitions, busy.kept_locked) == (4, 4)  # wal's 4 old days went; db_stats' stay for now
+    old_day = f"{utc(partition_start_ns(now - 30 * DAY_NS, 86400)):%Y%m%d}"
+    assert f"db_stats_{old_day}" in stats_kept and f"wal_{old_day}" not in wal_kept
+    assert (free.dropped_partitions, free.kept_locked) == (4, 0)
+    assert f"db_stats_{old_day}" not in partitions(pg15, fresh_db, "db_stats")
+
+
 async def test_retention_zero_keeps_everything(pg15, fresh_db) -> None:
     now = time.time_ns()
     sink = await write_all(sink_config(pg15.dsn(dbname=fresh_db), retention_days=0),

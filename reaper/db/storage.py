@@ -125,6 +125,17 @@ class MaintenanceResult:
     dropped_partitions: int
     listing_changes: int
     pruned_fingerprints: int
+    kept_locked: int = 0  # old partitions left for the next run: another session (a dashboard's query) held them
+
+
+# How long retention waits for an old partition's lock. Dropping a partition locks its metric table ACCESS
+# EXCLUSIVE: while that waits behind a dashboard's long query, every later reader and writer of the table queues
+# behind it (dashboards froze for the whole write timeout, 60 s). Past this the partition is left for next time.
+DROP_LOCK_TIMEOUT = "1s"
+_OLD_PARTITIONS = """select p.part, parent.relname::text as metric
+from admin.get_old_time_partitions($1::interval, 'postgres') as p(part)
+join pg_catalog.pg_inherits i on i.inhrelid = p.part::regclass
+join pg_catalog.pg_class parent on parent.oid = i.inhparent"""
 
 
 #: what a storage operation may raise that is not a bug; asyncpg's InternalClientError means its protocol
@@ -284,10 +295,26 @@ class StorageConnection:
 
     async def _maintain(self, retention_days: int) -> MaintenanceResult:
         conn = self._conn
-        dropped = 0
-        if retention_days > 0:
-            dropped = await conn.fetchval("select admin.drop_old_time_partitions($1::interval)",
-                                          dt.timedelta(days=retention_days))
+        dropped = kept = 0
+        older = dt.timedelta(days=retention_days)
+        if retention_days > 0 and self.schema.schema_type == "postgres":
+            for part, metric in await conn.fetch(_OLD_PARTITIONS, older):  # each in a transaction of its own
+                try:
+                    async with conn.transaction():
+                        await conn.execute("select set_config('lock_timeout', $1, true), "
+                                           "pg_advisory_xact_lock($2, hashtext($3))", DROP_LOCK_TIMEOUT, LOCK_CLASS,
+                                           metric)
+                        await conn.execute(f"drop table if exists {part}")  # (regclass text: quoted, qualified)
+                    dropped += 1
+                except asyncpg.LockNotAvailableError:
+                    kept += 1
+        elif retention_days > 0:
+            async with conn.transaction():
+                await conn.execute("select set_config('lock_timeout', $1, true)", DROP_LOCK_TIMEOUT)
+                try:
+                    dropped = await conn.fetchval("select admin.drop_old_time_partitions($1::interval)", older)
+                except asyncpg.LockNotAvailableError:
+                    kept = 1
         listing = await conn.fetchval("select admin.maintain_unique_sources()")
         status = await conn.execute("delete from admin.reaper_flushes where written_at < now() - $1::interval",
                                     dt.timedelta(days=FLUSH_FINGERPRINT_DAYS))
@@ -295,7 +322,7 @@ class StorageConnection:
         self._tables.clear()
         self._listed.clear()
         return MaintenanceResult(dropped_partitions=int(dropped or 0), listing_changes=int(listing or 0),
-                                 pruned_fingerprints=int(status.split()[-1]))
+                                 pruned_fingerprints=int(status.split()[-1]), kept_locked=kept)
 
     # -- closing ---------------------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ import trio
 from reaper.config.redact import redact_dsn
 from reaper.config.schema import PostgresSinkConfig
 from reaper.db.storage import (
+    DROP_LOCK_TIMEOUT,
     FlushRequest,
     MaintenanceResult,
     Record,
@@ -193,8 +194,10 @@ class PostgresSink:
         conn = await self._connection()
         result: MaintenanceResult = await self._bounded(conn, "maintenance", conn.maintain, self.config.retention_days)
         self.last_maintenance = result
-        log.info("sink %s: maintenance: %d partitions older than %d days dropped, %d listing rows changed",
-                 self.label, result.dropped_partitions, self.config.retention_days, result.listing_changes)
+        log.info("sink %s: maintenance: %d partitions older than %d days dropped, %d listing rows changed%s",
+                 self.label, result.dropped_partitions, self.config.retention_days, result.listing_changes,
+                 f"; {result.kept_locked} left for the next run (another session's query held its table longer "
+                 f"than {DROP_LOCK_TIMEOUT})" if result.kept_locked else "")
         return result
 
     async def _maybe_maintain(self) -> None:
