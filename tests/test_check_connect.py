@@ -237,7 +237,9 @@ def test_a_metric_whose_sql_fails_on_the_server_is_not_said_to_collect(pg15, fre
                       + f'[[sources]]\nname = "main"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
                         'metrics = { typo = 60, gone = 60, whole = 60, good = 60, db_stats = 60 }\n'
                       + f'[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "out.jsonl"}"\n')
-    document = _check(config)
+    proc = _run(["check", "--config", str(config), "--connect", "--format", "json"])
+    assert proc.returncode == 1, proc.stderr  # a metric whose SQL fails is a config's mistake, like a bad key
+    document = json.loads(proc.stdout)
     verdicts = _verdicts(document)
     assert {n for n, v in verdicts.items() if v["status"] == "fails"} == {"typo", "gone", "whole"}, verdicts
     assert {n: v["status"] for n, v in verdicts.items() if n in ("good", "db_stats")} == {
@@ -247,3 +249,7 @@ def test_a_metric_whose_sql_fails_on_the_server_is_not_said_to_collect(pg15, fre
     assert "cast the column to text" in verdicts["whole"]["reasons"][0]
     assert document["sources"][0]["summary"] == "main: 2 of 5 metrics will collect; 3 will fail (their SQL: see above)"
     assert _not_collected_by_once(config) == {"typo", "gone", "whole"}  # the collector agrees
+    plain = _run(["check", "--config", str(config), "--connect", "--format", "plain"])
+    assert plain.returncode == 1
+    assert sorted(line.split(":")[1] for line in plain.stderr.splitlines()) == [
+        " metric gone", " metric typo", " metric whole"], plain.stderr  # one line each

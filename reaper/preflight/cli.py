@@ -17,7 +17,7 @@ def add_connect_arguments(check: argparse.ArgumentParser) -> None:
     check.add_argument("--connect", action="store_true",
                        help="also connect to every source and say, per metric, whether its role will collect "
                             "it, and if not the exact GRANT / CREATE EXTENSION / setting that fixes it (exit 1 "
-                            "when a source is unreachable)")
+                            "when a source is unreachable or a metric's SQL fails on it)")
     check.add_argument("--source", "-s", action="append", metavar="NAME",
                        help="with --connect: only this source (repeatable)")
     check.add_argument("--sql-out", metavar="FILE",
@@ -27,12 +27,14 @@ def add_connect_arguments(check: argparse.ArgumentParser) -> None:
 
 def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: str | None,
                           sql_out: str | None) -> int:
-    """Exit 0 when every source was reachable, 1 otherwise (an unknown --source is a config error)."""
+    """Exit 0 when every source was reachable and no metric's SQL fails there, 1 otherwise (an unknown --source
+    is a config error)."""
     import trio  # the command's modules load only when it runs
 
     from reaper.cli.output import choose_format
     from reaper.kinds import is_discovery
     from reaper.preflight import check_connect, check_storages
+    from reaper.preflight.judge import FAILS
     from reaper.preflight.report import fix_script, print_report
 
     fmt = choose_format(fmt)
@@ -54,10 +56,13 @@ def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: st
         print(f"{sql_out}: written: the statements above, for psql as a superuser", file=sys.stderr)
     unreachable = [r for r in reports if not r.reachable]
     unwritable = [c for c in storages if not c.reachable or c.problems]
+    failing = [(r.name, v) for r in reports for v in r.verdicts if v.status == FAILS]  # their SQL: a config's bug
     if fmt != "json":
         for r in unreachable:
             print(f"source {r.name}: unreachable: {r.error}", file=sys.stderr)
+        for name, v in failing:
+            print(f"source {name}: metric {v.metric}: {'; '.join(v.reasons)}", file=sys.stderr)
         for c in unwritable:
             print(f"sink {c.label}: " + (f"unreachable: {c.error}" if not c.reachable else "; ".join(c.problems)),
                   file=sys.stderr)
-    return EXIT_FAILURE if unreachable or unwritable or not reports else EXIT_OK
+    return EXIT_FAILURE if unreachable or unwritable or failing or not reports else EXIT_OK
