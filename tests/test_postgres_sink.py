@@ -510,6 +510,31 @@ async def test_retention_never_makes_a_long_reader_queue_everyone_behind_it(pg15
     assert f"db_stats_{old_day}" not in partitions(pg15, fresh_db, "db_stats")
 
 
+async def test_a_new_partition_behind_a_long_reader_is_an_outage_retried_not_a_queue(pg15, fresh_db) -> None:
+    """Creating a partition locks its table ACCESS EXCLUSIVE too: behind a dashboard's long query the write
+    waited for the whole write timeout with every other reader queued behind it. It now gives up after
+    DROP_LOCK_TIMEOUT as an outage (the sink spills and retries), and succeeds once the reader is done."""
+    now = time.time_ns()
+    sink = PostgresSink(sink_config(pg15.dsn(dbname=fresh_db), write_timeout_seconds=10,
+                                    maintenance_interval_seconds=0))
+    async with db.open_loop():
+        await sink.open()
+        await sink.write([measurement("now", now)])  # today's partition and the next few exist
+        reader = subprocess.Popen(  # noqa: ASYNC220 (a helper process; Popen returns at once)
+            [sys.executable, "-c", READER, pg15.dsn(dbname=fresh_db)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+            with pytest.raises(StorageError, match="lock timeout") as e:
+                await sink.write([measurement("later", now + 10 * DAY_NS)])  # a day no partition covers yet
+        finally:
+            reader.kill()
+            reader.communicate()
+        await sink.write([measurement("later", now + 10 * DAY_NS)])
+        await sink.aclose()
+    assert isinstance(e.value, OSError)  # an outage: the sink's task spills and retries it
+    assert rows_of(pg15, "select dbname from db_stats order by time", fresh_db) == [["now"], ["later"]]
+
+
 async def test_retention_zero_keeps_everything(pg15, fresh_db) -> None:
     now = time.time_ns()
     sink = await write_all(sink_config(pg15.dsn(dbname=fresh_db), retention_days=0),

@@ -266,6 +266,9 @@ class StorageConnection:
         if not pending:
             return 0
         async with conn.transaction():
+            # creating a partition locks its metric table ACCESS EXCLUSIVE: behind a dashboard's long query that
+            # would queue every reader of the table too; past DROP_LOCK_TIMEOUT it is an outage (spilled, retried)
+            await conn.execute("select set_config('lock_timeout', $1, true)", DROP_LOCK_TIMEOUT)
             for table, ranges, uncovered in pending:
                 for t in uncovered:
                     if _covered(ranges, t):
