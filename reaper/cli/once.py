@@ -19,7 +19,7 @@ from reaper.cli.output import print_json, print_plain
 from reaper.config.schema import Config, SourceConfig
 from reaper.daemon.source import SourceReaper
 from reaper.errors import SourceUnavailable
-from reaper.kinds import is_discovery, resolve
+from reaper.kinds import is_discovery, resolve, to_resolve, wanted
 from reaper.measurement import Measurement
 
 #: What became of one due metric of one source, when it produced no measurement.
@@ -61,13 +61,12 @@ async def collect_once(config: Config, sources: Sequence[str] | None,
             result.problems.append(f"unknown metric {name!r}")
     if result.problems:  # a typo: said before anything connects
         return result
-    chosen = [s for s in config.sources if (s.name in asked if asked else s.enabled)]
     handler = _ProblemCollector(result)
     logging.getLogger("reaper.daemon.source").addHandler(handler)
     try:
         async with db.open_loop():
-            found = await _concrete([*chosen, *(s for s in finders if s not in chosen)], result)
-            concrete = [child for parent, child in found if not asked or parent in asked or child.name in asked]
+            found = await _concrete(to_resolve(config.sources, asked), result)
+            concrete = [child for parent, child in found if wanted(parent, child, asked)]
             if asked:
                 named = {c.name for c in concrete} | configured
                 result.problems += [f"unknown source {n!r}" for n in sorted(asked - named)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection, Sequence
 
 import attrs
 import trio
@@ -35,7 +36,7 @@ from reaper.errors import SourceUnavailable
 from reaper.kinds.dsn import database_child, with_database, with_parameters
 
 __all__ = ["DISCOVERY_KINDS", "POOLER_KINDS", "check_source", "database_child", "is_discovery", "resolve",
-           "with_database", "with_parameters"]
+           "to_resolve", "wanted", "with_database", "with_parameters"]
 
 log = logging.getLogger("reaper.kinds")
 
@@ -47,6 +48,21 @@ RESOLVE_GRACE_SECONDS = 5.0
 def is_discovery(source: SourceConfig) -> bool:
     """True for kinds that `resolve` expands into children (their own task never collects)."""
     return source.kind in DISCOVERY_KINDS
+
+
+def to_resolve(sources: Sequence[SourceConfig], asked: Collection[str]) -> list[SourceConfig]:
+    """The configured sources a one-off command (`reaper once`, `check --connect`) resolves for the names asked:
+    every enabled one when none; else those named, and every enabled discovery source while a name is not
+    configured (it may be a database one finds). Keep a child with `wanted`."""
+    if not asked:
+        return [s for s in sources if s.enabled]
+    unknown = set(asked) - {s.name for s in sources}
+    return [s for s in sources if s.name in asked or (unknown and s.enabled and is_discovery(s))]
+
+
+def wanted(parent: str, child: SourceConfig, asked: Collection[str]) -> bool:
+    """Whether a resolved child is one the names asked for (its own name, or its configured source's)."""
+    return not asked or parent in asked or child.name in asked
 
 
 async def resolve(source: SourceConfig) -> list[SourceConfig]:

@@ -23,7 +23,7 @@ from reaper.config.schema import Config, SourceConfig
 from reaper.config.sinks import PostgresSinkConfig
 from reaper.db.privileges import Privileges, read_privileges
 from reaper.errors import SourceUnavailable
-from reaper.kinds import POOLER_KINDS, is_discovery, resolve
+from reaper.kinds import POOLER_KINDS, is_discovery, resolve, to_resolve, wanted
 from reaper.preflight.judge import FAILS, SKIP, Server, Verdict, judge
 
 if TYPE_CHECKING:
@@ -59,10 +59,7 @@ async def check_connect(config: Config, only: Sequence[str] | None = None) -> li
     """A report per concrete source, in name order."""
     catalog = Catalog.for_config(config)
     asked = set(only or ())
-    # a name the config does not list may be a database a discovery source finds: those are listed then
-    chosen = [s for s in config.sources if (s.name in asked or (bool(asked - {c.name for c in config.sources})
-                                                                 and s.enabled and is_discovery(s))
-                                            if asked else s.enabled)]
+    chosen = to_resolve(config.sources, asked)  # (a name the config lacks may be a database one finds)
     reports: list[SourceReport] = []
     limiter = trio.CapacityLimiter(CONCURRENCY)
 
@@ -81,7 +78,7 @@ async def check_connect(config: Config, only: Sequence[str] | None = None) -> li
             reports.append(SourceReport(source.name, kind=source.kind, error="lists no database or member"))
         async with trio.open_nursery() as inner:
             for child in children:
-                if not asked or source.name in asked or child.name in asked:
+                if wanted(source.name, child, asked):
                     inner.start_soon(one, child)
 
     async with db.open_loop(), trio.open_nursery() as nursery:
