@@ -67,21 +67,23 @@ class Output:
 
     def bug(self, metric: MetricDef, error: Exception, wall_ns: int, rows: list[dict[str, Any]] | None = None) -> None:
         """A bug in reaper on one metric's rows (or in a special metric's collector): said once per metric with its
-        traceback, counted as a metric error, the rows set aside in `<state_dir>/rejected/sources/`; never a crash
-        of the source, whose restarts past the supervisor's limit would stop the daemon for every source."""
+        traceback, counted as a metric error, the rows of its first occurrence set aside in
+        `<state_dir>/rejected/sources/` (enough to see it again; a 1 s metric's every run would fill the disk);
+        never a crash of the source, whose restarts past the supervisor's limit would stop the daemon."""
         r = self.reaper
         r.state.metric_errors += 1
+        first = metric.name not in self._bugs
+        self._bugs.add(metric.name)
         where = None
-        if rows:
+        if rows and first:
             m = Measurement(source=r.config.name, metric=metric.name, table=metric.table, epoch_ns=wall_ns,
                             rows=tuple(rows), tags=r.config.tags)
             where = set_aside(r.controls.rejected_dir, f"source {r.config.name}", [m], error)
-        first = metric.name not in self._bugs
-        self._bugs.add(metric.name)
         log.log(logging.ERROR if first else logging.DEBUG, "source %s: metric %s: a bug in reaper (%s: %s); %s, the "
                 "other metrics are unaffected%s", r.config.name, metric.name, type(error).__name__, error,
-                f"its rows set aside in {where}" if where else "nothing delivered this run",
-                "" if first else " (again)", exc_info=error if first else None)
+                f"its rows set aside in {where} (later runs' rows are counted in its metric errors, not kept)"
+                if where else "nothing delivered this run", "" if first else " (again)",
+                exc_info=error if first else None)
 
     def _deliver(self, metric: MetricDef, rows: list[dict[str, Any]], wall_ns: int, *, table: str | None = None,
                  shared: bool = False, go_ready: bool = False) -> None:
