@@ -3,7 +3,8 @@
 reaper wraps each metric's query in its own statements (the tick's combined SELECT, the read-only wrapper, the
 one-round-trip description, the text casts): a query ending in a `--` comment swallowed the wrapper's closing
 parenthesis, and the metric failed at every run with "syntax error at end of input" while `check` accepted it
-and psql ran it fine. A comment at the end is now just a comment, wherever the query is sent.
+and psql ran it fine. A comment at the end is now just a comment, wherever the query is sent. And a query
+reading a table with `*` whose columns change under the running daemon keeps every value under its own name.
 """
 
 from __future__ import annotations
@@ -47,3 +48,40 @@ def test_a_query_ending_in_a_comment_collects_in_every_way_it_is_sent(pg15, fres
                              capture_output=True, text=True, timeout=120)
     [source] = json.loads(checked.stdout)["sources"]
     assert {m["metric"]: m["status"] for m in source["metrics"]} == dict.fromkeys(FORMS, "collect"), source
+
+
+def test_a_table_read_with_star_that_changes_under_the_daemon_never_shifts_values(pg15, fresh_db,
+                                                                                   tmp_path: Path) -> None:
+    """A record carries no names: the batch read a metric's values by position under the names described when
+    it was first seen. `select * from app_table` and a column dropped: every later row had its values shifted
+    under the wrong names (b's value as "a"), silently; a text landing under a float's name crashed the source
+    at every tick. The batch now takes the columns by name: such a change fails the statement once, the metric
+    is described again, and every row keeps its names."""
+    from test_daemon import Daemon, wait_until
+
+    pg15.psql("create table app_t (a int, b int, x float8); insert into app_t values (1, 2, 1.5)", dbname=fresh_db)
+    daemon = Daemon(tmp_path)
+    daemon.write_config([("s", pg15.dsn(dbname=fresh_db), 1)],
+                        extra='[metrics.app]\ngauges = ["*"]\nsql = { 14 = "select * from app_t" }\n')
+    daemon.config.write_text(daemon.config.read_text().replace("metrics = { ping = 1 }",
+                                                               "metrics = { ping = 1, app = 1 }"))
+
+    def apps() -> list[dict]:
+        return [{k: v for k, v in d["data"][0].items() if k in ("a", "b", "x")}
+                for d in daemon.lines() if d["metric"] == "app"]
+
+    daemon.start()
+    try:
+        wait_until(lambda: len(apps()) >= 2, what="two rows of app")
+        pg15.psql("alter table app_t drop column a", dbname=fresh_db)
+        wait_until(lambda: {"b": 2, "x": 1.5} in apps(), what="a row without the dropped column")
+        pg15.psql("alter table app_t alter column x type text using 'hello'", dbname=fresh_db)
+        wait_until(lambda: {"b": 2, "x": "hello"} in apps(), what="a row with the column's new type")
+        pings = sum(1 for d in daemon.lines() if d["metric"] == "ping")
+        wait_until(lambda: sum(1 for d in daemon.lines() if d["metric"] == "ping") > pings + 1, what="more pings")
+    finally:
+        assert daemon.stop() == 0
+    assert set(map(str, apps())) <= {str({"a": 1, "b": 2, "x": 1.5}), str({"b": 2, "x": 1.5}),
+                                     str({"b": 2, "x": "hello"})}, apps()
+    log = daemon.log.read_text()
+    assert "a bug" not in log and ": down:" not in log, log

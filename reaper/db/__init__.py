@@ -207,7 +207,7 @@ class SourceConnection(RecordSafety):
     def _learn(self, sql: str, attributes: Sequence[Any]) -> None:
         """A metric's columns, row shape and what the batch sends for it (reaper.db.recordsafe)."""
         self.columns[sql], self.shapes[sql] = describe(attributes)
-        safe = record_safe_sql(sql, attributes)
+        safe = record_safe_sql(sql, attributes, temporal=sql in self.as_text)
         if safe is not None:
             self.rewrites[sql] = safe
 
@@ -236,6 +236,7 @@ class SourceConnection(RecordSafety):
             unreadable = is_decode_error(e) and not conn.is_closed()  # a value asyncpg misread: each alone below
             if not unreadable and (not isinstance(e, asyncpg.PostgresError) or is_connection_error(e)):
                 raise
+            gone_bad = (*sent.sqls.values(), *sqls.values())  # each described anew next time (a column gone)
             if members is not None:
                 members.reset()  # a member gone bad (a dropped table) must not fail every tick: the set starts again
             if limit is not None and isinstance(e, asyncpg.QueryCanceledError):  # past its own timeout
@@ -244,6 +245,8 @@ class SourceConnection(RecordSafety):
                 else:
                     errors.update({n: self._why(e) for n in names})
                 return None, True
+            for sql in gone_bad:
+                self.columns.pop(sql, None)
             for name in names:
                 started = time.perf_counter()
                 try:

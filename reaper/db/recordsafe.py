@@ -77,9 +77,18 @@ def _cast(type_: Any, temporal: bool = False) -> str:
 
 
 def record_safe_sql(sql: str, attributes: Sequence[Any], *, temporal: bool = False) -> str | None:
-    """`sql` with its columns that a record would garble cast to text, same column names and order; None when
-    every column reads fine. `temporal`: its date and time columns too (`_cast`)."""
+    """`sql` as the batch sends it: its columns taken BY NAME, those a record would garble cast to text, same
+    names and order (`temporal`: its date and time columns too, `_cast`). A record carries no names: the batch
+    reads its values by position under the names described when the metric was first seen, so a table the
+    metric reads with `*` that changed since (a column dropped or added) shifted values under other names, and
+    a text under a float's name crashed the source; by name, such a change can only fail the statement (the
+    metric is described again). None when names repeat (positional then) and nothing needs a cast."""
     casts = [_cast(a.type, temporal) for a in attributes]
+    names = [a.name for a in attributes]
+    if names and len(set(names)) == len(names):
+        columns = ", ".join(f"q.{_quote(n)}{cast} as {_quote(n)}" if cast else f"q.{_quote(n)}"
+                            for n, cast in zip(names, casts, strict=True))
+        return f"select {columns} from ({sql.strip()}\n) as q"
     if not any(casts):
         return None
     aliases = [f"reaper_c{i}" for i in range(len(casts))]
@@ -146,7 +155,7 @@ class RecordSafety:
         text from now on; the SQL to send. Unreadable when that cannot help (none, or done already)."""
         attributes = (await self._conn.prepare(sql)).get_attributes()
         safe = record_safe_sql(sql, attributes, temporal=True)
-        if safe is None or sql in self.as_text:
+        if safe is None or safe == record_safe_sql(sql, attributes) or sql in self.as_text:  # (no date or time)
             raise Unreadable(f"a value reaper cannot read: {describe_error(error)}") from error
         self.rewrites[sql] = safe
         self.as_text.add(sql)

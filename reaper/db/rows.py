@@ -81,7 +81,7 @@ def go_rows(columns: tuple[str, ...], shape: RowShape | None, records: Any) -> t
     for row in rows:
         for c in floats:
             v = row[c]
-            if v is None:
+            if type(v) is not float:  # None; or no float now (its table's column changed type since described)
                 continue
             if v.is_integer():
                 if -_INT53 < v < _INT53 and (v or math.copysign(1.0, v) > 0):
