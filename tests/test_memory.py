@@ -207,3 +207,21 @@ def test_the_cost_meter_keeps_a_run_in_32_bytes_and_reads_it_back_exactly() -> N
     assert per_run <= 40, per_run  # a list of four objects per run: ~136 bytes
     assert cost.metrics["m"].last_run() == Run(110.0, 1.0, 300, 300 * len(b'{"a":1,"b":"x"}'))
     assert len(cost.metrics["m"].run_list()) == 1001
+
+
+def test_the_text_sent_for_a_metric_is_one_string_for_every_connection() -> None:
+    """Each batched metric is sent with its columns taken by name (reaper.db.recordsafe): every connection
+    makes that text, and a thousand sources running the same metric would keep a thousand copies."""
+    from types import SimpleNamespace
+
+    from reaper.db.recordsafe import record_safe_sql
+
+    def attributes() -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=n, type=SimpleNamespace(name=t, kind="scalar", schema="pg_catalog"))
+                for n, t in (("tag_datname", "name"), ("xact_commit", "int8"), ("balance", "money"))]
+
+    sql = "select datname as tag_datname, xact_commit, 1::money as balance from pg_stat_database"
+    first, second = record_safe_sql(sql, attributes()), record_safe_sql(sql, attributes())
+    assert first == ('select q."tag_datname", q."xact_commit", q."balance"::text as "balance" from '
+                     f'({sql}\n) as q')
+    assert first is second
