@@ -301,7 +301,11 @@ class StorageConnection:
         dropped = kept = 0
         older = dt.timedelta(days=retention_days)
         if retention_days > 0 and self.schema.schema_type == "postgres":
+            busy: set[str] = set()  # tables whose lock was not had: their other old partitions would wait too
             for part, metric in await conn.fetch(_OLD_PARTITIONS, older):  # each in a transaction of its own
+                if metric in busy:
+                    kept += 1
+                    continue
                 try:
                     async with conn.transaction():
                         await conn.execute("select set_config('lock_timeout', $1, true), "
@@ -311,6 +315,7 @@ class StorageConnection:
                     dropped += 1
                 except asyncpg.LockNotAvailableError:
                     kept += 1
+                    busy.add(metric)
         elif retention_days > 0:
             async with conn.transaction():
                 await conn.execute("select set_config('lock_timeout', $1, true)", DROP_LOCK_TIMEOUT)
