@@ -30,7 +30,7 @@ import attrs
 
 from reaper.db.combined import Members
 from reaper.db.failures import describe_error, is_connection_error
-from reaper.db.rows import RowLimit, TooManyRows
+from reaper.db.rows import RowLimit, TooManyRows, one_copy
 
 log = logging.getLogger("reaper.db")
 
@@ -88,7 +88,7 @@ def record_safe_sql(sql: str, attributes: Sequence[Any], *, temporal: bool = Fal
     if names and len(set(names)) == len(names):
         columns = ", ".join(f"q.{_quote(n)}{cast} as {_quote(n)}" if cast else f"q.{_quote(n)}"
                             for n, cast in zip(names, casts, strict=True))
-        return _shared(f"select {columns} from ({sql.strip()}\n) as q")
+        return one_copy(_texts, f"select {columns} from ({sql.strip()}\n) as q")
     if not any(casts):
         return None
     aliases = [f"reaper_c{i}" for i in range(len(casts))]
@@ -97,19 +97,7 @@ def record_safe_sql(sql: str, attributes: Sequence[Any], *, temporal: bool = Fal
     return f"select {columns} from ({sql.strip()}\n) as q({', '.join(aliases)})"
 
 
-#: the texts sent for metrics, one copy for the whole process: a thousand sources running the same metric keep
-#: one string, not one each (at most this many kept; past it, each connection keeps its own)
-SHARED_TEXTS = 4096
-_texts: dict[str, str] = {}
-
-
-def _shared(text: str) -> str:
-    known = _texts.get(text)
-    if known is not None:
-        return known
-    if len(_texts) < SHARED_TEXTS:
-        _texts[text] = text
-    return text
+_texts: dict[str, str] = {}  # the texts sent for metrics, one copy for the whole process (rows.one_copy)
 
 
 def _quote(name: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -42,21 +42,27 @@ _FLOAT_TYPES = frozenset({"float4", "float8"})
 _PLAIN_KINDS = frozenset({"scalar", "enum", "range", "multirange"})
 
 
-#: descriptions shared by every connection (at most this many kept; past it, each connection keeps its own)
-SHARED_DESCRIPTIONS = 4096
+#: values shared by every connection, per table (at most this many kept; past it, each connection keeps its own)
+SHARED_MAX = 4096
 _descriptions: dict[tuple[tuple[str, ...], RowShape | None], tuple[tuple[str, ...], RowShape | None]] = {}
+T = TypeVar("T")
+
+
+def one_copy(table: dict[T, T], value: T) -> T:
+    """`value`, or the equal one the process keeps already: a thousand sources running the same metric keep one
+    copy of what describes it, not one each (issue 14)."""
+    known = table.get(value)
+    if known is not None:
+        return known
+    if len(table) < SHARED_MAX:
+        table[value] = value
+    return value
 
 
 def describe(attributes: Sequence[Any]) -> tuple[tuple[str, ...], RowShape | None]:
     """A metric's column names and RowShape from its prepared statement's attributes, one copy for the whole
-    process: a thousand sources running the same metric keep one tuple of names, not one each (issue 14)."""
-    key = (tuple(a.name for a in attributes), row_shape(attributes))
-    shared = _descriptions.get(key)
-    if shared is not None:
-        return shared
-    if len(_descriptions) < SHARED_DESCRIPTIONS:
-        _descriptions[key] = key
-    return key
+    process (`one_copy`)."""
+    return one_copy(_descriptions, (tuple(a.name for a in attributes), row_shape(attributes)))
 
 
 def row_shape(attributes: Sequence[Any]) -> RowShape | None:
