@@ -56,7 +56,7 @@ def test_a_bug_on_one_metrics_rows_fails_that_metric_alone_and_sets_its_rows_asi
         def pings() -> int:
             return out.read_text().count('"metric":"ping"') if out.exists() else 0
 
-        wait_until(lambda: pings() >= 5, limit=60, what="five pings")
+        wait_until(lambda: pings() >= 3, limit=60, what="three pings")
         assert proc.poll() is None  # still running
     finally:
         proc.terminate()
@@ -74,4 +74,4 @@ def test_a_bug_on_one_metrics_rows_fails_that_metric_alone_and_sets_its_rows_asi
     assert kept[0]["rows"] == [{"tag_k": str(x), "v": x} for x in (1, 2, 3)]  # as the bug met them
     assert kept[0]["error"] == "ValueError: a bug put in by the test"
     [source] = json.loads((state / "status.json").read_text())["sources"]
-    assert source["metric_errors"] >= 5 and source["status"] == "up", source  # every run counted
+    assert source["metric_errors"] >= 3 and source["status"] == "up", source  # every run counted
