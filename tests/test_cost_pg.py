@@ -94,8 +94,7 @@ def test_an_expensive_metric_shows_its_server_time_per_minute(pg15, fresh_db, tm
         status = daemon.fresh_status()
         assert daemon.stop() == 0
     finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
+        daemon.kill()
     sleepy = cost_of(status, "sleepy")
     assert sleepy is not None and abs(sleepy.server_ms_per_minute - 6000) <= 600, sleepy
     assert sleepy.server_seconds_total >= 0.2 * 5
@@ -146,8 +145,7 @@ def test_the_budget_stretches_the_expensive_metric_and_gives_it_back(pg15, fresh
         back = daemon.fresh_status()
         assert daemon.stop() == 0
     finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
+        daemon.kill()
     sleepy = cost_of(stretched, "sleepy")
     assert (sleepy.interval, sleepy.effective_interval) == (2, 8)
     assert 0.9 * 2250 <= sleepy.server_ms_per_minute <= 3000, sleepy

@@ -94,6 +94,12 @@ class Daemon:
                 self.proc.wait()
         return self.proc.returncode
 
+    def kill(self) -> None:
+        """For a test's `finally`: the daemon gone and reaped (an unreaped Popen warns in a later test)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def log_text(self) -> str:
         return self.log.read_text()
 
@@ -102,9 +108,7 @@ class Daemon:
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    d.kill()
 
 
 @pytest.fixture

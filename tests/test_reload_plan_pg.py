@@ -63,9 +63,7 @@ def two_dbs(pg15: Any) -> Iterator[list[str]]:
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    d.kill()
 
 
 def test_reload_plan_previews_every_kind_of_change_and_reload_prints_what_it_did(pg15: Any, two_dbs: list[str],

@@ -128,9 +128,7 @@ def test_a_real_run_follows_pgwatch_source_rows_and_answers_health(pg15, dbs, tm
         assert d.stop() == 0
     finally:
         pg15.psql(f"alter database {quote_ident(cfg)} allow_connections true")
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        d.kill()
 
 
 def test_readiness_is_503_with_the_reason_while_a_sink_cannot_open(pg15, dbs, tmp_path: Path) -> None:
@@ -149,9 +147,7 @@ def test_readiness_is_503_with_the_reason_while_a_sink_cannot_open(pg15, dbs, tm
         assert httpx.get(f"http://127.0.0.1:{port}/liveness", timeout=5).status_code == 200
         assert httpx.post(f"http://127.0.0.1:{port}/status", timeout=5).status_code == 405
     finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        d.kill()
 
 
 def test_import_from_db_writes_toml_that_check_accepts_and_reports_unknown_kinds(pg15, dbs, tmp_path: Path) -> None:

@@ -138,4 +138,5 @@ write_timeout_seconds = 5
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     assert "Traceback" not in log.read_text(), log.read_text()[-6000:]

@@ -65,8 +65,7 @@ def test_the_status_file_is_written_on_change_and_on_request_not_per_tick(pg15, 
         assert written(path) != after_ask
         assert daemon.stop() == 0
     finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
+        daemon.kill()
     # no daemon to ask: the file as it is (written at shutdown), at once
     out = subprocess.run([*REAPER, "status", "--state-dir", str(daemon.state), "--format", "plain"],
                          capture_output=True, text=True, timeout=60)
