@@ -5,6 +5,7 @@ Anything that claims database behaviour is tested against a real PostgreSQL inst
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import attrs
@@ -33,6 +34,10 @@ def source(name: str = "src", **kwargs: Any) -> SourceConfig:
 
 SERVER = db.ServerInfo(version_num=150004, version="15.4", in_recovery=False, database="app",
                        system_identifier="1", extensions=frozenset(), is_local=False)
+# a fake server's now(): its clock is the test's (mock) clock, its date this test run's (reaper gives
+# rows dated more than a day from its own clock their collection time instead, and says so)
+EPOCH_BASE_NS = time.time_ns()
+
 FACTS_ROW = {"via_socket": True, "data_directory": "/fake/data", "log_directory": "log", "logging_collector": "on",
              "log_destination": "stderr", "role": "reaper", "can_read_binary": False, "can_read_text": False,
              "tablespaces": "[]"}  # what reaper.special.facts reads first on a slow lane's new connection
@@ -94,7 +99,7 @@ class FakeConnection:
             if name in self.failing:
                 errors[name] = "division by zero"
             else:
-                rows[name] = [{"epoch_ns": int(trio.current_time() * 1e9), name: 1}]
+                rows[name] = [{"epoch_ns": EPOCH_BASE_NS + int(trio.current_time() * 1e9), name: 1}]
         isolated = any(n in self.failing for n in request.batch)
         outcome = db.TickOutcome(rows=rows, errors=errors, in_recovery=self.in_recovery,
                                  statements=1 + (len(request.batch) if isolated else 0) + len(request.solo),
@@ -112,7 +117,7 @@ class FakeConnection:
             raise MetricError(name, "division by zero")
         if name in self.over_timeout:
             raise MetricError(name, "canceling statement due to statement timeout")
-        return [{"epoch_ns": 1, name: 1}]
+        return [{"epoch_ns": EPOCH_BASE_NS + int(trio.current_time() * 1e9), name: 1}]
 
     async def fetch(self, sql: str, *args: object) -> list[dict[str, Any]]:
         self.fetches.append(sql)
