@@ -42,7 +42,7 @@ from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
 from reaper.daemon.metrichealth import LEAST_BOUND, MetricHealth
 from reaper.daemon.rides import Rides
 from reaper.daemon.route import BatchMembers, route_sql
-from reaper.daemon.sourcestate import FleetControls, SourceState, connect_source, say_reconnected
+from reaper.daemon.sourcestate import FleetControls, SourceState, connect_in_turn, connect_source, say_reconnected
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
 from reaper.daemon.supervise import TooManyRestarts, supervise
 from reaper.db.link import SourceLink
@@ -334,12 +334,7 @@ class SourceReaper:
 
     async def open_link(self) -> SourceLink:
         """A second connection for the slow lane (same limits as the fast lane's connect)."""
-        async with self.controls.connects:
-            try:
-                with trio.fail_after(self.config.connect_timeout_seconds):
-                    return await self.connector(self.config)
-            except trio.TooSlowError as e:
-                raise SourceUnavailable(f"connect timed out after {self.config.connect_timeout_seconds:g}s") from e
+        return await connect_in_turn(self.controls, self.config, self.connector)
 
     def worked(self) -> None:
         """After a tick or a lane's run: the status file's writer checks what changed (statuswrite)."""
@@ -453,13 +448,9 @@ class SourceReaper:
         if self.state.status == "paused":
             log.info("source %s: resuming after the pause", self.state.name)
         try:
-            async with self.controls.connects:  # waiting for a turn does not count against the timeout
-                with trio.fail_after(self.config.connect_timeout_seconds):
-                    conn = self.conn = await self.connector(self.config)
-        except (SourceUnavailable, trio.TooSlowError) as e:
-            reason = (f"connect timed out after {self.config.connect_timeout_seconds:g}s"
-                      if isinstance(e, trio.TooSlowError) else str(e))
-            self._mark_down(reason)
+            conn = self.conn = await connect_in_turn(self.controls, self.config, self.connector)
+        except SourceUnavailable as e:
+            self._mark_down(str(e))
             return False
         server = conn.server
         st = self.state

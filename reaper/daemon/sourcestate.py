@@ -6,10 +6,11 @@ import logging
 import struct
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import attrs
+import outcome
 import trio
 
 from reaper import db
@@ -18,11 +19,13 @@ from reaper.daemon.alarms import Alarms
 from reaper.daemon.cost import CostSettings
 from reaper.daemon.status import LATENESS_BOUNDS, LatenessBuckets
 from reaper.db.link import SourceLink
+from reaper.errors import SourceUnavailable
 from reaper.schedule import PHASE_SPREAD
 
 log = logging.getLogger("reaper.daemon.source")  # (its lines are the source loop's)
 
 MAX_PARALLEL_CONNECTS = 32
+CONNECT_TURN_SECONDS = 1.0  # a connect holds its turn this long at most (connect_in_turn)
 LATENESS_SAMPLES = 256  # the recent ticks whose lateness status reports (p50, p99, max)
 
 
@@ -48,6 +51,46 @@ class FleetControls:
     worked: Callable[[str | None], None] = _nothing  # (the source that worked; None: not said)
     alarms: Alarms = attrs.field(factory=Alarms)  # the sources' next ticks, on one timer (the daemon runs it)
     rejected_dir: Path | None = None  # rows a bug in reaper failed on (reaper.daemon.delivery.Output.bug)
+
+
+async def connect_in_turn(controls: FleetControls, config: SourceConfig,
+                          connector: Callable[[SourceConfig], Awaitable[SourceLink]]) -> SourceLink:
+    """Connect once the fleet's connect limiter gives a turn; the timeout counts from the turn.
+
+    The limiter keeps a fleet's start from storming its servers: what costs there (TLS, authentication)
+    is a connect's first moments. A connect still pending after CONNECT_TURN_SECONDS (a host that drops
+    the packets, a server that accepts and never answers) gives its turn back and goes on waiting: such
+    hosts, hundreds of them when a data centre is cut off, held every turn for their whole connect
+    timeout, and a healthy source's reconnect (a failover, a reload) queued behind them for minutes."""
+    token = object()
+    await controls.connects.acquire_on_behalf_of(token)
+    held = True
+
+    def give_back() -> None:
+        nonlocal held
+        if held:
+            held = False
+            controls.connects.release_on_behalf_of(token)
+
+    async def turn_over() -> None:
+        await trio.sleep(CONNECT_TURN_SECONDS)
+        give_back()
+
+    async def connect() -> SourceLink:
+        try:
+            with trio.fail_after(config.connect_timeout_seconds):
+                return await connector(config)
+        except trio.TooSlowError as e:
+            raise SourceUnavailable(f"connect timed out after {config.connect_timeout_seconds:g}s") from e
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(turn_over)
+            result = await outcome.acapture(connect)  # (raised in the nursery, it would come out in a group)
+            nursery.cancel_scope.cancel()
+    finally:
+        give_back()
+    return result.unwrap()
 
 
 async def connect_source(config: SourceConfig, *, application_name: str = db.APPLICATION_NAME) -> SourceLink:
