@@ -322,3 +322,39 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "reaper.cli", "check", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_sinks_that_would_write_one_file_or_listen_on_one_port_are_refused_whatever_their_names(
+        tmp_path: Path) -> None:
+    """Two jsonfile sinks with names of their own and one file spelt two ways (or through a symlink) were
+    both started: two writers, each rotating the file under the other; two Prometheus sinks on one port:
+    the second retried its listen for ever. One line each; distinct addresses on one port are fine."""
+    (tmp_path / "out.ndjson").touch()
+    (tmp_path / "link.ndjson").symlink_to(tmp_path / "out.ndjson")
+
+    def jsonfile(name: str, path: str) -> str:
+        return f'[[sinks]]\ntype = "jsonfile"\nname = "{name}"\npath = "{path}"\n'
+
+    def prometheus(name: str, listen: str) -> str:
+        return f'[[sinks]]\ntype = "prometheus"\nname = "{name}"\nlisten = "{listen}"\n'
+
+    lines = check_lines(tmp_path, SRC + jsonfile("main", str(tmp_path / "out.ndjson"))
+                        + jsonfile("copy", "sub/../out.ndjson") + jsonfile("linked", "link.ndjson")
+                        + jsonfile("own", "other.ndjson")
+                        + jsonfile("screen", "-") + jsonfile("screen2", "-")
+                        + prometheus("p1", ":9300") + prometheus("p2", "127.0.0.1:9300")
+                        + prometheus("p3", "0.0.0.0:9301") + prometheus("p4", "127.0.0.1:9302")
+                        + prometheus("p5", "127.0.0.2:9302")
+                        + '[collector]\nhttp_listen = "127.0.0.1:9301"\n')
+    target = os.path.realpath(tmp_path / "out.ndjson")
+    assert lines == [
+        f"sinks[1].path: the file {target} is written by sinks[0] already (two writers of one file lose lines; "
+        "give each sink its own file)",
+        f"sinks[2].path: the file {target} is written by sinks[0] already (two writers of one file lose lines; "
+        "give each sink its own file)",
+        "sinks[5].path: standard output is written by sinks[4] already (two writers of one file lose lines; "
+        "give each sink its own file)",
+        "sinks[7].listen: 127.0.0.1:9300 takes the port sinks[6] listens on already (only one of them could open; "
+        "give each its own port)",
+        "sinks[8].listen: 0.0.0.0:9301 takes the port collector.http_listen listens on already (only one of them "
+        "could open; give each its own port)"], lines

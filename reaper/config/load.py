@@ -30,6 +30,7 @@ from reaper.config.schema import (
     FleetConfig,
     JsonFileSinkConfig,
     PostgresSinkConfig,
+    PrometheusSinkConfig,
     SinkConfig,
     SourceConfig,
     SourcesFromConfig,
@@ -378,6 +379,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         if sink.label in labels:
             problems.append(f"{origin}: sinks[{i}]: duplicate sink {sink.label!r} (also sinks[{labels[sink.label]}])")
         labels[sink.label] = i
+    problems.extend(f"{origin}: {p}" for p in _clashes(structured_sinks, collector.http_listen))
     sinks = tuple(structured_sinks)
     if require_sinks and not sinks and not any("sinks" in p for p in problems):
         problems.append(f"{origin}: sinks: at least one [[sinks]] table is required")
@@ -389,6 +391,44 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         raise ConfigError(problems)
     return Config(sources=sources, sinks=sinks, metrics=own.metrics, presets=own.presets,
                   collector=collector, path=origin, sources_from=tuple(sources_from), fleet=fleet)
+
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "[::]", "*"})
+
+
+def _clashes(sinks: Collection[Any], http_listen: str | None) -> list[str]:
+    """Sinks that would write one file (two writers, each rotating it under the other: lines lost) or listen
+    on one port (the second can never open), whatever their names and however their paths are spelt."""
+    problems: list[str] = []
+    files: dict[str, str] = {}
+    ports: list[tuple[str, str, str]] = [] if http_listen is None else [(*_host_port(http_listen),
+                                                                          "collector.http_listen")]
+    labels: set[str] = set()
+    for i, sink in enumerate(sinks):
+        if sink.label in labels:  # a duplicate sink: said as such
+            continue
+        labels.add(sink.label)
+        if isinstance(sink, JsonFileSinkConfig):
+            target = "-" if sink.path == "-" else os.path.realpath(os.path.expanduser(sink.path))
+            if target in files:
+                what = "standard output" if target == "-" else f"the file {target}"
+                problems.append(f"sinks[{i}].path: {what} is written by {files[target]} already "
+                                "(two writers of one file lose lines; give each sink its own file)")
+            files.setdefault(target, f"sinks[{i}]")
+        elif isinstance(sink, PrometheusSinkConfig):
+            host, port = _host_port(sink.listen)
+            for other_host, other_port, where in ports:
+                if port == other_port != "0" and (host == other_host or WILDCARD_HOSTS & {host, other_host}):
+                    problems.append(f"sinks[{i}].listen: {sink.listen} takes the port {where} listens on already "
+                                    "(only one of them could open; give each its own port)")
+                    break
+            ports.append((host, port, f"sinks[{i}]"))
+    return problems
+
+
+def _host_port(listen: str) -> tuple[str, str]:
+    host, _, port = listen.rpartition(":")
+    return host, str(int(port))
 
 
 # The fields naming a file or folder: a relative one is taken from the config file's folder, wherever the
