@@ -15,10 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+import attrs
 import trio
 from trio_asyncio import aio_as_trio
 
-from reaper.db import connect_options, describe_error, pooler
+from reaper.db import APPLICATION_NAME, connect_options, describe_error, pooler
 from reaper.errors import SourceUnavailable
 
 # Every database that takes connections, is not a template, and that the role may CONNECT to.
@@ -33,7 +34,40 @@ where not datistemplate
   and ($2::text is null or datname !~ $2::text)
 order by datname"""
 
+# How many connections the server has room for now, read with the list (one round trip more, on the same
+# short-lived connection): a discovery source's children take a connection each (two while a slow metric
+# runs), and an instance with hundreds of databases would have its last slots taken by reaper: the
+# children past the limit fail with "too many clients", and so do the applications' new connections.
+ROOM_SQL = """select current_setting('max_connections')::int
+         - current_setting('superuser_reserved_connections')::int
+         - coalesce(current_setting('reserved_connections', true)::int, 0) as slots,
+       count(*) filter (where client)::int as in_use,
+       count(*) filter (where client and (application_name = $1 or application_name like $1 || ':%'))::int as ours,
+       (select nullif(rolconnlimit, -1) from pg_roles where rolname = current_user) as role_limit,
+       count(*) filter (where client and usename = current_user)::int as role_in_use
+from (select pid <> pg_backend_pid() and coalesce(backend_type = 'client backend', true) as client,
+             -- (a null backend_type: another role's session, its details not shown to this role)
+             application_name, usename
+      from pg_stat_activity) as a"""
+
 INVALID_REGEX_SQLSTATE = "2201B"
+
+
+@attrs.frozen
+class Room:
+    """The server's connection slots as a discovery listing found them (None behind a connection pooler)."""
+
+    slots: int  # max_connections less the slots reserved for superusers (and, 16+, for pg_use_reserved_connections)
+    in_use: int  # client backends now, reaper's own included
+    ours: int  # reaper's (its application_name)
+    role_limit: int | None  # the role's CONNECTION LIMIT
+    role_in_use: int
+
+
+@attrs.frozen
+class Listing:
+    names: list[str]
+    room: Room | None = None
 CLOSE_TIMEOUT_SECONDS = 2.0
 
 
@@ -42,8 +76,8 @@ def _pattern(value: str | None) -> str | None:
 
 
 async def list_databases(dsn: str, *, include_pattern: str | None = None, exclude_pattern: str | None = None,
-                         password_file: str | None = None, statement_timeout_seconds: float = 30.0) -> list[str]:
-    """The names of the databases a discovery source should monitor, sorted.
+                         password_file: str | None = None, statement_timeout_seconds: float = 30.0) -> Listing:
+    """The names of the databases a discovery source should monitor, sorted, and the server's room.
 
     The caller bounds the whole call with a trio cancel scope (connect + query). Raises
     SourceUnavailable for every failure: unreachable, refused, a bad dsn, an invalid pattern.
@@ -63,10 +97,11 @@ async def list_databases(dsn: str, *, include_pattern: str | None = None, exclud
         raise SourceUnavailable(f"listing databases failed: {describe_error(e)}") from e
 
 
-async def _list(dsn: str, kwargs: dict[str, Any], include: str | None, exclude: str | None) -> list[str]:
-    conn, _ = await pooler.connect(dsn, kwargs)  # (a pooler: its wildcard database lists the server's)
+async def _list(dsn: str, kwargs: dict[str, Any], include: str | None, exclude: str | None) -> Listing:
+    conn, pooled = await pooler.connect(dsn, kwargs)  # (a pooler: its wildcard database lists the server's)
     try:
         rows = await conn.fetch(LIST_DATABASES_SQL, include, exclude)
+        room = None if pooled else Room(**dict(await conn.fetchrow(ROOM_SQL, APPLICATION_NAME)))
     except BaseException:
         conn.terminate()
         raise
@@ -74,4 +109,4 @@ async def _list(dsn: str, kwargs: dict[str, Any], include: str | None, exclude: 
         await conn.close(timeout=CLOSE_TIMEOUT_SECONDS)  # a polite Terminate: no "unexpected EOF" in the server log
     except Exception:
         conn.terminate()
-    return [str(r["datname"]) for r in rows]
+    return Listing([str(r["datname"]) for r in rows], room)

@@ -31,7 +31,7 @@ import trio
 
 from reaper.config.rules import DSN_EXPECTED
 from reaper.config.schema import SourceConfig
-from reaper.db.discovery import list_databases
+from reaper.db.discovery import Room, list_databases
 from reaper.errors import SourceUnavailable
 from reaper.kinds.dsn import database_child, with_database, with_parameters
 
@@ -96,12 +96,43 @@ async def _discover(source: SourceConfig) -> list[SourceConfig]:
     deadline = source.connect_timeout_seconds + source.query_timeout_seconds + RESOLVE_GRACE_SECONDS
     try:
         with trio.fail_after(deadline):
-            names = await list_databases(
+            listing = await list_databases(
                 source.dsn, include_pattern=source.include_pattern, exclude_pattern=source.exclude_pattern,
                 password_file=source.password_file, statement_timeout_seconds=source.query_timeout_seconds)
     except trio.TooSlowError:
         raise SourceUnavailable(f"listing databases timed out after {deadline:g}s") from None
-    return sorted((database_child(source, name) for name in names), key=lambda s: s.name)
+    if listing.room is not None:
+        say_room(source.name, len(listing.names), listing.room)
+    return sorted((database_child(source, name) for name in listing.names), key=lambda s: s.name)
+
+
+_crowded: dict[str, int] = {}  # discovery source -> the number of databases it was last warned about
+
+
+def say_room(source: str, databases: int, room: Room) -> None:
+    """Warn, once per source and number of databases, when collecting them would take more connections than
+    the server (or the role's CONNECTION LIMIT) has room for: those past the limit fail with "too many
+    clients", and the server's other clients' new connections are refused as well."""
+    new = max(0, databases - room.ours)  # reaper's children already connected are in use already
+    problems = []
+    if new > room.slots - room.in_use:
+        problems.append(f"the server has {max(0, room.slots - room.in_use)} of its {room.slots} connection slots "
+                        f"free (max_connections less the reserved ones; {room.ours} of the {room.in_use} in use "
+                        "are reaper's)")
+    others = max(0, room.role_in_use - room.ours)  # the role's sessions that are not reaper's
+    if room.role_limit is not None and databases + others > room.role_limit:
+        problems.append(f"the role's CONNECTION LIMIT is {room.role_limit}"
+                        + (f" ({others} of its sessions are not reaper's)" if others else ""))
+    if not problems:
+        _crowded.pop(source, None)
+        return
+    if _crowded.get(source) == databases:
+        return
+    _crowded[source] = databases
+    log.warning("source %s: %d databases to collect take %d connections or more (one each, two while a slow "
+                "metric runs), and %s: those past the limit will fail with \"too many clients\", and so may other "
+                "clients of the server; narrow include_pattern or raise the limit", source, databases, databases,
+                " and ".join(problems))
 
 
 async def _discover_members(source: SourceConfig, members: list[SourceConfig]) -> list[SourceConfig]:
