@@ -24,7 +24,7 @@ from reaper.db.aioloop import tolerate_abandoned_connection_futures as tolerate_
 from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
-from reaper.db.describe import describe_text, refused_sqls, split_description
+from reaper.db.describe import describe_all, refused_sqls
 from reaper.db.facts import EXTENSIONS_REPINNED_SQL, PIN_SEARCH_PATH, SERVER_FACTS_SQL, SYSTEM_ID_SQL
 from reaper.db.failures import describe_error, is_connection_error, unresolved_hint  # (others take the first two here)
 from reaper.db.recordsafe import READ_FAILURES, Batchable, RecordSafety, is_decode_error, read_hint, record_safe_sql
@@ -132,20 +132,14 @@ class SourceConnection(RecordSafety):
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
         every = {**request.batch, **{n: q.sql for n, q in (*request.solo.items(), *request.timed.items())}}
-        new = {sql for sql in every.values() if sql not in self.columns}
-        if new:  # the source's other batched metrics are described in the same round trip (combined.py)
-            new.update(sql for sql in request.universe.values() if sql not in self.columns)
-        if len(new) > 1:  # all new metrics described in one round trip; any failure: each alone below
-            await self._describe_together(sorted(new))
-        for name, sql in every.items():
-            if sql not in self.columns:
-                try:
-                    prepared = await self._conn.prepare(sql)
-                    self._learn(sql, prepared.get_attributes())
-                except READ_FAILURES as e:
-                    if is_connection_error(e):
-                        raise
-                    errors[name] = self._why(e)
+        pending = {sql for sql in every.values() if sql not in self.columns}
+        if pending:  # described in one round trip, with the source's other new batched metrics (combined.py);
+            # when that fails, those due now each alone: a refused one fails alone
+            new = pending | {sql for sql in request.universe.values() if sql not in self.columns}
+            described, refused = await describe_all(self._conn, sorted(new), retry=pending)
+            for sql, attributes in described.items():
+                self._learn(sql, attributes)
+            errors.update((name, self._why(refused[sql])) for name, sql in every.items() if sql in refused)
         unbatched = self.unbatched  # (metrics whose records asyncpg cannot read run alone: reaper.db.recordsafe)
         batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors and sql not in unbatched}
         solo = {**request.solo, **{n: SoloQuery(sql) for n, sql in request.batch.items() if sql in unbatched}}
@@ -190,19 +184,6 @@ class SourceConnection(RecordSafety):
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=self.statements - before,
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
                            go_ready=frozenset(ready), cancelled=frozenset(cancelled))
-
-    async def _describe_together(self, sqls: Sequence[str]) -> None:
-        """Learn the columns of several new metric queries in one round trip (reaper.db.describe). Nothing is
-        learnt when it fails (a metric that does not parse): the caller describes each alone then, so the
-        failing metric gets its own error and the others run."""
-        try:
-            prepared = await self._conn.prepare(describe_text(sqls))
-        except READ_FAILURES as e:
-            if is_connection_error(e):
-                raise
-            return
-        for sql, attributes in (split_description(sqls, prepared.get_attributes()) or {}).items():
-            self._learn(sql, attributes)
 
     def _learn(self, sql: str, attributes: Sequence[Any]) -> None:
         """A metric's columns, row shape and what the batch sends for it (reaper.db.recordsafe)."""

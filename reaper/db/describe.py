@@ -7,7 +7,7 @@ to describe each metric alone, one round trip each (fleet1000: 3 per source at s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from reaper.db.failures import is_connection_error
@@ -37,24 +37,35 @@ def split_description(sqls: Sequence[str], attributes: Sequence[Any]) -> dict[st
     return out
 
 
-async def refused_sqls(conn: Any, sqls: Mapping[str, str], why: Callable[[BaseException], str]) -> dict[str, str]:
-    """name -> why the server (or asyncpg) refuses to prepare that metric's SQL: a misspelt column, a table or
-    function that does not exist, a column type reaper cannot read. Prepared, never run; one round trip when
-    none is refused. The asyncio side of SourceConnection.refusals (`reaper check --connect`)."""
-    if not sqls:
-        return {}
-    try:
-        await conn.prepare(describe_text(list(sqls.values())))
-        return {}
-    except READ_FAILURES as e:
-        if is_connection_error(e):
-            raise
-    refused = {}
-    for name, sql in sqls.items():
+async def describe_all(conn: Any, sqls: Sequence[str], retry: Collection[str] | None = None
+                       ) -> tuple[dict[str, Sequence[Any]], dict[str, BaseException]]:
+    """Each query's columns (sql -> attributes) and each refusal (sql -> the error: a misspelt column, a table
+    or function that does not exist, a column type reaper cannot read). Prepared, never run: all of them in one
+    statement, one round trip; when that fails, those of `retry` (default: all) each alone, so a refused one
+    gets its own error and the others their columns. A broken connection's error propagates."""
+    described: dict[str, Sequence[Any]] = {}
+    if len(sqls) > 1:
         try:
-            await conn.prepare(sql)
+            prepared = await conn.prepare(describe_text(sqls))
+            described = split_description(sqls, prepared.get_attributes()) or {}
         except READ_FAILURES as e:
             if is_connection_error(e):
                 raise
-            refused[name] = why(e)
-    return refused
+    refused: dict[str, BaseException] = {}
+    for sql in sqls if retry is None else retry:
+        if sql in described:
+            continue
+        try:
+            described[sql] = (await conn.prepare(sql)).get_attributes()
+        except READ_FAILURES as e:
+            if is_connection_error(e):
+                raise
+            refused[sql] = e
+    return described, refused
+
+
+async def refused_sqls(conn: Any, sqls: Mapping[str, str], why: Callable[[BaseException], str]) -> dict[str, str]:
+    """name -> why the server (or asyncpg) refuses to prepare that metric's SQL; one round trip when none is
+    refused. The asyncio side of SourceConnection.refusals (`reaper check --connect`)."""
+    _, refused = await describe_all(conn, list(dict.fromkeys(sqls.values())))
+    return {name: why(refused[sql]) for name, sql in sqls.items() if sql in refused}
