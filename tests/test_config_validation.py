@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -358,3 +359,23 @@ def test_sinks_that_would_write_one_file_or_listen_on_one_port_are_refused_whate
         "give each its own port)",
         "sinks[8].listen: 0.0.0.0:9301 takes the port collector.http_listen listens on already (only one of them "
         "could open; give each its own port)"], lines
+
+
+@pytest.mark.parametrize("userinfo", ["u:Secr/et", "u:Sec?ret", "u:Se#cret", "u:12/34"])
+def test_a_password_with_a_uri_delimiter_is_one_line_that_shows_no_part_of_it(tmp_path: Path, userinfo: str) -> None:
+    """`postgresql://u:Secr/et@host/db`: the URI's user part ends at the '/', so "u:Secr" was read as host u,
+    port 'Secr': check said "port 'Secr' is not a number", the password's start in the message (and a log),
+    or, with a number before the '/', ok, and the source went down at every connect naming host "u"."""
+    dsn = f"postgresql://{userinfo}@127.0.0.1:5432/db"
+    lines = check_lines(tmp_path, SRC.replace("postgresql://u@127.0.0.1:5432/db", dsn) + SINK)
+    assert len(lines) == 1 and lines[0].startswith("sources[0].dsn: the part before '@' holds a '/', '?' or '#'")
+    secret = userinfo.partition(":")[2]
+    assert not any(part in lines[0] for part in re.split(r"[/?#]", secret)), lines
+
+
+def test_an_at_sign_in_a_dsns_query_or_password_is_no_delimiter_problem(tmp_path: Path) -> None:
+    for dsn in ("postgresql://127.0.0.1/db?user=app@azure-server", "postgresql://u:p@w@127.0.0.1/db",
+                "postgresql://u:Secr%2Fet@127.0.0.1/db"):
+        config = tmp_path / "c.toml"
+        config.write_text(SRC.replace("postgresql://u@127.0.0.1:5432/db", dsn) + SINK)
+        assert load_config(config, environ={}).sources[0].dsn == dsn

@@ -201,6 +201,12 @@ def dsn_ports(_instance: Any, _attribute: Any, value: str) -> None:
     if not sep:
         return  # not a URI: the kind's own check says what it expects
     netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" not in netloc and "@" in rest[len(netloc):].partition("=")[0]:
+        # `postgresql://u:se/cret@host/db`: the URI's user part ends at the '/', and its "host:port" is the
+        # user and the password's start (a port error would have shown it); the dsn is not shown
+        raise FieldValueError("the part before '@' holds a '/', '?' or '#', which ends a URI's user:password: "
+                              "percent-encode them there (/ as %2F, ? as %3F, # as %23; and '@' in a database "
+                              "name as %40)")
     hosts = netloc.rpartition("@")[2]
     ports: list[str] = []
     for host in hosts.split(","):
