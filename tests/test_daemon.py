@@ -80,7 +80,7 @@ class Daemon:
         self.proc.send_signal(sig)
 
     def reload(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*REAPER, "reload", "--pidfile", str(self.pidfile), "--state-dir", str(self.state)],
+        return subprocess.run([*REAPER, "reload", "--config", str(self.config)],  # (the status file's pid)
                               capture_output=True, text=True, timeout=60)
 
     def stop(self) -> int:

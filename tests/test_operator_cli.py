@@ -115,6 +115,23 @@ def test_reload_refuses_a_stale_pidfile_whose_pid_is_not_reaper(tmp_path: Path, 
     assert sleeper.poll() is None  # reload has exited: had it signalled, the sleep would be dead
 
 
+def test_reload_without_a_pidfile_takes_the_status_files_pid_only_once_verified(tmp_path: Path, sleeper) -> None:
+    """`reaper reload --config FILE` (no --pidfile: a daemon started without one, as under systemd) said only
+    "--pidfile is required". The status file's pid is now taken, with the same checks as a pidfile's."""
+    config = _secret_config(tmp_path)
+    proc = reaper("reload", "--config", str(config), "--wait", "1")
+    assert proc.returncode == 1 and "no status file: is reaper running with this config?" in proc.stderr
+    write_status_file(tmp_path / "state" / STATUS_FILE, _status(sleeper.pid, time.time() - 3600, str(config)))
+    proc = reaper("reload", "--config", str(config), "--wait", "1")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"not signalling process {sleeper.pid}" in proc.stderr and "reaper run" in proc.stderr
+    assert sleeper.poll() is None
+    sleeper.kill()
+    sleeper.wait(timeout=10)
+    proc = reaper("reload", "--config", str(config), "--wait", "1")
+    assert proc.returncode == 1 and f"its daemon (pid {sleeper.pid}) is not running" in proc.stderr, proc.stderr
+
+
 def test_reload_refuses_a_reaper_looking_process_that_started_after_the_daemon(tmp_path: Path) -> None:
     """A pid reused by a process whose command line looks like `reaper run`: the status file's start
     time gives it away."""
@@ -125,10 +142,11 @@ def test_reload_refuses_a_reaper_looking_process_that_started_after_the_daemon(t
         pidfile.write_text(str(impostor.pid))
         write_status_file(tmp_path / "state" / STATUS_FILE,
                           _status(impostor.pid, time.time() - 3600, str(config)))
-        proc = reaper("reload", "--pidfile", str(pidfile), "--config", str(config), "--wait", "1")
-        assert proc.returncode == 1
-        assert "pid was reused" in proc.stderr, proc.stderr
-        assert impostor.poll() is None
+        for pid_from in (["--pidfile", str(pidfile)], []):  # the status file's pid alike
+            proc = reaper("reload", *pid_from, "--config", str(config), "--wait", "1")
+            assert proc.returncode == 1
+            assert "pid was reused" in proc.stderr, proc.stderr
+            assert impostor.poll() is None
         (tmp_path / "state" / STATUS_FILE).unlink()  # and with no status file at all: refused too
         proc = reaper("reload", "--pidfile", str(pidfile), "--config", str(config), "--wait", "1")
         assert proc.returncode == 1 and "no status file" in proc.stderr

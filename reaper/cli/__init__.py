@@ -104,11 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     _format_args(status)
 
     reload = verbs.add_parser("reload", help="make the running daemon re-read its config",
-                              description="Send SIGHUP to the daemon whose pid is in --pidfile and report whether "
-                                          "the reload was applied (exit 0: the plan it carried out is printed) or "
+                              description="Send SIGHUP to the daemon (the pid in --pidfile, else in the status file "
+                                          "of --config's state dir) and report whether the reload was applied "
+                                          "(exit 0: the plan it carried out is printed) or "
                                           "rejected (exit 1: the daemon keeps its old config; one line per "
                                           "problem). With --plan: print what a reload would do, signal nothing.")
-    reload.add_argument("--pidfile", metavar="FILE", help="the daemon's --pidfile (required unless --plan)")
+    reload.add_argument("--pidfile", metavar="FILE", help="the daemon's --pidfile (default: as for `reaper status`)")
     reload.add_argument("--plan", action="store_true", help="only print what reloading --config (default: the "
                         "daemon's own file) would do, from the daemon's status file; signals nothing")
     _state_dir_args(reload)

@@ -302,8 +302,24 @@ def _lanes(lanes: Sequence[LaneStatus]) -> str:
 
 
 def our_daemon(args: argparse.Namespace) -> tuple[int, Path, DaemonStatus] | int:
-    """The pid in --pidfile, verified to be the reaper daemon of this state dir (so a reused pid is never
-    signalled), with its status file and status; or the exit code after one line saying why not."""
+    """The pid in --pidfile (else the one in the status file of --config's or --state-dir's state dir), verified
+    to be the reaper daemon of this state dir (so a reused pid is never signalled), with its status file and
+    status; or the exit code after one line saying why not."""
+    if not getattr(args, "pidfile", None):
+        path = state_dir_from(args) / STATUS_FILE
+        status = _read(path)
+        if status is None:
+            print(f"{path}: no status file: is reaper running with this config? (use --config, --state-dir or "
+                  "--pidfile)", file=sys.stderr)
+            return 1
+        if status.pid <= 1 or not pid_alive(status.pid):
+            print(f"{path}: its daemon (pid {status.pid}) is not running", file=sys.stderr)
+            return 1
+        reason = why_not_our_daemon(status.pid, status, path)
+        if reason is not None:
+            print(f"{path}: not signalling process {status.pid}: {reason}", file=sys.stderr)
+            return 1
+        return status.pid, path, status
     try:
         pid = int(Path(args.pidfile).read_text().strip())
     except (OSError, ValueError) as e:
@@ -333,9 +349,6 @@ def reload_daemon(args: argparse.Namespace) -> int:
         from reaper.cli.planview import plan_against_running
 
         return plan_against_running(getattr(args, "config", None), state_dir_from(args), fmt)
-    if not args.pidfile:
-        print("reload: --pidfile is required (or --plan, which signals nothing)", file=sys.stderr)
-        return 2
     found = our_daemon(args)
     if isinstance(found, int):
         return found
