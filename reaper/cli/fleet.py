@@ -20,10 +20,11 @@ def add_parser(verbs: Any) -> None:
                              description="Fleet mode ([fleet]): several reaper processes share the sources.")
     fverbs = fleet.add_subparsers(dest="fleet_verb", metavar="ACTION")
     leave = fverbs.add_parser("leave", help="release every source of the running member and stay up",
-                              description="Send SIGUSR1 to the daemon whose pid is in --pidfile: it stops every "
-                                          "source, leaves the fleet (the other members take its sources at their "
-                                          "next refresh) and stays up until it is restarted.")
-    leave.add_argument("--pidfile", metavar="FILE", required=True, help="the daemon's --pidfile")
+                              description="Send SIGUSR1 to the daemon (the pid in --pidfile, else in the status "
+                                          "file of --config's state dir, verified as for `reaper reload`): it "
+                                          "stops every source, leaves the fleet (the other members take its sources "
+                                          "at their next refresh) and stays up until it is restarted.")
+    leave.add_argument("--pidfile", metavar="FILE", help="the daemon's --pidfile (default: as for `reaper status`)")
     where = leave.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", metavar="FILE", help="find the state_dir in this config file")
     where.add_argument("--state-dir", metavar="DIR", help="the daemon's state_dir (default: as the daemon's)")
