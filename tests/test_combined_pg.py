@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -82,6 +83,30 @@ async def test_a_member_gone_bad_fails_once_and_the_next_statement_leaves_it_out
             assert second.rows == {"one": [{"one": 1}]} and second.isolated and not second.errors
             third = await conn.run_tick(db.TickRequest(batch={"one": ONE}, universe={"one": ONE}))
             assert third.rows == {"one": [{"one": 1}]} and not third.isolated and third.statements == 1
+        finally:
+            await conn.close()
+
+
+async def test_a_column_added_to_a_table_read_with_star_shows_once_the_metrics_are_described_again(
+        pg15, fresh_db) -> None:
+    """The batch takes each metric's columns by name, as described when first seen: a column added to a table a
+    metric reads with `*` never showed until the connection was made again (a dropped one fails the statement
+    and is described at once). A connection now describes its metrics anew every REDESCRIBE_SECONDS."""
+    pg15.psql("create table grows (a int); insert into grows values (1)", dbname=fresh_db)
+    universe = {"one": ONE, "star": "select * from grows"}
+    async with db.open_loop():
+        conn = await db.open_source_connection(pg15.dsn(dbname=fresh_db), statement_timeout_seconds=10)
+        try:
+            first = await conn.run_tick(db.TickRequest(batch=universe, universe=universe))
+            assert first.rows == {"one": [{"one": 1}], "star": [{"a": 1}]}
+            pg15.psql("alter table grows add column b int default 2", dbname=fresh_db)
+            second = await conn.run_tick(db.TickRequest(batch=universe, universe=universe))
+            assert second.rows["star"] in ([{"a": 1}], [{"a": 1, "b": 2}]) and not second.errors  # nothing shifted
+            assert conn.described_until - time.monotonic() <= db.REDESCRIBE_SECONDS
+            conn.described_until = 0.0  # REDESCRIBE_SECONDS have passed
+            third = await conn.run_tick(db.TickRequest(batch=universe, universe=universe))
+            assert third.rows == {"one": [{"one": 1}], "star": [{"a": 1, "b": 2}]}
+            assert not third.errors and not third.isolated and third.statements == 1
         finally:
             await conn.close()
 

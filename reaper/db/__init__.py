@@ -34,6 +34,7 @@ from reaper.errors import MetricError, SourceUnavailable
 
 log = logging.getLogger("reaper.db")
 APPLICATION_NAME = "reaper"
+REDESCRIBE_SECONDS = 600.0  # a connection describes its metrics' queries again this often (SourceConnection)
 CLOSE_GRACE_SECONDS = 2.0
 
 
@@ -76,6 +77,7 @@ class SourceConnection(RecordSafety):
         self._conn = conn
         self.server = server
         self.columns: dict[str, tuple[str, ...]] = {}  # sql text -> column names
+        self.described_until = time.monotonic() + REDESCRIBE_SECONDS  # then `columns` is forgotten (_run_tick)
         self.shapes: dict[str, RowShape | None] = {}  # sql text -> which of its columns need Go's number form
         self.statements = 0  # counted where each statement is sent (the asyncio side)
         self.timeout: str | None = None  # the session's statement_timeout as last set (None: the connect default)
@@ -132,6 +134,11 @@ class SourceConnection(RecordSafety):
         rows: dict[str, list[dict[str, Any]]] = {}
         errors: dict[str, str] = {}
         every = {**request.batch, **{n: q.sql for n, q in (*request.solo.items(), *request.timed.items())}}
+        if time.monotonic() >= self.described_until:  # now and then every metric is described anew, in one round
+            # trip: the batch takes each one's columns by name, and a column added to a table a metric reads with
+            # `*` would otherwise show only from the next connection on
+            self.described_until = time.monotonic() + REDESCRIBE_SECONDS
+            self.columns.clear()
         pending = {sql for sql in every.values() if sql not in self.columns}
         if pending:  # described in one round trip, with the source's other new batched metrics (combined.py);
             # when that fails, those due now each alone: a refused one fails alone
@@ -189,8 +196,12 @@ class SourceConnection(RecordSafety):
         """A metric's columns, row shape and what the batch sends for it (reaper.db.recordsafe)."""
         self.columns[sql], self.shapes[sql] = describe(attributes)
         safe = record_safe_sql(sql, attributes, temporal=sql in self.as_text)
-        if safe is not None:
-            self.rewrites[sql] = safe
+        if self.rewrites.get(sql) != safe:  # (a column added to a table read with `*`: the batch's text names it)
+            if safe is None:
+                self.rewrites.pop(sql, None)
+            else:
+                self.rewrites[sql] = safe
+            self.members.reset()
 
     async def _run_combined(self, queries: Mapping[str, SoloQuery], limit: float | None,
                             rows: dict[str, list[dict[str, Any]]], errors: dict[str, str],
