@@ -34,6 +34,7 @@ from pgserver import (
     create_extensions,
     quote_ident,
 )
+from silent_server import SilentServer
 
 EXTERNAL_DSN_ENV = "REAPER_TEST_DSN"
 
@@ -173,3 +174,11 @@ def monitor_role(pg15: ServerHandle, fresh_db: str) -> Iterator[tuple[str, str]]
 async def aio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
     async with trio_asyncio.open_loop() as loop:
         yield loop
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    """A server that accepts connections and never answers (tests/silent_server.py)."""
+    server = SilentServer()
+    yield server
+    server.close()

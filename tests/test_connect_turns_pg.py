@@ -7,12 +7,10 @@ source added by a reload (or reconnecting after a failover) waited behind them w
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from silent_server import SilentServer
 from test_daemon import PING, Daemon, wait_until
 
 from reaper.daemon.sourcestate import MAX_PARALLEL_CONNECTS
@@ -20,41 +18,6 @@ from reaper.daemon.sourcestate import MAX_PARALLEL_CONNECTS
 pytestmark = pytest.mark.pg
 SILENT_SOURCES = MAX_PARALLEL_CONNECTS + 8
 CONNECT_TIMEOUT = 60  # far longer than the test: no silent source's connect ends while it runs
-
-
-class SilentServer:
-    """Accepts TCP connections and never says a word (a PostgreSQL client waits for the server's reply)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed: the test is over
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(timeout=10)
-        for conn in self.held:
-            conn.close()
-
-
-@pytest.fixture
-def silent() -> Iterator[SilentServer]:
-    server = SilentServer()
-    yield server
-    server.close()
 
 
 def config(daemon: Daemon, silent_port: int, healthy_dsn: str | None) -> None:

@@ -16,8 +16,10 @@ from rich.table import Table
 from reaper import db
 from reaper.catalog.metrics import Catalog
 from reaper.cli.output import print_json, print_plain
+from reaper.cli.progress import Progress
 from reaper.config.schema import Config, SourceConfig
 from reaper.daemon.source import SourceReaper
+from reaper.daemon.sourcestate import FleetControls
 from reaper.errors import SourceUnavailable
 from reaper.kinds import is_discovery, resolve, to_resolve, wanted
 from reaper.measurement import Measurement
@@ -46,8 +48,8 @@ class _ProblemCollector(logging.Handler):
         self.result.failures += 1
 
 
-async def collect_once(config: Config, sources: Sequence[str] | None,
-                       metrics: Sequence[str] | None) -> OnceResult:
+async def collect_once(config: Config, sources: Sequence[str] | None, metrics: Sequence[str] | None,
+                       progress: Progress | None = None) -> OnceResult:
     result = OnceResult()
     catalog = Catalog.for_config(config)
     asked = set(sources or ())
@@ -70,9 +72,15 @@ async def collect_once(config: Config, sources: Sequence[str] | None,
             if asked:
                 named = {c.name for c in concrete} | configured
                 result.problems += [f"unknown source {n!r}" for n in sorted(asked - named)]
-            async with trio.open_nursery() as nursery:
-                for source in concrete:
-                    nursery.start_soon(_collect_source, source, catalog, metrics, result)
+            controls = FleetControls()  # one connect limiter for them all, as in the daemon (a fleet's config)
+            progress = progress or Progress("collected", "sources", "unreachable")
+            progress.add(len(concrete))
+            async with trio.open_nursery() as outer:
+                outer.start_soon(progress.run)
+                async with trio.open_nursery() as nursery:
+                    for source in concrete:
+                        nursery.start_soon(_collect_source, source, catalog, metrics, result, controls, progress)
+                outer.cancel_scope.cancel()
     finally:
         logging.getLogger("reaper.daemon.source").removeHandler(handler)
     result.measurements.sort(key=lambda m: (m.source, m.metric))
@@ -101,14 +109,15 @@ async def _concrete(chosen: Sequence[SourceConfig], result: OnceResult) -> list[
     return sorted(found, key=lambda pair: pair[1].name)
 
 
-async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] | None,
-                          result: OnceResult) -> None:
+async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] | None, result: OnceResult,
+                          controls: FleetControls, progress: Progress) -> None:
     if metrics:  # a metric outside the source's preset is collected too: it joins the source's own table
         wanted = {m: source.metrics.get(m) or ONCE_INTERVAL for m in metrics if m in catalog.metrics}
         source = attrs.evolve(source, metrics={**source.metrics, **wanted})
-    reaper = SourceReaper(source, catalog, result.measurements.append)
+    reaper = SourceReaper(source, catalog, result.measurements.append, controls=controls)
     try:
         if not await reaper._ensure_connected():
+            progress.finish(failed=True)
             return
         due = [m for m in metrics if m in catalog.metrics] if metrics else sorted(reaper.active_intervals())
         await reaper.tick(due)
@@ -118,6 +127,7 @@ async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] 
                 outcome = (FAILED if name in reaper.state.degraded
                            else NO_ROWS if name in reaper.state.last_fetch else NOT_COLLECTED)
                 result.empty.append((source.name, name, outcome))
+        progress.finish()
     finally:
         if reaper.conn is not None:
             await reaper.conn.close()

@@ -27,6 +27,7 @@ from reaper.kinds import POOLER_KINDS, is_discovery, resolve, to_resolve, wanted
 from reaper.preflight.judge import FAILS, SKIP, Server, Verdict, judge
 
 if TYPE_CHECKING:
+    from reaper.cli.progress import Progress
     from reaper.db.storage_check import StorageCheck
 
 CONCURRENCY = 8
@@ -55,8 +56,9 @@ class SourceReport:
     port: int = 0
 
 
-async def check_connect(config: Config, only: Sequence[str] | None = None) -> list[SourceReport]:
-    """A report per concrete source, in name order."""
+async def check_connect(config: Config, only: Sequence[str] | None = None,
+                        progress: Progress | None = None) -> list[SourceReport]:
+    """A report per concrete source, in name order (`progress`: told of each one as it is checked)."""
     catalog = Catalog.for_config(config)
     asked = set(only or ())
     chosen = to_resolve(config.sources, asked)  # (a name the config lacks may be a database one finds)
@@ -66,6 +68,8 @@ async def check_connect(config: Config, only: Sequence[str] | None = None) -> li
     async def one(source: SourceConfig) -> None:
         async with limiter:
             reports.append(await check_source(source, catalog))
+        if progress is not None:
+            progress.finish(failed=not reports[-1].reachable)
 
     async def expand(source: SourceConfig) -> None:
         try:
@@ -76,14 +80,21 @@ async def check_connect(config: Config, only: Sequence[str] | None = None) -> li
             return
         if not children:
             reports.append(SourceReport(source.name, kind=source.kind, error="lists no database or member"))
+        mine = [child for child in children if wanted(source.name, child, asked)]
+        if progress is not None:
+            progress.add(len(mine))
         async with trio.open_nursery() as inner:
-            for child in children:
-                if wanted(source.name, child, asked):
-                    inner.start_soon(one, child)
+            for child in mine:
+                inner.start_soon(one, child)
 
-    async with db.open_loop(), trio.open_nursery() as nursery:
-        for source in chosen:
-            nursery.start_soon(expand if is_discovery(source) else one, source)
+    async with db.open_loop(), trio.open_nursery() as outer:
+        if progress is not None:
+            progress.add(sum(not is_discovery(s) for s in chosen))
+            outer.start_soon(progress.run)
+        async with trio.open_nursery() as nursery:
+            for source in chosen:
+                nursery.start_soon(expand if is_discovery(source) else one, source)
+        outer.cancel_scope.cancel()
     return sorted(reports, key=lambda r: r.name)
 
 

@@ -42,7 +42,9 @@ def check_connect_command(config: Config, sources: Sequence[str] | None, fmt: st
     finding = any(s.enabled and is_discovery(s) for s in config.sources)  # (their databases' names: found now)
     if (unknown := [n for n in sources or () if n not in known]) and not finding:
         raise ConfigError([f"--source {n}: no such source in the config" for n in unknown])
-    reports = trio.run(check_connect, config, sources)
+    from reaper.cli.progress import Progress
+
+    reports = trio.run(check_connect, config, sources, Progress("checked", "sources", "unreachable"))
     if unknown := [n for n in unknown if n not in {r.name for r in reports}]:
         raise ConfigError([f"--source {n}: no such source in the config, nor found by its discovery sources"
                            for n in unknown])
