@@ -379,3 +379,31 @@ def test_an_at_sign_in_a_dsns_query_or_password_is_no_delimiter_problem(tmp_path
         config = tmp_path / "c.toml"
         config.write_text(SRC.replace("postgresql://u@127.0.0.1:5432/db", dsn) + SINK)
         assert load_config(config, environ={}).sources[0].dsn == dsn
+
+
+def test_a_path_starting_with_a_tilde_is_in_the_home_directory_for_run_and_status(tmp_path: Path) -> None:
+    """`state_dir = "~/state"`, `path = "~/out/m.ndjson"`: reaper made a folder named "~" in its working
+    directory (under systemd: /~) and `reaper status` looked in its own working directory's."""
+    from test_daemon import wait_until
+
+    home, cwd = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    cwd.mkdir()
+    config = tmp_path / "reaper.toml"
+    config.write_text('[collector]\nstate_dir = "~/state"\n'
+                      '[[sources]]\nname = "a"\ndsn = "postgresql://u@127.0.0.1:1/db"\nconnect_timeout_seconds = 1\n'
+                      '[[sinks]]\ntype = "jsonfile"\npath = "~/out/m.ndjson"\n')
+    env = {**os.environ, "HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "reaper.cli", "run", "--config", str(config)], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: (home / "state" / "status.json").exists() or proc.poll() is not None,
+                   what="the status file under the home directory")
+        status = subprocess.run([sys.executable, "-m", "reaper.cli", "status", "--config", str(config)], cwd=cwd,
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "source\ta\t" in status.stdout, status.stderr
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert not list(cwd.iterdir()), list(cwd.iterdir())

@@ -439,12 +439,15 @@ PATH_FIELDS = frozenset({"password_file", "path", "state_dir", "pause_file", "pg
 
 def anchored(obj: Any, base: Path) -> Any:
     """A config table (attrs) with its relative paths (PATH_FIELDS, its nested tables' too) made absolute against
-    `base`; "-" (stdout) and "~/..." stay as they are."""
+    `base`, and "~/..." against the home directory (it was taken as a folder named "~" in the daemon's working
+    directory); "-" (stdout) stays as it is."""
     changes: dict[str, Any] = {}
     for field in attrs.fields(type(obj)):
         value = getattr(obj, field.name)
         if field.name in PATH_FIELDS and isinstance(value, str):
-            if value and value != "-" and not value.startswith("~") and not os.path.isabs(value):
+            if value.startswith("~"):
+                changes[field.name] = os.path.expanduser(value)
+            elif value and value != "-" and not os.path.isabs(value):
                 changes[field.name] = str(base / value)
         elif attrs.has(type(value)):
             inner = anchored(value, base)
@@ -473,4 +476,6 @@ def load_state_dir(path: str | Path, *, environ: Mapping[str, str] | None = None
         return Path(default_state_dir(path, env))
     if not isinstance(state_dir, str) or not state_dir.strip():
         raise ConfigError([f"{path}: collector.state_dir: must not be empty (leave the key out for the default)"])
-    return Path(state_dir) if state_dir.startswith("~") or os.path.isabs(state_dir) else config_folder(path) / state_dir
+    if state_dir.startswith("~"):
+        return Path(state_dir).expanduser()
+    return Path(state_dir) if os.path.isabs(state_dir) else config_folder(path) / state_dir
