@@ -268,12 +268,32 @@ def readers_on_one_epoll(loop: asyncio.AbstractEventLoop, coalesce: float | None
     return True
 
 
+LOOKUP_THREADS = 64  # asyncio's worker threads at once: asyncpg's name lookups (getaddrinfo), nothing else
+
+
+class AbandoningExecutor(trio_asyncio.TrioExecutor):
+    """asyncio's run_in_executor in a trio worker thread that a cancel leaves behind (its result dropped).
+
+    asyncpg looks a host name up with getaddrinfo in such a thread, and trio-asyncio's own executor waits for
+    the thread when cancelled: a name whose DNS server does not answer held the source's connect for the
+    resolver's whole timeout and retries (`connect_timeout_seconds` did not bound it), and the lookups took
+    trio's shared worker threads, which the sinks' file opens need too. An abandoned thread keeps its slot of
+    this executor's own limiter until its lookup ends, so the threads stay bounded."""
+
+    def __init__(self) -> None:
+        super().__init__(limiter=trio.CapacityLimiter(LOOKUP_THREADS))
+
+    async def submit(self, func: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter, abandon_on_cancel=True)
+
+
 @asynccontextmanager
 async def open_loop() -> AsyncIterator[None]:
     """The process's one asyncio loop, opened outermost around the whole task tree."""
     async with trio_asyncio.open_loop() as loop:
         tolerate_abandoned_connection_futures(loop)
         make_cheap(loop)
+        loop.set_default_executor(AbandoningExecutor())
         yield
 
 
