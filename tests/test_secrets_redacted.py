@@ -84,6 +84,7 @@ def test_once_prints_no_password_for_any_kind_or_position(tmp_path: Path) -> Non
     for name in names:  # each one was tried and reported
         assert f"source {name}:" in proc.stderr, name
     assert 'invalid percent-encoded token: "***"' in proc.stderr  # the pooler kinds' libpq error, redacted
+    assert "retrying" not in proc.stderr  # `once` tries each source once: its lines do not promise more
 
 
 def test_check_rejects_a_malformed_uri_without_echoing_its_password(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ async def _collect_source(source: Any, catalog: Catalog, metrics: Sequence[str] 
     if metrics:  # a metric outside the source's preset is collected too: it joins the source's own table
         wanted = {m: source.metrics.get(m) or ONCE_INTERVAL for m in metrics if m in catalog.metrics}
         source = attrs.evolve(source, metrics={**source.metrics, **wanted})
-    reaper = SourceReaper(source, catalog, result.measurements.append, controls=controls)
+    reaper = SourceReaper(source, catalog, result.measurements.append, controls=controls, max_backoff=0)  # (once)
     try:
         if not await reaper._ensure_connected():
             progress.finish(failed=True)

@@ -478,8 +478,8 @@ class SourceReaper:
         self._retry_at = now + self._backoff
         if st.status != "down":
             self._down_since = now
-            log.error("source %s: down: %s (%s); retrying with backoff up to %gs", st.name, reason,
-                      self.config.redacted_dsn, self.max_backoff)
+            log.error("source %s: down: %s (%s)%s", st.name, reason, self.config.redacted_dsn,
+                      f"; retrying with backoff up to {self.max_backoff:g}s" if self.max_backoff else "")
             self.out.went_down(self.active_intervals(), self.wall_ns())
         st.status, st.last_error = "down", reason
 
