@@ -195,7 +195,7 @@ class Daemon:
         in chunks, reaper.daemon.statuswrite)."""
         sources = [running.reaper.status() for _, running in sorted(self.sources.items())] if with_sources else []
         sinks = [SinkStatus(label=o.label, queued=o.queued, sent=o.sent, dropped=o.dropped, spilled=o.spilled,
-                            spill_bytes=o.spill_bytes, error=o.error, rejected=o.rejected)
+                            spill_bytes=o.spill_bytes, error=o.not_writing(), rejected=o.rejected)
                  for o in self.fanout.outlets]
         tasks, io_tasks = count_tasks()
         return DaemonStatus(pid=os.getpid(), version=__version__, started_wall=self.started_wall,

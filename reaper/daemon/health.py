@@ -96,8 +96,8 @@ def not_ready_reasons(daemon: Daemon) -> list[str]:
                        f"{_names(waiting)}")
     for running in daemon.sinks.values():
         outlet = running.outlet
-        if outlet.error is not None:
-            reasons.append(f"sink {outlet.label} is not writing: {outlet.error}")
+        if (why := outlet.not_writing()) is not None:
+            reasons.append(f"sink {outlet.label} is not writing: {why}")
         elif not outlet.opened:
             reasons.append(f"sink {outlet.label} is not open yet")
     for feed in daemon.reconciler.feeds.running.values():

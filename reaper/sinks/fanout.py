@@ -18,6 +18,7 @@ from reaper.measurement import Measurement
 from reaper.sinks.spill import SpillQueue
 
 log = logging.getLogger("reaper.sinks")
+STUCK_SECONDS = 10.0  # a sink's write under way this long is shown as the reason it is not writing
 
 
 @attrs.define(eq=False)
@@ -34,10 +35,20 @@ class Outlet:
     rejected: int = 0  # set aside in rejected/ (content the sink refuses; see SinkRunner)
     error: str | None = None  # why the sink is not writing now (cannot open, write failing), else None
     opened: bool = False  # its sink has been opened (for /readiness)
+    writing_since: float | None = None  # trio time its sink's write under way began (None: no write under way)
     _warned_full: bool = False
     warned_held: bool = False  # its sink, unable to open and without a spill, dropped its oldest (said once)
     _warned_spill: bool = False  # the spill's bound was reached (said once)
     _warned_disk: bool = False  # the disk refused the spill (said once per episode)
+
+    def not_writing(self) -> str | None:
+        """Why the sink is not writing now: its error, or a write that has not returned for STUCK_SECONDS (a file
+        system that does not answer, a reader that reads nothing): its queue fills and spills meanwhile."""
+        if self.error is None and self.writing_since is not None:
+            stuck = trio.current_time() - self.writing_since
+            if stuck >= STUCK_SECONDS:
+                return f"a write has not returned for {stuck:.0f}s (a file system or a reader that does not answer?)"
+        return self.error
 
     @property
     def queued(self) -> int:

@@ -4,12 +4,10 @@
 
 Values are written as pgwatch (Go) writes them: reaper/sinks/encode.py.
 
-A batch of up to INLINE_WRITE_BYTES is written to a local file from the trio thread itself (an append of
-a few KB to the page cache takes microseconds; a worker thread per write cost more than the write, and
-trio's idle worker threads expire between 30 s bursts and are made again). Larger batches, and anything
-that is not a regular file (stdout, a named pipe, /dev/stdout: a reader that lags blocks the writer), go
-through a worker thread, so a slow reader holds up this sink only. The open runs in a worker thread too
-(a named pipe's open waits for a reader), given up at shutdown.
+Every write runs in the sink's own long-lived thread (reaper.sinks.writer): a file system that stops answering
+(an NFS server gone, a frozen file system) or a reader that lags (stdout, a named pipe) holds up this sink
+only; a pipe's write is given up at shutdown. The open runs in a worker thread too (a named pipe's open waits
+for a reader), given up at shutdown.
 """
 
 from __future__ import annotations
@@ -28,9 +26,9 @@ from reaper.errors import SinkError
 from reaper.fsutil import PRIVATE_FILE_MODE, open_append
 from reaper.measurement import Measurement
 from reaper.sinks.encode import dumps, dumps_ready
+from reaper.sinks.writer import WriterThread
 
 log = logging.getLogger("reaper.sinks")
-INLINE_WRITE_BYTES = 256 * 1024
 # The window of the runner's write gathering (reaper.sinks.runner): each burst of work's measurements are
 # written when the burst ends (reaper.quiet), up to WRITES_PER_GATHER writes per window; then what arrives
 # waits for the window's end and shares one write. A fleet of 300 sources made ~4 writes per source tick
@@ -69,7 +67,8 @@ class JsonFileSink:
         self.config = config
         self.label = config.label
         self._file: IO[bytes] | None = None
-        self._regular = False  # the path is a regular file: small batches are written inline
+        self._regular = False  # the path is a regular file (not a pipe: its writes are not given up)
+        self._writer = WriterThread(f"reaper {config.label}"[:60])
         self.written = 0
         self.gather_seconds = GATHER_SECONDS
 
@@ -87,12 +86,9 @@ class JsonFileSink:
 
     async def write(self, batch: list[Measurement]) -> None:
         data = b"".join([encode_measurement(m) for m in batch])
-        if len(data) <= INLINE_WRITE_BYTES and self._regular:
-            self._write(data)
-            await trio.lowlevel.checkpoint()
-        else:  # a pipe's writer blocked by its reader is given up at shutdown (the batch is then kept, and
-            # may come again at the next start: a pipe is no file to truncate)
-            await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=not self._regular)
+        # a pipe's writer blocked by its reader is given up at shutdown (the batch is then kept, and may come
+        # again at the next start: a pipe is no file to truncate)
+        await self._writer.call(self._write, data, abandon=not self._regular)
         self.written += len(batch)
 
     def _rotate_if_needed(self, incoming: int) -> None:
@@ -166,6 +162,12 @@ class JsonFileSink:
             raise
 
     async def aclose(self) -> None:
+        try:  # (in the writer's thread: after the writes before it, and not while one runs)
+            await self._writer.call(self._close, abandon=True)
+        finally:
+            self._writer.close()
+
+    def _close(self) -> None:
         f, self._file = self._file, None
         if f is not None and f is not sys.stdout.buffer:
-            await trio.to_thread.run_sync(f.close)
+            f.close()

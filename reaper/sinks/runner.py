@@ -258,7 +258,7 @@ class SinkRunner:
         if not batch:
             return 0
         try:
-            await self.sink.write(list(batch))
+            await self._write(batch)
         except TRANSIENT_ERRORS as e:
             self._failed(e, "measurements spill meanwhile" if self.spill is not None else "retrying the batch")
             return 0
@@ -274,6 +274,17 @@ class SinkRunner:
         self.written += len(batch)
         self._recovered()
         return len(batch)
+
+    async def _write(self, batch: Sequence[Measurement]) -> None:
+        """The sink's write, known to the outlet while under way (`reaper status` names one that does not return)."""
+        if self.outlet is None:
+            await self.sink.write(list(batch))
+            return
+        self.outlet.writing_since = trio.current_time()
+        try:
+            await self.sink.write(list(batch))
+        finally:
+            self.outlet.writing_since = None
 
     def _set_aside(self, batch: Sequence[Measurement], error: Exception) -> None:
         self.rejected += len(batch)
