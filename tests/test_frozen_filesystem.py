@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_daemon import Daemon, wait_until
+from test_daemon import REAPER, Daemon, wait_until
 
 pytestmark = pytest.mark.pg
 TOOLS = ("mkfs.ext4", "mount", "umount", "fsfreeze")
@@ -69,6 +69,10 @@ def test_a_frozen_file_system_holds_up_its_own_sink_only_and_loses_nothing(pg15,
                 return sink.error is not None and "a write has not returned" in sink.error
 
             wait_until(stuck, limit=60, what="the frozen sink's stuck write in the status")
+            shown = subprocess.run([*REAPER, "status", "--config", str(daemon.config), "--format", "plain"],
+                                   capture_output=True, text=True, timeout=60).stdout.splitlines()
+            line = next(x.split("\t") for x in shown if x.startswith(f"sink\tjsonfile:{frozen}\t"))
+            assert line[-1].startswith("a write has not returned for "), line  # (the status verb showed no reason)
             during = daemon.times("a")[local_before - 1:]
         finally:
             subprocess.run(["fsfreeze", "-u", str(loop_fs)], check=True, timeout=60)

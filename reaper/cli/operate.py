@@ -158,10 +158,11 @@ def show_status(args: argparse.Namespace) -> int:
             _lanes(s.lanes), _cost(s.cost), s.last_error or "-")
     console.print(sources)
     sinks = Table(title=f"{len(status.sinks)} sinks", title_justify="left")
-    for col in ("sink", "queued", "sent", "spilled", "on disk", "dropped"):
-        sinks.add_column(col)
+    for col in ("sink", "queued", "sent", "spilled", "on disk", "dropped", "not writing because"):
+        sinks.add_column(col, overflow="fold")
     for k in status.sinks:
-        sinks.add_row(k.label, str(k.queued), str(k.sent), str(k.spilled), f"{k.spill_bytes:,} B", str(k.dropped))
+        sinks.add_row(k.label, str(k.queued), str(k.sent), str(k.spilled), f"{k.spill_bytes:,} B", str(k.dropped),
+                      k.error or "-")
     console.print(sinks)
     if status.fleet is not None:
         f = status.fleet
@@ -189,7 +190,8 @@ def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
     then `source<TAB>name<TAB>status<TAB>last tick s ago<TAB>next tick in s<TAB>ticks<TAB>rows<TAB>errors
     <TAB>degraded<TAB>lateness p99 ms<TAB>last error` per source, each followed by `cost<TAB>source<TAB>metric
     <TAB>server ms per minute<TAB>rows per minute<TAB>interval s<TAB>effective interval s` per metric (most
-    expensive first), and `sink<TAB>label<TAB>queued<TAB>sent<TAB>spilled<TAB>bytes on disk<TAB>dropped` per sink;
+    expensive first), and `sink<TAB>label<TAB>queued<TAB>sent<TAB>spilled<TAB>bytes on disk<TAB>dropped<TAB>why it
+    is not writing (empty: it is)` per sink;
     `lateness<TAB>ticks<TAB>p50 ms<TAB>p99 ms` after the daemon line: all sources' ticks since start, each
     quantile as the upper bound of its bucket (`inf` over 10 s)."""
     print_plain("daemon", status.pid, state, status.version, status.config_path,
@@ -207,7 +209,7 @@ def _print_status_plain(status: DaemonStatus, state: str, now: float) -> None:
             print_plain("cost", s.name, mc.metric, round(mc.server_ms_per_minute, 1), round(mc.rows_per_minute, 1),
                         mc.interval, mc.effective_interval)
     for k in status.sinks:
-        print_plain("sink", k.label, k.queued, k.sent, k.spilled, k.spill_bytes, k.dropped)
+        print_plain("sink", k.label, k.queued, k.sent, k.spilled, k.spill_bytes, k.dropped, k.error)
     if status.fleet is not None:  # `fleet<TAB>member<TAB>connected|disconnected|left<TAB>owned<TAB>live members`,
         f = status.fleet  # then `member<TAB>name<TAB>this<TAB>sources owned<TAB>names` per live member
         print_plain("fleet", f.member, "left" if f.leaving else ("connected" if f.connected else "disconnected"),
