@@ -407,3 +407,20 @@ def test_a_path_starting_with_a_tilde_is_in_the_home_directory_for_run_and_statu
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert not list(cwd.iterdir()), list(cwd.iterdir())
+
+
+def test_a_certificate_file_the_dsn_names_must_exist(tmp_path: Path) -> None:
+    """`sslrootcert=/etc/ssl/ours/ca.crt` misspelt: every connect failed with "No such file or directory", which
+    names no file, and `check` said ok. Relative paths are libpq's (the daemon's working directory): not judged."""
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    dsn = (f"postgresql://u@127.0.0.1:5432/db?sslmode=verify-full&sslrootcert={tmp_path / 'ca.crt'}"
+           f"&sslcert={tmp_path / 'client.crt'}&sslkey={tmp_path}&sslcrl=relative.crl")
+    sink = f'[[sinks]]\ntype = "postgres"\ndsn = "postgresql://u@127.0.0.1/m?sslrootcert={tmp_path / "none.crt"}"\n'
+    lines = check_lines(tmp_path, SRC.replace("postgresql://u@127.0.0.1:5432/db", dsn) + sink)
+    assert lines == [f"sources[0].dsn: sslcert {tmp_path / 'client.crt'}: file not found",
+                     f"sources[0].dsn: sslkey {tmp_path}: a directory, expected a file",
+                     f"sinks[0].dsn: sslrootcert {tmp_path / 'none.crt'}: file not found"], lines
+    ok = tmp_path / "ok.toml"  # libpq 16's "use the system's CA store" is no file
+    ok.write_text(SRC.replace("postgresql://u@127.0.0.1:5432/db", "postgresql://u@127.0.0.1/db?sslrootcert=system")
+                  + SINK)
+    assert load_config(ok, environ={}).sources[0].dsn.endswith("sslrootcert=system")

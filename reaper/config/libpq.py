@@ -154,6 +154,16 @@ def parameter_problems(dsn: str) -> list[str]:
     return problems
 
 
+FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile")  # files the connect reads
+
+
+def file_parameters(dsn: str) -> list[tuple[str, str]]:
+    """(key, path) of each file a URI dsn names for the connect to read (`sslrootcert=system`: the system's CA
+    store, no file)."""
+    return [(key, value) for key, value, _ in _query_items(dsn)[1]
+            if key in FILE_PARAMETERS and value and not (key == "sslrootcert" and value == "system")]
+
+
 # TCP keepalives on every connection (reaper.db.tls), as libpq's keepalives* parameters say, with reaper's defaults
 # where a DSN names none: an idle connection (a lane whose metrics run hourly, the storage between flushes) sends a
 # probe each minute, so a load balancer or NAT that forgets idle flows (AWS NLB after 350 s, Azure's after 4 min)

@@ -21,6 +21,7 @@ import attrs
 from reaper.catalog.definitions import structure_definitions
 from reaper.catalog.metrics import load_shipped_definitions
 from reaper.config.files import read_toml
+from reaper.config.libpq import file_parameters
 from reaper.config.redact import redact_dsn, remember_secrets
 from reaper.config.rules import DSN_EXPECTED, name_problem
 from reaper.config.schema import (
@@ -176,6 +177,19 @@ def _check_file(where: str, path: str | None, what: str) -> list[str]:
     if not p.exists():
         return [f"{where}: {path}: file not found"]
     return []
+
+
+def _dsn_files(where: str, dsn: str) -> list[str]:
+    """The files a dsn names for its connect (sslrootcert, sslcert, sslkey, sslcrl, passfile): one missing made
+    every connect fail with "No such file or directory", naming no file. A relative path is libpq's (the
+    daemon's working directory): not checked here."""
+    problems = []
+    for key, value in file_parameters(dsn):
+        path = Path(value).expanduser()
+        if path.is_absolute() and not path.is_file():
+            problems.append(f"{where}: {key} {value}: " + ("a directory, expected a file" if path.is_dir()
+                                                             else "file not found"))
+    return problems
 
 
 def _structure_sources(raw_sources: Any, origin: str, env: Mapping[str, str],
@@ -359,6 +373,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                         _check_intervals(f"{where}.standby_metrics", src.standby_metrics, metric_names))
         problems.extend(f"{origin}: {p}" for p in
                         _check_file(f"{where}.password_file", src.password_file, "a file holding the password"))
+        problems.extend(f"{origin}: {p}" for p in _dsn_files(f"{where}.dsn", src.dsn))
         problems.extend(f"{origin}: {p}" for p in reference_problems(
             f"{where}.top_n", _defined(src.top_n, broken), all_metrics,
             [all_presets.get(src.preset or ""), all_presets.get(src.standby_preset or "")]))
@@ -374,6 +389,7 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                 problems.append(f"{origin}: sinks[{i}].dsn: {DSN_EXPECTED}")
             problems.extend(f"{origin}: {p}" for p in _check_file(
                 f"sinks[{i}].password_file", sink.password_file, "a file holding the password"))
+            problems.extend(f"{origin}: {p}" for p in _dsn_files(f"sinks[{i}].dsn", sink.dsn))
         if isinstance(sink, JsonFileSinkConfig) and sink.path != "-" and Path(sink.path).is_dir():
             problems.append(f"{origin}: sinks[{i}].path: {sink.path} is a directory, expected a file to write")
         if sink.label in labels:
