@@ -85,3 +85,21 @@ def test_a_table_read_with_star_that_changes_under_the_daemon_never_shifts_value
                                      str({"b": 2, "x": "hello"})}, apps()
     log = daemon.log.read_text()
     assert "a bug" not in log and ": down:" not in log, log
+
+
+def test_a_query_that_names_two_columns_alike_is_said_once(pg15, fresh_db, tmp_path: Path) -> None:
+    """`select count(*) as n, sum(x) as n`: a row holds one value per name, so the first never reached a sink,
+    and nothing said so. The collector now says it once per metric (the batch and alone alike)."""
+    config = tmp_path / "reaper.toml"
+    config.write_text(f'[collector]\nstate_dir = "{tmp_path / "state"}"\n'
+                      '[metrics.twice]\ngauges = ["*"]\nsql = { 14 = "select 1 as n, 2 as n, 3 as m, 4 as m" }\n'
+                      '[metrics.once]\ngauges = ["*"]\nsql = { 14 = "select 5 as n" }\n'
+                      f'[[sources]]\nname = "a"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\nmetrics = {{ twice = 60, '
+                      f'once = 60 }}\n[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "out.ndjson"}"\n')
+    done = subprocess.run([*REAPER, "once", "--config", str(config), "--format", "json"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {r["metric"]: r["rows"] for r in json.loads(done.stdout)}
+    assert {k: rows["twice"][0][k] for k in ("n", "m")} == {"n": 2, "m": 4} and rows["once"][0]["n"] == 5
+    said = [line for line in done.stderr.splitlines() if "more than one column" in line]
+    assert len(said) == 1 and " WARNING " in said[0] and "metric twice " in said[0] and "'m', 'n'" in said[0], said

@@ -24,7 +24,7 @@ from reaper.db.aioloop import tolerate_abandoned_connection_futures as tolerate_
 from reaper.db.combined import Members
 from reaper.db.conntune import RECV_BYTES as RECV_BYTES  # (tests read it here)
 from reaper.db.conntune import tune
-from reaper.db.describe import describe_all, refused_sqls
+from reaper.db.describe import describe_all, refused_sqls, repeated_names
 from reaper.db.facts import EXTENSIONS_REPINNED_SQL, PIN_SEARCH_PATH, SERVER_FACTS_SQL, SYSTEM_ID_SQL
 from reaper.db.failures import describe_error, is_connection_error, unresolved_hint  # (others take the first two here)
 from reaper.db.recordsafe import READ_FAILURES, Batchable, RecordSafety, is_decode_error, read_hint, record_safe_sql
@@ -84,6 +84,7 @@ class SourceConnection(RecordSafety):
         self.rewrites: dict[str, str] = {}  # sql -> what the batch sends for it (reaper.db.recordsafe)
         self.unbatched: set[str] = set()  # sqls whose records asyncpg cannot read: sent alone
         self.as_text: set[str] = set()  # sqls whose date and time columns go as text (reaper.db.recordsafe)
+        self.said_repeats: set[str] = set()  # metrics whose repeated column names were said (_say_repeats)
         self.members = Members(self.rewrites)  # the batch statement's metrics (reaper.db.combined)
         self.pooled = isinstance(conn, pooler.Pooled)  # behind a connection pooler: no session state (reaper.db.pooler)
 
@@ -147,6 +148,7 @@ class SourceConnection(RecordSafety):
             for sql, attributes in described.items():
                 self._learn(sql, attributes)
             errors.update((name, self._why(refused[sql])) for name, sql in every.items() if sql in refused)
+            self._say_repeats({name: sql for name, sql in every.items() if sql in described})
         unbatched = self.unbatched  # (metrics whose records asyncpg cannot read run alone: reaper.db.recordsafe)
         batch = {n: SoloQuery(sql) for n, sql in request.batch.items() if n not in errors and sql not in unbatched}
         solo = {**request.solo, **{n: SoloQuery(sql) for n, sql in request.batch.items() if sql in unbatched}}
@@ -191,6 +193,16 @@ class SourceConnection(RecordSafety):
         return TickOutcome(rows=rows, errors=errors, in_recovery=in_recovery, statements=self.statements - before,
                            isolated=isolated, seconds=seconds, active_backends=active[0] if active else None,
                            go_ready=frozenset(ready), cancelled=frozenset(cancelled))
+
+    def _say_repeats(self, described: Mapping[str, str]) -> None:
+        """A metric whose columns repeat a name (`select 1 as a, 2 as a`): a row holds one value per name, so the
+        others never reached a sink, without a word. Said once per metric and connection."""
+        for name, sql in described.items():
+            if (names := repeated_names(self.columns.get(sql, ()))) and name not in self.said_repeats:
+                self.said_repeats.add(name)
+                log.warning("metric %s (database %s): its query names more than one column %s: only the last of "
+                            "each reaches the sinks; give each column a name of its own", name, self.server.database,
+                            names)
 
     def _learn(self, sql: str, attributes: Sequence[Any]) -> None:
         """A metric's columns, row shape and what the batch sends for it (reaper.db.recordsafe)."""

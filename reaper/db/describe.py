@@ -69,3 +69,8 @@ async def refused_sqls(conn: Any, sqls: Mapping[str, str], why: Callable[[BaseEx
     refused. The asyncio side of SourceConnection.refusals (`reaper check --connect`)."""
     _, refused = await describe_all(conn, list(dict.fromkeys(sqls.values())))
     return {name: why(refused[sql]) for name, sql in sqls.items() if sql in refused}
+
+
+def repeated_names(columns: Sequence[str]) -> str:
+    """The names a query gives to more than one of its columns, quoted and comma-separated ('' when none)."""
+    return ", ".join(repr(n) for n in sorted({n for n in columns if columns.count(n) > 1}))
