@@ -103,3 +103,8 @@ def test_a_query_that_names_two_columns_alike_is_said_once(pg15, fresh_db, tmp_p
     assert {k: rows["twice"][0][k] for k in ("n", "m")} == {"n": 2, "m": 4} and rows["once"][0]["n"] == 5
     said = [line for line in done.stderr.splitlines() if "more than one column" in line]
     assert len(said) == 1 and " WARNING " in said[0] and "metric twice " in said[0] and "'m', 'n'" in said[0], said
+    checked = subprocess.run([*REAPER, "check", "--config", str(config), "--connect", "--format", "json"],
+                             capture_output=True, text=True, timeout=120)
+    verdicts = {m["metric"]: m for m in json.loads(checked.stdout)["sources"][0]["metrics"]}
+    assert verdicts["once"]["status"] == "collect" and verdicts["twice"]["status"] == "partial", verdicts
+    assert any("more than one column 'm', 'n'" in r for r in verdicts["twice"]["reasons"]), verdicts["twice"]

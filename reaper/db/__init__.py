@@ -297,9 +297,9 @@ class SourceConnection(RecordSafety):
             raise TooManyRows(RowLimit.value)
         return [dict(r.items()) for r in records]
 
-    async def refusals(self, sqls: Mapping[str, str]) -> dict[str, str]:
-        """name -> why the server refuses to prepare that metric's SQL (`check --connect`); one crossing."""
-        return dict(await crossing(refused_sqls, self._conn, sqls, self._why))
+    async def refusals(self, sqls: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """`check --connect`'s refusals and repeated column names (reaper.db.describe.refused_sqls); one crossing."""
+        return tuple(await crossing(refused_sqls, self._conn, sqls, self._why))
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         """One query under the default timeout, rows as dicts (for set-up, special metrics and tools, not for ticks)."""

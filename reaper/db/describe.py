@@ -64,11 +64,15 @@ async def describe_all(conn: Any, sqls: Sequence[str], retry: Collection[str] | 
     return described, refused
 
 
-async def refused_sqls(conn: Any, sqls: Mapping[str, str], why: Callable[[BaseException], str]) -> dict[str, str]:
-    """name -> why the server (or asyncpg) refuses to prepare that metric's SQL; one round trip when none is
-    refused. The asyncio side of SourceConnection.refusals (`reaper check --connect`)."""
-    _, refused = await describe_all(conn, list(dict.fromkeys(sqls.values())))
-    return {name: why(refused[sql]) for name, sql in sqls.items() if sql in refused}
+async def refused_sqls(conn: Any, sqls: Mapping[str, str],
+                       why: Callable[[BaseException], str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(name -> why the server, or asyncpg, refuses to prepare that metric's SQL; name -> the column names its
+    query gives twice or more, see repeated_names); one round trip when none is refused. The asyncio side of
+    SourceConnection.refusals (`reaper check --connect`)."""
+    described, refused = await describe_all(conn, list(dict.fromkeys(sqls.values())))
+    repeats = {name: names for name, sql in sqls.items()
+               if sql in described and (names := repeated_names([a.name for a in described[sql]]))}
+    return {name: why(refused[sql]) for name, sql in sqls.items() if sql in refused}, repeats
 
 
 def repeated_names(columns: Sequence[str]) -> str:

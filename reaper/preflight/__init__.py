@@ -24,7 +24,7 @@ from reaper.config.sinks import PostgresSinkConfig
 from reaper.db.privileges import Privileges, read_privileges
 from reaper.errors import SourceUnavailable
 from reaper.kinds import POOLER_KINDS, is_discovery, resolve, to_resolve, wanted
-from reaper.preflight.judge import FAILS, SKIP, Server, Verdict, judge
+from reaper.preflight.judge import FAILS, PARTIAL, SKIP, Server, Verdict, judge
 
 if TYPE_CHECKING:
     from reaper.cli.progress import Progress
@@ -167,14 +167,20 @@ async def _check_postgres(source: SourceConfig, catalog: Catalog, report: Source
                        command_prefix=source.specials.command_prefix)
         verdicts = [judge(name, needs[name], priv, where) for name in sorted(needs)]
         # what would run: its SQL prepared (never run), so that a misspelt column is not "will collect"
-        refused = await conn.refusals({v.metric: sql for v in verdicts if v.status != SKIP
-                                       and (sql := catalog.metrics[v.metric].sql_for(server.major))})
+        refused, repeats = await conn.refusals({v.metric: sql for v in verdicts if v.status != SKIP
+                                                and (sql := catalog.metrics[v.metric].sql_for(server.major))})
     finally:
         await conn.close()
     report.role, report.superuser, report.memberships = priv.role, priv.superuser, priv.memberships
     report.includes = priv.includes
-    report.verdicts = [Verdict(v.metric, FAILS, (f"its SQL fails here: {refused[v.metric]}",))
-                       if v.metric in refused else v for v in verdicts]
+    report.verdicts = [Verdict(v.metric, FAILS, (f"its SQL fails here: {refused[v.metric]}",)) if v.metric in refused
+                       else _repeating(v, repeats[v.metric]) if v.metric in repeats else v for v in verdicts]
+
+
+def _repeating(verdict: Verdict, names: str) -> Verdict:
+    """A metric whose query names columns alike collects partly: a row keeps the last value of each name."""
+    reason = f"its query names more than one column {names}: only the last of each is kept (name each its own)"
+    return Verdict(verdict.metric, PARTIAL, (*verdict.reasons, reason), verdict.fixes)
 
 
 def _host_port(dsn: str) -> tuple[str, int]:
