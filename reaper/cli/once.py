@@ -75,12 +75,9 @@ async def collect_once(config: Config, sources: Sequence[str] | None, metrics: S
             controls = FleetControls()  # one connect limiter for them all, as in the daemon (a fleet's config)
             progress = progress or Progress("collected", "sources", "unreachable")
             progress.add(len(concrete))
-            async with trio.open_nursery() as outer:
-                outer.start_soon(progress.run)
-                async with trio.open_nursery() as nursery:
-                    for source in concrete:
-                        nursery.start_soon(_collect_source, source, catalog, metrics, result, controls, progress)
-                outer.cancel_scope.cancel()
+            async with progress.shown(), trio.open_nursery() as nursery:
+                for source in concrete:
+                    nursery.start_soon(_collect_source, source, catalog, metrics, result, controls, progress)
     finally:
         logging.getLogger("reaper.daemon.source").removeHandler(handler)
     result.measurements.sort(key=lambda m: (m.source, m.metric))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import TextIO
 
 import trio
@@ -74,6 +75,14 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._shown = False
+
+    @asynccontextmanager
+    async def shown(self) -> AsyncIterator[None]:
+        """The line shown while the body runs (the work's tasks in a nursery of the body's own), wiped after."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.run)
+            yield
+            nursery.cancel_scope.cancel()
 
     async def run(self) -> None:
         """Show the line until cancelled (started in the work's nursery, cancelled when the work is done)."""

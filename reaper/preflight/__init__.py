@@ -11,6 +11,7 @@ and nothing is changed; every statement runs read-only, like every other one rea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import attrs
@@ -87,14 +88,11 @@ async def check_connect(config: Config, only: Sequence[str] | None = None,
             for child in mine:
                 inner.start_soon(one, child)
 
-    async with db.open_loop(), trio.open_nursery() as outer:
-        if progress is not None:
-            progress.add(sum(not is_discovery(s) for s in chosen))
-            outer.start_soon(progress.run)
-        async with trio.open_nursery() as nursery:
-            for source in chosen:
-                nursery.start_soon(expand if is_discovery(source) else one, source)
-        outer.cancel_scope.cancel()
+    if progress is not None:
+        progress.add(sum(not is_discovery(s) for s in chosen))
+    async with db.open_loop(), progress.shown() if progress else nullcontext(), trio.open_nursery() as nursery:
+        for source in chosen:
+            nursery.start_soon(expand if is_discovery(source) else one, source)
     return sorted(reports, key=lambda r: r.name)
 
 
