@@ -56,9 +56,9 @@ from reaper.db import (
     SoloQuery,
     TickOutcome,
     TickRequest,
-    _read_password_file,
     close_or_terminate,
 )
+from reaper.db.options import _read_password_file
 from reaper.errors import MetricError, SourceUnavailable
 
 PoolerKind = Literal["pgbouncer", "pgpool"]

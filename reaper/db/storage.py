@@ -45,6 +45,7 @@ from reaper.db import (
     tolerate_abandoned_connection_futures,
 )
 from reaper.db.copy_feed import CopyFeed
+from reaper.db.options import _read_password_file
 from reaper.db.storage_schema import (
     BOOTSTRAP_SQL,
     LATEST_VERSION,
@@ -355,11 +356,6 @@ def _covered(ranges: list[tuple[dt.datetime, dt.datetime]], t: dt.datetime) -> b
 
 # ------------------------------------------------------------------------------------------------------
 # connecting and the schema
-
-
-async def _read_password_file(path: str) -> str:
-    text = await (await trio.Path(path).expanduser()).read_text()
-    return text.strip()
 
 
 async def open_storage(dsn: str, *, partition_seconds: int, password_file: str | None = None,
