@@ -246,3 +246,19 @@ async def test_a_lease_waits_for_the_connection_to_open_never_for_the_statement_
         await trio.sleep(30)
     assert ready_at == [2.0]  # the open the collector started (the slow lane's waited for it): not 30 s later
     assert len(owner.connector.others) == 0 and owner.connector.conn.fetches == [FACTS_SQL]  # one connection
+
+
+async def test_the_slow_lanes_connection_says_nothing_of_instance_up(autojump_clock, caplog) -> None:
+    """instance_up is the tick's own (no collector of its own): a slow lane's new connection, which looks for the
+    source's host collectors, said "metric instance_up is not collected by this version of reaper; skipped"."""
+    connector = FakeConnector()
+    cat = catalog(sql_metric("fast"), sql_metric("slow", statement_timeout_seconds=5.0))
+    reaper = SourceReaper(source(metrics={"fast": 1, "slow": 10, "instance_up": 1}), cat, lambda m: None,
+                          connector=connector)
+    async with trio.open_nursery() as n:
+        await n.start(reaper.run)
+        while reaper.slow is None or not reaper.slow.state.runs:
+            await trio.sleep(0.5)
+        n.cancel_scope.cancel()
+    assert connector.others  # the slow lane connected
+    assert not [r.getMessage() for r in caplog.records if "instance_up" in r.getMessage()]

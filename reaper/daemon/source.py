@@ -350,8 +350,8 @@ class SourceReaper:
 
     def _has_local_collectors(self) -> bool:
         for name in self.active_intervals():
-            metric = self.catalog.metrics.get(name)
-            if metric is not None and (metric.special or name in SPECIAL_METRICS):
+            metric = self.catalog.metrics.get(name)  # (instance_up: the tick's own, no collector to look up)
+            if metric is not None and name != "instance_up" and (metric.special or name in SPECIAL_METRICS):
                 spec = self._special(metric)
                 if spec is not None and spec.local_only:
                     return True
