@@ -42,7 +42,14 @@ from reaper.daemon.lanes import MIN_IDLE_SECONDS, Lane, LaneState, open_lanes
 from reaper.daemon.metrichealth import LEAST_BOUND, MetricHealth
 from reaper.daemon.rides import Rides
 from reaper.daemon.route import BatchMembers, route_sql
-from reaper.daemon.sourcestate import FleetControls, SourceState, connect_in_turn, connect_source, say_reconnected
+from reaper.daemon.sourcestate import (
+    FleetControls,
+    SourceState,
+    connect_in_turn,
+    connect_source,
+    say_extensions,
+    say_reconnected,
+)
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
 from reaper.daemon.supervise import TooManyRestarts, supervise
 from reaper.db.link import SourceLink
@@ -202,7 +209,7 @@ class SourceReaper:
             return
         link = self.conn
         assert link is not None
-        before = link.statements
+        before, server = link.statements, link.server
         self.cost.settings = settings = self.controls.cost.for_source(self.config)
         if not await self.rules.should_collect(self.config, self.controls, st, link):
             metrics = {}  # the tick only probes the recovery state (to notice a promotion)
@@ -228,6 +235,8 @@ class SourceReaper:
             self.out.instance_up(metrics, 0, wall_ns)
             return
         st.statements_last_tick = link.statements - before
+        if link.server is not server:  # extensions created or dropped: the metric set follows (reaper.db.facts)
+            self._warned = say_extensions(st.name, server, link.server, self._warned)
         st.statements_total += st.statements_last_tick
         self.cost.take_server_view_outcome(trio.current_time(), outcome)  # taken out of the metrics' rows
         outcome, jobs = self.rides.take(rides, outcome, jobs)

@@ -208,3 +208,15 @@ def say_reconnected(name: str, before: db.ServerInfo, server: db.ServerInfo, pro
             "source %s: connected again: %s (later reconnections like this one are logged at debug level)",
             name, why)
     return said | {("", "idle")}
+
+
+def say_extensions(name: str, before: db.ServerInfo, server: db.ServerInfo,
+                   said: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """Log the extensions created or dropped in a source's database while reaper collects (the metrics that need
+    them start or stop at once); each metric skipped for want of an extension is said again if it is once more."""
+    created, dropped = sorted(server.extensions - before.extensions), sorted(before.extensions - server.extensions)
+    for names, what, then in ((created, "created", "collect"), (dropped, "dropped", "are skipped")):
+        if names:
+            log.info("source %s: extension %s %s in database %s: the metrics that need %s %s from now on", name,
+                     ", ".join(names), what, server.database, "it" if len(names) == 1 else "them", then)
+    return frozenset(k for k in said if k[1] != "extension")

@@ -46,6 +46,7 @@ CLOSE_GRACE_SECONDS = 2.0
 # read-write mode must be set before any query"). The FROM item is produced before any metric's subquery
 # runs, so nextval(), a writing function or a second set_config inside a metric all fail. Costs no round trip.
 READ_ONLY_GUARD = "(select set_config('transaction_read_only', 'on', true)) as reaper_read_only"
+EXTENSIONS_SQL = f"{EXTENSIONS_REPINNED_SQL} from {READ_ONLY_GUARD}"
 
 
 def read_only(sql: str) -> str:
@@ -241,6 +242,8 @@ class SourceConnection(RecordSafety):
             unreadable = is_decode_error(e) and not conn.is_closed()  # a value asyncpg misread: each alone below
             if not unreadable and (not isinstance(e, asyncpg.PostgresError) or is_connection_error(e)):
                 raise
+            if isinstance(e, asyncpg.PostgresError) and e.sqlstate[:2] in ("42", "3F"):  # a name gone: a dropped
+                await self._read_extensions()  # extension's view or function? (the batch's members follow at once)
             gone_bad = (*sent.sqls.values(), *sqls.values())  # each described anew next time (a column gone)
             if members is not None:
                 members.reset()  # a member gone bad (a dropped table) must not fail every tick: the set starts again
@@ -278,7 +281,9 @@ class SourceConnection(RecordSafety):
             if ready and go_ready is not None:
                 go_ready.add(name)
         if active is not None:
-            active.append(int(record[-1] or 0))
+            active.append(int(record["active_backends"] or 0))
+        if record["extmark"] != self.server.extensions_mark:  # an extension created or dropped since they were read
+            await self._read_extensions()
         return bool(record[0]), False
 
     async def _run_solo(self, query: SoloQuery, name: str) -> list[dict[str, Any]]:
@@ -315,7 +320,7 @@ class SourceConnection(RecordSafety):
     async def create_extensions(self, names: Sequence[str]) -> dict[str, str | None]:
         """CREATE EXTENSION IF NOT EXISTS each name, in its own read-write transaction (the session is
         read-only by default). Returns name -> None on success, or the error. One crossing."""
-        self.statements += 4 * len(names) + 1
+        self.statements += 4 * len(names)  # (and the extensions read again: _read_extensions)
         result: dict[str, str | None] = await crossing(self._create_extensions, list(names))
         return result
 
@@ -332,10 +337,23 @@ class SourceConnection(RecordSafety):
                 if is_connection_error(e):
                     raise SourceUnavailable(describe_error(e)) from e
                 result[name] = describe_error(e)
-        row = await self._conn.fetchrow(EXTENSIONS_REPINNED_SQL, self.server.search_path is not None)
-        self.server = attrs.evolve(self.server, extensions=frozenset(row["exts"]),
-                                   search_path=row["sp"] if self.server.search_path is not None else None)
+        await self._read_extensions()
         return result
+
+    async def _read_extensions(self) -> None:
+        """The server's extensions read again, the schemas of new ones added to the pinned search_path (after
+        reaper's CREATE EXTENSION, or when the batch's statement says they changed: reaper.db.facts)."""
+        pinned = self.server.search_path is not None
+        self.statements += 1
+        try:
+            row = await self._conn.fetchrow(EXTENSIONS_SQL, pinned)
+        except asyncpg.PostgresError as e:  # (not a metric's failure: the next tick tries again)
+            if is_connection_error(e):
+                raise
+            log.debug("database %s: could not read the extensions again: %s", self.server.database, describe_error(e))
+            return
+        self.server = attrs.evolve(self.server, extensions=frozenset(row["exts"]), extensions_mark=row["extmark"],
+                                   search_path=row["sp"] if pinned else None)
 
     async def execute(self, sql: str) -> None:
         """Run statements without results (tools and the demo's workload; never on a monitored source)."""
@@ -433,6 +451,7 @@ async def _connect(dsn: str, kwargs: dict[str, Any], timeout_seconds: float,
             address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr),
             search_path=row["sp"] if pin else None,
             idle_session_timeout=row["ist"] if row["ist"] not in (None, "0") else None, started=row["pst"] or 0.0,
+            extensions_mark=row["extmark"],
         )
     except BaseException:
         conn.terminate()

@@ -16,7 +16,8 @@ Per-metric server time inside the one statement: the target list is evaluated in
 after each due metric's column, with the first clock or the previous due metric's before it, brackets exactly
 that metric's execution (tests/test_cost_pg.py measures it with pg_sleep metrics). Column k of the record: 0 in
 recovery, 1 the first clock, then per member i its rows at 2 + 2i and the clock after it at 3 + 2i (null when
-it is not due: a member that is not due costs nothing on the client either). A clock is the epoch as float8
+it is not due: a member that is not due costs nothing on the client either), then `active_backends` when asked
+for and `extmark` (reaper.db.facts.EXTENSIONS_MARK), read by name. A clock is the epoch as float8
 (CLOCK): a timestamptz became a datetime object per member and tick, and a subtraction (a source of the
 `exhaustive` preset has ~30 members, ~7 of them due in a tick); float8 keeps a fifth of a microsecond.
 """
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Container, Iterable, Mapping
+
+from reaper.db.facts import EXTENSIONS_MARK
 
 #: the statement's clock: seconds since the epoch as float8 (date_part is float8; extract is numeric from 14 on)
 CLOCK = "date_part('epoch', clock_timestamp())"
@@ -47,6 +50,7 @@ def combined_text(sqls: tuple[str, ...], count_active: bool, guard: str, max_row
         parts += [f"case when {due} then {run} end as m{i}", f"case when {due} then {CLOCK} end as c{i + 1}"]
     if count_active:
         parts.append(f"{ACTIVE_BACKENDS_SQL} as active_backends")
+    parts.append(f"{EXTENSIONS_MARK} as extmark")  # (a change: the connection reads its extensions again)
     return "select " + ",\n  ".join(parts) + f"\nfrom {guard}"
 
 

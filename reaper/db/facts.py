@@ -1,11 +1,17 @@
 """What reaper reads of a source's server as a connection opens (reaper.db._connect): one statement."""
 
+# A number that changes when an extension is created or dropped (each new one has a new oid): the batch's statement
+# reports it at every tick (reaper.db.combined), so a `CREATE EXTENSION pg_stat_statements` run while reaper collects
+# starts the metrics that need it at the next tick, and a DROP skips them, with no reconnect (and no extra statement
+# but when it changed). A scan of pg_extension's few rows: microseconds.
+EXTENSIONS_MARK = "(select coalesce(sum(oid::int8), 0) from pg_extension)"
+
 SERVER_FACTS_SQL = ("select current_setting('server_version_num')::int as num, current_setting('server_version') as v,"
                     " pg_is_in_recovery() as rec, current_database() as db,"
                     " inet_server_addr() is null as via_socket,"
                     " coalesce(inet_server_addr() in ('127.0.0.1', '::1'), true) as lo,"
                     " (select setting from pg_settings where name = 'statement_timeout') as st,"
-                    " array(select extname::text from pg_extension) as exts,"
+                    " array(select extname::text from pg_extension) as exts, " + EXTENSIONS_MARK + " as extmark,"
                     " current_setting('idle_session_timeout', true) as ist,"  # (PostgreSQL 14+; else null)
                     " extract(epoch from pg_postmaster_start_time())::float8 as pst")
 SYSTEM_ID_SQL = "(select system_identifier from pg_control_system())"
@@ -20,8 +26,9 @@ PIN_SEARCH_PATH = (", case when current_setting('search_path') = 'pg_catalog' th
                    " unnest(array['pg_catalog'] || $1::text[] || array(select n.nspname::text from pg_extension e"
                    " join pg_namespace n on n.oid = e.extnamespace order by e.oid)) with ordinality as u(s, o)"
                    " group by s) as v), false) end as sp")
-# After CREATE EXTENSION: the extensions, and ($1) the pinned path with the schemas of new ones at its end
-EXTENSIONS_REPINNED_SQL = ("select array(select extname::text from pg_extension) as exts, case when $1 then"
+# After CREATE or DROP EXTENSION: the extensions, and ($1) the pinned path with the schemas of new ones at its end
+EXTENSIONS_REPINNED_SQL = ("select array(select extname::text from pg_extension) as exts, " + EXTENSIONS_MARK
+                           + " as extmark, case when $1 then"
                            " set_config('search_path', current_setting('search_path') || coalesce((select"
                            " string_agg(', ' || quote_ident(s), '') from (select distinct n.nspname::text as s"
                            " from pg_extension e join pg_namespace n on n.oid = e.extnamespace"

@@ -22,6 +22,7 @@ class ServerInfo:
     search_path: str | None = None  # the one reaper pinned for the session; None: the server's (a pooler's)
     idle_session_timeout: str | None = None  # the server's, when it ends idle sessions ("2s"); None: it does not
     started: float = 0.0  # when the server started (epoch seconds): a reconnection tells a restart by it
+    extensions_mark: int = 0  # reaper.db.facts.EXTENSIONS_MARK as `extensions` were read
 
     @property
     def major(self) -> int:
