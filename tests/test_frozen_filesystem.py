@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +86,42 @@ def test_a_frozen_file_system_holds_up_its_own_sink_only_and_loses_nothing(pg15,
     assert set(epochs(daemon.out)) <= set(epochs(frozen))  # nothing lost
     assert len(epochs(frozen)) == len(set(epochs(frozen)))  # nothing twice
     assert "Traceback" not in daemon.log_text()
+
+
+@pytest.mark.timeout(180)
+def test_a_daemon_stuck_on_a_frozen_state_dir_stops_feeding_systemds_watchdog(pg15, fresh_db, loop_fs: Path,
+                                                                              tmp_path: Path, monkeypatch) -> None:
+    """The state dir (spill queues, the status file) is written from the trio loop: on a file system that stops
+    answering the whole daemon waits. Under a unit with WatchdogSec= it is then killed and started again: its
+    WATCHDOG=1 come from the loop, so they stop while it is stuck (and come again when the file system is back)."""
+    import time
+
+    from test_systemd_notify import FakeSystemd
+
+    systemd = FakeSystemd(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(systemd.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "600000")
+    daemon = Daemon(tmp_path)
+    daemon.state = loop_fs / "state"
+    daemon.write_config([("a", pg15.dsn(dbname=fresh_db), 1)])
+    pings: list[float] = []
+
+    def pinged() -> float:
+        pings.extend(time.monotonic() for _ in systemd.with_key("WATCHDOG")[len(pings):])
+        return pings[-1] if pings else 0.0
+
+    try:
+        daemon.start()
+        wait_until(lambda: len(daemon.times("a")) >= 2, what="rows")
+        subprocess.run(["fsfreeze", "-f", str(loop_fs)], check=True, timeout=60)
+        try:
+            daemon.signal(signal.SIGUSR2)  # a status file written now: into the frozen state dir
+            wait_until(lambda: time.monotonic() - pinged() > 2.0, limit=30, what="the keep-alives stopping")
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(loop_fs)], check=True, timeout=60)
+        stuck_since = pinged()
+        wait_until(lambda: pinged() > stuck_since, what="the keep-alives again after the thaw")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        systemd.sock.close()

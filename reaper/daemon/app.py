@@ -54,6 +54,7 @@ from reaper.daemon.sinkset import RunningSink, SinkSet, build_sink
 from reaper.daemon.source import Connector, FleetControls, SourceReaper, connect_source
 from reaper.daemon.status import DaemonStatus, ReloadRecord, SinkStatus
 from reaper.daemon.statuswrite import StatusWriter
+from reaper.daemon.systemd import Notifier
 from reaper.db.aioloop import READERS_TASK
 from reaper.db.rows import RowLimit
 from reaper.errors import ConfigError
@@ -104,7 +105,8 @@ class Daemon:
 
     def __init__(self, config: Config, *, connector: Connector = connect_source,
                  extra_sinks: list[Sink] | None = None, groups: Sequence[str] | None = None,
-                 resolver: Resolver = resolve) -> None:
+                 resolver: Resolver = resolve, notifier: Notifier | None = None) -> None:
+        self.notifier = notifier or Notifier(None)  # systemd's Type=notify (reaper.daemon.systemd); none: no-op
         self.fleet: FleetMember | None = None
         if config.fleet is not None:  # every connection names the member: `reaper:<member>`
             from reaper.daemon.fleet import FleetMember  # only with [fleet]: its session, the claim queries
@@ -269,6 +271,9 @@ class Daemon:
                         self._watch_pause_file_if_set()
                         root.start_soon(self.status_writer.run)
                         task_status.started()
+                        self.notifier.ready(self.summary())
+                        if self.notifier.watchdog_seconds:  # WatchdogSec=: a loop that stops turning is restarted
+                            root.start_soon(self.notifier.keep_alive)
                         await self._watch_until_stop(root, signal_task)
                         await self.reconciler.submit(Shutdown())  # stops every source, closes connections
                         await self.reconciler.stopped.wait()
@@ -289,6 +294,8 @@ class Daemon:
                 await signal_task(self)
             self._until_stop = None
         await self._stop.wait()
+        self.notifier.stopping(f"stopping: the sources, then the sinks drain (up to "
+                               f"{self.config.collector.shutdown_grace_seconds:g}s)")
         if signal_task is not None:
             root.start_soon(signal_task, self)
 
@@ -299,10 +306,28 @@ class Daemon:
 
     # -- reload ----------------------------------------------------------------------------------
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        sources = self.sources
+        down = sum(1 for running in sources.values() if running.reaper.state.status == "down")
+        return f"collecting: {len(sources)} sources{f' ({down} down)' if down else ''}, {len(self.sinks)} sinks"
+
     async def reload(self, path: str | Path) -> bool:
         """Apply a new config file: only a fully valid one; unchanged sources and sinks are untouched.
 
-        The file is read and validated as a whole here; the reconciler applies it and answers."""
+        The file is read and validated as a whole here; the reconciler applies it and answers. systemd hears
+        RELOADING=1, then READY=1 with the outcome (reaper.daemon.systemd)."""
+        self.notifier.reloading()
+        applied = False
+        try:
+            applied = await self._reload(path)
+        finally:
+            if not self.stopping:
+                self.notifier.ready(self.summary() if applied else "the reload was refused (see the log): running "
+                                    f"the previous configuration; {self.summary()}")
+        return applied
+
+    async def _reload(self, path: str | Path) -> bool:
         load_shipped_definitions.cache_clear()  # metric and preset files are re-read too
         try:
             new = load_config(path)

@@ -32,6 +32,7 @@ from reaper.config.schema import Config
 from reaper.daemon import memory
 from reaper.daemon.app import Daemon, state_dir_of
 from reaper.daemon.status import LOCK_FILE
+from reaper.daemon.systemd import Notifier
 from reaper.errors import ConfigError
 from reaper.fsutil import make_private_dir
 
@@ -73,12 +74,13 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
     task tree. A state dir locked by another daemon is a ConfigError (one line, naming its pid).
     glibc's malloc is tuned first, and its free heap trimmed after work every 30 s (reaper.daemon.memory)."""
     memory.tune()
+    notifier = Notifier.from_environment()  # systemd's Type=notify and watchdog (reaper.daemon.systemd)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a late `reaper status` must not kill the process (the default)
     with lock_state_dir(state_dir_of(config)), _pidfile(pidfile), \
             trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
                                       signal.SIGUSR2) as signals:
         async with db.open_loop():
-            daemon = Daemon(config, groups=groups)
+            daemon = Daemon(config, groups=groups, notifier=notifier)
 
             # the heap trimmed every 30 s and frozen while the fleet settles, after the status writer's checks
             daemon.status_writer.after_check = memory.Housekeeper(daemon.gc).after_check

@@ -45,6 +45,7 @@ from reaper.daemon.status import (
     unstructure,
     write_status_doc,
 )
+from reaper.daemon.systemd import Notifier
 from reaper.quiet import until_quiet
 from reaper.sinks import FanOut
 
@@ -69,9 +70,12 @@ class StatusSource(Protocol):
     reload_failures: int
     last_reload: ReloadRecord | None
     state_dir: Path
+    notifier: Notifier
 
     @property
     def sources(self) -> dict[str, RunningSource]: ...
+
+    def summary(self) -> str: ...
 
     def status(self, *, with_sources: bool = True) -> DaemonStatus: ...
 
@@ -230,6 +234,8 @@ class StatusWriter:
                 return
             self._written, self._written_at = fingerprint, trio.current_time()
             self.writes += 1
+            if self.daemon.notifier.enabled:  # `systemctl status` shows the same (reaper.daemon.systemd)
+                self.daemon.notifier.status(self.daemon.summary())
 
     async def build(self) -> dict[str, Any]:
         """The status file's document: as `unstructure(daemon.status())`, the sources built in chunks."""
