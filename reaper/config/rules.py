@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from reaper.config.libpq import keyword_dsn_to_uri, parse_keyword_dsn
+from reaper.config.regex import are_problem
 
 MAX_SECONDS = 2_147_483  # PostgreSQL's statement_timeout is an int4 of milliseconds
 MAX_INTERVAL_SECONDS = 366 * 24 * 3600  # a metric interval: at most a year
@@ -156,6 +157,17 @@ def optional_path(_instance: Any, _attribute: Any, value: str | None) -> None:
         raise FieldValueError('must not be empty (leave the key out for the default)')
     if value is not None and "\x00" in value:
         raise FieldValueError("must not contain a NUL character")
+
+
+def pattern(_instance: Any, _attribute: Any, value: str | None) -> None:
+    """None or a regular expression the server will take (a discovery source's include/exclude_pattern, matched
+    by `datname ~ pattern`): checked offline, as far as reaper.config.regex is sure."""
+    if value is None:
+        return
+    if "\x00" in value:
+        raise FieldValueError("must not contain a NUL character")
+    if (problem := are_problem(value)) is not None:
+        raise FieldValueError(f"{value!r} is not a regular expression PostgreSQL accepts: {problem}")
 
 
 _PORT_RE = re.compile(r"(?i)[?&]port=([^&]*)")

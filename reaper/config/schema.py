@@ -123,8 +123,9 @@ class SourceConfig:
     tags: dict[str, str] = attrs.field(factory=dict, validator=rules.tags)
     enabled: bool = True
     group: str = attrs.field(default="default", validator=rules.name(what="a group name"))
-    include_pattern: str | None = None  # discovery kinds: databases to monitor (regex)
-    exclude_pattern: str | None = None  # discovery kinds: databases to leave out (regex)
+    # discovery kinds: databases to monitor, and to leave out (PostgreSQL regular expressions)
+    include_pattern: str | None = attrs.field(default=None, validator=rules.pattern)
+    exclude_pattern: str | None = attrs.field(default=None, validator=rules.pattern)
     # discovery kinds: how often the list is refreshed
     discovery_interval_seconds: float = attrs.field(default=120.0, validator=rules.seconds(1.0, above=False))
     only_if_primary: bool = False  # collect only while the server is a primary (not in recovery)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from reaper.catalog.pgwatch.common import (
     yaml_files,
 )
 from reaper.catalog.pgwatch.dsn import convert_dsn
+from reaper.config.regex import are_problem
 from reaper.config.schema import PGWATCH_KINDS, SourceConfig, _format_cattrs_errors, converter
 from reaper.errors import ConfigError
 from reaper.kinds import check_source
@@ -287,11 +287,11 @@ def _convert_source(i: int, raw: Any, origin: str, report: Report, shipped_metri
         if pattern is None:
             continue
         pattern, env = env_field(pattern)
-        try:
-            if not env:
-                re.compile(pattern.replace("$$", "$"))
-        except re.error:
-            note(key, "not a regular expression Python understands (PostgreSQL's may still accept it); kept")
+        problem = None if env else are_problem(pattern.replace("$$", "$"))
+        if problem is not None:  # (pgwatch's discovery fails on it at every refresh)
+            note(key, f"{pattern!r} is not a regular expression PostgreSQL accepts: {problem}; the source is not "
+                      "loadable until it is fixed")
+            loadable = False
         if not discovery:
             note(key, f"pgwatch uses it only for discovery kinds, not for {out['kind']!r}; dropped")
             continue
