@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +17,9 @@ from reaper import __version__
 from reaper.cli import configdb
 from reaper.cli.fleet import add_parser as add_fleet_parser
 from reaper.cli.fleet import cmd_fleet  # noqa: F401  (dispatched by name: cmd_<verb>)
+from reaper.cli.logs import setup_logging
 from reaper.config.load import load_config
-from reaper.config.redact import remember_secrets, scrub
+from reaper.config.redact import remember_secrets
 from reaper.config.schema import Config
 from reaper.errors import ConfigError, config_problems
 from reaper.fsutil import pause_file_notice
@@ -35,35 +35,6 @@ metric intervals and sends every due SQL metric to the server in ONE statement; 
 Start with `reaper demo` (a throwaway PostgreSQL, watched live), then write a config (the README's
 example, or conf/reaper.toml), check it with `reaper check`, and run it with `reaper run`.
 """
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class UTCFormatter(logging.Formatter):
-    """One line per event in UTC, with every configured password (and password-shaped text) redacted:
-    the last place a secret could slip into a log."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return scrub(super().format(record))
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        # the event itself is one line whatever it quotes (a database name, a server's error text): control
-        # characters are escaped, so nothing can forge a second log line; a traceback follows on its own lines
-        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("asyncio", "trio_asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
 
 def _state_dir_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
