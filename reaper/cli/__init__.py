@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run the collector daemon",
                            description="Run the collector until SIGINT/SIGTERM (graceful: sources stop, sinks "
                                        "drain and flush, exit 0). SIGHUP re-reads the config file; an invalid "
-                                       "one is reported line by line and the running config is kept.")
+                                       "one is reported line by line and the running config is kept. "
+                                       "SIGUSR2 writes the status file now (`reaper status` asks so). Under "
+                                       "systemd, Type=notify and WatchdogSec= work (README: Run it in production).")
     run.add_argument("--config", "-c", required=True, metavar="FILE", help="the TOML config file")
     run.add_argument("--group", "-g", action="append", metavar="NAME",
                      help="run only the sources of this group (repeatable): shard a fleet across processes")
