@@ -27,6 +27,7 @@ import trio
 log = logging.getLogger("reaper.daemon.systemd")
 
 MAX_STATUS_CHARS = 200  # one line in `systemctl status`
+MIN_KEEP_ALIVE_SECONDS = 0.05  # (a WatchdogSec= of microseconds must not make the loop spin)
 
 
 class Notifier:
@@ -96,7 +97,7 @@ class Notifier:
         assert self.watchdog_seconds is not None
         while True:
             self.send("WATCHDOG=1")
-            await trio.sleep(self.watchdog_seconds / 3)
+            await trio.sleep(max(MIN_KEEP_ALIVE_SECONDS, self.watchdog_seconds / 3))
 
     def close(self) -> None:
         if self._sock is not None:
