@@ -304,6 +304,32 @@ def test_a_table_with_a_wrong_value_still_has_its_other_problems_named_in_the_sa
         assert any(line.startswith(start) for line in lines), (start, lines)
 
 
+def test_problems_that_show_one_after_the_other_in_one_table_are_named_in_the_same_check(tmp_path: Path) -> None:
+    """A value's type is checked before another value's range, and a table whose dsn was wrong stood in for
+    nothing: a second and a third `check` (after each fix) named the next mistakes (a negative interval beside
+    a fractional one, an unknown preset, a duplicate name behind a bad port). One check names them all."""
+    lines = check_lines(tmp_path, SRC + 'preset = "basix"\nmetrics = { locks = 1.5, wal = -1, db_statz = 60 }\n'
+                        '[[sources]]\nname = "a"\ndsn = "postgresql://u@h:99999/db"\nstandby_preset = "nope"\n' + SINK)
+    starts = ["sources[0].metrics.locks: expected a whole number, got 1.5",
+              "sources[0].metrics.wal: interval must be 0 (disabled) or 1 ",
+              "sources[0].preset: unknown preset 'basix' (known: ",
+              "sources[0].metrics.db_statz: unknown metric",
+              "sources[1].dsn: port '99999' is not a number",
+              "sources[1].name: duplicate source name 'a' (also sources[0])",
+              "sources[1].standby_preset: unknown preset 'nope' (known: "]
+    assert len(lines) == len(starts), lines
+    for start in starts:
+        assert any(line.startswith(start) for line in lines), (start, lines)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "postgres-discovery", "patroni", "pgbouncer", "pgpool"])
+def test_a_bad_dsn_is_one_line_whatever_the_kind(tmp_path: Path, kind: str) -> None:
+    """(The rest of the source is checked on a stand-in dsn, which must never be the subject of a line.)"""
+    lines = check_lines(tmp_path, f'[[sources]]\nname = "a"\nkind = "{kind}"\n'
+                        'dsn = "postgresql://u@h:99999/db"\n' + SINK)
+    assert len(lines) == 1 and lines[0].startswith("sources[0].dsn: port '99999' is not a number"), lines
+
+
 def test_a_definition_that_does_not_structure_is_not_called_unknown_where_it_is_used(tmp_path: Path) -> None:
     """A config's own metric or preset with a mistake was named twice: by its own line and as "unknown" by
     every source using it, which sent the operator looking for a missing definition."""

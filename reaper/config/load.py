@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +41,7 @@ from reaper.config.schema import (
     structure_sink,
     unknown_key,
 )
+from reaper.config.standin import STAND_INS, stand_in
 from reaper.config.topn import reference_problems
 from reaper.errors import ConfigError
 from reaper.kinds import check_source
@@ -143,30 +144,6 @@ def _check_intervals(where: str, intervals: Mapping[str, int], known: Collection
     return [f"{where}.{metric}: unknown metric" for metric in intervals if metric not in known]
 
 
-def _stand_in(table: Mapping[str, Any], structure: Callable[[Any], T], lines: list[str], where: str) -> T | None:
-    """A table that did not structure, with the entries its problem `lines` name left out (a key, or one entry
-    of a key's table), structured again: the checks of the rest (names, references, files) still run on it,
-    so one `check` names every problem at once. None when even that fails or a `kind`/`type` is at fault
-    (the other checks depend on it). Never part of a Config: the lines it stands in for already fail it."""
-    if not isinstance(table, Mapping):
-        return None
-    pruned: dict[str, Any] = dict(table)
-    for line in lines:
-        path = line.split(": ", 1)[0].removeprefix(where)
-        found = re.match(r"\.([^.\[]+)(?:\.([^.\[]+))?", path)
-        if found is None or found[1] in ("kind", "type"):
-            return None
-        key, entry = found[1], found[2]
-        if entry is not None and isinstance(pruned.get(key), Mapping):
-            pruned[key] = {k: v for k, v in pruned[key].items() if k != entry}
-        else:
-            pruned.pop(key, None)
-    try:
-        return structure(pruned)
-    except Exception:
-        return None
-
-
 def _check_file(where: str, path: str | None, what: str) -> list[str]:
     """A file the daemon will read: it must exist and be a file."""
     if path is None:
@@ -212,11 +189,11 @@ def _structure_sources(raw_sources: Any, origin: str, env: Mapping[str, str],
         try:
             structured.append((i, converter.structure(expanded, SourceConfig)))
         except Exception as e:
-            lines = _format_cattrs_errors(e, where)
-            problems.extend(f"{origin}: {line}" for line in lines)
-            stand_in = _stand_in(expanded, lambda t: converter.structure(t, SourceConfig), lines, where)
-            if stand_in is not None:
-                structured.append((i, stand_in))
+            lines, more = _format_cattrs_errors(e, where), list[str]()
+            standing = stand_in(expanded, lambda t: converter.structure(t, SourceConfig), lines, where, more)
+            problems.extend(f"{origin}: {line}" for line in lines + more)
+            if standing is not None:
+                structured.append((i, standing))
     return structured
 
 
@@ -240,11 +217,11 @@ def _structure_sinks(raw_sinks: Any, origin: str, env: Mapping[str, str], proble
             if "unknown sink type" in str(e):
                 problems.append(f"{origin}: {where}.type: {e}")
                 continue
-            lines = _format_cattrs_errors(e, where)
-            problems.extend(f"{origin}: {line}" for line in lines)
-            stand_in = _stand_in(expanded, structure_sink, lines, where)
-            if stand_in is not None:
-                structured.append(stand_in)
+            lines, more = _format_cattrs_errors(e, where), list[str]()
+            standing_sink = stand_in(expanded, structure_sink, lines, where, more)
+            problems.extend(f"{origin}: {line}" for line in lines + more)
+            if standing_sink is not None:
+                structured.append(standing_sink)
     return structured
 
 
@@ -348,10 +325,10 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
         try:
             collector = anchored(converter.structure(data["collector"], CollectorConfig), base)
         except Exception as e:
-            lines = _format_cattrs_errors(e, "collector")
-            problems.extend(f"{origin}: {line}" for line in lines)
-            collector = anchored(_stand_in(data["collector"], lambda t: converter.structure(t, CollectorConfig),
-                                           lines, "collector") or collector, base)
+            lines, more = _format_cattrs_errors(e, "collector"), list[str]()
+            collector = anchored(stand_in(data["collector"], lambda t: converter.structure(t, CollectorConfig),
+                                           lines, "collector", more) or collector, base)
+            problems.extend(f"{origin}: {line}" for line in lines + more)
     if collector.state_dir is None:
         collector = attrs.evolve(collector, state_dir=default_state_dir(path, env))
 
@@ -363,7 +340,8 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                             f"(also sources[{seen[src.name]}])")
         else:
             seen[src.name] = i
-        problems.extend(f"{origin}: {where}.{p}" for p in check_source(src))
+        problems.extend(f"{origin}: {where}.{p}" for p in check_source(src)  # (not of a stand-in's dsn: said already)
+                        if not (src.dsn == STAND_INS["dsn"] and p.startswith("dsn")))
         for key, preset_name in (("preset", src.preset), ("standby_preset", src.standby_preset)):
             if preset_name is not None and preset_name not in all_presets.keys() | broken.get("presets", set()):
                 problems.append(f"{origin}: {where}.{key}: unknown preset {preset_name!r} "
