@@ -35,6 +35,7 @@ from reaper.daemon.status import LOCK_FILE
 from reaper.daemon.systemd import Notifier
 from reaper.errors import ConfigError
 from reaper.fsutil import make_private_dir
+from reaper.launch import take_early_signals
 
 log = logging.getLogger("reaper.daemon.root")
 
@@ -68,6 +69,15 @@ async def watch_signals(signals: AsyncIterator[int], daemon: Daemon, config_path
             force_exit(1)
 
 
+async def with_early(signals: AsyncIterator[int]) -> AsyncIterator[int]:
+    """The signals that came while the daemon started (reaper.launch), then the receiver's."""
+    for signum in take_early_signals():
+        log.info("%s came while the daemon started: handled now", signal.Signals(signum).name)
+        yield signum
+    async for signum in signals:
+        yield signum
+
+
 async def run_daemon(config: Config, *, config_path: str | None, force_exit: Callable[[int], None],
                      groups: Sequence[str] | None = None, pidfile: str | None = None) -> None:
     """The daemon: the state dir locked, signal handling installed, then the asyncio loop, then the
@@ -86,7 +96,7 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
             daemon.status_writer.after_check = memory.Housekeeper(daemon.gc).after_check
 
             async def signal_task(d: Daemon) -> None:
-                await watch_signals(signals, d, config_path, force_exit)
+                await watch_signals(with_early(signals), d, config_path, force_exit)
 
             await daemon.run(signal_task=signal_task)
 
