@@ -10,6 +10,7 @@ with its traceback, counted, and the rows it first failed on are set aside in `<
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,72 @@ def test_a_bug_on_one_metrics_rows_fails_that_metric_alone_and_sets_its_rows_asi
     assert kept[0]["error"] == "ValueError: a bug put in by the test"
     [source] = json.loads((state / "status.json").read_text())["sources"]
     assert source["metric_errors"] >= 3 and source["status"] == "up", source  # every run counted
+
+
+# a bug in one source's own loop (not in a metric's rows): it crashes at every tick; restarts come fast here
+SOURCE_BUG = """
+import sys
+import reaper.daemon.source as source
+import reaper.daemon.supervise as supervise
+supervise.RESTART_BACKOFF_MAX = 0.05
+tick = source.SourceReaper.tick
+
+async def buggy(self, due):
+    if self.config.name == "bad":
+        raise RuntimeError("a bug put in by the test, in one source's tick")
+    return await tick(self, due)
+
+source.SourceReaper.tick = buggy
+from reaper.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_source_that_crashes_again_and_again_stops_alone_until_a_reload(pg15, fresh_db, tmp_path: Path) -> None:
+    """Past the supervisor's limit (6 crashes in 300 s) a source crashing on a bug stopped the whole daemon, and
+    systemd's restart brought the same crash back: every source lost its data again and again. Now that source
+    stays stopped ("crashed" in the status, its traceback logged once), the others collect, a reload tries it
+    again."""
+    out, state, log = tmp_path / "out.ndjson", tmp_path / "state", tmp_path / "reaper.log"
+    config = tmp_path / "reaper.toml"
+    config.write_text(f'[collector]\nstate_dir = "{state}"\n'
+                      '[metrics.ping]\ngauges = ["*"]\nsql = { 11 = "select 1 as v" }\n'
+                      + "".join(f'[[sources]]\nname = "{name}"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
+                                'metrics = { ping = 1 }\n' for name in ("bad", "good"))
+                      + f'[[sinks]]\ntype = "jsonfile"\npath = "{out}"\n')
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SOURCE_BUG, "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        def pings() -> int:
+            return out.read_text().count('"dbname":"good"') if out.exists() else 0
+
+        def stopped_after_crashes() -> int:
+            return log.read_text().count("source bad: crashed 6 times")
+
+        def status_of(name: str) -> dict:
+            sources = json.loads((state / "status.json").read_text())["sources"]
+            return next(s for s in sources if s["name"] == name)
+
+        wait_until(lambda: stopped_after_crashes() == 1 or proc.poll() is not None, limit=60,
+                   what="the bad source stopped")
+        assert proc.poll() is None, log.read_text()  # the daemon runs on
+        before = pings()
+        wait_until(lambda: pings() >= before + 3, what="three more rows of the good source")
+        proc.send_signal(signal.SIGUSR2)  # a fresh status file
+        wait_until(lambda: status_of("bad")["status"] == "crashed", what="bad's status: crashed")
+        assert "a bug put in by the test" in status_of("bad")["last_error"]
+        assert status_of("good")["status"] == "up"
+
+        proc.send_signal(signal.SIGHUP)  # a reload, the config unchanged: the crashed source tries again
+        wait_until(lambda: stopped_after_crashes() == 2 or proc.poll() is not None, limit=60,
+                   what="the bad source tried again, and stopped again")
+        assert proc.poll() is None and "source bad: trying again after the reload" in log.read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    starts = [line for line in text.splitlines()
+              if line.startswith("Traceback (most recent") or line.lstrip(" +").startswith("Exception Group Traceback")]
+    assert len(starts) == 1, text  # said once, then one line a crash
+    assert "source good: unexpected error" not in text

@@ -5,6 +5,7 @@ Timing here is exact: the autojump clock makes virtual time advance only when ev
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 
@@ -14,7 +15,7 @@ import trio.testing
 from fakes import FakeConnection, FakeConnector, catalog, source, sql_metric
 
 from reaper.config.schema import MetricDef
-from reaper.daemon.source import FleetControls, SourceReaper, TooManyRestarts, supervise
+from reaper.daemon.source import FleetControls, SourceReaper, supervise
 from reaper.measurement import Measurement
 
 
@@ -213,7 +214,9 @@ class Boom(Exception):
     pass
 
 
-async def test_supervisor_restarts_a_crashing_source_then_gives_up(autojump_clock) -> None:
+async def test_supervisor_restarts_a_crashing_source_then_stops_it_until_a_reload(autojump_clock, caplog) -> None:
+    """Past the limit the source stays stopped (status "crashed"), the daemon goes on; a reload tries it again.
+    Its traceback is logged once per distinct error, later crashes in one line."""
     reaper, _, _ = make()
     runs = []
 
@@ -223,10 +226,21 @@ async def test_supervisor_restarts_a_crashing_source_then_gives_up(autojump_cloc
         raise Boom("bug")
 
     reaper.run = crash  # type: ignore[method-assign]
-    with pytest.raises(TooManyRestarts, match="crashed 4 times"):
-        await supervise(reaper, restart_limit=3, window=300, jitter=lambda: 1.0)
-    gaps = [round(b - a, 6) for a, b in itertools.pairwise(runs)]
-    assert gaps == [1, 2, 4]
+    async with trio.open_nursery() as n:
+        n.start_soon(functools.partial(supervise, reaper, restart_limit=3, window=300, jitter=lambda: 1.0))
+        while reaper.state.retry is None:
+            await trio.sleep(1)
+        assert reaper.state.status == "crashed" and "Boom: bug" in (reaper.state.last_error or "")
+        assert [round(b - a, 6) for a, b in itertools.pairwise(runs)] == [1, 2, 4]
+        await trio.sleep(3600)
+        assert len(runs) == 4  # stopped: no retry of its own
+        reaper.state.retry.set()  # a reload (Reconciler._apply_config)
+        while len(runs) < 5:
+            await trio.sleep(1)
+        n.cancel_scope.cancel()
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    assert any("crashed 4 times in 300s" in r.getMessage() for r in caplog.records)
 
 
 async def test_supervisor_backoff_is_jittered_capped_and_reset_after_a_healthy_run(autojump_clock) -> None:

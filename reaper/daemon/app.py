@@ -309,8 +309,9 @@ class Daemon:
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         sources = self.sources
-        down = sum(1 for running in sources.values() if running.reaper.state.status == "down")
-        return f"collecting: {len(sources)} sources{f' ({down} down)' if down else ''}, {len(self.sinks)} sinks"
+        statuses = [running.reaper.state.status for running in sources.values()]
+        bad = ", ".join(f"{n} {what}" for what in ("down", "crashed") if (n := statuses.count(what)))
+        return f"collecting: {len(sources)} sources{f' ({bad})' if bad else ''}, {len(self.sinks)} sinks"
 
     async def reload(self, path: str | Path) -> bool:
         """Apply a new config file: only a fully valid one; unchanged sources and sinks are untouched.

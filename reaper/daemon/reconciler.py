@@ -307,6 +307,9 @@ class Reconciler:
             await self._apply_one(source, steps[name])
         for step in plan.sources:
             counts[step.action] += 1
+        for running in self.sources.values():  # a source stopped after crashing again and again tries again
+            if (retry := running.reaper.state.retry) is not None:
+                retry.set()
         return ReloadOutcome(**counts, plan=plan)
 
     async def _apply_one(self, source: SourceConfig, step: SourcePlan) -> None:

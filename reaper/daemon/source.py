@@ -51,14 +51,14 @@ from reaper.daemon.sourcestate import (
     say_reconnected,
 )
 from reaper.daemon.status import LaneStatus, SourceStatus, percentile
-from reaper.daemon.supervise import TooManyRestarts, supervise
+from reaper.daemon.supervise import supervise
 from reaper.db.link import SourceLink
 from reaper.errors import MetricError, MetricUnavailable, SourceUnavailable
 from reaper.measurement import Measurement
 from reaper.schedule import Schedule
 from reaper.special import SpecialContext, SpecialSpec, special_spec
 
-__all__ = ["Connector", "FleetControls", "SourceReaper", "TooManyRestarts", "connect_source", "supervise"]
+__all__ = ["Connector", "FleetControls", "SourceReaper", "connect_source", "supervise"]
 
 log = logging.getLogger("reaper.daemon.source")
 

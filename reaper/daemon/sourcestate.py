@@ -168,7 +168,7 @@ class SourceState:
     """What an operator (status, demo, self-metrics) can see of a source."""
 
     name: str
-    status: str = "starting"  # starting | up | down
+    status: str = "starting"  # starting | up | down | skipped | paused | restarting | crashed
     ticks: int = 0
     measurements: int = 0
     rows: int = 0
@@ -186,6 +186,7 @@ class SourceState:
     last_fetch: dict[str, float] = attrs.field(factory=dict)  # metric -> trio time it last completed
     metric_rows: dict[str, int] = attrs.field(factory=dict)  # metric -> rows in its last measurement
     metric_measurements: dict[str, int] = attrs.field(factory=dict)  # metric -> measurements delivered
+    retry: trio.Event | None = None  # set by a reload: a source stopped after crashing again and again tries again
 
 
 def say_reconnected(name: str, before: db.ServerInfo, server: db.ServerInfo, product: str,
