@@ -69,7 +69,7 @@ class Output:
         """A bug in reaper on one metric's rows (or in a special metric's collector): said once per metric with its
         traceback, counted as a metric error, the rows of its first occurrence set aside in
         `<state_dir>/rejected/sources/` (enough to see it again; a 1 s metric's every run would fill the disk);
-        never a crash of the source, whose restarts past the supervisor's limit would stop the daemon."""
+        never a crash of the source, which past the supervisor's limit would stop it (and all its metrics)."""
         r = self.reaper
         r.state.metric_errors += 1
         first = metric.name not in self._bugs
