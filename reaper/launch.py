@@ -13,28 +13,9 @@ A signal in the interpreter's own start-up (before any of reaper's code runs, ~2
 
 from __future__ import annotations
 
-import signal
 import sys
-from types import FrameType
 
-EARLY: list[int] = []  # SIGHUP / SIGUSR1 received before the daemon watched its signals, in order
-
-
-def _note(signum: int, _frame: FrameType | None) -> None:
-    if signum not in EARLY:
-        EARLY.append(signum)
-
-
-def keep_early_signals() -> None:
-    signal.signal(signal.SIGHUP, _note)
-    signal.signal(signal.SIGUSR1, _note)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
-def take_early_signals() -> list[int]:
-    taken = list(EARLY)
-    EARLY.clear()
-    return taken
+from reaper.earlysignals import keep_early_signals
 
 
 def main() -> int:

@@ -126,7 +126,8 @@ def test_with_database_keeps_the_rest_of_the_dsn() -> None:
 async def test_a_failed_listing_is_source_unavailable(pg15: ServerHandle) -> None:
     async with trio_asyncio.open_loop():
         with pytest.raises(SourceUnavailable, match="invalid regular expression"):
-            await resolve(source(pg15, include_pattern="(unclosed"))
+            # (a range out of order: the server's to refuse; config checks catch an unclosed group before this)
+            await resolve(source(pg15, include_pattern="[z-a]"))
         with pytest.raises(SourceUnavailable, match="listing databases failed"):
             await resolve(source(pg15, dsn=f"postgresql://postgres@127.0.0.1:{pg15.port}/no_such_db_here"))
         with pytest.raises(SourceUnavailable):

@@ -33,9 +33,9 @@ from reaper.daemon import memory
 from reaper.daemon.app import Daemon, state_dir_of
 from reaper.daemon.status import LOCK_FILE
 from reaper.daemon.systemd import Notifier
+from reaper.earlysignals import take_early_signals
 from reaper.errors import ConfigError
 from reaper.fsutil import make_private_dir
-from reaper.launch import take_early_signals
 
 log = logging.getLogger("reaper.daemon.root")
 
