@@ -86,6 +86,8 @@ def test_a_notify_unit_hears_ready_reloading_stopping_and_the_watchdog(pg15: Ser
         assert daemon.stop() == 0
     stopping = systemd.with_key("STOPPING")
     assert len(stopping) == 1 and stopping[0]["STATUS"].startswith("stopping"), stopping
+    after = systemd.messages[systemd.messages.index(stopping[0]) + 1:]
+    assert not [m for m in after if "STATUS" in m], after  # `systemctl status` says "stopping" to the end
     assert "NOTIFY_SOCKET" not in daemon.log_text()  # nothing went wrong sending
 
 

@@ -73,6 +73,9 @@ class StatusSource(Protocol):
     notifier: Notifier
 
     @property
+    def stopping(self) -> bool: ...
+
+    @property
     def sources(self) -> dict[str, RunningSource]: ...
 
     def summary(self) -> str: ...
@@ -234,7 +237,8 @@ class StatusWriter:
                 return
             self._written, self._written_at = fingerprint, trio.current_time()
             self.writes += 1
-            if self.daemon.notifier.enabled:  # `systemctl status` shows the same (reaper.daemon.systemd)
+            if self.daemon.notifier.enabled and not self.daemon.stopping:  # `systemctl status` shows the same
+                # (reaper.daemon.systemd; once stopping, its STATUS says so until the end)
                 self.daemon.notifier.status(self.daemon.summary())
 
     async def build(self) -> dict[str, Any]:
