@@ -39,6 +39,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def run_with_bugs(script: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`reaper run --config CONFIG` with the bugs `script` puts in first, its log in `log`."""
+    with log.open("wb") as err:
+        return subprocess.Popen([sys.executable, "-c", script, "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
 def test_a_bug_on_one_metrics_rows_fails_that_metric_alone_and_sets_its_rows_aside(pg15, fresh_db,
                                                                                    tmp_path: Path) -> None:
     out, state, log = tmp_path / "out.ndjson", tmp_path / "state", tmp_path / "reaper.log"
@@ -50,9 +57,7 @@ def test_a_bug_on_one_metrics_rows_fails_that_metric_alone_and_sets_its_rows_asi
                       f'[[sources]]\nname = "a"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
                       'metrics = { ranked = 1, ping = 1, psutil_mem = 1 }\n'
                       f'[[sinks]]\ntype = "jsonfile"\npath = "{out}"\n')
-    with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", WITH_BUGS, "run", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=err)
+    proc = run_with_bugs(WITH_BUGS, config, log)
     try:
         def pings() -> int:
             return out.read_text().count('"metric":"ping"') if out.exists() else 0
@@ -109,9 +114,7 @@ def test_a_source_that_crashes_again_and_again_stops_alone_until_a_reload(pg15, 
                       + "".join(f'[[sources]]\nname = "{name}"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
                                 'metrics = { ping = 1 }\n' for name in ("bad", "good"))
                       + f'[[sinks]]\ntype = "jsonfile"\npath = "{out}"\n')
-    with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", SOURCE_BUG, "run", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=err)
+    proc = run_with_bugs(SOURCE_BUG, config, log)
     try:
         def pings() -> int:
             return out.read_text().count('"dbname":"good"') if out.exists() else 0

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 from reaper.config.redact import scrub
@@ -52,7 +53,7 @@ def priority(level: int) -> int:
     return next((p for at_least, p in PRIORITIES if level >= at_least), 7)
 
 
-def to_journal(stream: TextIO, environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+def to_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether `stream` is the journal's stream systemd gave the process ($JOURNAL_STREAM is `device:inode`)."""
     wanted = environ.get("JOURNAL_STREAM", "")
     try:
