@@ -480,7 +480,7 @@ class PgServer:
                 os.chown(run_dir / _OWNER_FILE, uid, gid)
             _run(_as_server_user([str(primary.bindir / "pg_basebackup"), "-h", str(primary.socket_dir),
                                   "-p", str(primary.port), "-U", "postgres", "-D", str(server.datadir),
-                                  "-R", "-X", "stream", "--no-sync"]),
+                                  "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]),
                  what="pg_basebackup", timeout=180, cwd=run_dir)
             server._settings = dict(primary._settings)
             server._start_on_free_port()

@@ -29,6 +29,7 @@ import asyncio
 import bisect
 import datetime as dt
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -153,11 +154,39 @@ class StorageRejected(SinkRejected):
     same batch cannot succeed; the sink's task sets the refused measurements aside (rejected/)."""
 
 
+#: a server that takes no writes: a standby (the primary failed over and this one was left, or the dsn's first host
+#: is a replica) or one with default_transaction_read_only on. Its connection is dropped: the next write connects
+#: again, and with several hosts in the dsn finds the one that takes writes (WRITER_TARGET)
+READ_ONLY_SQLSTATE = "25006"
+NO_WRITER_FIX = ("point the dsn at the primary, or name every host of the cluster in it (host1:5432,host2:5432) and "
+                 "reaper writes to the one that takes writes")
+#: libpq's target_session_attrs for a storage connection whose dsn does not say: reaper writes, so of a dsn's hosts
+#: it wants the one that takes writes (libpq's own default, any, takes the first that answers, a standby too)
+WRITER_TARGET = "read-write"
+
+
 def _translate(exc: BaseException) -> StorageError | StorageRejected:
     if isinstance(exc, _CLIENT_DATA_ERROR) or (isinstance(exc, asyncpg.PostgresError)
                                                and str(getattr(exc, "sqlstate", "")).startswith("22")):
         return StorageRejected(describe_error(exc))
-    return StorageError(describe_error(exc), connection_lost=is_connection_error(exc))
+    return StorageError(describe_storage_error(exc), connection_lost=is_connection_error(exc) or _is_read_only(exc))
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    return ((isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") == READ_ONLY_SQLSTATE)
+            or isinstance(exc, asyncpg.TargetServerAttributeNotMatched))
+
+
+def describe_storage_error(exc: BaseException) -> str:
+    """describe_error, and for a server that takes no writes what to do about it."""
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        return ("no host of the dsn takes writes (each is a standby, or has default_transaction_read_only = on): "
+                + NO_WRITER_FIX)
+    text = describe_error(exc)
+    if _is_read_only(exc):
+        return f"{text}: the storage server takes no writes (a standby, or default_transaction_read_only = on): " \
+               + NO_WRITER_FIX
+    return text
 
 
 class StorageConnection:
@@ -179,6 +208,14 @@ class StorageConnection:
     @property
     def is_closed(self) -> bool:
         return bool(self._conn.is_closed())
+
+    @property
+    def address(self) -> str:
+        """host:port of the server this connection reached (of a dsn naming several, the one that takes writes)."""
+        addr = getattr(self._conn, "_addr", None)  # (asyncpg keeps the address it connected to)
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return f"{addr[0]}:{addr[1]}"
+        return str(addr or "?")
 
     async def _cross(self, fn: Any, *args: Any) -> Any:
         """Run one asyncio coroutine function; translate errors; a cancelled call kills the connection."""
@@ -365,32 +402,32 @@ async def open_storage(dsn: str, *, partition_seconds: int, password_file: str |
 
     The caller applies the connect deadline with a trio cancel scope.
     """
-    kwargs = await _connect_kwargs(password_file, statement_timeout_seconds, application_name)
+    kwargs = await _connect_kwargs(password_file, statement_timeout_seconds, application_name, dsn)
     try:
         conn, schema = await aio_as_trio(_connect_and_migrate)(dsn, kwargs, None)
     except trio.Cancelled:
         raise
     except (*_STORAGE_ERRORS, ValueError) as e:
-        raise StorageError(describe_error(e), connection_lost=True) from e
+        raise StorageError(describe_storage_error(e), connection_lost=True) from e
     return StorageConnection(conn, schema, partition_seconds)
 
 
 async def init_storage(dsn: str, *, partition_interval_seconds: int | None = None,
                        password_file: str | None = None) -> SchemaState:
     """`reaper storage init`: create or upgrade the schema (and record the default partition width), then close."""
-    kwargs = await _connect_kwargs(password_file, 0, "reaper")
+    kwargs = await _connect_kwargs(password_file, 0, "reaper", dsn)
     try:
         conn, schema = await aio_as_trio(_connect_and_migrate)(dsn, kwargs, partition_interval_seconds)
     except trio.Cancelled:
         raise
     except (*_STORAGE_ERRORS, ValueError) as e:
-        raise StorageError(describe_error(e), connection_lost=True) from e
+        raise StorageError(describe_storage_error(e), connection_lost=True) from e
     await StorageConnection(conn, schema, partition_interval_seconds or 86400).close()
     return schema
 
 
 async def _connect_kwargs(password_file: str | None, statement_timeout_seconds: float,
-                          application_name: str) -> dict[str, Any]:
+                          application_name: str, dsn: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "server_settings": {
             "application_name": application_name,
@@ -398,6 +435,8 @@ async def _connect_kwargs(password_file: str | None, statement_timeout_seconds: 
         },
         "statement_cache_size": 100,
     }
+    if "target_session_attrs" not in dsn.lower() and not os.environ.get("PGTARGETSESSIONATTRS"):
+        kwargs["target_session_attrs"] = WRITER_TARGET
     if password_file:
         try:
             kwargs["password"] = await _read_password_file(password_file)

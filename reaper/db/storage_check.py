@@ -17,8 +17,7 @@ from trio_asyncio import aio_as_trio
 
 from reaper.config.schema import PostgresSinkConfig
 from reaper.db import tls
-from reaper.db.failures import describe_error
-from reaper.db.storage import LATEST_VERSION, StorageError, _connect_kwargs
+from reaper.db.storage import LATEST_VERSION, StorageError, _connect_kwargs, describe_storage_error
 
 FACTS_SQL = """\
 select current_user as role, current_database() as database, pg_is_in_recovery() as in_recovery,
@@ -54,15 +53,15 @@ def _quote(name: str) -> str:
 async def check_storage(config: PostgresSinkConfig) -> StorageCheck:
     """Connect to the sink's database (within its connect timeout) and judge what its role may do."""
     try:
-        kwargs = await _connect_kwargs(config.password_file, config.write_timeout_seconds, "reaper check")
+        kwargs = await _connect_kwargs(config.password_file, config.write_timeout_seconds, "reaper check", config.dsn)
         with trio.fail_after(config.connect_timeout_seconds + config.write_timeout_seconds):
             facts = await aio_as_trio(_read_facts)(config.dsn, kwargs, config.connect_timeout_seconds)
     except trio.TooSlowError:
         return StorageCheck(config.label, False, f"no answer within {config.connect_timeout_seconds:g}s")
     except StorageError as e:
         return StorageCheck(config.label, False, str(e))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
-        return StorageCheck(config.label, False, describe_error(e))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, ValueError) as e:
+        return StorageCheck(config.label, False, describe_storage_error(e))
     return judge_storage(config.label, facts)
 
 

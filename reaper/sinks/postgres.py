@@ -236,8 +236,10 @@ class PostgresSink:
             raise StorageError(f"connect timed out after {self.config.connect_timeout_seconds:g}s",
                                connection_lost=True) from None
         self._conn = conn
-        log.info("sink %s: connected to %s (schema v%d, %s%s)", self.label, redact_dsn(dsn), conn.schema.version,
-                 conn.schema.schema_type,
+        hosts = dsn.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1] if "://" in dsn else dsn
+        several = "," in hosts  # a dsn naming several hosts: say which one took the connection
+        log.info("sink %s: connected to %s%s (schema v%d, %s%s)", self.label, redact_dsn(dsn),
+                 f", at {conn.address}" if several else "", conn.schema.version, conn.schema.schema_type,
                  f", applied migrations {list(conn.schema.applied)}" if conn.schema.applied else "")
         return conn
 
