@@ -39,6 +39,7 @@ from reaper.config.load import load_config
 from reaper.config.schema import Config, SourceConfig, default_state_dir
 from reaper.daemon.cache import InstanceCache
 from reaper.daemon.cost import CostSettings
+from reaper.daemon.installed import Installation, reload_problems
 from reaper.daemon.memory import GcSettler
 from reaper.daemon.plan import empty_groups, refused
 from reaper.daemon.reconciler import (
@@ -140,6 +141,7 @@ class Daemon:
         self.reload_failures = 0
         self.last_reload: ReloadRecord | None = None  # what the last reload did, or why it was refused
         self.started_wall = time.time()
+        self.installation = Installation()  # reaper's files as found at start: a reload after an upgrade
         self.status_writer = StatusWriter(self)
         self.controls.worked = self.status_writer.poke  # after each tick and lane run (of a source)
         # freezes the long-lived heap while the fleet settles (reaper.daemon.memory): driven in the daemon's
@@ -333,14 +335,11 @@ class Daemon:
         try:
             new = load_config(path)
         except ConfigError as e:
-            self.reload_failures += 1
-            log.error("reload: %s is invalid; keeping the running configuration:", path)
-            for line in e.problems:
-                log.error("reload: %s", line)
-            self.last_reload = ReloadRecord(self.reloads + self.reload_failures, time.time(), str(path), False,
-                                            refused(e.problems))
-            await self.status_writer.write()
-            return False
+            return await self._refuse(path, "is invalid", e.problems)
+        # what it needs of reaper's code that is not loaded yet: loadable, and of the running version
+        problems = reload_problems(new, Catalog.for_config(new), self.installation)
+        if problems:
+            return await self._refuse(path, "cannot be applied by this daemon", problems)
         if new.fleet != self.config.fleet:
             log.warning("reload: [fleet] changes take effect at the next start")
             new = attrs.evolve(new, fleet=self.config.fleet)
@@ -363,6 +362,16 @@ class Daemon:
                                             outcome.plan)
         await self.status_writer.write()
         return True
+
+    async def _refuse(self, path: str | Path, why: str, problems: list[str]) -> bool:
+        self.reload_failures += 1
+        log.error("reload: %s %s; keeping the running configuration:", path, why)
+        for line in problems:
+            log.error("reload: %s", line)
+        self.last_reload = ReloadRecord(self.reloads + self.reload_failures, time.time(), str(path), False,
+                                        refused(problems))
+        await self.status_writer.write()
+        return False
 
     # -- pause file ------------------------------------------------------------------------------
 

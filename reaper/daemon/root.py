@@ -28,9 +28,11 @@ from pathlib import Path
 import trio
 
 from reaper import db
+from reaper.catalog.metrics import Catalog
 from reaper.config.schema import Config
 from reaper.daemon import memory
 from reaper.daemon.app import Daemon, state_dir_of
+from reaper.daemon.installed import load_needed
 from reaper.daemon.status import LOCK_FILE
 from reaper.daemon.systemd import Notifier
 from reaper.earlysignals import take_early_signals
@@ -84,6 +86,7 @@ async def run_daemon(config: Config, *, config_path: str | None, force_exit: Cal
     task tree. A state dir locked by another daemon is a ConfigError (one line, naming its pid).
     glibc's malloc is tuned first, and its free heap trimmed after work every 30 s (reaper.daemon.memory)."""
     memory.tune()
+    load_needed(config, Catalog.for_config(config))  # what the config uses of reaper: loadable, or one line each
     notifier = Notifier.from_environment()  # systemd's Type=notify and watchdog (reaper.daemon.systemd)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a late `reaper status` must not kill the process (the default)
     with lock_state_dir(state_dir_of(config)), _pidfile(pidfile), \
