@@ -41,6 +41,9 @@ async def connect_options(*, statement_timeout_seconds: float, password_file: st
             "default_transaction_read_only": "on" if read_only else "off",
             "statement_timeout": str(int(statement_timeout_seconds * 1000)),
             "jit": "off",
+            # a database or role may default to serializable: on a hot standby every query then fails ("cannot use
+            # serializable mode in a hot standby"), on a primary it takes predicate locks; reaper's reads need neither
+            "default_transaction_isolation": "read committed",
         },
         "statement_cache_size": statement_cache_size,
         # a big preset's combined statement is far over asyncpg's 15 KiB default: uncached, it was parsed, sent
