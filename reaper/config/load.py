@@ -330,7 +330,10 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None,
                                            lines, "collector", more) or collector, base)
             problems.extend(f"{origin}: {line}" for line in lines + more)
     if collector.state_dir is None:
-        collector = attrs.evolve(collector, state_dir=default_state_dir(path, env))
+        try:
+            collector = attrs.evolve(collector, state_dir=default_state_dir(path, env))
+        except ConfigError as e:  # no home directory to put it under
+            problems.extend(f"{origin}: {line}" for line in e.problems)
 
     seen: dict[str, int] = {}
     for i, src in structured_sources:
@@ -467,7 +470,10 @@ def load_state_dir(path: str | Path, *, environ: Mapping[str, str] | None = None
         raise ConfigError([f"{path}: collector: expected a table"])
     state_dir = collector.get("state_dir")
     if state_dir is None:
-        return Path(default_state_dir(path, env))
+        try:
+            return Path(default_state_dir(path, env))
+        except ConfigError as e:  # no home directory to put it under
+            raise ConfigError([f"{path}: {line}" for line in e.problems]) from None
     if not isinstance(state_dir, str) or not state_dir.strip():
         raise ConfigError([f"{path}: collector.state_dir: must not be empty (leave the key out for the default)"])
     if state_dir.startswith("~"):

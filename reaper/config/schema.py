@@ -5,6 +5,7 @@ Reading a file, expanding the environment and checking references live in reaper
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ from reaper.config.sinks import (
     SinkConfig,
 )
 from reaper.config.topn import ROWS_FOLDED, TopN
+from reaper.errors import ConfigError
 
 NodeStatus = Literal["primary", "standby"]
 SourceKind = Literal["postgres", "pgbouncer", "pgpool"]
@@ -189,6 +191,25 @@ class CollectorConfig:
     cost_window_seconds: float = attrs.field(default=60.0, validator=rules.seconds(5.0, above=False, high=3600.0))
 
 
+def _home(env: Mapping[str, str]) -> Path:
+    """The user's home directory for the default state dir; a ConfigError when there is none (a container's user
+    with no passwd entry and no HOME, a cron job's bare environment)."""
+    home, why = env.get("HOME") or "", f"HOME is unset and uid {os.geteuid()} has no passwd entry"
+    if not home:
+        import pwd
+
+        with contextlib.suppress(KeyError):
+            home, why = pwd.getpwuid(os.geteuid()).pw_dir, f"HOME is unset and uid {os.geteuid()}'s passwd entry " \
+                "names no absolute home"
+    elif not os.path.isabs(home):
+        why = f"HOME ({home!r}) is not an absolute path"
+    if not home or not os.path.isabs(home):
+        raise ConfigError([f"collector.state_dir is not set and there is no home directory to keep reaper's state "
+                           f"under ({why}): set [collector] state_dir, or XDG_STATE_HOME or STATE_DIRECTORY in the "
+                           f"environment"])
+    return Path(home)
+
+
 def default_state_dir(config_path: str | Path | None, environ: Mapping[str, str] | None = None) -> str:
     """Where a daemon run with this config file keeps its state, when `[collector] state_dir` is not set.
 
@@ -201,7 +222,7 @@ def default_state_dir(config_path: str | Path | None, environ: Mapping[str, str]
     if env.get("STATE_DIRECTORY"):
         return env["STATE_DIRECTORY"].split(":")[0]
     base = Path("/var/lib/reaper") if os.geteuid() == 0 else (
-        Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "reaper")
+        Path(env.get("XDG_STATE_HOME") or _home(env) / ".local" / "state") / "reaper")
     if config_path is None:
         return str(base)
     absolute = Path(os.path.abspath(config_path))
