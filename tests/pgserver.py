@@ -489,6 +489,20 @@ class PgServer:
             raise
         return server
 
+    @classmethod
+    @contextlib.contextmanager
+    def with_replica(cls, *setup: str) -> Iterator[tuple[PgServer, PgServer]]:
+        """A PostgreSQL 15 primary that ran the `setup` statements (one psql call each), and its streaming
+        replica made after them; both cleaned up at the end."""
+        with cls.create(major=15) as primary:
+            for sql in setup:
+                primary.psql(sql)
+            replica = cls.create_replica(primary)
+            try:
+                yield primary, replica
+            finally:
+                replica.cleanup()
+
     def promote(self) -> None:
         """End recovery: the replica becomes a primary (waits until it is)."""
         self._pg_ctl("-w", "-t", str(START_TIMEOUT), "promote", timeout=START_TIMEOUT + 30)

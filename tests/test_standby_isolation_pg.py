@@ -19,14 +19,9 @@ pytestmark = pytest.mark.pg
 
 @pytest.fixture
 def serializable_standby() -> Iterator[tuple[PgServer, PgServer]]:
-    with PgServer.create(major=15) as primary:
-        primary.psql("create database app")
-        primary.psql("alter database app set default_transaction_isolation = 'serializable'")
-        replica = PgServer.create_replica(primary)
-        try:
-            yield primary, replica
-        finally:
-            replica.cleanup()
+    with PgServer.with_replica("create database app",
+                               "alter database app set default_transaction_isolation = 'serializable'") as pair:
+        yield pair
 
 
 def test_a_standby_whose_database_defaults_to_serializable_is_collected(serializable_standby, tmp_path: Path) -> None:

@@ -22,13 +22,8 @@ pytestmark = pytest.mark.pg
 
 @pytest.fixture
 def cluster() -> Iterator[tuple[PgServer, PgServer]]:
-    with PgServer.create(major=15) as primary:
-        primary.psql("create database metrics")
-        replica = PgServer.create_replica(primary)
-        try:
-            yield primary, replica
-        finally:
-            replica.cleanup()
+    with PgServer.with_replica("create database metrics") as pair:
+        yield pair
 
 
 def stored(server: PgServer) -> set[int]:
