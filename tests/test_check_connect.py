@@ -258,3 +258,18 @@ def test_a_metric_whose_sql_fails_on_the_server_is_not_said_to_collect(pg15, fre
     assert plain.returncode == 1
     assert sorted(line.split(":")[1] for line in plain.stderr.splitlines()) == [
         " metric gone", " metric typo", " metric whole"], plain.stderr  # one line each
+
+
+def test_a_setting_only_a_restart_applies_is_said_so_in_the_summary(pg15, fresh_db, tmp_path: Path) -> None:
+    """The summary line joins every fix and used to cut each one's "-- then restart the server": its fixes for
+    server_log_event_counts read `ALTER SYSTEM SET logging_collector = 'on'; ... SELECT pg_reload_conf();`, and a
+    DBA who ran them got a reload, which never turns logging_collector on."""
+    assert pg15.psql("show logging_collector") == "off"
+    config = tmp_path / "reaper.toml"
+    config.write_text(f'[collector]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[[sources]]\nname = "main"\ndsn = "{pg15.dsn(dbname=fresh_db)}"\n'
+                      'metrics = { server_log_event_counts = 60, db_stats = 60 }\n'
+                      f'[[sinks]]\ntype = "jsonfile"\npath = "{tmp_path / "out.jsonl"}"\n')
+    summary = _check(config)["sources"][0]["summary"]
+    assert "ALTER SYSTEM SET logging_collector = 'on';" in summary, summary
+    assert summary.endswith("-- then restart the server"), summary

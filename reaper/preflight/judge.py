@@ -120,6 +120,9 @@ def judge(metric: str, needs: Needs, priv: Privileges, server: Server) -> Verdic
     return Verdict(metric, SKIP if skip else PARTIAL, tuple(r for r, _ in both), fixes)
 
 
+RESTART = "  -- then restart the server"
+
+
 def _setting_problem(need: SettingNeed, value: str | None) -> tuple[str, str | None] | None:
     if value is None:
         return None  # not visible: the settings check above names the GRANT
@@ -128,7 +131,7 @@ def _setting_problem(need: SettingNeed, value: str | None) -> tuple[str, str | N
     if (parts & set(need.accepted)) if need.contains else current in need.accepted:
         return None
     want = f"{value},{need.want}" if need.contains and value else need.want
-    how = "  -- then restart the server" if need.restart else " SELECT pg_reload_conf();"
+    how = RESTART if need.restart else " SELECT pg_reload_conf();"
     shown = value or "''"
     return (f"needs {need.name} = {want} (it is {shown})", f"ALTER SYSTEM SET {need.name} = '{want}';{how}")
 
@@ -168,7 +171,10 @@ def summary(name: str, verdicts: list[Verdict]) -> str:
     if failing:
         line += f"; {failing} will fail (their SQL: see above)"
     needing = [v for v in verdicts if v.status in (SKIP, PARTIAL)]
-    fixes = list(dict.fromkeys(f.split("  --")[0].strip() for v in needing for f in v.fixes))
+    raw = [f for v in needing for f in v.fixes]
+    fixes = list(dict.fromkeys(f.split("  --")[0].strip() for f in raw))
     if needing:
         line += f"; {len(needing)} need: " + (" ".join(fixes) if fixes else "nothing SQL can give (see above)")
+        if any(f.endswith(RESTART) for f in raw):  # (a setting that only a restart applies: pg_reload_conf() is not it)
+            line += RESTART
     return line

@@ -117,8 +117,9 @@ class SpillQueue:
             self.count += count
             self.bytes += size
         if self.count:
-            log.warning("spill %s: %d measurements (%d bytes) from an earlier run will be replayed first",
-                        self.directory.name, self.count, self.bytes)
+            log.warning("spill %s: %d measurements (%d bytes) waiting in the queue (left by an earlier run, or by "
+                        "the sink a reload replaced) will be replayed first", self.directory.name, self.count,
+                        self.bytes)
 
     def _read_head(self) -> tuple[tuple[int, int], int | None] | None:
         try:
