@@ -122,6 +122,11 @@ REFUSED = [
      "statement_timeout_seconds, storage_name, top_n)"),
     (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1 as a\\u0000" }\n',
      "metrics.m.sql.14: SQL must not contain a NUL character (PostgreSQL cannot take one)"),
+    # psql's habit: a semicolon, then a comment (it was "a ';' in the middle")
+    (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1 as a; -- done" }\n',
+     "metrics.m.sql.14: remove the trailing semicolon (one SELECT/WITH query)"),
+    (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1 as a; select 2 as b" }\n',
+     "metrics.m.sql.14: more than one statement (a ';' in the middle); one SELECT/WITH query only"),
     (SRC + SINK + '[presets.p]\nmetric = { locks = 60 }\n',
      "presets.p.metric: unknown key; did you mean 'metrics'? (valid keys: description, metrics, top_n)"),
     (SRC + SINK + '[sourcs]\n', "sourcs: unknown key; did you mean 'sources'? (valid keys: collector, fleet, "

@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from reaper.catalog.sqllint import write_problems
-from reaper.catalog.sqltext import code_of, first_word
+from reaper.catalog.sqltext import clean_sql, code_of, first_word
 from reaper.config.schema import Definitions, MetricDef, PresetDef, _format_cattrs_errors, converter
 from reaper.config.topn import definition_problems
 
@@ -66,10 +66,11 @@ def check_metric(metric: MetricDef, *, check_sql: bool = True) -> list[str]:
             problems.append(f"{at}: empty SQL")
             continue
         problems.extend(f"{at}: {problem}" for problem in code.problems)
-        if text.endswith(";"):
-            problems.append(f"{at}: remove the trailing semicolon (one SELECT/WITH query)")
-        elif ";" in code.text:
+        clean = clean_sql(sql)  # (a semicolon followed only by comments is a trailing one too: psql's habit)
+        if clean.statements > 1:
             problems.append(f"{at}: more than one statement (a ';' in the middle); one SELECT/WITH query only")
+        elif clean.semicolons:
+            problems.append(f"{at}: remove the trailing semicolon (one SELECT/WITH query)")
         first = first_word(sql)
         if "postgres" in metric.source_kinds:
             if first not in ("select", "with"):
