@@ -122,6 +122,13 @@ REFUSED = [
      "statement_timeout_seconds, storage_name, top_n)"),
     (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1 as a\\u0000" }\n',
      "metrics.m.sql.14: SQL must not contain a NUL character (PostgreSQL cannot take one)"),
+    # two metrics whose names share their first 63 bytes were stored in one table (PostgreSQL cut both names)
+    (SRC + SINK + f'[metrics.{"m" * 64}]\nsql = {{ 14 = "select 1 as a" }}\n',
+     f"metrics.{'m' * 64}: 64 bytes; the storage keeps the metric under this name as a PostgreSQL table, whose name "
+     "holds at most 63 (a longer one is cut, and two metrics could share one table): shorten it, or set storage_name"),
+    (SRC + SINK + f'[metrics.m]\nstorage_name = "{"é" * 32}"\nsql = {{ 14 = "select 1 as a" }}\n',
+     "metrics.m.storage_name: 64 bytes; the storage keeps the metric under this name as a PostgreSQL table, whose "
+     "name holds at most 63 (a longer one is cut, and two metrics could share one table): shorten it"),
     # psql's habit: a semicolon, then a comment (it was "a ';' in the middle")
     (SRC + SINK + '[metrics.m]\nsql = { 14 = "select 1 as a; -- done" }\n',
      "metrics.m.sql.14: remove the trailing semicolon (one SELECT/WITH query)"),

@@ -45,11 +45,20 @@ def structure_definitions(data: Mapping[str, Any], origin: str, *, check_sql: bo
     return Definitions(metrics=metrics, presets=presets), problems
 
 
+MAX_TABLE_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
+
+
 def check_metric(metric: MetricDef, *, check_sql: bool = True) -> list[str]:
     """Problems with one metric definition on its own (not its references); `check_sql=False`: not its
     SQL text's."""
     where = f"metrics.{metric.name}"
     problems = []
+    size = len(metric.table.encode())
+    if size > MAX_TABLE_NAME_BYTES:  # PostgreSQL cuts a longer name: two metrics could share one storage table
+        key, fix = (".storage_name", "shorten it") if metric.storage_name else ("", "shorten it, or set storage_name")
+        problems.append(f"{where}{key}: {size} bytes; the storage keeps the metric under this name as a PostgreSQL "
+                        f"table, whose name holds at most {MAX_TABLE_NAME_BYTES} (a longer one is cut, and two "
+                        f"metrics could share one table): {fix}")
     if not metric.special and not metric.sql:
         problems.append(f"{where}.sql: required (a table of minimum major version -> SQL)")
     if metric.special and metric.sql:
